@@ -1,0 +1,1 @@
+"""Data: canonical schema, synthetic world, MovieLens loaders, data contract, storage."""

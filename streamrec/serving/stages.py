@@ -1,0 +1,150 @@
+"""The serving funnel's stage interface.
+
+A request flows through five stage calls. Each is a plain method on :class:`Stages`; the
+*composition* decides where each runs:
+
+* fused (``configs/serve/local.yaml``): one deployment holds a :class:`Stages` object and calls
+  the methods in-process (no actor hops);
+* cluster (``configs/serve/cluster.yaml``): one deployment per stage; the gateway calls the same
+  methods through Ray Serve handles.
+
+:func:`run_funnel` is the one orchestration used by both, so both return identical items for
+identical requests (given the same bundle and features).
+
+Stage calls, in order::
+
+    ctx     = stages.user_context(request)                  # features (online store) + history
+    parts   = gather(stages.retrieve(source, ctx) for source in stages.source_names)
+    merged  = stages.merge(ctx, parts)                      # dedupe, agreement bonus, provenance
+    ranked  = stages.rank(ctx, merged)                      # DCN-V2 over ~500 -> top 50
+    final   = stages.rerank(ctx, ranked)                    # rules -> top k
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class UserContext:
+    """Everything the stages know about the requesting user.
+
+    Attributes:
+        user_id: Raw user id from the request.
+        user_idx: Dense model index, or -1 for a user unknown to the model (cold start).
+        k: Items to return.
+        now: Request time, epoch seconds (UTC).
+        device: Request device.
+        features: Online user features (defaults applied where missing).
+        history: Recent item indices, most recent first (int64, may be empty).
+        exclude: Item indices never to return (request ``exclude`` + seen items).
+        unknown_exclude_ids: ``exclude`` ids not in the catalogue (ignored, counted).
+        degraded: Reasons the context is degraded (e.g. ``stale_features``), empty when healthy.
+    """
+
+    user_id: int
+    user_idx: int
+    k: int
+    now: float
+    device: str
+    features: dict[str, Any] = field(default_factory=dict)
+    history: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    unknown_exclude_ids: int = 0
+    degraded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Candidates:
+    """Candidate items with scores and provenance (parallel arrays).
+
+    Attributes:
+        items: Item indices (int64).
+        scores: Scores, higher is better (float32).
+        sources: Per item, the retrieval sources that produced it.
+    """
+
+    items: np.ndarray
+    scores: np.ndarray
+    sources: list[list[str]]
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+class Stages(Protocol):
+    """What a composition needs from the funnel's stages (implemented in ``recommender.py``)."""
+
+    source_names: tuple[str, ...]
+
+    def user_context(self, request: Any) -> UserContext:
+        """Resolve the user, fetch online features and history, resolve ``exclude``."""
+        ...
+
+    def retrieve(self, source: str, ctx: UserContext) -> Candidates:
+        """Candidates from one retrieval source."""
+        ...
+
+    def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
+        """Union of the sources' candidates with agreement bonus and provenance."""
+        ...
+
+    def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """Score candidates with the ranker; keep the best ones."""
+        ...
+
+    def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:
+        """Apply the business rules and assemble the response."""
+        ...
+
+
+async def run_funnel(
+    call: Callable[..., Awaitable[Any]],
+    request: Any,
+    source_names: tuple[str, ...],
+    source_timeout_s: float,
+) -> tuple[UserContext, dict[str, Candidates], Candidates, Candidates, Any, dict[str, float]]:
+    """Run the funnel once through ``call(stage_name, *args)``.
+
+    ``call`` hides where a stage runs (in-process or behind a handle). Retrieval sources run
+    concurrently, each with ``source_timeout_s``; a source that times out or fails is left out
+    of the union (its name recorded under ``timings['missing:<source>']``).
+
+    Returns:
+        (context, per-source candidates, merged, ranked, rerank output, timings in ms).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ctx: UserContext = await call("user_context", request)
+    t1 = time.perf_counter()
+    timings["features"] = (t1 - t0) * 1e3
+
+    async def one(name: str) -> Candidates | None:
+        try:
+            result: Candidates = await asyncio.wait_for(call("retrieve", name, ctx), source_timeout_s)
+            return result
+        except Exception:  # a failing source degrades recall, never the request
+            return None
+
+    results = await asyncio.gather(*(one(n) for n in source_names))
+    parts = {n: r for n, r in zip(source_names, results, strict=True) if r is not None}
+    for n, r in zip(source_names, results, strict=True):
+        if r is None:
+            timings[f"missing:{n}"] = 1.0
+    t2 = time.perf_counter()
+    timings["retrieval"] = (t2 - t1) * 1e3
+    merged: Candidates = await call("merge", ctx, parts)
+    ranked: Candidates = await call("rank", ctx, merged)
+    t3 = time.perf_counter()
+    timings["ranking"] = (t3 - t2) * 1e3
+    out = await call("rerank", ctx, ranked)
+    t4 = time.perf_counter()
+    timings["reranking"] = (t4 - t3) * 1e3
+    timings["total"] = (t4 - t0) * 1e3
+    return ctx, parts, merged, ranked, out, timings

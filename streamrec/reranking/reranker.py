@@ -275,6 +275,7 @@ class ReRanker:
         k: int | None = None,
         seen_ids: IdsInput | None = None,
         exclude_ids: IdsInput | None = None,
+        exclude_rows: IdsInput | None = None,
         now: float | None = None,
     ) -> ReRankResult:
         """Re-rank ``candidates`` into the top-k.
@@ -284,6 +285,7 @@ class ReRanker:
             k: Items to return (default ``config.k``).
             seen_ids: Item ids the user already interacted with.
             exclude_ids: Item ids the request excludes.
+            exclude_rows: Catalog rows to remove (e.g. exclude ids already resolved to rows).
             now: Request time, epoch seconds (default: the wall clock).
 
         Raises:
@@ -299,6 +301,7 @@ class ReRanker:
             k=k,
             seen_ids=seen_ids,
             exclude_ids=exclude_ids,
+            exclude_rows=exclude_rows,
             now=now,
         )
 
@@ -311,6 +314,7 @@ class ReRanker:
         k: int | None = None,
         seen_ids: IdsInput | None = None,
         exclude_ids: IdsInput | None = None,
+        exclude_rows: IdsInput | None = None,
         now: float | None = None,
     ) -> ReRankResult:
         """Re-rank candidates given as parallel arrays (the fast path for the ranker's output).
@@ -321,7 +325,9 @@ class ReRanker:
             sources: Their retrieval sources, aligned with ``indices`` (optional).
             k: Items to return (default ``config.k``).
             seen_ids: Item ids the user already interacted with.
-            exclude_ids: Item ids the request excludes.
+            exclude_ids: Item ids the request excludes (unknown ids are counted in the summary).
+            exclude_rows: Catalog rows to remove (e.g. exclude ids already resolved to rows);
+                counted with ``exclude_ids`` as ``removed_excluded``.
             now: Request time, epoch seconds (default: the wall clock).
 
         Raises:
@@ -350,7 +356,7 @@ class ReRanker:
                 f"candidate catalog rows must be in [0, {len(meta)}); got [{int(idx.min())}, "
                 f"{int(idx.max())}] — is the item metadata stale?"
             )
-        sc = np.where(np.isfinite(sc), sc, -np.inf)  # NaN scores sink to the bottom
+        sc = np.where(np.isnan(sc), -np.inf, sc)  # NaN scores sink to the bottom
 
         # Original rank: by ranker score, ties by input position.
         order0 = np.argsort(-sc, kind="stable")
@@ -373,8 +379,9 @@ class ReRanker:
                 seen_mask = keep & _isin(cand_ids, seen)
                 removed_seen = int(np.count_nonzero(seen_mask))
                 keep &= ~seen_mask
-        if len(exclude):
-            excl_mask = keep & _isin(cand_ids, exclude)
+        excl_rows = _as_id_array(exclude_rows)
+        if len(exclude) or len(excl_rows):
+            excl_mask = keep & (_isin(cand_ids, exclude) | _isin(idx, excl_rows))
             removed_excl = int(np.count_nonzero(excl_mask))
             keep &= ~excl_mask
         alive_by_score = order0[keep[order0]]

@@ -214,6 +214,13 @@ def test_excludes_apply_even_when_seen_suppression_is_off() -> None:
     assert res.item_ids == [1000, 1002, 1003, 1004]
 
 
+def test_exclude_rows_remove_catalog_rows() -> None:
+    rr = ReRanker(meta_of(6), cfg(k=6))
+    res = rr.rerank(ranked(6), exclude_rows=np.array([0, 4]), exclude_ids=[1001], now=NOW)
+    assert [it.item_index for it in res.items] == [2, 3, 5]
+    assert res.summary.removed_excluded == 3
+
+
 def test_duplicates_keep_the_best_copy() -> None:
     rr = ReRanker(meta_of(5), cfg(k=5))
     cands = [Candidate(1, 0.5, ("cf",)), Candidate(2, 0.7), Candidate(1, 0.9, ("two_tower",))]

@@ -7,12 +7,13 @@ served and why the earlier ones did not:
 
 ``full`` -> ``stale_features`` -> ``simple_ranking`` -> ``batch`` -> ``popularity`` -> ``cached``
 
-The circuit breaker is hand-written rather than taken from ``purgatory`` (which the design lists as
-resolving here): this one is ~120 lines, needs no extra dependency, serves sync and asyncio callers
-from the same object (state changes are short critical sections under a :class:`threading.Lock`
-and never span an ``await``), and takes an injectable clock, which makes the reset timeout testable
-without sleeping. ``purgatory`` splits sync and async into separate factories and keeps its clock
-internal. See ``docs/adr/ADR-005-degradation.md``.
+The circuit breaker is hand-written rather than taken from ``purgatory`` (which the design lists
+as resolving here): ours is ~230 lines with docstrings, needs no extra dependency, serves sync and
+asyncio callers from the same object (state changes are short critical sections under a
+:class:`threading.Lock` and never span an ``await``) and takes an injectable clock, so the reset
+timeout is tested without sleeping. ``purgatory`` has separate sync and async factories and no
+clock injection point in its documented API; its Redis-shared state is the reason to revisit.
+See ``docs/adr/ADR-005-degradation.md``.
 
 Nothing in this module imports Ray, Feast or torch; it is plain Python usable in-process.
 """
@@ -294,6 +295,7 @@ class CircuitBreaker:
         self._successes = 0
         self._opened_at = 0.0
         self._in_flight_trials = 0
+        self._last_trial_at = 0.0
         self._times_opened = 0
 
     @classmethod
@@ -351,9 +353,18 @@ class CircuitBreaker:
             self._refresh()
             if self._state is BreakerState.CLOSED:
                 return True
-            if self._state is BreakerState.HALF_OPEN and self._in_flight_trials < self.half_open_max_calls:
-                self._in_flight_trials += 1
-                return True
+            if self._state is BreakerState.HALF_OPEN:
+                now = self._clock()
+                if self._in_flight_trials >= self.half_open_max_calls and (
+                    now - self._last_trial_at >= self.reset_timeout_s
+                ):
+                    # A trial that never reported back (a caller bug or a lost task) must not
+                    # wedge the circuit half-open forever: presume it lost after a reset timeout.
+                    self._in_flight_trials = 0
+                if self._in_flight_trials < self.half_open_max_calls:
+                    self._in_flight_trials += 1
+                    self._last_trial_at = now
+                    return True
             return False
 
     def record_success(self) -> None:
@@ -481,7 +492,7 @@ class FallbackStep(Generic[T]):
         breaker: Optional breaker guarding the step; an open breaker skips it at no cost.
         run_past_deadline: Try this step even when the request deadline has passed. Set it on the
             cheap in-memory last resorts (``popularity``, ``cached``) so a request always gets an
-            answer; with an expired deadline such a step runs without a timeout.
+            answer. Such a step is bounded only by its own ``timeout_s``, never by the deadline.
     """
 
     level: DegradationLevel
@@ -547,7 +558,8 @@ class FallbackChain(Generic[T]):
     :meth:`run` / :meth:`arun`.
 
     Timeouts: :meth:`arun` bounds each step with ``asyncio.wait_for`` at
-    ``min(step.timeout_s, deadline remaining)``, so a hanging dependency costs at most its slot.
+    ``min(step.timeout_s, deadline remaining)`` (only ``step.timeout_s`` for ``run_past_deadline``
+    steps), so a hanging dependency costs at most its slot.
     :meth:`run` (sync) cannot interrupt a running function; it checks the deadline *between*
     steps, and a step that overruns is still used (its work is already paid for). The serving
     path uses :meth:`arun`.
@@ -623,6 +635,10 @@ class FallbackChain(Generic[T]):
                     value = step.fn(*args, **kwargs)
                 except Exception as exc:
                     failure = self._fail(step, exc, elapsed_ms())
+                except BaseException:  # KeyboardInterrupt, SystemExit: no verdict on the dependency
+                    if step.breaker is not None:
+                        step.breaker.release()
+                    raise
                 else:
                     if inspect.isawaitable(value):
                         if inspect.iscoroutine(value):
@@ -665,7 +681,7 @@ class FallbackChain(Generic[T]):
                 )
                 continue
             timeout = step.timeout_s
-            if deadline is not None and not expired:
+            if deadline is not None and not step.run_past_deadline:
                 timeout = deadline.timeout(timeout)
             with self._timed(timings, step.level) as elapsed_ms:
                 try:
@@ -674,12 +690,12 @@ class FallbackChain(Generic[T]):
                         value = await (value if timeout is None else asyncio.wait_for(value, timeout))
                 except TimeoutError as exc:
                     failure = self._fail(step, exc, elapsed_ms(), reason="timeout", timeout=timeout)
-                except asyncio.CancelledError:
+                except Exception as exc:
+                    failure = self._fail(step, exc, elapsed_ms())
+                except BaseException:  # cancellation, KeyboardInterrupt: no verdict on the dependency
                     if step.breaker is not None:
                         step.breaker.release()
                     raise
-                except Exception as exc:
-                    failure = self._fail(step, exc, elapsed_ms())
                 else:
                     if step.breaker is not None:
                         step.breaker.record_success()

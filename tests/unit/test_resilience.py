@@ -448,3 +448,43 @@ def test_async_all_levels_failed() -> None:
     chain: FallbackChain[str] = FallbackChain([FallbackStep("popularity", failing)])
     with pytest.raises(AllLevelsFailedError):
         asyncio.run(chain.arun())
+
+
+def test_lost_half_open_trial_does_not_wedge_the_breaker() -> None:
+    clock = FakeClock()
+    br = CircuitBreaker("x", failure_threshold=1, reset_timeout_s=2.0, clock=clock)
+    br.record_failure()
+    clock.advance(2.0)
+    assert br.allow()  # a trial that never reports back
+    assert not br.allow()
+    clock.advance(2.0)
+    assert br.allow()  # presumed lost after another reset timeout
+    br.record_success()
+    assert br.state is BreakerState.CLOSED
+
+
+def test_keyboard_interrupt_in_a_step_releases_the_trial_slot() -> None:
+    clock = FakeClock()
+    br = CircuitBreaker("x", failure_threshold=1, reset_timeout_s=1.0, clock=clock)
+    br.record_failure()
+    clock.advance(1.0)
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    chain: FallbackChain[str] = FallbackChain([FallbackStep("full", interrupted, breaker=br)])
+    with pytest.raises(KeyboardInterrupt):
+        chain.run()
+    assert br.state is BreakerState.HALF_OPEN and br.allow()  # the slot was given back
+
+
+def test_last_resort_is_not_cut_short_by_an_almost_spent_deadline() -> None:
+    async def cached() -> str:
+        await asyncio.sleep(0.02)
+        return "cached"
+
+    chain: FallbackChain[str] = FallbackChain(
+        [FallbackStep("cached", cached, timeout_s=1.0, run_past_deadline=True)]
+    )
+    res = asyncio.run(chain.arun(deadline=Deadline(0.001)))
+    assert res.level == "cached"

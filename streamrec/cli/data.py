@@ -11,7 +11,9 @@ import typer
 
 from streamrec.paths import resolve_data_dir
 
-app = typer.Typer(help="Build the synthetic world, ingest MovieLens, inspect stored data.", no_args_is_help=True)
+app = typer.Typer(
+    help="Build the synthetic world, ingest MovieLens, inspect stored data.", no_args_is_help=True
+)
 
 DataDirOpt = Annotated[
     Path | None,

@@ -199,11 +199,7 @@ def validate_dimension(
     valid = frame.loc[~bad].drop(columns=extra).reset_index(drop=True)
     q = frame.loc[bad]
     lines = q["_line"].tolist() if "_line" in q else [None] * len(q)
-    records = (
-        q["_raw"].astype(str).tolist()
-        if "_raw" in q
-        else _json_records(q.drop(columns=extra))
-    )
+    records = q["_raw"].astype(str).tolist() if "_raw" in q else _json_records(q.drop(columns=extra))
     quarantined = quarantine_rows(table, source, lines, reason[bad].tolist(), records)
     counts: dict[str, int] = {}
     for r in reason[bad]:

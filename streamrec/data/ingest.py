@@ -93,7 +93,13 @@ def ingest_loaded(
     known_users = np.union1d(store.users()["user_id"].to_numpy(), users_v.valid["user_id"].to_numpy())
     known_items = np.union1d(store.items()["item_id"].to_numpy(), items_v.valid["item_id"].to_numpy())
     ev = validate_events(
-        loaded.events, known_users, known_items, source=source, now=now, line_column="_line", raw_column="_raw"
+        loaded.events,
+        known_users,
+        known_items,
+        source=source,
+        now=now,
+        line_column="_line",
+        raw_column="_raw",
     )
 
     quarantine = pd.concat(
@@ -106,8 +112,8 @@ def ingest_loaded(
     report.users_quarantined = int((quarantine["table"] == "users").sum())
     report.items_quarantined = int((quarantine["table"] == "items").sum())
     rules: dict[str, int] = {}
-    for reason, n in quarantine.groupby(["table", "reason"]).size().items():
-        rules[f"{reason[0]}.{reason[1]}"] = int(n)
+    for (table, reason), n in quarantine.groupby(["table", "reason"]).size().items():
+        rules[f"{table}.{reason}"] = int(n)
     report.rules = rules
     report.invalid_fraction = report.quarantined / report.input_rows if report.input_rows else 0.0
     assert report.valid + report.quarantined == report.input_rows
@@ -133,9 +139,10 @@ def ingest_loaded(
     rpath.write_text(json.dumps(report.to_dict(), indent=2))
     if exceeded:
         raise DataContractError(
-            f"{report.quarantined} of {report.input_rows} event rows ({report.invalid_fraction:.1%}) failed the "
-            f"data contract, above --max-invalid-fraction {max_invalid_fraction:.1%}; nothing was stored. "
-            f"Top reasons: {_top(rules)}. Inspect {report.quarantine_path} (possible schema drift or wrong --format)."
+            f"{report.quarantined} of {report.input_rows} event rows ({report.invalid_fraction:.1%}) "
+            f"failed the data contract, above --max-invalid-fraction {max_invalid_fraction:.1%}; "
+            f"nothing was stored. Top reasons: {_top(rules)}. Inspect {report.quarantine_path} "
+            "(possible schema drift or wrong --format)."
         )
     return report
 
@@ -163,12 +170,15 @@ def ingest(cfg: IngestConfig, now: datetime | None = None) -> IngestReport:
         report.input_rows = loaded.input_event_rows
         report.users, report.items = len(store.users()), len(store.items())
         report.already_present = report.input_rows
-        report.valid = int(store.manifest()[digest].get("counts", {}).get("valid", 0))  # type: ignore[union-attr]
+        counts = store.manifest()[digest].get("counts")
+        report.valid = int(counts.get("valid", 0)) if isinstance(counts, dict) else 0
         report.quarantined = report.input_rows - report.valid
         return report
     report = ingest_loaded(
         loaded, store, source=cfg.path, fmt=cfg.format, max_invalid_fraction=cfg.max_invalid_fraction, now=now
     )
-    record_config(store.layout.reports, Path(report.report_path or "ingest").name.replace(".report.json", ""), cfg)
+    record_config(
+        store.layout.reports, Path(report.report_path or "ingest").name.replace(".report.json", ""), cfg
+    )
     store.record_ingested(digest, cfg.path, {"valid": report.valid, "quarantined": report.quarantined})
     return report

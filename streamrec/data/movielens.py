@@ -68,9 +68,17 @@ def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     return lines
 
 
-def _split_fields(lines: list[str], sep: str, n_fields: int, table: str, source: str, numeric: list[int],
-                  names: list[str], skip_header: bool = False, min_fields: int | None = None,
-                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+def _split_fields(
+    lines: list[str],
+    sep: str,
+    n_fields: int,
+    table: str,
+    source: str,
+    numeric: list[int],
+    names: list[str],
+    skip_header: bool = False,
+    min_fields: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
     """Split lines into fields; quarantine wrong field counts and non-numeric numeric fields."""
     start = 1 if skip_header else 0
     s = pd.Series(lines[start:], dtype=object)
@@ -95,8 +103,13 @@ def _split_fields(lines: list[str], sep: str, n_fields: int, table: str, source:
     frame["_line"] = line_no
     frame["_raw"] = s.to_numpy()
     bad = reasons != ""
-    q = quarantine_rows(table, source, frame.loc[bad, "_line"].tolist(), reasons[bad].tolist(),
-                        frame.loc[bad, "_raw"].tolist())
+    q = quarantine_rows(
+        table,
+        source,
+        frame.loc[bad, "_line"].tolist(),
+        reasons[bad].tolist(),
+        frame.loc[bad, "_raw"].tolist(),
+    )
     counts: dict[str, int] = {}
     for r in reasons[bad]:
         counts[r] = counts.get(r, 0) + 1
@@ -178,7 +191,12 @@ def load_ml100k(path: str | Path) -> LoadedData:
 
     n_item_fields = 5 + len(ML100K_GENRES)
     raw_items, q_it, c_it = _split_fields(
-        _read_lines(item_p, "latin-1"), "|", n_item_fields, "items", item_p.name, [0],
+        _read_lines(item_p, "latin-1"),
+        "|",
+        n_item_fields,
+        "items",
+        item_p.name,
+        [0],
         ["item_id", "title", "release", "video", "url", *ML100K_GENRES],
     )
     flags = raw_items[list(ML100K_GENRES)].apply(pd.to_numeric, errors="coerce").fillna(0).to_numpy() > 0
@@ -189,7 +207,9 @@ def load_ml100k(path: str | Path) -> LoadedData:
             "title": raw_items["title"],
             "categories": cats,
             "creator": None,
-            "published_at": pd.to_datetime(raw_items["release"], format="%d-%b-%Y", utc=True, errors="coerce"),
+            "published_at": pd.to_datetime(
+                raw_items["release"], format="%d-%b-%Y", utc=True, errors="coerce"
+            ),
             "promoted": False,
             "flagged": False,
             "_line": raw_items["_line"],
@@ -200,7 +220,13 @@ def load_ml100k(path: str | Path) -> LoadedData:
     items["published_at"] = _fill_published(items, events)
 
     raw_users, q_us, c_us = _split_fields(
-        _read_lines(user_p), "|", 5, "users", user_p.name, [0, 1], ["user_id", "age", "gender", "occupation", "zip"]
+        _read_lines(user_p),
+        "|",
+        5,
+        "users",
+        user_p.name,
+        [0, 1],
+        ["user_id", "age", "gender", "occupation", "zip"],
     )
     first_seen = events.groupby("user_id")["timestamp"].min()
     users = pd.DataFrame(
@@ -258,8 +284,10 @@ def load_movielens_csv(path: str | Path) -> LoadedData:
     raw_items, q_it, c_it = _split_fields(
         ml, ",", 3, "items", movies_p.name, [0], ["item_id", "title", "genres"], skip_header=True
     )
-    genres = raw_items["genres"].fillna("(no genres listed)").map(
-        lambda g: [x for x in g.split("|") if x and x != "(no genres listed)"] or ["unknown"]
+    genres = (
+        raw_items["genres"]
+        .fillna("(no genres listed)")
+        .map(lambda g: [x for x in g.split("|") if x and x != "(no genres listed)"] or ["unknown"])
     )
     items = pd.DataFrame(
         {

@@ -156,7 +156,9 @@ class DataStore:
             if chunk.empty:
                 continue
             digest = hashlib.sha256("\n".join(chunk["event_id"].astype(str)).encode()).hexdigest()[:16]
-            _atomic_write_table(to_table(chunk, EVENT_SCHEMA), self._partition_dir(d) / f"part-{digest}.parquet")
+            _atomic_write_table(
+                to_table(chunk, EVENT_SCHEMA), self._partition_dir(d) / f"part-{digest}.parquet"
+            )
             added += len(chunk)
         return AppendResult(added, already)
 

@@ -1054,7 +1054,7 @@ def synthesize(
         if not overwrite:
             raise DataError(
                 f"{layout.root} already holds data (events, users, items or truth): use an empty "
-                f"--data-dir, or overwrite=True to replace a previous synthetic world"
+                f"--data-dir, or pass --overwrite (overwrite=True) to replace a previous synthetic world"
             )
         _clear_synthetic(layout)
     layout.ensure()

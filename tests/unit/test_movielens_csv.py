@@ -31,8 +31,11 @@ def test_csv_ingest(tmp_path: Path) -> None:
     src.mkdir()
     (src / "movies.csv").write_text(MOVIES)
     (src / "ratings.csv").write_text(RATINGS)
-    r = ingest(IngestConfig(format="movielens-csv", path=str(src), data_dir=str(tmp_path / "d"),
-                            max_invalid_fraction=0.5))
+    r = ingest(
+        IngestConfig(
+            format="movielens-csv", path=str(src), data_dir=str(tmp_path / "d"), max_invalid_fraction=0.5
+        )
+    )
     assert (r.input_rows, r.valid, r.quarantined) == (6, 4, 2)
     assert r.rules == {"events.non_numeric_rating": 1, "events.unknown_item": 1}
     store = DataStore(tmp_path / "d")

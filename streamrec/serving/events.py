@@ -1,0 +1,534 @@
+"""The durable event log behind ``POST /v1/events``.
+
+Nothing lost (DESIGN.md, principle 4): an event is acknowledged only after it is written to an
+append-only JSON-lines segment under :attr:`streamrec.paths.DataLayout.event_log` and
+``fsync``'d. Only then is the optional *sink* (the feature client's streaming push) called; a sink
+failure never loses the event — it is in the log and counted as ``push_failed``.
+
+Layout::
+
+    event_log/
+        segments/seg-<utc>-<pid>-<rand>.jsonl   one writer (process) per segment, append-only
+        exported.json                           bytes of each segment already exported
+
+Guarantees and counts:
+
+* **idempotent by event_id**: an id already in the log (loaded at start-up, then kept in memory)
+  is counted as a duplicate and not written again. Each replica writes its own segments, so a
+  retry that lands on *another* replica may be logged twice; :meth:`EventLog.export_to_store`
+  removes such duplicates (and the events store itself is unique by ``event_id``).
+* **all or nothing per batch**: a batch naming users or items the catalogue does not know is
+  rejected whole (nothing written) and the unknown ids are reported (the API answers 422).
+* **invariant**: ``received == stored + duplicates + rejected`` at all times
+  (:meth:`EventLogStats.balanced`).
+
+:meth:`EventLog.export_to_store` moves logged events into the validated events store
+(:meth:`streamrec.data.store.DataStore.append_events`, through the data contract) for the next
+training run; it is incremental (a byte watermark per segment) and safe to re-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+
+from streamrec.api_models import EventIn
+from streamrec.config import utc_stamp
+from streamrec.data.contract import quarantine_rows, validate_events
+from streamrec.data.schema import EVENT_SCHEMA
+from streamrec.data.store import DataStore
+from streamrec.paths import DataLayout
+
+log = logging.getLogger(__name__)
+
+#: Sink signature: called once per newly stored event, after the durable write.
+Sink = Callable[[EventIn], Any]
+
+#: API event types that count as a positive label in the events store.
+POSITIVE_TYPES: frozenset[str] = frozenset({"click", "complete"})
+#: Default segment size before rotating to a new file.
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+@dataclass
+class EventLogStats:
+    """Counters of one :class:`EventLog` (this process).
+
+    Attributes:
+        received: Events offered to :meth:`EventLog.append`.
+        stored: Events written to the log.
+        duplicates: Events whose ``event_id`` was already logged (or repeated within a batch).
+        rejected: Events refused (a batch naming unknown users or items).
+        push_failed: Stored events the sink failed to take (they are still in the log).
+        pushed: Stored events the sink took.
+        write_errors: Batches the log failed to write (not acknowledged, so not counted as
+            received: the client gets a server error and retries).
+    """
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    push_failed: int = 0
+    pushed: int = 0
+    write_errors: int = 0
+
+    def balanced(self) -> bool:
+        """Whether ``received == stored + duplicates + rejected`` (nothing unaccounted for)."""
+        return self.received == self.stored + self.duplicates + self.rejected
+
+
+@dataclass(frozen=True)
+class AppendOutcome:
+    """What :meth:`EventLog.append` did with one batch.
+
+    Attributes:
+        received: Events in the batch.
+        stored: Events newly written (and fsync'd).
+        duplicates: Events already logged (not written again).
+        rejected: Events refused (the whole batch when any id is unknown).
+        push_failed: Stored events the sink failed to take.
+        unknown_user_ids: User ids not known to the catalogue (sorted, unique).
+        unknown_item_ids: Item ids not in the catalogue (sorted, unique).
+    """
+
+    received: int
+    stored: int
+    duplicates: int
+    rejected: int
+    push_failed: int = 0
+    unknown_user_ids: tuple[int, ...] = ()
+    unknown_item_ids: tuple[int, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the batch was taken (nothing rejected)."""
+        return self.rejected == 0
+
+    def problem(self) -> str:
+        """A message naming the unknown ids (empty when accepted)."""
+        parts = []
+        if self.unknown_user_ids:
+            parts.append(f"unknown user_id(s) {list(self.unknown_user_ids[:50])}")
+        if self.unknown_item_ids:
+            parts.append(f"unknown item_id(s) {list(self.unknown_item_ids[:50])}")
+        if not parts:
+            return ""
+        return "; ".join(parts) + ": nothing in this batch was stored; fix or drop those events and resend"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :meth:`EventLog.export_to_store` did.
+
+    Attributes:
+        read: Complete log lines read past the watermarks.
+        duplicates: Lines whose ``event_id`` repeated within the export (kept once).
+        added: Events written to the events store.
+        already_present: Events the store already held.
+        quarantined: Events refused by the data contract (written to the quarantine).
+        corrupt_lines: Lines that could not be parsed (written to the quarantine).
+        quarantine_path: The quarantine file, when one was written.
+    """
+
+    read: int
+    duplicates: int
+    added: int
+    already_present: int
+    quarantined: int
+    corrupt_lines: int
+    quarantine_path: str | None = None
+
+
+def _sorted_ids(ids: Iterable[int] | np.ndarray | None) -> np.ndarray | None:
+    if ids is None:
+        return None
+    return np.unique(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64))
+
+
+def _unknown(known: np.ndarray | None, ids: Sequence[int]) -> list[int]:
+    """The ids of ``ids`` not in the sorted array ``known`` (none when ``known`` is None)."""
+    if known is None or not ids:
+        return []
+    huge = sorted({i for i in ids if i > _INT64_MAX or i < 0})
+    arr = np.unique(np.asarray([i for i in ids if 0 <= i <= _INT64_MAX], dtype=np.int64))
+    if known.size == 0:
+        return sorted(arr.tolist()) + huge
+    pos = np.minimum(np.searchsorted(known, arr), known.size - 1)
+    missing: list[int] = arr[known[pos] != arr].tolist()
+    return missing + huge
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory entry (a new file's name) durable; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def event_record(event: EventIn, received_at: datetime) -> dict[str, Any]:
+    """The JSON-lines record of one event (what the log stores)."""
+    return {
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "event_type": event.event_type,
+        "timestamp": event.timestamp.isoformat(),
+        "session_id": event.session_id,
+        "device": event.device,
+        "watch_fraction": event.watch_fraction,
+        "received_at": received_at.isoformat(),
+    }
+
+
+class EventLog:
+    """Append-only, fsync'd, idempotent log of API events.
+
+    Thread-safe: one lock serialises writers in this process (the gateway calls :meth:`append`
+    from a worker thread so the event loop never waits on ``fsync``).
+
+    Args:
+        root: The log directory (usually ``DataLayout.event_log``).
+        known_users: User ids events may name (None: any).
+        known_items: Item ids events may name (None: any).
+        sink: Called with each newly stored event after the durable write (e.g. the feature
+            client's ``push_interaction``); its exceptions are counted, never raised.
+        fsync: Flush to stable storage before acknowledging (turn off only in benchmarks of
+            other parts).
+        segment_max_bytes: Rotate to a new segment file beyond this size.
+        load_existing: Read the ids already logged so that retries are recognised.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        known_users: Iterable[int] | np.ndarray | None = None,
+        known_items: Iterable[int] | np.ndarray | None = None,
+        sink: Sink | None = None,
+        *,
+        fsync: bool = True,
+        segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
+        load_existing: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.segments_dir = self.root / "segments"
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        self.known_users = _sorted_ids(known_users)
+        self.known_items = _sorted_ids(known_items)
+        self.sink = sink
+        self.fsync = fsync
+        self.segment_max_bytes = int(segment_max_bytes)
+        self._lock = threading.Lock()
+        self._seen: set[str] = set()
+        self._fh: IO[bytes] | None = None
+        self._segment: Path | None = None
+        self._segment_bytes = 0
+        self.stats = EventLogStats()
+        self.corrupt_lines_at_open = 0
+        if load_existing:
+            for rec in self._iter_records(self.segments(), count_corrupt=True):
+                self._seen.add(str(rec["event_id"]))
+
+    @classmethod
+    def open(
+        cls, data_dir: str | os.PathLike[str] | None = None, sink: Sink | None = None, **kwargs: Any
+    ) -> EventLog:
+        """The log of a data directory, checking ids against its stored users and items.
+
+        Args:
+            data_dir: The data directory.
+            sink: See the class arguments.
+            **kwargs: Passed to the constructor (``fsync``, ``segment_max_bytes``...).
+        """
+        store = DataStore(data_dir)
+        users = store.users()["user_id"].to_numpy(dtype=np.int64)
+        items = store.items()["item_id"].to_numpy(dtype=np.int64)
+        return cls(store.layout.event_log, users, items, sink, **kwargs)
+
+    # ------------------------------------------------------------------------ writing
+    def append(self, events: Sequence[EventIn], received_at: datetime | None = None) -> AppendOutcome:
+        """Log a batch durably; return what happened to it.
+
+        The batch is rejected whole when it names unknown users or items. Otherwise every event
+        whose id is new is written in one ``write`` + ``fsync``, then handed to the sink.
+
+        Args:
+            events: Validated events.
+            received_at: Server receipt time recorded with each event (default: now).
+
+        Raises:
+            OSError: the log could not be written (nothing was acknowledged; the caller answers
+                with a server error and the client retries — ids make the retry safe).
+        """
+        n = len(events)
+        bad_users = _unknown(self.known_users, [e.user_id for e in events])
+        bad_items = _unknown(self.known_items, [e.item_id for e in events])
+        if bad_users or bad_items:
+            with self._lock:
+                self.stats.received += n
+                self.stats.rejected += n
+            return AppendOutcome(n, 0, 0, n, 0, tuple(bad_users), tuple(bad_items))
+        when = received_at or datetime.now(UTC)
+        with self._lock:
+            fresh: list[EventIn] = []
+            batch_ids: set[str] = set()
+            for e in events:
+                if e.event_id in self._seen or e.event_id in batch_ids:
+                    continue
+                batch_ids.add(e.event_id)
+                fresh.append(e)
+            if fresh:
+                payload = "".join(
+                    json.dumps(event_record(e, when), separators=(",", ":")) + "\n" for e in fresh
+                )
+                try:
+                    self._write(payload.encode())
+                except OSError:
+                    self.stats.write_errors += 1
+                    raise
+                self._seen.update(batch_ids)
+            dup = n - len(fresh)
+            self.stats.received += n
+            self.stats.stored += len(fresh)
+            self.stats.duplicates += dup
+        failed = self._push(fresh)
+        return AppendOutcome(n, len(fresh), dup, 0, failed)
+
+    def _push(self, events: list[EventIn]) -> int:
+        if self.sink is None or not events:
+            return 0
+        failed = 0
+        for e in events:
+            try:
+                self.sink(e)
+            except Exception as exc:  # the event is durable already; count and go on
+                failed += 1
+                log.warning("event %s logged but the push to the sink failed: %s", e.event_id, exc)
+        with self._lock:
+            self.stats.push_failed += failed
+            self.stats.pushed += len(events) - failed
+        return failed
+
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` to the current segment and make it durable (lock held)."""
+        if self._fh is None or self._segment_bytes >= self.segment_max_bytes:
+            self._rotate()
+        assert self._fh is not None
+        try:
+            self._fh.write(data)
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except OSError:
+            # Do not append after a possibly torn write: the next batch starts a fresh segment.
+            self._close_segment()
+            raise
+        self._segment_bytes += len(data)
+
+    def _rotate(self) -> None:
+        self._close_segment()
+        name = f"seg-{utc_stamp()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self._segment = self.segments_dir / name
+        self._fh = open(self._segment, "ab")  # noqa: SIM115 - long-lived handle, closed in close()
+        self._segment_bytes = 0
+        if self.fsync:
+            _fsync_dir(self.segments_dir)
+
+    def _close_segment(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # closing after a failed write
+                self._fh.close()
+        self._fh = None
+
+    def close(self) -> None:
+        """Close the current segment (a later append opens a new one)."""
+        with self._lock:
+            self._close_segment()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def refresh_known_ids(
+        self, known_users: Iterable[int] | np.ndarray | None, known_items: Iterable[int] | np.ndarray | None
+    ) -> None:
+        """Replace the id sets events are checked against (e.g. after a catalogue update)."""
+        users, items = _sorted_ids(known_users), _sorted_ids(known_items)
+        with self._lock:
+            self.known_users, self.known_items = users, items
+
+    # ------------------------------------------------------------------------ reading
+    def segments(self) -> list[Path]:
+        """Segment files, oldest first."""
+        return sorted(self.segments_dir.glob("seg-*.jsonl"))
+
+    def _iter_records(self, paths: Iterable[Path], count_corrupt: bool = False) -> Iterator[dict[str, Any]]:
+        for p in paths:
+            with open(p, "rb") as fh:
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break  # a torn final write (never acknowledged)
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        if count_corrupt:
+                            self.corrupt_lines_at_open += 1
+                        continue
+                    if isinstance(rec, dict) and "event_id" in rec:
+                        yield rec
+
+    def read(self) -> pd.DataFrame:
+        """Every logged event as a frame in :data:`~streamrec.data.schema.EVENT_SCHEMA` columns."""
+        return _to_frame(list(self._iter_records(self.segments())))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters plus the log's location, for admin endpoints."""
+        with self._lock:
+            out: dict[str, Any] = asdict(self.stats)
+            out["balanced"] = self.stats.balanced()
+            out["segment"] = str(self._segment) if self._segment else None
+            out["ids_in_memory"] = len(self._seen)
+        return out
+
+    # ------------------------------------------------------------------------ export
+    def export_to_store(self, store: DataStore | None = None, now: datetime | None = None) -> ExportResult:
+        """Append logged events not yet exported to the validated events store.
+
+        Reads every segment from its watermark up to its last complete line, removes repeated
+        ids, applies the data contract (:func:`~streamrec.data.contract.validate_events`; refused
+        and unparseable lines go to ``quarantine/event_log-<utc>.parquet``), appends the valid
+        rows with :meth:`DataStore.append_events` (which skips ids already stored), then advances
+        the watermarks. Safe to re-run and to run while replicas keep appending.
+
+        Args:
+            store: The events store (default: the data directory holding this log).
+            now: Reference time of the contract's future-timestamp rule.
+        """
+        store = store or DataStore(self.root.parent)
+        manifest_path = self.root / "exported.json"
+        marks: dict[str, int] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        records: list[dict[str, Any]] = []
+        corrupt: list[str] = []
+        new_marks = dict(marks)
+        for seg in self.segments():
+            start = marks.get(seg.name, 0)
+            with open(seg, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+            end = data.rfind(b"\n") + 1  # complete lines only: a writer may be mid-append
+            for line in data[:end].splitlines():
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict):
+                        raise ValueError("not an object")
+                    records.append(rec)
+                except ValueError:
+                    corrupt.append(line.decode(errors="replace"))
+            new_marks[seg.name] = start + end
+        frame = _to_frame(records)
+        before = len(frame)
+        frame = frame.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+        dups = before - len(frame)
+        users = store.users()["user_id"].to_numpy(dtype=np.int64)
+        items = store.items()["item_id"].to_numpy(dtype=np.int64)
+        result = validate_events(frame, users, items, source=str(self.root), now=now)
+        appended = store.append_events(result.valid) if len(result.valid) else None
+        qpath: str | None = None
+        quarantine = result.quarantined
+        if corrupt:
+            extra = quarantine_rows(
+                "events", str(self.root), [None] * len(corrupt), ["malformed_line"] * len(corrupt), corrupt
+            )
+            quarantine = pd.concat([quarantine, extra], ignore_index=True)
+        if len(quarantine):
+            layout = DataLayout(store.layout.root)
+            layout.quarantine.mkdir(parents=True, exist_ok=True)
+            path = layout.quarantine / f"event_log-{utc_stamp()}-{secrets.token_hex(3)}.parquet"
+            quarantine.astype({"line": "Int64"}).to_parquet(path, index=False)
+            qpath = str(path)
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(new_marks, indent=1, sort_keys=True))
+        os.replace(tmp, manifest_path)
+        return ExportResult(
+            read=before + len(corrupt),
+            duplicates=dups,
+            added=appended.added if appended else 0,
+            already_present=appended.already_present if appended else 0,
+            quarantined=len(result.quarantined),
+            corrupt_lines=len(corrupt),
+            quarantine_path=qpath,
+        )
+
+
+def _int_column(values: pd.Series) -> pd.arrays.IntegerArray:
+    """Ids as nullable int64; anything that is not an int64-sized integer becomes null."""
+    ok = (int, np.integer)
+    out = [
+        int(v) if isinstance(v, ok) and not isinstance(v, bool) and 0 <= v <= _INT64_MAX else None
+        for v in values
+    ]
+    return pd.array(out, dtype="Int64")
+
+
+def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Log records -> frame with the canonical event columns (label derived from the type)."""
+    cols = [f.name for f in EVENT_SCHEMA]
+    if not records:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+    df = pd.DataFrame.from_records(records)
+    out = pd.DataFrame(
+        {
+            "event_id": df["event_id"].astype(str),
+            "user_id": _int_column(df["user_id"]),
+            "item_id": _int_column(df["item_id"]),
+            "event_type": df["event_type"],
+            "label": df["event_type"].isin(POSITIVE_TYPES).astype("int8"),
+            "timestamp": pd.to_datetime(df["timestamp"], utc=True, errors="coerce", format="ISO8601"),
+            "session_id": df.get("session_id"),
+            "device": df.get("device"),
+            "position": pd.array([None] * len(df), dtype="Int16"),
+            "rating": np.full(len(df), math.nan, dtype=np.float32),
+            "watch_fraction": (
+                pd.to_numeric(df["watch_fraction"], errors="coerce").astype(np.float32)
+                if "watch_fraction" in df
+                else np.full(len(df), math.nan, dtype=np.float32)
+            ),
+        },
+        columns=cols,
+    )
+    return out
+
+
+__all__ = [
+    "AppendOutcome",
+    "EventLog",
+    "EventLogStats",
+    "ExportResult",
+    "POSITIVE_TYPES",
+    "Sink",
+    "event_record",
+]

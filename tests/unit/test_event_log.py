@@ -1,0 +1,194 @@
+"""EventLog: durable (fsync'd) before acknowledging, idempotent by event_id, nothing unaccounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from streamrec.api_models import EventIn
+from streamrec.data.store import DataStore
+from streamrec.serving.events import EventLog
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+USERS = list(range(1, 11))
+ITEMS = list(range(100, 140))
+
+
+def make_store(root: Path) -> DataStore:
+    """A tiny validated store: 10 users, 40 items, a few events."""
+    store = DataStore(root)
+    store.upsert_users(pd.DataFrame({"user_id": USERS, "signup_at": [NOW - timedelta(days=30)] * len(USERS)}))
+    store.upsert_items(
+        pd.DataFrame(
+            {
+                "item_id": ITEMS,
+                "title": [f"Item {i}" for i in ITEMS],
+                "categories": [["a"]] * len(ITEMS),
+                "published_at": [NOW - timedelta(days=10)] * len(ITEMS),
+                "promoted": [False] * len(ITEMS),
+                "flagged": [False] * len(ITEMS),
+            }
+        )
+    )
+    return store
+
+
+def ev(event_id: str, user: int = 1, item: int = 100, kind: str = "click", **kw: object) -> EventIn:
+    return EventIn.model_validate(
+        {"event_id": event_id, "user_id": user, "item_id": item, "event_type": kind, "timestamp": NOW, **kw},
+        context={"now": NOW},
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DataStore:
+    return make_store(tmp_path / "data")
+
+
+@pytest.fixture
+def log_(store: DataStore) -> EventLog:
+    return EventLog.open(store.layout.root)
+
+
+def log_lines(log: EventLog) -> list[dict[str, object]]:
+    return [json.loads(line) for seg in log.segments() for line in seg.read_text().splitlines()]
+
+
+def test_append_is_durable_before_ack(store: DataStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = EventLog.open(store.layout.root)
+    out = log.append([ev("a"), ev("b", kind="complete", watch_fraction=0.9)])
+    assert (out.received, out.stored, out.duplicates, out.rejected) == (2, 2, 0, 0)
+    assert synced, "the segment must be fsync'd before append returns"
+    recs = log_lines(log)
+    assert [r["event_id"] for r in recs] == ["a", "b"]
+    assert recs[1]["watch_fraction"] == 0.9 and recs[1]["event_type"] == "complete"
+    assert log.segments()[0].parent == store.layout.event_log / "segments"
+
+
+def test_idempotent_by_event_id_within_batch_and_across_restarts(store: DataStore) -> None:
+    log = EventLog.open(store.layout.root)
+    assert log.append([ev("a"), ev("a"), ev("b")]).duplicates == 1
+    again = log.append([ev("a"), ev("c")])
+    assert (again.stored, again.duplicates) == (1, 1)
+    log.close()
+    reopened = EventLog.open(store.layout.root)  # a restarted replica remembers the logged ids
+    out = reopened.append([ev("a"), ev("b"), ev("c"), ev("d")])
+    assert (out.stored, out.duplicates) == (1, 3)
+    assert sorted(r["event_id"] for r in log_lines(reopened)) == ["a", "b", "c", "d"]
+
+
+def test_unknown_ids_reject_the_whole_batch_and_are_named(log_: EventLog) -> None:
+    out = log_.append([ev("ok"), ev("u", user=999), ev("i", item=5), ev("both", user=998, item=2**70)])
+    assert not out.accepted and out.stored == 0 and out.rejected == 4
+    assert out.unknown_user_ids == (998, 999)
+    assert out.unknown_item_ids == (5, 2**70)
+    assert "998" in out.problem() and "1180591620717411303424" in out.problem()
+    assert log_lines(log_) == []
+    assert log_.append([ev("ok")]).stored == 1  # the good event alone goes through
+
+
+def test_invariant_count_in_equals_stored_plus_duplicates_plus_rejected(log_: EventLog) -> None:
+    rng = random.Random(3)
+    sent = 0
+    for _ in range(60):
+        batch = []
+        for _ in range(rng.randint(1, 8)):
+            user = rng.choice([*USERS, 777]) if rng.random() < 0.05 else rng.choice(USERS)
+            batch.append(ev(f"e{rng.randint(0, 120)}", user=user, item=rng.choice(ITEMS)))
+        sent += len(batch)
+        log_.append(batch)
+    s = log_.stats
+    assert s.received == sent
+    assert s.balanced() and s.received == s.stored + s.duplicates + s.rejected
+    assert s.stored == len(log_lines(log_)) == len({r["event_id"] for r in log_lines(log_)})
+    assert log_.snapshot()["balanced"] is True
+
+
+def test_sink_failure_keeps_the_event(store: DataStore) -> None:
+    pushed: list[str] = []
+
+    def flaky(e: EventIn) -> None:
+        if e.event_id == "bad":
+            raise ConnectionError("online store down")
+        pushed.append(e.event_id)
+
+    log = EventLog.open(store.layout.root, sink=flaky)
+    out = log.append([ev("good"), ev("bad")])
+    assert (out.stored, out.push_failed) == (2, 1)
+    assert pushed == ["good"]
+    assert {r["event_id"] for r in log_lines(log)} == {"good", "bad"}
+    assert (log.stats.push_failed, log.stats.pushed) == (1, 1)
+    assert log.append([ev("bad")]).duplicates == 1  # a retry is not pushed or stored again
+
+
+def test_write_failure_is_raised_not_acknowledged(store: DataStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = EventLog.open(store.layout.root)
+
+    def boom(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        log.append([ev("x")])
+    monkeypatch.undo()
+    assert log.stats.write_errors == 1 and log.stats.received == 0
+    assert log.append([ev("x")]).stored == 1  # the retry succeeds (id was not remembered)
+
+
+def test_torn_tail_is_ignored_on_reopen(store: DataStore) -> None:
+    log = EventLog.open(store.layout.root)
+    log.append([ev("a")])
+    log.close()
+    with open(log.segments()[0], "ab") as fh:
+        fh.write(b'{"event_id": "torn", "user_')  # a crash mid-write (never acknowledged)
+    reopened = EventLog.open(store.layout.root)
+    assert reopened.append([ev("a"), ev("torn")]).stored == 1  # "a" known; "torn" never was
+    assert set(reopened.read()["event_id"]) == {"a", "torn"}
+
+
+def test_segments_rotate_and_each_writer_has_its_own(store: DataStore) -> None:
+    log = EventLog.open(store.layout.root, segment_max_bytes=300)
+    for i in range(6):
+        log.append([ev(f"r{i}")])
+    other = EventLog.open(store.layout.root)
+    other.append([ev("o1")])
+    assert len(log.segments()) >= 3
+    assert len({r["event_id"] for r in log_lines(log)}) == 7
+
+
+def test_export_to_store_is_incremental_and_dedupes_across_writers(store: DataStore) -> None:
+    a = EventLog.open(store.layout.root)
+    b = EventLog.open(store.layout.root)  # a second replica: does not know a's ids
+    a.append([ev("x1", kind="click"), ev("x2", kind="view"), ev("x3", kind="skip", user=2, item=101)])
+    b.append([ev("x1", kind="click")])  # the same retried event, logged by another replica
+    before = store.count_events()
+    res = a.export_to_store(store, now=NOW)
+    assert (res.read, res.duplicates, res.added, res.quarantined) == (4, 1, 3, 0)
+    assert store.count_events() == before + 3
+    stored = store.events(columns=["event_id", "label", "event_type"]).set_index("event_id")
+    assert stored.loc["x1", "label"] == 1 and stored.loc["x2", "label"] == 0 and stored.loc["x3", "label"] == 0
+    assert a.export_to_store(store, now=NOW).read == 0  # watermarks: nothing new
+    a.append([ev("x4", kind="complete", watch_fraction=1.0)])
+    res2 = a.export_to_store(store, now=NOW)
+    assert (res2.read, res2.added) == (1, 1)
+    assert store.count_events() == before + 4
+
+
+def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
+    log = EventLog(store.layout.event_log)  # no id checks at append time
+    log.append([ev("fine"), ev("ghost", user=4242)])
+    with open(log.segments()[0], "ab") as fh:
+        fh.write(b"not json\n")
+    res = log.export_to_store(store, now=NOW)
+    assert (res.added, res.quarantined, res.corrupt_lines) == (1, 1, 1)
+    q = pd.read_parquet(res.quarantine_path)
+    assert sorted(q["reason"]) == ["malformed_line", "unknown_user"]

@@ -68,7 +68,8 @@ def build(
         ),
     ] = "latest",
     snapshots: Annotated[
-        int, typer.Option(help="Number of daily cutoffs ending at --as-of (more = finer point-in-time).", min=1)
+        int,
+        typer.Option(help="Number of daily cutoffs ending at --as-of (more = finer point-in-time).", min=1),
     ] = 1,
     every_hours: Annotated[float, typer.Option(help="Hours between cutoffs.", min=0.001)] = 24.0,
     data_dir: DataDirOpt = None,
@@ -98,7 +99,8 @@ def apply(
 @app.command()
 def materialize(
     end: Annotated[
-        str | None, typer.Option("--end", help="Materialize rows up to this time (ISO, inclusive; default now).")
+        str | None,
+        typer.Option("--end", help="Materialize rows up to this time (ISO, inclusive; default now)."),
     ] = None,
     data_dir: DataDirOpt = None,
     online_store: OnlineOpt = None,
@@ -132,7 +134,10 @@ def check(
         for view, counts in report.per_view.items():
             typer.echo(f"  {view:<26} checked {counts['checked']:>5}  mismatches {counts['mismatches']}")
         for d in report.details:
-            typer.echo(f"  MISMATCH {d['view']} {d['entity']} {d['feature']}: online={d['online']} offline={d['offline']}")
+            typer.echo(
+                f"  MISMATCH {d['view']} {d['entity']} {d['feature']}: "
+                f"online={d['online']} offline={d['offline']}"
+            )
         problems = {k: v for k, v in report.schema.items() if v}
         typer.echo(f"schema         {'ok' if not problems else json.dumps(problems)}")
     if not report.ok:
@@ -141,7 +146,9 @@ def check(
 
 @app.command()
 def catalogue(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
+    ] = None,
 ) -> None:
     """Print the feature catalogue (markdown tables generated from streamrec/features/spec.py)."""
     from streamrec.features.spec import catalogue_markdown

@@ -1,0 +1,1011 @@
+"""The feature store client used by training pipelines and serving stages.
+
+:class:`FeatureClient` wraps Feast for one StreamRec data directory. It never imports Ray, so a
+Serve deployment simply holds one. Typical use::
+
+    fc = FeatureClient(data_dir, online="redis", redis_url="redis://127.0.0.1:6379/0")
+    fc.build(as_of)               # batch features -> offline parquet
+    fc.apply()                    # register definitions (feature_repo/) in the registry
+    fc.materialize()              # offline -> online, incremental
+    train = fc.training_set(labelled_events)           # point-in-time correct, defaults applied
+    feats = fc.online_user_features(42)                 # one user, milliseconds
+    table = fc.item_table()                             # numpy arrays for the ranker
+    fc.push_interaction({"user_id": 42, "item_id": 7, "event_type": "click", "timestamp": t})
+
+Errors: :class:`~streamrec.errors.OnlineStoreUnavailableError` when the online store cannot be
+reached (serving catches it to degrade), :class:`~streamrec.errors.InvalidPayloadError` for a
+malformed push (nothing written), :class:`~streamrec.errors.MissingFeatureColumnsError` for
+inputs without required columns, :class:`~streamrec.errors.FeatureStoreError` otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from streamrec.data.schema import EVENT_TYPES
+from streamrec.data.store import DataStore
+from streamrec.errors import (
+    FeatureStoreError,
+    InvalidPayloadError,
+    MissingFeatureColumnsError,
+    OnlineStoreUnavailableError,
+)
+from streamrec.features import offline
+from streamrec.features.defaults import DefaultContext, apply_defaults, normalize_value
+from streamrec.features.item_table import ItemFeatureTable
+from streamrec.features.pipeline import MAX_WINDOW, compute_snapshot
+from streamrec.features.repo import OnlineStoreSettings, load_definitions, repo_config
+from streamrec.features.spec import (
+    CREATED_FIELD,
+    TIMESTAMP_FIELD,
+    VIEWS,
+    VIEWS_BY_NAME,
+    View,
+    schema_report,
+    service_views,
+    views_for,
+)
+from streamrec.features.transforms import derive_label, is_interaction, merge_recent, trending_update
+from streamrec.paths import DataLayout
+
+_ONE_US = pd.Timedelta(microseconds=1)
+
+
+def _online_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions
+
+    return (redis.exceptions.RedisError, sqlite3.Error, ConnectionError, TimeoutError, OSError)
+
+
+def _utc(ts: Any) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def resolve_as_of(value: str | datetime | None, store: DataStore) -> pd.Timestamp:
+    """Parse a build cutoff: ISO time, ``now``, or ``latest``/None (one second after the last event).
+
+    Raises:
+        FeatureStoreError: ``latest`` with no stored events, or an unparseable time.
+    """
+    if value is None or (isinstance(value, str) and value.lower() == "latest"):
+        dates = store.event_dates()
+        if not dates:
+            raise FeatureStoreError(
+                f"no validated events in {store.layout.root}: "
+                "run `streamrec data ingest` or `streamrec data synth` first"
+            )
+        last = store.events(
+            start=datetime.combine(dates[-1], datetime.min.time(), tzinfo=UTC), columns=["timestamp"]
+        )
+        return _utc(last["timestamp"].max()).floor("s") + pd.Timedelta(seconds=1)
+    if isinstance(value, str) and value.lower() == "now":
+        return pd.Timestamp.now(tz="UTC").floor("s")
+    try:
+        return _utc(value)
+    except (ValueError, TypeError) as err:
+        raise FeatureStoreError(
+            f"invalid --as-of '{value}': use an ISO time, 'now' or 'latest' ({err})"
+        ) from None
+
+
+@dataclass
+class BuildReport:
+    """What :meth:`FeatureClient.build` wrote."""
+
+    as_of: str
+    snapshots: list[str]
+    rows: dict[str, int]
+    users: int
+    items: int
+    events_read: int
+    files: int
+    compacted: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return asdict(self)
+
+
+@dataclass
+class MaterializeReport:
+    """What :meth:`FeatureClient.materialize` wrote to the online store."""
+
+    end: str
+    online_store: str
+    views: dict[str, dict[str, Any]]
+    rows: int
+    seconds: float
+    rows_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return asdict(self)
+
+
+@dataclass
+class PushResult:
+    """What one :meth:`FeatureClient.push_interactions` call updated."""
+
+    events: int
+    interactions: int
+    positives: int
+    users_updated: int
+    items_updated: int
+    seconds: float
+
+
+@dataclass
+class CheckReport:
+    """Online-offline consistency and the definition schema report.
+
+    ``checked`` counts entity rows compared (per view, plus item-table rows); ``mismatches``
+    counts those with at least one differing value. ``ok`` is false on any mismatch or
+    schema problem.
+    """
+
+    checked: int
+    mismatches: int
+    mismatched_values: int
+    per_view: dict[str, dict[str, int]]
+    details: list[dict[str, Any]]
+    schema: dict[str, list[str]]
+    online_store: str
+    ok: bool = field(default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return asdict(self)
+
+
+class FeatureClient:
+    """Feature store access for one data directory (offline build, Feast, online, item table).
+
+    Args:
+        data_dir: StreamRec data directory (default: ``$STREAMREC_HOME`` or ``./.streamrec``);
+            features live in ``<data_dir>/features``.
+        online: ``sqlite`` or ``redis`` (default: ``$STREAMREC_ONLINE_STORE``, else Redis when a
+            Redis URL is configured, else SQLite).
+        redis_url: ``redis://host:port/db`` (default: ``$STREAMREC_REDIS_URL``).
+        timeout_s: Redis socket timeout; a dead server fails within about this time.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        online: str | None = None,
+        redis_url: str | None = None,
+        *,
+        timeout_s: float = 0.5,
+    ) -> None:
+        self.layout = DataLayout.at(data_dir)
+        self.features_dir = self.layout.features
+        self.settings = OnlineStoreSettings.resolve(online, redis_url, timeout_s)
+        self.stats: Counter[str] = Counter()
+        self._store: Any = None
+        self._context: DefaultContext | None = None
+        self._item_table: ItemFeatureTable | None = None
+        self._readers: dict[str, list[tuple[Any, list[str]]]] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def meta_path(self) -> os.PathLike[str]:
+        """``features/meta.json``: category vocabulary, data-dependent defaults, last build."""
+        return self.features_dir / "meta.json"
+
+    def _meta(self) -> dict[str, Any]:
+        p = self.features_dir / "meta.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        self.features_dir.mkdir(parents=True, exist_ok=True)
+        p = self.features_dir / "meta.json"
+        tmp = p.with_name(f".meta.json.{os.getpid()}")
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(tmp, p)
+        self._context = None
+
+    @property
+    def context(self) -> DefaultContext:
+        """Data-dependent defaults of the latest build (cached; reloaded after build/embeddings)."""
+        if self._context is None:
+            self._context = DefaultContext(dict(self._meta().get("defaults", {})))
+        return self._context
+
+    @property
+    def category_vocab(self) -> list[str]:
+        """Category vocabulary of the builds (the ``category_prefs`` vector positions)."""
+        return list(self._meta().get("category_vocab", []))
+
+    @property
+    def store(self) -> Any:
+        """The :class:`feast.FeatureStore` of this data directory (created on first use)."""
+        if self._store is None:
+            from feast import FeatureStore
+
+            config = repo_config(self.features_dir, self.settings)
+            self._store = FeatureStore(repo_path=str(self.features_dir), config=config)
+        return self._store
+
+    def _registered(self, refresh: bool = False) -> dict[str, Any]:
+        if refresh:
+            self.store.refresh_registry()
+        try:
+            fvs = self.store.list_feature_views(allow_cache=True)
+        except Exception as err:  # registry file absent or unreadable
+            raise FeatureStoreError(
+                f"Feast registry in {self.features_dir} is not readable ({err}); "
+                "run `streamrec features apply`"
+            ) from None
+        return {fv.name: fv for fv in fvs}
+
+    def _require_applied(self, refresh: bool = False) -> dict[str, Any]:
+        fvs = self._registered(refresh)
+        missing = [v.name for v in VIEWS if v.name not in fvs]
+        if missing:
+            raise FeatureStoreError(
+                f"feature views not registered in {self.features_dir}: {', '.join(missing)}; "
+                "run `streamrec features apply`"
+            )
+        return fvs
+
+    @contextlib.contextmanager
+    def _feast_output(self, progress: bool) -> Iterator[None]:
+        """Feast prints to stdout; keep stdout clean (JSON) by sending it to stderr or nowhere."""
+        target = sys.stderr if progress else io.StringIO()
+        with contextlib.redirect_stdout(target):
+            yield
+
+    @contextlib.contextmanager
+    def _online_guard(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OnlineStoreUnavailableError:
+            raise
+        except _online_errors() as err:
+            self.stats["online_errors"] += 1
+            raise OnlineStoreUnavailableError(
+                f"online store ({self.settings.describe()}) unavailable during {what}: {err}"
+            ) from err
+
+    # --------------------------------------------------------------------- build
+    def build(
+        self,
+        as_of: str | datetime | None = None,
+        *,
+        snapshots: int = 1,
+        every: timedelta = timedelta(days=1),
+        progress: bool = False,
+    ) -> BuildReport:
+        """Compute the batch features of the validated data into the offline store.
+
+        Writes one snapshot file per batch/stream view for each cutoff ``as_of - k * every``
+        (``k < snapshots``); rebuilding a cutoff replaces its files. Several snapshots give
+        point-in-time training sets a value close before every event. Records the category
+        vocabulary and data-dependent defaults in ``features/meta.json`` and compacts push files.
+
+        Args:
+            as_of: Cutoff: ISO time, ``now``, or ``latest``/None (just after the last event).
+            snapshots: Number of daily (``every``) cutoffs ending at ``as_of``.
+            every: Spacing of the cutoffs.
+            progress: Show a progress bar on stderr.
+
+        Returns:
+            Rows per view, files written, timing.
+
+        Raises:
+            FeatureStoreError: no data, bad ``as_of``.
+            MissingFeatureColumnsError: the stored data lacks a required column.
+        """
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        if snapshots < 1:
+            raise FeatureStoreError("--snapshots must be at least 1")
+        ds = DataStore(self.layout.root)
+        cutoff = resolve_as_of(as_of, ds)
+        users, items = ds.users(), ds.items()
+        if users.empty and items.empty:
+            raise FeatureStoreError(
+                f"no validated users or items in {self.layout.root}: "
+                "run `streamrec data ingest` or `streamrec data synth` first"
+            )
+        cutoffs = [cutoff - k * every for k in reversed(range(snapshots))]
+        cols = ["user_id", "item_id", "event_type", "label", "timestamp"]
+        events = ds.events(
+            start=(cutoffs[0] - MAX_WINDOW).to_pydatetime(), end=cutoff.to_pydatetime(), columns=cols
+        )
+        meta = self._meta()
+        vocab = list(meta.get("category_vocab", []))
+        rows: Counter[str] = Counter()
+        files = 0
+        snap = None
+        pending = dict(meta.get("pending", {}))
+        bar = tqdm(
+            total=len(cutoffs), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
+        )
+        for t in cutoffs:
+            snap = compute_snapshot(users, items, events, t, vocab)
+            vocab = snap.vocab
+            for name, frame in snap.frames.items():
+                offline.write_snapshot(self.features_dir, VIEWS_BY_NAME[name], frame, t)
+                rows[name] += len(frame)
+                files += 1
+                prev = pending.get(name)
+                pending[name] = t.isoformat() if prev is None else min(_utc(prev), t).isoformat()
+            bar.update(1)
+        bar.close()
+        compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
+        assert snap is not None
+        defaults = dict(meta.get("defaults", {}))
+        defaults.update(snap.defaults)
+        meta.update(
+            {
+                "category_vocab": vocab,
+                "defaults": defaults,
+                "pending": pending,
+                "last_build": {
+                    "as_of": cutoff.isoformat(),
+                    "snapshots": [t.isoformat() for t in cutoffs],
+                    "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                },
+            }
+        )
+        self._write_meta(meta)
+        return BuildReport(
+            as_of=cutoff.isoformat(),
+            snapshots=[t.isoformat() for t in cutoffs],
+            rows=dict(rows),
+            users=int(users["user_id"].nunique()),
+            items=int(items["item_id"].nunique()),
+            events_read=len(events),
+            files=files,
+            compacted=compacted,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+
+    # --------------------------------------------------------------------- apply
+    def apply(self) -> dict[str, Any]:
+        """Register the definitions of ``feature_repo/`` for this data directory (idempotent).
+
+        Renders ``features/feature_store.yaml``, registers entities, sources, views, push
+        sources and services, creates the online tables, and removes views that are no longer
+        defined.
+
+        Returns:
+            ``{"registry": path, "online_store": ..., "feature_views": [...], "removed": [...]}``.
+        """
+        mod = load_definitions(self.features_dir)
+        objects = list(mod.ALL_OBJECTS)
+        defined = {v.name for v in VIEWS}
+        stale = []
+        with contextlib.suppress(Exception):
+            stale = [fv for fv in self.store.list_feature_views() if fv.name not in defined]
+        with self._online_guard("apply"), self._feast_output(False):
+            self.store.apply(objects, objects_to_delete=stale, partial=not stale)
+        self._readers.clear()
+        for v in VIEWS:
+            offline.view_dir(self.features_dir, v).mkdir(parents=True, exist_ok=True)
+        return {
+            "registry": str(self.features_dir / "registry.db"),
+            "config": str(self.features_dir / "feature_store.yaml"),
+            "online_store": self.settings.describe(),
+            "feature_views": sorted(defined),
+            "feature_services": sorted(mod.FEATURE_SERVICES),
+            "removed": [fv.name for fv in stale],
+        }
+
+    # --------------------------------------------------------------- materialize
+    def materialize(self, end: datetime | str | None = None, *, progress: bool = False) -> MaterializeReport:
+        """Load the newest offline rows into the online store, incrementally per view.
+
+        Each view is materialized from its previous materialization end (or its earliest row
+        the first time, or the earliest cutoff built since, whichever is earlier) to ``end``
+        (inclusive; default now). Views without offline rows are skipped. The item table, if
+        loaded, is reloaded.
+
+        Returns:
+            Per-view windows and entity rows written, total throughput.
+
+        Raises:
+            FeatureStoreError: definitions not applied.
+            OnlineStoreUnavailableError: the online store cannot be written.
+        """
+        t0 = time.perf_counter()
+        stop = _utc(end) if end is not None else pd.Timestamp.now(tz="UTC")
+        fvs = self._require_applied(refresh=True)
+        meta = self._meta()
+        pending = dict(meta.get("pending", {}))
+        report: dict[str, dict[str, Any]] = {}
+        total = 0
+        for v in VIEWS:
+            rng = offline.time_range(self.features_dir, v)
+            if rng is None:
+                report[v.name] = {"skipped": "no offline rows"}
+                continue
+            prev = fvs[v.name].most_recent_end_time
+            start = _utc(prev) if prev is not None else rng[0]
+            if v.name in pending:
+                start = min(start, _utc(pending[v.name]))
+            if start > stop:
+                report[v.name] = {"skipped": f"already materialized until {start.isoformat()}"}
+                continue
+            n = self._count_entities(v, start, stop)
+            if n == 0:
+                report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
+                continue
+            with self._online_guard(f"materialize {v.name}"), self._feast_output(progress):
+                self.store.materialize(
+                    start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
+                )
+            pending.pop(v.name, None)
+            report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
+            total += n
+        meta["pending"] = pending
+        self._write_meta(meta)
+        self.store.refresh_registry()
+        if self._item_table is not None:
+            self._item_table = None
+            self.item_table()
+        secs = time.perf_counter() - t0
+        return MaterializeReport(
+            end=stop.isoformat(),
+            online_store=self.settings.describe(),
+            views=report,
+            rows=total,
+            seconds=round(secs, 3),
+            rows_per_second=round(total / secs, 1) if secs > 0 else 0.0,
+        )
+
+    def _count_entities(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> int:
+        import pyarrow.parquet as pq
+
+        keys: list[np.ndarray] = []
+        for f in offline.files(self.features_dir, view):
+            t = pq.read_table(f, columns=[view.join_key, TIMESTAMP_FIELD]).to_pandas()
+            ts = pd.to_datetime(t[TIMESTAMP_FIELD], utc=True)
+            keys.append(t.loc[(ts >= start) & (ts <= stop), view.join_key].to_numpy())
+        return int(len(np.unique(np.concatenate(keys)))) if keys else 0
+
+    # -------------------------------------------------------------- training set
+    def training_set(self, labelled_events: pd.DataFrame, *, service: str = "ranking") -> pd.DataFrame:
+        """Point-in-time correct features for labelled events (Feast ``get_historical_features``).
+
+        Each row gets, per view, the newest feature row with ``event_timestamp <= timestamp``
+        and not older than the view's TTL; anything else is a default (:func:`apply_defaults`).
+        Views with no offline rows yet (e.g. embeddings before training) are all defaults.
+
+        Args:
+            labelled_events: Columns ``user_id``, ``item_id``, ``timestamp`` (UTC), ``label``;
+                extra columns are carried through.
+            service: Feature service whose views are joined (``ranking``, ``retrieval``,
+                ``ranking_with_embeddings``).
+
+        Returns:
+            The input rows in input order, with one column per feature of the service.
+            ``frame.attrs`` holds ``defaults_filled`` (per feature) and
+            ``rows_without_user_features`` / ``rows_without_item_features`` (unknown entities).
+
+        Raises:
+            MissingFeatureColumnsError: a required input column is missing.
+            FeatureStoreError: definitions not applied.
+        """
+        need = ["user_id", "item_id", "timestamp", "label"]
+        missing = [c for c in need if c not in labelled_events.columns]
+        if missing:
+            raise MissingFeatureColumnsError(
+                f"training_set: labelled events lack column(s) {', '.join(missing)} (needs {', '.join(need)})"
+            )
+        views = service_views(service)
+        self._require_applied()
+        ent = labelled_events.copy()
+        if TIMESTAMP_FIELD in ent.columns:
+            ent = ent.drop(columns=[TIMESTAMP_FIELD])
+        ent["__row"] = np.arange(len(ent))
+        ent = ent.rename(columns={"timestamp": TIMESTAMP_FIELD})
+        ent[TIMESTAMP_FIELD] = pd.to_datetime(ent[TIMESTAMP_FIELD], utc=True)
+        ent["user_id"] = ent["user_id"].astype("int64")
+        ent["item_id"] = ent["item_id"].astype("int64")
+        present = [v for v in views if offline.has_data(self.features_dir, v)]
+        refs = [f"{v.name}:{f}" for v in present for f in v.feature_names]
+        if refs and len(ent):
+            with self._feast_output(False):
+                df = self.store.get_historical_features(entity_df=ent, features=refs).to_df()
+        else:
+            df = ent
+        df = df.sort_values("__row", kind="stable").drop(columns="__row").reset_index(drop=True)
+        df = df.rename(columns={TIMESTAMP_FIELD: "timestamp"})
+        attrs: dict[str, Any] = {}
+        for entity in ("user", "item"):
+            cols = [f for v in present if v.entity == entity for f in v.feature_names]
+            attrs[f"rows_without_{entity}_features"] = (
+                int(df[cols].isna().all(axis=1).sum()) if cols else len(df)
+            )
+        counts: dict[str, int] = {}
+        names = [f for v in views for f in v.feature_names]
+        df = apply_defaults(df, self.context, features=names, counts=counts)
+        attrs["defaults_filled"] = counts
+        df.attrs.update(attrs)
+        return df
+
+    # -------------------------------------------------------------------- online
+    def _reader(self, entity: str) -> list[tuple[Any, list[str]]]:
+        if entity not in self._readers:
+            fvs = self._require_applied()
+            self._readers[entity] = [(fvs[v.name], v.feature_names) for v in views_for(entity)]  # type: ignore[arg-type]
+        return self._readers[entity]
+
+    def _online_rows(
+        self, entity: str, ids: list[int], views: list[View] | None = None
+    ) -> dict[str, list[Any]]:
+        """Raw online rows: ``view -> [(event_ts, {feature: python value}) | None per id]``."""
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+        from feast.type_map import feast_value_type_to_python_type
+
+        key = "user_id" if entity == "user" else "item_id"
+        keys = [EntityKeyProto(join_keys=[key], entity_values=[ValueProto(int64_val=int(i))]) for i in ids]
+        reader = self._reader(entity)
+        if views is not None:
+            wanted = {v.name for v in views}
+            reader = [(fv, names) for fv, names in reader if fv.name in wanted]
+        provider = self.store._get_provider()
+        out: dict[str, list[Any]] = {}
+        with self._online_guard("read"):
+            for fv, names in reader:
+                res = provider.online_read(self.store.config, fv, keys, names)
+                rows: list[Any] = []
+                for ts, values in res:
+                    if values is None:
+                        rows.append(None)
+                    else:
+                        rows.append((ts, {k: feast_value_type_to_python_type(v) for k, v in values.items()}))
+                out[fv.name] = rows
+        return out
+
+    def online_user_features(self, user_id: int) -> dict[str, Any]:
+        """Every user feature of one user from the online store, defaults applied.
+
+        The serving hot path: one direct read per user view (no Feast response building).
+        An unknown user gets all defaults and is counted in ``stats["unknown_users"]``.
+
+        Args:
+            user_id: The user.
+
+        Returns:
+            ``feature name -> value`` for every user feature in the spec (numeric lists as
+            numpy arrays).
+
+        Raises:
+            OnlineStoreUnavailableError: the online store cannot be reached.
+        """
+        rows = self._online_rows("user", [int(user_id)])
+        values: dict[str, Any] = {}
+        found = False
+        for view_rows in rows.values():
+            r = view_rows[0]
+            if r is not None:
+                found = True
+                values.update(r[1])
+        self.stats["online_reads"] += 1
+        if not found:
+            self.stats["unknown_users"] += 1
+        names = [f for v in views_for("user") for f in v.feature_names]
+        return apply_defaults(values, self.context, features=names)
+
+    def online_features(self, entity: str, ids: Iterable[int], *, defaults: bool = True) -> pd.DataFrame:
+        """Feature rows of several users or items via Feast's ``get_online_features``.
+
+        The standard (slow for hundreds of ids) Feast path; for checks, tests and tools — serving
+        uses :meth:`online_user_features` and :meth:`item_table`.
+
+        Args:
+            entity: ``user`` or ``item``.
+            ids: Entity ids.
+            defaults: Apply :func:`apply_defaults` (else missing values stay None).
+
+        Raises:
+            OnlineStoreUnavailableError: the online store cannot be reached.
+        """
+        key = "user_id" if entity == "user" else "item_id"
+        refs = [f"{v.name}:{f}" for v in views_for(entity) for f in v.feature_names]  # type: ignore[arg-type]
+        rows = [{key: int(i)} for i in ids]
+        with self._online_guard("get_online_features"):
+            data = self.store.get_online_features(features=refs, entity_rows=rows).to_dict()
+        df = pd.DataFrame(data)
+        if defaults:
+            df = apply_defaults(df, self.context)
+        return df
+
+    # ----------------------------------------------------------------- streaming
+    def push_interaction(self, event: Mapping[str, Any]) -> PushResult:
+        """Push one interaction; see :meth:`push_interactions`."""
+        return self.push_interactions([event])
+
+    def push_interactions(self, events: Iterable[Mapping[str, Any]]) -> PushResult:
+        """Update the streaming features from interactions, online and in the offline log.
+
+        For each user with interactions, ``recent_*`` (last 10) is merged with the online value;
+        for each item with positive events, ``trending_score`` is decayed and incremented. The
+        new rows go to the online store through the views' push sources (Feast ``push``) and are
+        appended to the offline store (``offline/<view>/push-*.parquet``), so training sees them.
+        A row's timestamp is just after its latest event (and after the stored row), so a
+        training row never sees its own event.
+
+        Args:
+            events: Mappings with ``user_id``, ``item_id`` (non-negative ints), ``event_type``
+                (one of the canonical types), optional ``timestamp`` (datetime, ISO string or Unix
+                seconds; default now), optional ``label`` (0/1; default derived from the type:
+                click/complete engage, rating >= 4 engages), optional ``rating``.
+
+        Returns:
+            Counts of events, interactions, positives, users and items updated.
+
+        Raises:
+            InvalidPayloadError: a payload is malformed (nothing is written for any of them).
+            OnlineStoreUnavailableError: the online store cannot be reached (nothing written).
+            FeatureStoreError: definitions not applied.
+        """
+        t0 = time.perf_counter()
+        parsed = [_parse_event(e, i) for i, e in enumerate(list(events))]
+        if not parsed:
+            return PushResult(0, 0, 0, 0, 0, 0.0)
+        ev = pd.DataFrame(parsed).sort_values("timestamp", kind="stable").reset_index(drop=True)
+        inter = ev.loc[is_interaction(ev["event_type"], ev["label"])]
+        pos = ev.loc[ev["label"] == 1]
+        recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
+        now = pd.Timestamp.now(tz="UTC")
+        users = sorted(set(inter["user_id"].tolist()))
+        items = sorted(set(pos["item_id"].tolist()))
+        user_rows = self._online_rows("user", users, [recent_v])[recent_v.name] if users else []
+        item_rows = self._online_rows("item", items, [trend_v])[trend_v.name] if items else []
+
+        recent_frame = []
+        for uid, row in zip(users, user_rows, strict=True):
+            cur = row[1] if row is not None else {}
+            g = inter.loc[inter["user_id"] == uid]
+            secs = [int(math.floor(t.timestamp())) for t in g["timestamp"]]
+            ids, types, stamps = merge_recent(
+                list(cur.get("recent_item_ids") or []),
+                list(cur.get("recent_event_types") or []),
+                list(cur.get("recent_timestamps") or []),
+                g["item_id"].tolist(),
+                g["event_type"].tolist(),
+                secs,
+            )
+            ts = _row_time(g["timestamp"].max(), row)
+            recent_frame.append(
+                {
+                    "user_id": uid,
+                    "recent_item_ids": ids,
+                    "recent_event_types": types,
+                    "recent_timestamps": stamps,
+                    "last_interaction_at": stamps[0] if stamps else 0,
+                    TIMESTAMP_FIELD: ts,
+                    CREATED_FIELD: now,
+                }
+            )
+        trend_frame = []
+        for iid, row in zip(items, item_rows, strict=True):
+            cur = row[1] if row is not None else {}
+            score = float(cur.get("trending_score") or 0.0)
+            at = float(cur.get("trending_updated_at") or 0.0)
+            g = pos.loc[pos["item_id"] == iid]
+            for t in g["timestamp"]:
+                score, at = trending_update(score, at, t.timestamp())
+            trend_frame.append(
+                {
+                    "item_id": iid,
+                    "trending_score": np.float32(score),
+                    "trending_updated_at": int(math.floor(at)),
+                    TIMESTAMP_FIELD: _row_time(g["timestamp"].max(), row),
+                    CREATED_FIELD: now,
+                }
+            )
+        for view, frame_rows in ((recent_v, recent_frame), (trend_v, trend_frame)):
+            if not frame_rows:
+                continue
+            frame = pd.DataFrame(frame_rows)
+            with self._online_guard(f"push {view.name}"):
+                self.store.push(view.push_source, frame)
+            offline.write_rows(self.features_dir, view, frame, "push")
+        self.stats["pushed_events"] += len(ev)
+        return PushResult(
+            events=len(ev),
+            interactions=len(inter),
+            positives=len(pos),
+            users_updated=len(recent_frame),
+            items_updated=len(trend_frame),
+            seconds=round(time.perf_counter() - t0, 4),
+        )
+
+    # ---------------------------------------------------------------- embeddings
+    def write_embeddings(
+        self,
+        kind: str,
+        ids: np.ndarray | list[int],
+        vectors: np.ndarray,
+        ts: datetime | None = None,
+        *,
+        version: str = "unknown",
+    ) -> int:
+        """Store user or item embeddings written by training, online and offline.
+
+        Args:
+            kind: ``user`` or ``item``.
+            ids: ``(n,)`` entity ids.
+            vectors: ``(n, d)`` float embeddings (finite).
+            ts: Feature timestamp (default now): training rows before it never see these values.
+            version: Model version recorded with each vector.
+
+        Returns:
+            Rows written.
+
+        Raises:
+            InvalidPayloadError: wrong kind, shapes or non-finite values (nothing written).
+            OnlineStoreUnavailableError: the online store cannot be written.
+        """
+        if kind not in ("user", "item"):
+            raise InvalidPayloadError(f"write_embeddings: kind must be 'user' or 'item', not {kind!r}")
+        id_arr = np.asarray(ids, dtype=np.int64).ravel()
+        vec = np.asarray(vectors, dtype=np.float32)
+        if vec.ndim != 2 or vec.shape[0] != len(id_arr) or vec.shape[1] == 0:
+            raise InvalidPayloadError(
+                "write_embeddings: vectors must be (n, d) with n == len(ids) == "
+                f"{len(id_arr)}, got {vec.shape}"
+            )
+        if not np.isfinite(vec).all():
+            raise InvalidPayloadError("write_embeddings: vectors contain NaN or infinite values")
+        if len(np.unique(id_arr)) != len(id_arr):
+            raise InvalidPayloadError("write_embeddings: ids are not unique")
+        view = VIEWS_BY_NAME[f"{kind}_embedding"]
+        stamp = _utc(ts) if ts is not None else pd.Timestamp.now(tz="UTC")
+        frame = pd.DataFrame(
+            {
+                view.join_key: id_arr,
+                f"{kind}_embedding": list(vec),
+                f"{kind}_embedding_version": version,
+                TIMESTAMP_FIELD: stamp,
+                CREATED_FIELD: pd.Timestamp.now(tz="UTC"),
+            }
+        )
+        self._require_applied()
+        with self._online_guard(f"write {view.name}"), self._feast_output(False):
+            self.store.write_to_online_store(view.name, frame)
+        offline.write_rows(self.features_dir, view, frame, "training")
+        meta = self._meta()
+        meta.setdefault("defaults", {})[f"{kind}_embedding_dim"] = int(vec.shape[1])
+        self._write_meta(meta)
+        if kind == "item":
+            self._item_table = None
+        return len(frame)
+
+    # ---------------------------------------------------------------- item table
+    def item_table(self, refresh: bool = False) -> ItemFeatureTable:
+        """The in-memory item feature table (loaded once; reloaded by :meth:`materialize`).
+
+        Loaded from the item views' offline rows exactly as the online store holds them
+        (newest row per item up to each view's materialization end, plus pushed and training
+        rows), with :func:`apply_defaults`.
+
+        Args:
+            refresh: Reload even if already loaded (e.g. after another process materialized).
+        """
+        if self._item_table is not None and not refresh:
+            return self._item_table
+        t0 = time.perf_counter()
+        fvs = self._registered(refresh=True)
+        frame: pd.DataFrame | None = None
+        until: dict[str, str | None] = {}
+        for v in views_for("item"):
+            end = fvs[v.name].most_recent_end_time if v.name in fvs else None
+            until[v.name] = _utc(end).isoformat() if end is not None else None
+            part = offline.read_latest(self.features_dir, v, end).drop([TIMESTAMP_FIELD, CREATED_FIELD])
+            df = part.to_pandas()
+            frame = df if frame is None else frame.merge(df, on="item_id", how="outer")
+        assert frame is not None
+        names = [f for v in views_for("item") for f in v.feature_names]
+        frame = apply_defaults(frame, self.context, features=names)
+        self._item_table = ItemFeatureTable.from_frame(
+            frame, self.category_vocab, materialized_until=until, started=t0
+        )
+        return self._item_table
+
+    def item_table_is_stale(self) -> bool:
+        """Whether a materialization happened since the item table was loaded (re-reads the registry)."""
+        if self._item_table is None:
+            return True
+        fvs = self._registered(refresh=True)
+        for v in views_for("item"):
+            end = fvs[v.name].most_recent_end_time if v.name in fvs else None
+            now = _utc(end).isoformat() if end is not None else None
+            if now != self._item_table.materialized_until.get(v.name):
+                return True
+        return False
+
+    # --------------------------------------------------------------------- check
+    def check(self, sample: int = 100, seed: int = 0, *, max_details: int = 20) -> CheckReport:
+        """Compare online values with the offline store for a sample of entities.
+
+        For each view, samples up to ``sample`` entities among the newest offline rows (up to
+        the view's materialization end, plus pushed / training rows), reads them through Feast's
+        ``get_online_features`` and compares every value (floats to 1e-5 relative). Also
+        compares the item table with the online item features, and adds the definition
+        :func:`~streamrec.features.spec.schema_report`.
+
+        Returns:
+            The report; ``ok`` is false on any mismatch or schema problem.
+
+        Raises:
+            OnlineStoreUnavailableError: the online store cannot be reached.
+            FeatureStoreError: definitions not applied.
+        """
+        fvs = self._require_applied(refresh=True)
+        rng = np.random.default_rng(seed)
+        per_view: dict[str, dict[str, int]] = {}
+        details: list[dict[str, Any]] = []
+        checked = mismatches = values = 0
+        for v in VIEWS:
+            end = fvs[v.name].most_recent_end_time
+            latest = offline.read_latest(self.features_dir, v, end).to_pandas()
+            if latest.empty:
+                per_view[v.name] = {"checked": 0, "mismatches": 0}
+                continue
+            ids = latest[v.join_key].to_numpy()
+            pick = np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False))
+            expected = latest.set_index(v.join_key).loc[pick]
+            refs = [f"{v.name}:{f}" for f in v.feature_names]
+            with self._online_guard("check"):
+                got = self.store.get_online_features(
+                    features=refs, entity_rows=[{v.join_key: int(i)} for i in pick]
+                ).to_dict()
+            bad_rows = 0
+            for r, eid in enumerate(pick):
+                row_bad = False
+                for f in v.feature_names:
+                    a, b = normalize_value(f, got[f][r]), normalize_value(f, expected.at[eid, f])
+                    if not _same(a, b):
+                        row_bad = True
+                        values += 1
+                        if len(details) < max_details:
+                            details.append(_detail(v.name, eid, f, a, b))
+                bad_rows += row_bad
+            per_view[v.name] = {"checked": len(pick), "mismatches": bad_rows}
+            checked += len(pick)
+            mismatches += bad_rows
+        # The in-memory item table against Feast's online answer.
+        table = self.item_table(refresh=True)
+        if len(table):
+            pick = np.sort(rng.choice(table.item_ids, size=min(sample, len(table)), replace=False))
+            online = self.online_features("item", pick.tolist())
+            bad_rows = 0
+            for r, iid in enumerate(pick):
+                row = table.row(int(iid)) or {}
+                row_bad = False
+                for f in row:
+                    a = normalize_value(f, online.at[r, f])
+                    if not _same(a, normalize_value(f, row[f])):
+                        row_bad = True
+                        values += 1
+                        if len(details) < max_details:
+                            details.append(_detail("item_table", iid, f, a, row[f]))
+                bad_rows += row_bad
+            per_view["item_table"] = {"checked": len(pick), "mismatches": bad_rows}
+            checked += len(pick)
+            mismatches += bad_rows
+        schema = schema_report()
+        ok = mismatches == 0 and not any(schema.values())
+        return CheckReport(
+            checked=checked,
+            mismatches=mismatches,
+            mismatched_values=values,
+            per_view=per_view,
+            details=details,
+            schema=schema,
+            online_store=self.settings.describe(),
+            ok=ok,
+        )
+
+
+def _row_time(latest_event: pd.Timestamp, stored: Any) -> pd.Timestamp:
+    """Timestamp of a pushed row: just after its latest event and after the stored row."""
+    t = _utc(latest_event) + _ONE_US
+    if stored is not None and stored[0] is not None:
+        t = max(t, _utc(stored[0]) + _ONE_US)
+    return t
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind == "f" or y.dtype.kind == "f":
+            return bool(np.allclose(x.astype(np.float64), y.astype(np.float64), rtol=1e-5, atol=1e-6))
+        return bool((x == y).all())
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)
+    return bool(a == b)
+
+
+def _detail(view: str, entity: Any, feature: str, online: Any, offline_value: Any) -> dict[str, Any]:
+    return {
+        "view": view,
+        "entity": int(entity),
+        "feature": feature,
+        "online": _jsonable(online),
+        "offline": _jsonable(offline_value),
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _parse_event(e: Any, i: int) -> dict[str, Any]:
+    """Validate one push payload into ``user_id, item_id, event_type, label, timestamp``."""
+    if not isinstance(e, Mapping):
+        raise InvalidPayloadError(f"event {i}: expected an object, got {type(e).__name__}")
+    out: dict[str, Any] = {}
+    for key in ("user_id", "item_id"):
+        v = e.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise InvalidPayloadError(f"event {i}: '{key}' must be a non-negative integer, got {v!r}")
+        if v < 0:
+            raise InvalidPayloadError(f"event {i}: '{key}' must be a non-negative integer, got {v!r}")
+        out[key] = int(v)
+    et = e.get("event_type")
+    if et not in EVENT_TYPES:
+        raise InvalidPayloadError(
+            f"event {i}: 'event_type' must be one of {', '.join(EVENT_TYPES)}, got {et!r}"
+        )
+    out["event_type"] = et
+    rating = e.get("rating")
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int | float)):
+        raise InvalidPayloadError(f"event {i}: 'rating' must be a number, got {rating!r}")
+    label = e.get("label")
+    if label is None:
+        label = derive_label(et, rating)
+    elif isinstance(label, bool) or label not in (0, 1):
+        raise InvalidPayloadError(f"event {i}: 'label' must be 0 or 1, got {label!r}")
+    out["label"] = int(label)
+    ts = e.get("timestamp")
+    try:
+        if ts is None:
+            t = pd.Timestamp.now(tz="UTC")
+        elif isinstance(ts, int | float) and not isinstance(ts, bool):
+            if not math.isfinite(ts):
+                raise ValueError("not finite")
+            t = pd.Timestamp(ts, unit="s", tz="UTC")
+        elif isinstance(ts, str | datetime | pd.Timestamp):
+            t = _utc(ts)
+        else:
+            raise ValueError(f"unsupported type {type(ts).__name__}")
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidPayloadError(f"event {i}: 'timestamp' {ts!r} is not a time ({err})") from None
+    if pd.isna(t):
+        raise InvalidPayloadError(f"event {i}: 'timestamp' is missing")
+    out["timestamp"] = t
+    return out

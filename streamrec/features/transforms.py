@@ -1,0 +1,99 @@
+"""Feature arithmetic shared by the batch pipeline and the streaming path.
+
+The batch build (:mod:`streamrec.features.pipeline`) and the push path
+(:meth:`streamrec.features.client.FeatureClient.push_interactions`) compute the streaming
+features with these same functions, so a value built from a day of events equals the value
+reached by pushing those events one by one (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from streamrec.features.spec import ENGAGED_EVENT_TYPES, RECENT_N, TRENDING_HALF_LIFE_H
+
+#: Decay rate of the trending score, 1/hour.
+TRENDING_LAMBDA = math.log(2.0) / TRENDING_HALF_LIFE_H
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def epoch_seconds(ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+    """Unix seconds (float64, sub-second precision kept) of tz-aware timestamps."""
+    s = pd.to_datetime(ts, utc=True)
+    return np.asarray((s - _EPOCH) / pd.Timedelta(seconds=1), dtype=np.float64)
+
+
+def is_interaction(event_type: pd.Series | np.ndarray, label: pd.Series | np.ndarray) -> np.ndarray:
+    """An interaction is any event but an impression, or an impression engaged with (label 1)."""
+    et = np.asarray(event_type, dtype=object)
+    lb = np.asarray(label)
+    return np.asarray((et != "impression") | (lb == 1), dtype=bool)
+
+
+def derive_label(event_type: str, rating: float | None = None) -> int:
+    """Engagement label of an event that carries none (API events): click/complete, or rating >= 4."""
+    if event_type in ENGAGED_EVENT_TYPES:
+        return 1
+    if event_type == "rating" and rating is not None:
+        return int(rating >= 4.0)
+    return 0
+
+
+def trending_from_events(event_seconds: np.ndarray, at_seconds: float) -> float:
+    """Trending score at ``at_seconds`` of positive events at ``event_seconds`` (all earlier).
+
+    ``score = lambda * sum(exp(-lambda * age_hours))`` — an exponentially weighted rate of
+    positive events, in events per hour, with half-life :data:`TRENDING_HALF_LIFE_H`.
+    """
+    age_h = (at_seconds - np.asarray(event_seconds, dtype=np.float64)) / 3600.0
+    return float(TRENDING_LAMBDA * np.exp(-TRENDING_LAMBDA * age_h).sum())
+
+
+def trending_update(
+    score: float, updated_at: float, event_at: float, weight: float = 1.0
+) -> tuple[float, float]:
+    """Add one positive event to a trending score; returns ``(score, updated_at)``.
+
+    An event later than ``updated_at`` decays the old score to the event time first; an earlier
+    (out-of-order) event is decayed to ``updated_at`` instead, so the result is the same whatever
+    the arrival order.
+    """
+    if event_at >= updated_at:
+        decayed = score * math.exp(-TRENDING_LAMBDA * (event_at - updated_at) / 3600.0)
+        return decayed + TRENDING_LAMBDA * weight, event_at
+    return score + TRENDING_LAMBDA * weight * math.exp(
+        -TRENDING_LAMBDA * (updated_at - event_at) / 3600.0
+    ), updated_at
+
+
+def decay_trending(
+    score: float | np.ndarray, updated_at: float | np.ndarray, now: float
+) -> float | np.ndarray:
+    """A stored trending score decayed from its ``updated_at`` (Unix s) to ``now`` (Unix s)."""
+    age_h = np.maximum(0.0, now - np.asarray(updated_at, dtype=np.float64)) / 3600.0
+    out = np.asarray(score, dtype=np.float64) * np.exp(-TRENDING_LAMBDA * age_h)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def merge_recent(
+    items: Sequence[int],
+    types: Sequence[str],
+    stamps: Sequence[int],
+    new_items: Sequence[int],
+    new_types: Sequence[str],
+    new_stamps: Sequence[int],
+    n: int = RECENT_N,
+) -> tuple[list[int], list[str], list[int]]:
+    """Merge new interactions into a most-recent-first list, keeping the ``n`` latest.
+
+    Newer first; among equal timestamps, the new ones (and, within them, the later in the
+    input) come first — the order the batch build produces for events stored in time order.
+    """
+    old = list(zip(stamps, items, types, strict=True))
+    new = list(zip(new_stamps, new_items, new_types, strict=True))[::-1]
+    merged = sorted(new + old, key=lambda r: -r[0])[:n]  # sorted() is stable
+    return [int(r[1]) for r in merged], [str(r[2]) for r in merged], [int(r[0]) for r in merged]

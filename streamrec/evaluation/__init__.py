@@ -1,0 +1,1 @@
+"""Offline evaluation: temporal splits, top-K metrics, baselines."""

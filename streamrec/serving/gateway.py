@@ -1,0 +1,482 @@
+"""The HTTP gateway: a FastAPI app in front of the funnel and the event log (no Ray imports).
+
+:func:`create_app` builds the app from plain callables, so the same gateway runs
+
+* inside a Ray Serve ingress deployment (``deployments/``: fused or cluster composition), and
+* under plain uvicorn or an in-process ASGI client (unit and integration tests).
+
+Endpoints:
+
+=========================  =======  ====================================================
+``POST /v1/recommend``     read     :class:`~streamrec.api_models.RecommendRequest` -> response
+``POST /v1/events``        write    :class:`~streamrec.api_models.EventsRequest` -> counts
+``POST /v1/admin/reload``  admin    ask the stages factory for a fresh model, swap atomically
+``GET /v1/admin/status``   admin    stages, event-log counters, rate limits
+``GET /healthz``           -        liveness (the process answers)
+``GET /readyz``            -        readiness (stages loaded); 503 until then
+``GET /openapi.json``      -        the OpenAPI schema (``/docs`` renders it)
+=========================  =======  ====================================================
+
+Request handling, in order: request id (``X-Request-ID``: the client's if sane, else a new one;
+echoed on every response and in the log line), API key from ``X-API-Key`` (401 missing or
+unknown, 403 wrong scope), per-key rate limit (429 with ``Retry-After``), body size (413),
+JSON (400 ``malformed_json``), schema (422 with one entry per bad field). Every error body is an
+:class:`~streamrec.api_models.ErrorBody`. A client's mistake is always a 4xx; a 5xx means a
+server fault (logged with the request id).
+
+The hot path avoids FastAPI's per-request machinery: bodies are read and validated with
+``model_validate_json`` (one Rust call), and responses are serialised with ``model_dump_json``
+and returned as raw :class:`~starlette.responses.Response` objects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from streamrec.api_models import (
+    ErrorBody,
+    EventsRequest,
+    EventsResponse,
+    RecommendRequest,
+    RecommendResponse,
+    error_from_validation,
+)
+from streamrec.auth import ApiKeyAuth, AuthError, Principal, RateLimitConfig, RateLimiter
+from streamrec.auth import Scope as AuthScope
+from streamrec.config import StrictModel
+from streamrec.errors import StreamRecError
+from streamrec.serving.events import EventLog
+
+log = logging.getLogger("streamrec.gateway")
+
+#: Header carrying the API key.
+API_KEY_HEADER = "X-API-Key"
+#: Header carrying the request id (in and out).
+REQUEST_ID_HEADER = "X-Request-ID"
+_JSON = "application/json"
+_SANE_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+RecommendFn = Callable[[RecommendRequest], Awaitable[RecommendResponse]]
+ReloadFn = Callable[[], Awaitable[dict[str, Any]]]
+InfoFn = Callable[[], "dict[str, Any] | Awaitable[dict[str, Any]]"]
+ReadyFn = Callable[[], "tuple[bool, dict[str, Any]] | Awaitable[tuple[bool, dict[str, Any]]]"]
+
+
+class GatewayLimits(StrictModel):
+    """Request limits of the gateway.
+
+    Attributes:
+        max_body_bytes: Largest request body accepted (413 beyond).
+        rate_limit: Default per-key token bucket (a key's own ``rate_limit`` overrides it).
+        events_per_token: ``POST /v1/events`` costs one token per this many events (at least 1).
+    """
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    events_per_token: int = Field(default=100, ge=1)
+
+
+class _ClientError(Exception):
+    """A refusal to answer with :class:`ErrorBody` (raised inside the handlers only)."""
+
+    def __init__(self, status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> None:
+        super().__init__(body.error)
+        self.status = status
+        self.body = body
+        self.headers = headers or {}
+
+
+def _error(
+    status: int, code: str, detail: Any, rid: str | None, headers: dict[str, str] | None = None
+) -> Response:
+    body = ErrorBody(error=code, detail=detail, request_id=rid)
+    return Response(body.model_dump_json(), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _rid(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Pure-ASGI middleware: assign a request id, echo it, log one line per request.
+
+    The id is the client's ``X-Request-ID`` when it is 1-64 characters of ``[A-Za-z0-9._:-]``,
+    else a new random one; it is stored in ``request.state.request_id``.
+
+    Args:
+        app: The wrapped ASGI app.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id":
+                cand = v.decode("latin-1")
+                if _SANE_RID.match(cand):
+                    rid = cand
+                break
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        t0 = time.perf_counter()
+        status = 500
+        raw_rid = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request_id=%s %s %s status=%d ms=%.1f principal=%s",
+                    rid,
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    (time.perf_counter() - t0) * 1e3,
+                    scope["state"].get("principal", "-"),
+                )
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def create_app(
+    recommend: RecommendFn,
+    events: EventLog | None,
+    auth: ApiKeyAuth,
+    limits: GatewayLimits | None = None,
+    *,
+    reload: ReloadFn | None = None,
+    ready: ReadyFn | None = None,
+    info: InfoFn | None = None,
+    rate_limiter: RateLimiter | None = None,
+    title: str = "StreamRec",
+) -> FastAPI:
+    """Build the gateway app.
+
+    Args:
+        recommend: ``async (RecommendRequest) -> RecommendResponse``: the funnel (with its
+            fallbacks). Its :class:`~streamrec.errors.StreamRecError` becomes a 503, anything
+            else a 500; the gateway fills ``metadata.request_id``.
+        events: The durable event log (None: ``POST /v1/events`` answers 503).
+        auth: API keys and scopes.
+        limits: Body size and rate limits (defaults: :class:`GatewayLimits`).
+        reload: ``async () -> dict``: swap in a fresh stages object (admin endpoint); raise to
+            refuse (the old stages keep serving; answered 409).
+        ready: ``() -> (ready, details)`` (sync or async) for ``/readyz``; always ready if None.
+        info: ``() -> dict`` (sync or async) with stage facts for ``/v1/admin/status``.
+        rate_limiter: Use this limiter (e.g. one with a fake clock) instead of one built from
+            ``limits.rate_limit``.
+        title: OpenAPI title.
+
+    Returns:
+        The FastAPI app (an ASGI callable).
+    """
+    limits = limits or GatewayLimits()
+    limiter = rate_limiter or RateLimiter.from_config(limits.rate_limit)
+    max_body = limits.max_body_bytes
+
+    app = FastAPI(
+        title=title,
+        version="1",
+        description="Multi-stage recommendations (retrieval -> ranking -> re-ranking) and an events API.",
+    )
+
+    # ------------------------------------------------------------------ helpers
+    def authorize(request: Request, scope: AuthScope) -> Principal:
+        try:
+            principal = auth.require(request.headers.get(API_KEY_HEADER), scope)
+        except AuthError as err:
+            raise _ClientError(err.status_code, ErrorBody(error=err.code, detail=str(err))) from None
+        request.state.principal = principal.name
+        return principal
+
+    def charge(principal: Principal, cost: float) -> int:
+        decision = limiter.acquire(principal.name, cost, principal.rate_limit)
+        if decision.allowed:
+            return decision.remaining
+        headers = {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
+        if math.isinf(decision.retry_after_s):
+            msg = (
+                f"this request costs {cost:g} tokens, more than the burst ({decision.limit}) of key "
+                f"'{principal.name}' allows; send smaller batches"
+            )
+        else:
+            headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after_s)))
+            msg = f"rate limit exceeded for key '{principal.name}'; retry after {decision.retry_after_s:.2f}s"
+        raise _ClientError(429, ErrorBody(error="rate_limited", detail=msg), headers)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise _ClientError(
+                    400, ErrorBody(error="bad_request", detail="Content-Length is not an integer")
+                ) from None
+            if size > max_body:
+                raise _too_large(size)
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body:
+                raise _too_large(total)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(size: int) -> _ClientError:
+        return _ClientError(
+            413,
+            ErrorBody(
+                error="payload_too_large",
+                detail=f"request body of {size} bytes exceeds the limit of {max_body} bytes",
+            ),
+        )
+
+    def parse(model: type[Any], body: bytes, rid: str) -> Any:
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+            if any(e["type"] == "json_invalid" for e in errors):
+                msg = errors[0]["msg"]
+                raise _ClientError(
+                    400,
+                    ErrorBody(error="malformed_json", detail=f"the request body is not valid JSON: {msg}"),
+                ) from None
+            raise _ClientError(422, error_from_validation(err, rid)) from None
+
+    def fail(err: _ClientError, rid: str) -> Response:
+        err.body.request_id = rid
+        return Response(
+            err.body.model_dump_json(), status_code=err.status, media_type=_JSON, headers=err.headers
+        )
+
+    # ------------------------------------------------------------------ routes
+    error_responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": desc}
+        for code, desc in (
+            (400, "Malformed JSON"),
+            (401, "Missing or unknown API key"),
+            (403, "The key lacks the required scope"),
+            (413, "Body too large"),
+            (422, "Invalid body (one entry per bad field)"),
+            (429, "Rate limited (see Retry-After)"),
+            (503, "Temporarily unavailable"),
+        )
+    }
+
+    @app.post(
+        "/v1/recommend",
+        response_model=RecommendResponse,
+        responses=error_responses,
+        summary="Recommend items for a user",
+        tags=["recommendations"],
+        openapi_extra=_body_schema("RecommendRequest"),
+    )
+    async def recommend_endpoint(request: Request) -> Response:
+        """Ranked items for ``user_id`` (scope ``read``).
+
+        Unknown users get cold-start recommendations; unknown ``exclude`` ids are ignored and
+        counted in ``metadata.unknown_exclude_ids``; ``metadata.degradation_level`` says which
+        level of the fallback chain answered.
+        """
+        rid = _rid(request)
+        try:
+            principal = authorize(request, "read")
+            remaining = charge(principal, 1.0)
+            req: RecommendRequest = parse(RecommendRequest, await read_body(request), rid)
+        except _ClientError as err:
+            return fail(err, rid)
+        try:
+            resp = await recommend(req)
+        except StreamRecError as err:
+            log.warning("request_id=%s recommend unavailable: %s", rid, err)
+            return _error(503, "unavailable", str(err), rid, {"Retry-After": "1"})
+        except Exception:
+            log.exception("request_id=%s recommend failed", rid)
+            return _error(500, "internal", "internal error; quote the request id when reporting it", rid)
+        resp.metadata.request_id = rid
+        return Response(
+            resp.model_dump_json(), media_type=_JSON, headers={"X-RateLimit-Remaining": str(remaining)}
+        )
+
+    @app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        responses=error_responses,
+        summary="Report interactions (view, click, complete, skip)",
+        tags=["events"],
+        openapi_extra=_body_schema("EventsRequest"),
+    )
+    async def events_endpoint(request: Request) -> Response:
+        """Log 1-1000 events durably (scope ``write``), then push them to streaming features.
+
+        Idempotent by ``event_id``: a retried event is counted in ``duplicates``, not stored
+        twice. A batch naming unknown users or items is refused whole with 422 naming them.
+        """
+        rid = _rid(request)
+        try:
+            principal = authorize(request, "write")
+            charge(principal, 1.0)
+            req: EventsRequest = parse(EventsRequest, await read_body(request), rid)
+            extra = math.ceil(len(req.events) / limits.events_per_token) - 1
+            if extra > 0:
+                charge(principal, float(extra))
+        except _ClientError as err:
+            return fail(err, rid)
+        if events is None:
+            return _error(503, "unavailable", "the event log is not configured on this deployment", rid)
+        try:
+            outcome = await run_in_threadpool(events.append, req.events)
+        except OSError as err:
+            log.error("request_id=%s event log write failed: %s", rid, err)
+            return _error(
+                503, "event_log_unavailable", "events could not be stored; retry", rid, {"Retry-After": "1"}
+            )
+        if not outcome.accepted:
+            detail = {
+                "message": outcome.problem(),
+                "unknown_user_ids": list(outcome.unknown_user_ids),
+                "unknown_item_ids": list(outcome.unknown_item_ids),
+            }
+            return _error(422, "unknown_ids", detail, rid)
+        body = EventsResponse(accepted=outcome.received, stored=outcome.stored, duplicates=outcome.duplicates)
+        return Response(body.model_dump_json(), media_type=_JSON)
+
+    @app.post("/v1/admin/reload", responses=error_responses, summary="Reload the model", tags=["admin"])
+    async def reload_endpoint(request: Request) -> Response:
+        """Ask the stages factory for a fresh stages object and swap it in (scope ``admin``).
+
+        In-flight requests finish on the stages they started with. A bundle that fails to load
+        is refused (409) and the current one keeps serving.
+        """
+        rid = _rid(request)
+        try:
+            authorize(request, "admin")
+        except _ClientError as err:
+            return fail(err, rid)
+        if reload is None:
+            return _error(501, "not_supported", "this deployment has no reload hook", rid)
+        try:
+            result = await reload()
+        except Exception as err:
+            log.warning("request_id=%s reload refused: %s", rid, err)
+            return _error(
+                409, "reload_failed", f"{type(err).__name__}: {err}; the current model keeps serving", rid
+            )
+        return _json({"status": "reloaded", **result})
+
+    @app.get("/v1/admin/status", responses=error_responses, summary="Serving status", tags=["admin"])
+    async def status_endpoint(request: Request) -> Response:
+        """Stages, event-log counters and limits (scope ``admin``)."""
+        rid = _rid(request)
+        try:
+            authorize(request, "admin")
+        except _ClientError as err:
+            return fail(err, rid)
+        out: dict[str, Any] = {"stages": await _maybe_await(info()) if info else None}
+        out["events"] = events.snapshot() if events is not None else None
+        out["limits"] = limits.model_dump()
+        return _json(out)
+
+    @app.get("/healthz", summary="Liveness", tags=["health"])
+    async def healthz() -> Response:
+        """200 while the process serves HTTP."""
+        return _json({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness", tags=["health"], responses={503: {"description": "Not ready"}})
+    async def readyz() -> Response:
+        """200 once the stages are loaded and requests can be served, else 503."""
+        ok, details = (True, {}) if ready is None else await _maybe_await(ready())
+        return _json({"status": "ready" if ok else "not_ready", **details}, 200 if ok else 503)
+
+    # ------------------------------------------------------------------ errors outside handlers
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, exc.detail, _rid(request), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error(422, "invalid_request", [{"message": str(e)} for e in exc.errors()], _rid(request))
+
+    _install_openapi(app)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _json(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(payload, default=str), status_code=status, media_type=_JSON)
+
+
+def _body_schema(model_name: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {_JSON: {"schema": {"$ref": f"#/components/schemas/{model_name}"}}},
+        }
+    }
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Add the request-body models and the API-key scheme to the generated schema."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        comps = schema.setdefault("components", {})
+        schemas = comps.setdefault("schemas", {})
+        for model in (RecommendRequest, EventsRequest):
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in js.pop("$defs", {}).items():
+                schemas.setdefault(name, sub)
+            schemas[model.__name__] = js
+        comps["securitySchemes"] = {"ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER}}
+        for path, ops in schema.get("paths", {}).items():
+            if path.startswith("/v1/"):
+                for op in ops.values():
+                    op["security"] = [{"ApiKey": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["API_KEY_HEADER", "REQUEST_ID_HEADER", "GatewayLimits", "RequestIdMiddleware", "create_app"]

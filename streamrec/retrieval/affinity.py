@@ -18,7 +18,7 @@ bounds per-request work to ``n_categories * top_per_category`` multiply-adds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,23 @@ def category_matrix(
     sizes = np.diff(m.indptr)
     m.data /= np.repeat(np.maximum(sizes, 1), sizes).astype(np.float32)
     return m
+
+
+def encode_categories(
+    item_categories: Sequence[Sequence[Hashable]],
+) -> tuple[list[list[int]], list[Hashable]]:
+    """Turn per-item category labels (e.g. genre names) into category indices.
+
+    Args:
+        item_categories: Per item (in item-index order), its category labels.
+
+    Returns:
+        ``(per-item index lists, labels)`` where ``labels[j]`` is the label of index ``j``;
+        labels are numbered in sorted order, so the encoding is deterministic.
+    """
+    labels = sorted({c for cats in item_categories for c in cats}, key=str)
+    code = {c: j for j, c in enumerate(labels)}
+    return [[code[c] for c in cats] for cats in item_categories], labels
 
 
 class AffinitySource(RetrievalSource):

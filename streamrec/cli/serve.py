@@ -1,0 +1,125 @@
+"""``streamrec serve``: start Ray and the serving application from a Serve config (blocking)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from streamrec.errors import ConfigError, DataNotFoundError
+from streamrec.paths import resolve_data_dir
+
+app = typer.Typer(help="Run the recommendation service.", no_args_is_help=True)
+
+#: Environment variable naming an extra key with the ``admin`` scope (optional).
+ENV_ADMIN_KEY = "STREAMREC_ADMIN_KEY"
+
+
+def _demo_auth(cfg_args: dict[str, Any], key: str, admin_key: str | None) -> dict[str, Any]:
+    """The application's ``auth`` with the demo key added as a SHA-256 digest (no secret in the config)."""
+    from streamrec.auth import hash_key
+
+    auth = dict(cfg_args.get("auth") or {})
+    keys = [k for k in auth.get("keys", []) if k.get("name") not in ("demo", "demo-admin")]
+    keys.append({"name": "demo", "key": hash_key(key), "scopes": ["read", "write"]})
+    if admin_key:
+        keys.append({"name": "demo-admin", "key": hash_key(admin_key), "scopes": ["admin"]})
+    # The replicas get the key as a digest; reading STREAMREC_API_KEY there too would duplicate it.
+    auth.update(keys=keys, use_env_key=False)
+    return auth
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path,
+        typer.Option("--config", help="Serve config YAML (configs/serve/local.yaml: fused; cluster.yaml)."),
+    ] = Path("configs/serve/local.yaml"),
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Data directory (default: $STREAMREC_HOME or ./.streamrec)."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default: the config's, 127.0.0.1 locally).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the config's, 8000).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one).")
+    ] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(help="CPUs of a locally started Ray (default: all).")
+    ] = None,
+    throughput_optimized: Annotated[
+        bool,
+        typer.Option(
+            help="Set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for a locally started Ray (faster actor hops)."
+        ),
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the application to be ready.")] = 300.0,
+) -> None:
+    """Start the service and block until Ctrl-C (which stops it).
+
+    The demo API key (read + write) is taken from STREAMREC_API_KEY, or generated, and printed; an
+    admin key (for POST /v1/admin/reload) can be given in STREAMREC_ADMIN_KEY.
+    """
+    from streamrec.auth import ENV_API_KEY, MIN_KEY_LENGTH
+    from streamrec.data.store import DataStore
+
+    root = resolve_data_dir(data_dir)
+    if DataStore(root).items().empty:
+        raise DataNotFoundError(
+            f"no data in {root}: run 'streamrec data synth --data-dir {root}' or "
+            f"'streamrec data ingest --format ml-100k --path <ml-100k dir> --data-dir {root}' first"
+        )
+    key = os.environ.get(ENV_API_KEY, "").strip() or secrets.token_urlsafe(24)
+    admin_key = os.environ.get(ENV_ADMIN_KEY, "").strip() or None
+    for name, value in ((ENV_API_KEY, key), (ENV_ADMIN_KEY, admin_key)):
+        if value is not None and len(value) < MIN_KEY_LENGTH:
+            raise ConfigError(f"{name} must be at least {MIN_KEY_LENGTH} characters long")
+
+    from deployments import config as serve_config
+
+    cfg = serve_config.load(config)
+    cfg = serve_config.override(cfg, data_dir=root, host=host, port=port)
+    for app_cfg in cfg["applications"]:
+        app_cfg.setdefault("args", {})["auth"] = _demo_auth(app_cfg["args"], key, admin_key)
+    serve_config.validate(cfg, str(config))
+    http = cfg.get("http_options", {})
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    prefix = (cfg["applications"][0].get("route_prefix") or "/").rstrip("/")
+
+    if throughput_optimized:
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    import ray
+    from ray import serve as ray_serve
+
+    addr = address or os.environ.get("RAY_ADDRESS")
+    typer.echo(f"starting Ray ({'joining ' + addr if addr else 'local'}) and {config} ...", err=True)
+    if addr:
+        ray.init(address=addr, namespace="serve")
+    else:
+        ray.init(num_cpus=num_cpus, namespace="serve", include_dashboard=False)
+    try:
+        serve_config.deploy(cfg, timeout_s=timeout)
+        typer.echo(f"StreamRec is serving at {url}{prefix}  (data: {root})")
+        typer.echo(f"API key (read+write): {key}")
+        if admin_key:
+            typer.echo(f"admin key: from ${ENV_ADMIN_KEY}")
+        typer.echo(
+            f"try: curl -s -X POST {url}{prefix}/v1/recommend -H 'X-API-Key: {key}' "
+            "-H 'Content-Type: application/json' -d '{\"user_id\": 1, \"k\": 5}'"
+        )
+        typer.echo("press Ctrl-C to stop")
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo("stopping ...", err=True)
+    finally:
+        try:
+            ray_serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -251,7 +251,12 @@ class Gateway:
 
     def __serve_build_asgi_app__(self) -> Any:
         app, self._events = build_gateway(
-            self._args, self._service, reload=self._reload, ready=self._ready, info=self._info
+            self._args,
+            self._service,
+            reload=self._reload,
+            ready=self._ready,
+            info=self._info,
+            behind_ray_proxy=True,
         )
         return app
 

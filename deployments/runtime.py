@@ -360,8 +360,11 @@ def build_gateway(
     ready: Callable[[], Any] | None = None,
     info: Callable[[], Any] | None = None,
     environ: dict[str, str] | None = None,
+    behind_ray_proxy: bool = False,
 ) -> tuple[FastAPI, EventLog | None]:
     """The gateway app for ``args`` plus its event log.
+
+    ``behind_ray_proxy``: Ray Serve's proxy assigns and echoes ``X-Request-ID`` itself.
 
     Raises:
         ConfigError: no API key is configured while authentication is enabled.
@@ -370,7 +373,16 @@ def build_gateway(
     events = None
     if args.event_log:
         events = EventLog.open(args.data_dir, sink=load_sink(args), fsync=args.event_log_fsync)
-    app = create_app(recommend, events, auth, args.limits, reload=reload, ready=ready, info=info)
+    app = create_app(
+        recommend,
+        events,
+        auth,
+        args.limits,
+        reload=reload,
+        ready=ready,
+        info=info,
+        echo_request_id=not behind_ray_proxy,
+    )
     return app, events
 
 

@@ -120,12 +120,18 @@ class RequestIdMiddleware:
     The id is the client's ``X-Request-ID`` when it is 1-64 characters of ``[A-Za-z0-9._:-]``,
     else a new random one; it is stored in ``request.state.request_id``.
 
+    Behind a proxy that already assigns and echoes request ids (Ray Serve's HTTP proxy does),
+    pass ``echo=False``: the proxy's id is then adopted as is and not echoed a second time, so
+    the header, the response body and both logs carry the same id.
+
     Args:
         app: The wrapped ASGI app.
+        echo: Assign (sanitised) and echo the id here.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, echo: bool = True) -> None:
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
@@ -136,7 +142,7 @@ class RequestIdMiddleware:
         for k, v in scope.get("headers", ()):
             if k == b"x-request-id":
                 cand = v.decode("latin-1")
-                if _SANE_RID.match(cand):
+                if not self.echo or _SANE_RID.match(cand):
                     rid = cand
                 break
         rid = rid or uuid.uuid4().hex
@@ -149,7 +155,8 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_rid)]
+                if self.echo:
+                    message["headers"] = [*message.get("headers", ()), (b"x-request-id", raw_rid)]
             await send(message)
 
         try:
@@ -182,6 +189,7 @@ def create_app(
     info: InfoFn | None = None,
     rate_limiter: RateLimiter | None = None,
     title: str = "StreamRec",
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """Build the gateway app.
 
@@ -199,6 +207,8 @@ def create_app(
         rate_limiter: Use this limiter (e.g. one with a fake clock) instead of one built from
             ``limits.rate_limit``.
         title: OpenAPI title.
+        echo_request_id: Assign and echo ``X-Request-ID`` here; False behind Ray Serve's proxy,
+            which does both itself (see :class:`RequestIdMiddleware`).
 
     Returns:
         The FastAPI app (an ASGI callable).
@@ -435,7 +445,7 @@ def create_app(
         return _error(422, "invalid_request", [{"message": str(e)} for e in exc.errors()], _rid(request))
 
     _install_openapi(app)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app
 
 

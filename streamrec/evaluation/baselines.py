@@ -306,6 +306,30 @@ class ALS(_ImplicitMF):
         y = self.item_factors.astype(np.float64)
         self._yty_reg = y.T @ y + self.config.regularization * np.eye(y.shape[1])
 
+    @classmethod
+    def from_factors(
+        cls,
+        train: sp.csr_matrix,
+        user_factors: npt.ArrayLike,
+        item_factors: npt.ArrayLike,
+        config: ALSConfig | None = None,
+    ) -> ALS:
+        """Rebuild a fitted model from saved factors (a model bundle), without refitting.
+
+        Args:
+            train: The training matrix the factors were fit on (seen items, fold-in history).
+            user_factors: ``(n_users, factors)``.
+            item_factors: ``(n_items, factors)``.
+            config: The hyper-parameters used (regularisation and alpha drive fold-in).
+        """
+        model = cls(config)
+        model._train = _as_train(train)
+        model.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
+        model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+        y = model.item_factors.astype(np.float64)
+        model._yty_reg = y.T @ y + model.config.regularization * np.eye(y.shape[1])
+        return model
+
     def fold_in(self, items: npt.ArrayLike) -> FloatArray:
         """User vector for an ad-hoc history: one exact ALS half-step with item factors fixed.
 

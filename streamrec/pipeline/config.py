@@ -105,8 +105,9 @@ class TrainingConfig(StrictModel):
     storage_path: str | None = None
     split: SplitSettings = Field(default_factory=SplitSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
-    two_tower: TwoTowerConfig = Field(default_factory=TwoTowerConfig)
-    ranker: RankerConfig = Field(default_factory=RankerConfig)
+    # Small batches: the demo world has a few thousand positives; big batches mean few steps.
+    two_tower: TwoTowerConfig = Field(default_factory=lambda: TwoTowerConfig(batch_size=256, epochs=8))
+    ranker: RankerConfig = Field(default_factory=lambda: RankerConfig(batch_size=256, epochs=5))
     ranker_sampling: RankerSampling = Field(default_factory=RankerSampling)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     gates: GateSettings = Field(default_factory=GateSettings)

@@ -1,0 +1,802 @@
+"""The training pipeline: one function per step, orchestrated by :func:`run_pipeline`.
+
+Steps (each logged with its duration)::
+
+    load events -> temporal split (T_rank < T_test)
+    -> features: build daily snapshots, apply (Feast registry)
+    -> retrieval A: fit on events < T_rank     (to mine ranker training rows without leakage)
+    -> ranker rows: positives in [T_rank, T_test) + hard negatives from retrieval A candidates,
+       features by the feature store's point-in-time join (get_historical_features)
+    -> retrieval B: fit on events < T_test     (two-tower on Ray Train, FAISS index, CF, ...)
+    -> ranker: DCN-V2 on Ray Train
+    -> evaluate at T_test: baselines and the full funnel (the serving code) side by side
+    -> bundle -> registry (gates) -> batch fallback (Ray Data) -> write embeddings, materialize
+
+Item indices everywhere are rows of the item feature table; user indices come from the
+retrieval models' :class:`~streamrec.evaluation.split.IdMap`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from streamrec.config import record_config, utc_stamp
+from streamrec.data.store import DataStore
+from streamrec.errors import TrainingDataError
+from streamrec.evaluation.baselines import ALS, BPR, ALSConfig, ItemKNN, MostPopular, compare
+from streamrec.evaluation.metrics import candidate_recall, ranking_metrics
+from streamrec.evaluation.split import IdMap
+from streamrec.features import offline
+from streamrec.features.client import FeatureClient
+from streamrec.features.defaults import apply_defaults
+from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
+from streamrec.features.spec import CREATED_FIELD, TIMESTAMP_FIELD, views_for
+from streamrec.models.scoring import RankerScorer
+from streamrec.models.train_loop import RankerData, TwoTowerData
+from streamrec.models.two_tower import HISTORY_PAD
+from streamrec.paths import DataLayout
+from streamrec.pipeline import ray_train
+from streamrec.pipeline.config import TrainingConfig
+from streamrec.ranking.features import (
+    DEVICE_INDEX,
+    FEATURE_SCHEMA_VERSION,
+    category_pref_matrix,
+    user_dense_matrix,
+)
+from streamrec.retrieval.affinity import AffinitySource
+from streamrec.retrieval.cf import CFSource
+from streamrec.retrieval.index import build_index, measure_recall
+from streamrec.retrieval.merge import merge_candidates
+from streamrec.retrieval.trending import TrendingConfig, TrendingSource
+from streamrec.serving.funnel import SOURCE_NAMES, Funnel, RetrievalModels
+
+logger = logging.getLogger(__name__)
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass
+class PipelineState:
+    """What the steps hand each other."""
+
+    data_dir: Path
+    cfg: TrainingConfig
+    run_id: str
+    events: pd.DataFrame = field(default_factory=pd.DataFrame)
+    t_rank: pd.Timestamp | None = None
+    t_test: pd.Timestamp | None = None
+    end: pd.Timestamp | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+
+@contextmanager
+def _step(state: PipelineState, name: str) -> Iterator[None]:
+    state.log(f"[{name}] ...")
+    t0 = time.perf_counter()
+    yield
+    state.timings[name] = round(time.perf_counter() - t0, 2)
+    state.log(f"[{name}] done in {state.timings[name]:.1f}s")
+
+
+def _ts(x: Any) -> pd.Timestamp:
+    t = pd.Timestamp(x)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _epoch(x: Any) -> float:
+    return float(_ts(x).timestamp())
+
+
+# --------------------------------------------------------------------------- loading & split
+def load_events(state: PipelineState) -> None:
+    """Read the validated events and choose the split times."""
+    store = DataStore(state.data_dir)
+    ev = store.events(columns=["user_id", "item_id", "timestamp", "label", "event_type", "device"])
+    if ev.empty:
+        raise TrainingDataError(
+            f"no events in {state.data_dir}: run `streamrec data synth` or `streamrec data ingest` first"
+        )
+    ts = ev["timestamp"]
+    sp_cfg = state.cfg.split
+    t_test = ts.quantile(1 - sp_cfg.test_fraction, interpolation="higher")
+    before = ev[ts < t_test]
+    if int(before["label"].sum()) < sp_cfg.min_train_events:
+        raise TrainingDataError(
+            f"the training window (before {t_test}) has {int(before['label'].sum())} positive events, "
+            f"fewer than split.min_train_events={sp_cfg.min_train_events}: ingest more history"
+        )
+    t_rank = before["timestamp"].quantile(1 - sp_cfg.ranker_fraction, interpolation="higher")
+    if not ((ts >= t_test) & (ev["label"] > 0)).any():
+        raise TrainingDataError(f"no positive events after the split time {t_test}: nothing to evaluate on")
+    state.events, state.t_rank, state.t_test, state.end = ev, _ts(t_rank), _ts(t_test), _ts(ts.max())
+    state.log(
+        f"  {len(ev):,} events, {int(ev['label'].sum()):,} positives; "
+        f"ranker window from {state.t_rank}, test from {state.t_test} to {state.end}"
+    )
+
+
+# --------------------------------------------------------------------------- features
+def build_features(state: PipelineState, fc: FeatureClient) -> None:
+    """Daily feature snapshots over the whole history (point-in-time joins need them), apply."""
+    assert state.end is not None
+    start = _ts(state.events["timestamp"].min())
+    days = int((state.end - start) / timedelta(days=1)) + 2
+    as_of = state.end.ceil("D")
+    fc.build(as_of=as_of.to_pydatetime(), snapshots=min(days, 120), every=timedelta(days=1))
+    fc.apply()
+
+
+def features_as_of(fc: FeatureClient, entity: str, as_of: pd.Timestamp, ids: npt.ArrayLike | None = None) -> pd.DataFrame:
+    """Every feature of one entity as the online store would have held it at ``as_of``.
+
+    Args:
+        fc: The feature client.
+        entity: ``user`` or ``item``.
+        as_of: The point in time.
+        ids: When given, exactly these entities in this order (missing ones get defaults).
+    """
+    frame: pd.DataFrame | None = None
+    key = "user_id" if entity == "user" else "item_id"
+    names: list[str] = []
+    for v in views_for(entity):  # type: ignore[arg-type]
+        part = offline.read_latest(fc.features_dir, v, as_of).drop([TIMESTAMP_FIELD, CREATED_FIELD]).to_pandas()
+        frame = part if frame is None else frame.merge(part, on=key, how="outer")
+        names += v.feature_names
+    assert frame is not None
+    if ids is not None:
+        frame = frame.set_index(key).reindex(np.asarray(ids, dtype=np.int64)).rename_axis(key).reset_index()
+    return apply_defaults(frame, fc.context, features=names)
+
+
+def item_table_as_of(fc: FeatureClient, as_of: pd.Timestamp) -> ItemFeatureTable:
+    """The item table as it would have been served at ``as_of`` (offline evaluation)."""
+    items = DataStore(fc.layout.root).items()["item_id"].to_numpy()
+    return ItemFeatureTable.from_frame(features_as_of(fc, "item", as_of, items), fc.category_vocab)
+
+
+def _user_rows(frame: pd.DataFrame, users: npt.ArrayLike) -> pd.DataFrame:
+    idx = frame.set_index("user_id")
+    return idx.reindex(np.asarray(users, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- retrieval
+def _history_matrix(recent: pd.Series, table: ItemFeatureTable, length: int) -> I64:
+    out = np.full((len(recent), length), HISTORY_PAD, dtype=np.int64)
+    for i, r in enumerate(recent):
+        if r is not None and len(r):
+            rows = table.index_of(np.asarray(r, dtype=np.int64)[:length])
+            rows = rows[rows >= 0]
+            out[i, : rows.size] = rows
+    return out
+
+
+def _category_multi_hot(table: ItemFeatureTable) -> F32:
+    n, c = len(table), len(table.category_vocab)
+    m = sp.csr_matrix(
+        (
+            np.ones(len(table.categories_indices), np.float32),
+            table.categories_indices,
+            table.categories_indptr,
+        ),
+        shape=(n, c),
+    )
+    return np.asarray(m.toarray(), dtype=np.float32)
+
+
+def positives_with_features(state: PipelineState, fc: FeatureClient) -> pd.DataFrame:
+    """Every positive before T_test with its user features by point-in-time join (one Feast call)."""
+    assert state.t_test is not None
+    ev = state.events
+    pos = ev[(ev["timestamp"] < state.t_test) & (ev["label"] > 0)]
+    rows = pos[["user_id", "item_id", "timestamp", "label"]].reset_index(drop=True)
+    return fc.training_set(rows, service="ranking")
+
+
+def fit_retrieval(
+    state: PipelineState,
+    pit: pd.DataFrame,
+    table: ItemFeatureTable,
+    cutoff: pd.Timestamp,
+    tag: str,
+) -> RetrievalModels:
+    """Fit the four retrieval sources on the positives before ``cutoff``.
+
+    Args:
+        state: Pipeline state (events, config).
+        pit: Positives with point-in-time user features (:func:`positives_with_features`).
+        table: Item table (row = item index).
+        cutoff: Only positives before this time are used.
+        tag: Run-name suffix.
+    """
+    cfg = state.cfg
+    ev = state.events
+    pos = pit[pit["timestamp"] < cutoff].copy()
+    pos["item_row"] = table.index_of(pos["item_id"].to_numpy())
+    pos = pos[pos["item_row"] >= 0]
+    users = IdMap.fit(pos["user_id"].to_numpy())
+    uidx = users.to_index(pos["user_id"].to_numpy())
+    n_items = len(table)
+    train = sp.csr_matrix(
+        (np.ones(len(pos), np.float32), (uidx, pos["item_row"].to_numpy())), shape=(len(users), n_items)
+    )
+    train.sum_duplicates()
+    train.data[:] = 1.0
+
+    # Two-tower rows: user features by point-in-time join at each positive's time.
+    ts_frame = pos.reset_index(drop=True)
+    hist = _history_matrix(ts_frame["recent_item_ids"], table, cfg.retrieval.history_length)
+    cats = _category_multi_hot(table)
+    data = TwoTowerData(
+        user_idx=users.to_index(ts_frame["user_id"].to_numpy()),
+        user_dense=user_dense_matrix(ts_frame),
+        history=hist,
+        item_idx=table.index_of(ts_frame["item_id"].to_numpy()),
+        item_categories=cats,
+        item_dense=np.zeros((n_items, 0), np.float32),
+    )
+    storage = cfg.storage_path or str(DataLayout.at(state.data_dir).models / "ray_results")
+    model, history = ray_train.fit(
+        "two_tower",
+        cfg.two_tower,
+        {
+            "n_users": len(users),
+            "n_items": n_items,
+            "n_categories": cats.shape[1],
+            "user_dense_dim": data.user_dense.shape[1],
+            "item_dense_dim": 0,
+        },
+        data,
+        cfg.scaling,
+        storage,
+        f"{state.run_id}-two_tower-{tag}",
+    )
+    with torch.inference_mode():
+        item_vectors = model.encode_items(cats, np.zeros((n_items, 0), np.float32), np.arange(n_items))  # type: ignore[operator]
+        queries = model.encode_users(  # type: ignore[operator]
+            data.user_idx[: min(2000, len(data))], data.user_dense[:2000], data.history[:2000]
+        )
+    index = build_index(item_vectors, "ip", calibration_queries=queries)
+    recall = measure_recall(index, item_vectors, queries[:500], 50)
+    state.log(
+        f"  two-tower[{tag}]: loss {history[-1].get('train_loss', float('nan')):.3f}; "
+        f"FAISS {index.kind} recall@50 vs exact {recall:.3f}"
+    )
+    state.timings[f"ann_recall@50_{tag}"] = round(recall, 4)
+    r = cfg.retrieval
+    cf = CFSource.fit(train, ALSConfig(factors=r.cf_factors, iterations=r.cf_iterations, num_threads=1))
+    item_cat_lists = [
+        table.categories_indices[table.categories_indptr[i] : table.categories_indptr[i + 1]].tolist()
+        for i in range(n_items)
+    ]
+    affinity = AffinitySource(train, item_cat_lists)
+    seen_ev = ev[ev["timestamp"] < cutoff]
+    eng = seen_ev[seen_ev["label"] > 0]
+    trending = TrendingSource.from_events(
+        n_items,
+        table.index_of(eng["item_id"].to_numpy()),
+        eng["timestamp"],
+        config=TrendingConfig(half_life_hours=r.trending_half_life_hours),
+        seen=train,
+    )
+    return RetrievalModels(users, train, model, item_vectors, index, cf, affinity, trending)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- ranker rows
+def _user_feature_dict(frame: pd.DataFrame, user_id: int) -> dict[str, Any]:
+    if user_id in frame.index:
+        return {k: v for k, v in frame.loc[user_id].items()}
+    return {}
+
+
+def ranker_rows(
+    state: PipelineState,
+    fc: FeatureClient,
+    funnel: Funnel,
+    rng: np.random.Generator,
+    max_users: int = 5000,
+) -> tuple[RankerData, dict[str, float]]:
+    """Ranker training rows from retrieval-A candidates in the ranker window.
+
+    Label 1: candidates the user engaged with in ``[T_rank, T_test)``; label 0: sampled other
+    candidates. Only candidates are used (what the ranker sees when serving); user and item
+    features come from the point-in-time join at each row's time.
+    """
+    assert state.t_rank is not None and state.t_test is not None
+    ev = state.events
+    win = ev[(ev["timestamp"] >= state.t_rank) & (ev["timestamp"] < state.t_test) & (ev["label"] > 0)]
+    by_user = {u: g for u, g in win.groupby("user_id")}
+    users = np.array(sorted(by_user))
+    if users.size > max_users:
+        users = np.sort(rng.choice(users, max_users, replace=False))
+    ufeat = features_as_of(fc, "user", state.t_rank).set_index("user_id")
+    t_rank_s = _epoch(state.t_rank)
+    rows: list[dict[str, Any]] = []
+    extra: list[np.ndarray] = []
+    k_neg = state.cfg.ranker_sampling.negatives_per_positive
+    hit = total = 0
+    for u in users:
+        g = by_user[u]
+        ctx = funnel.context(int(u), _user_feature_dict(ufeat, int(u)), now=t_rank_s)
+        parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}
+        merged, src = funnel.merge(parts)
+        if len(merged) == 0:
+            continue
+        pos_rows = table_rows = funnel.table.index_of(g["item_id"].to_numpy())
+        is_pos = np.isin(merged.items, table_rows)
+        total += int(np.unique(pos_rows[pos_rows >= 0]).size)
+        hit += int(is_pos.sum())
+        neg_idx = np.flatnonzero(~is_pos)
+        n_neg = min(neg_idx.size, k_neg * max(int(is_pos.sum()), 1))
+        chosen = np.concatenate([np.flatnonzero(is_pos), rng.choice(neg_idx, n_neg, replace=False)])
+        if chosen.size == 0:
+            continue
+        items = merged.items[chosen]
+        dense_ctx = funnel.ranker_inputs(ctx, items, src[chosen])[0]
+        first_ts = g["timestamp"].to_numpy()
+        devices = g["device"].fillna("unknown").to_numpy()
+        ts_for = {int(r): (t, d) for r, t, d in zip(pos_rows, first_ts, devices, strict=True)}
+        default_ts = (first_ts[0], devices[0])
+        for j, it in enumerate(items):
+            rows.append(
+                {
+                    "user_id": int(u),
+                    "item_id": int(funnel.table.item_ids[it]),
+                    "timestamp": ts_for.get(int(it), default_ts)[0],
+                    "_device": DEVICE_INDEX.get(
+                        str(ts_for.get(int(it), default_ts)[1]), DEVICE_INDEX["unknown"]
+                    ),
+                    "label": int(is_pos[chosen[j]]),
+                    "_item_row": int(it),
+                }
+            )
+        extra.append(dense_ctx)
+    if not rows:
+        raise TrainingDataError(
+            "no ranker training rows: retrieval returned no candidates in the ranker window"
+        )
+    frame = pd.DataFrame(rows)
+    if frame["label"].nunique() < 2:
+        raise TrainingDataError(
+            "the ranker window has a single class among retrieval candidates "
+            f"({int(frame['label'].sum())} positives of {len(frame)} rows): widen split.ranker_fraction"
+        )
+    # Point-in-time user and item features for every row (Feast get_historical_features).
+    pit = fc.training_set(frame.drop(columns=["_item_row", "_device"]), service="ranking")
+    pit = pit.set_index(frame.index) if len(pit) == len(frame) else pit
+    cross = np.concatenate(extra)
+    feats = funnel.features
+    item_dense = np.stack(
+        [pd.to_numeric(pit[n], errors="coerce").fillna(0).to_numpy(np.float32) for n in DENSE_FEATURES],
+        axis=1,
+    )
+    item_rows = frame["_item_row"].to_numpy(np.int64)
+    now = np.asarray([_epoch(t) for t in frame["timestamp"]], dtype=np.float64)
+    # Retrieval-derived cross columns were computed per user at T_rank; reuse them.
+    d = feats.layout.dense
+    tt = cross[:, d.index("x_two_tower")]
+    cf = cross[:, d.index("x_cf")]
+    src_cols = cross[:, [d.index(f"x_src_{s}") for s in SOURCE_NAMES]]
+    dense, sparse = feats.build(
+        user_dense=user_dense_matrix(pit),
+        category_prefs=category_pref_matrix(pit["category_prefs"].tolist(), feats.n_categories),
+        item_rows=item_rows,
+        item_dense=item_dense,
+        now=now,
+        device=frame["_device"].to_numpy(np.int64),
+        two_tower=tt,
+        cf=cf,
+        source_scores=src_cols,
+    )
+    stats = {
+        "ranker_rows": float(len(frame)),
+        "ranker_positive_rate": float(frame["label"].mean()),
+        "ranker_window_candidate_recall": hit / max(total, 1),
+    }
+    return RankerData(dense, sparse, frame["label"].to_numpy(np.float32)), stats
+
+
+# --------------------------------------------------------------------------- evaluation
+def _pad(rows: list[I64], k: int) -> I64:
+    out = np.full((len(rows), k), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : min(k, r.size)] = r[:k]
+    return out
+
+
+def evaluate(
+    state: PipelineState,
+    fc: FeatureClient,
+    funnel: Funnel,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Baselines and the full funnel on the test window, side by side, plus the funnel by stage."""
+    assert state.t_test is not None
+    cfg = state.cfg.evaluation
+    m = funnel.models
+    ev = state.events
+    test = ev[(ev["timestamp"] >= state.t_test) & (ev["label"] > 0)]
+    uidx = m.users.to_index(test["user_id"].to_numpy())
+    irow = funnel.table.index_of(test["item_id"].to_numpy())
+    ok = (uidx >= 0) & (irow >= 0)
+    truth = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (uidx[ok], irow[ok])), shape=m.train.shape)
+    truth.sum_duplicates()
+    truth.data[:] = 1.0
+    truth = sp.csr_matrix(truth - truth.multiply(m.train))  # items seen in training are not test targets
+    truth.eliminate_zeros()
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if users.size == 0:
+        raise TrainingDataError("no test user has a new positive item after the split: nothing to evaluate")
+    if cfg.max_users and users.size > cfg.max_users:
+        users = np.sort(rng.choice(users, cfg.max_users, replace=False))
+    ks = sorted(set(cfg.ks))
+    kmax = max(ks)
+    sub_truth = truth[users]
+    n_items = truth.shape[1]
+
+    # Baselines on the same training matrix, the same users, the same truth.
+    mask_users = sp.csr_matrix((np.ones(users.size), (users, users)), shape=(truth.shape[0],) * 2)
+    test_for_baselines = sp.csr_matrix(mask_users @ truth)
+    baselines = compare(
+        {
+            "most_popular": MostPopular(),
+            "item_knn": ItemKNN(),
+            "als": ALS(ALSConfig(num_threads=1)),
+            "bpr": BPR(),
+        },
+        m.train,
+        test_for_baselines,
+        ks,
+    )
+
+    # The full funnel (serving code) for every test user, features as of T_test.
+    ufeat = features_as_of(fc, "user", state.t_test).set_index("user_id")
+    now = _epoch(state.t_test)
+    raw_users = m.users.raw_ids[users]
+    full, no_rerank = [], []
+    per_source: dict[str, list[I64]] = {s: [] for s in SOURCE_NAMES}
+    merged_at: dict[int, list[I64]] = {n: [] for n in cfg.candidate_counts}
+    n_big = max(cfg.candidate_counts)
+    t_funnel = 0.0
+    for u in raw_users:
+        ctx = funnel.context(int(u), _user_feature_dict(ufeat, int(u)), now=now)
+        # Funnel measurement: every source and the merge at the same candidate count.
+        big = {name: funnel.retrieve(name, ctx, n_big) for name in SOURCE_NAMES}
+        for name in SOURCE_NAMES:
+            per_source[name].append(big[name][0])
+        for n in cfg.candidate_counts:
+            cut = {name: (it[:n], sc[:n]) for name, (it, sc) in big.items()}
+            merged_at[n].append(merge_candidates(cut, n, funnel.settings.agreement_bonus).items)
+        # The serving funnel itself.
+        t0 = time.perf_counter()
+        parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}
+        merged, src = funnel.merge(parts)
+        ranked = funnel.rank(ctx, merged, src)
+        excl = np.concatenate([ctx.exclude_rows, ctx.history])
+        keep = ~np.isin(ranked.items, excl)
+        no_rerank.append(ranked.items[keep][:kmax])
+        res = funnel.rerank(ctx, ranked, kmax)
+        full.append(np.asarray([it.item_index for it in res.items], dtype=np.int64))
+        t_funnel += time.perf_counter() - t0
+    ms_per_user = 1000 * t_funnel / max(len(raw_users), 1)
+
+    methods = [dict(b) for b in baselines]
+    methods.append(
+        {
+            "method": "streamrec_ranked",
+            **ranking_metrics(_pad(no_rerank, kmax), sub_truth, ks, n_items),
+            "recommend_ms_per_user": ms_per_user,
+        }
+    )
+    methods.append(
+        {
+            "method": "streamrec_full",
+            **ranking_metrics(_pad(full, kmax), sub_truth, ks, n_items),
+            "recommend_ms_per_user": ms_per_user,
+        }
+    )
+    funnel_rows: list[dict[str, Any]] = []
+    for n in cfg.candidate_counts:
+        row: dict[str, Any] = {"candidates": n}
+        for name in SOURCE_NAMES:
+            row[f"recall_{name}"] = candidate_recall(per_source[name], sub_truth, n)
+        row["recall_merged"] = candidate_recall(merged_at[n], sub_truth, n)
+        best = max(row[f"recall_{s}"] for s in SOURCE_NAMES)
+        row["merged_vs_best_single"] = row["recall_merged"] / best if best > 0 else float("nan")
+        funnel_rows.append(row)
+    best_baseline = max(baselines, key=lambda r: r.get("ndcg@10", 0.0)) if baselines else None
+    full_ndcg = methods[-1].get("ndcg@10", float("nan"))
+    summary = {
+        "n_users": int(users.size),
+        "best_baseline": best_baseline["method"] if best_baseline else None,
+        "ndcg@10_vs_best_baseline": (full_ndcg / best_baseline["ndcg@10"])
+        if best_baseline and best_baseline.get("ndcg@10")
+        else float("nan"),
+    }
+    return {"methods": methods, "funnel": funnel_rows, "summary": summary}
+
+
+# --------------------------------------------------------------------------- bundle & registry
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _feature_stats(data: RankerData, names: tuple[str, ...]) -> dict[str, Any]:
+    from streamrec.registry import FeatureHistogram, FeatureStats
+
+    out: dict[str, Any] = {}
+    for j, name in enumerate(names):
+        col = data.dense[:, j].astype(np.float64)
+        finite = col[np.isfinite(col)]
+        counts, edges = np.histogram(finite, bins=10) if finite.size else (np.zeros(0), np.zeros(1))
+        out[name] = FeatureStats(
+            count=int(col.size),
+            mean=float(finite.mean()) if finite.size else None,
+            std=float(finite.std()) if finite.size else None,
+            min=float(finite.min()) if finite.size else None,
+            max=float(finite.max()) if finite.size else None,
+            null_fraction=float(1 - finite.size / max(col.size, 1)),
+            histogram=FeatureHistogram(edges=edges.tolist(), counts=[int(c) for c in counts])
+            if finite.size
+            else None,
+        )
+    return out
+
+
+def smoke_test(bundle_dir: Path) -> None:
+    """Load a bundle and score a smoke batch; raises on any failure (registry gate 1)."""
+    from streamrec.bundle import LoadedBundle
+
+    b = LoadedBundle(bundle_dir)
+    meta = json.loads((bundle_dir / "ranker" / "model.json").read_text())
+    kw = meta.get("kwargs") or meta.get("hparams") or {}
+    n_dense = int(kw.get("n_dense", 0))
+    cards = list(kw.get("sparse_cardinalities", []))
+    dense = np.zeros((8, n_dense), np.float32)
+    sparse = np.zeros((8, len(cards)), np.int64)
+    scores = b.ranker.score(dense, sparse)
+    if scores.shape != (8,) or not np.isfinite(scores).all():
+        raise ValueError(f"smoke batch scored {scores!r}: expected 8 finite probabilities")
+
+
+def precompute_fallback(
+    data_dir: Path,
+    bundle_dir: Path,
+    version: str,
+    users: npt.NDArray[np.int64],
+    top_n: int,
+    as_of: pd.Timestamp,
+) -> Path:
+    """Top-N per user with Ray Data (the ``batch`` degradation level), written as parquet."""
+    import ray
+
+    out = DataLayout.at(data_dir).root / "fallback" / version
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+    class TopN:
+        def __init__(self) -> None:
+            torch.set_num_threads(1)
+            self.funnel, self.ufeat, self.now = _offline_funnel(data_dir, bundle_dir, as_of)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            uids = batch["user_id"]
+            items, scores = [], []
+            for u in uids:
+                ctx = self.funnel.context(int(u), _user_feature_dict(self.ufeat, int(u)), now=self.now)
+                r = self.funnel.recommend(ctx, top_n, rerank=False)
+                items.append(self.funnel.table.item_ids[r.items].astype(np.int64))
+                scores.append(r.scores.astype(np.float32))
+            return {
+                "user_id": uids,
+                "item_ids": np.array(items, dtype=object),
+                "scores": np.array(scores, dtype=object),
+            }
+
+    ds = ray.data.from_items([{"user_id": int(u)} for u in users])
+    ds = ds.map_batches(TopN, batch_size=512, concurrency=1, num_cpus=0.5)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    ds.write_parquet(str(out))
+    return out
+
+
+def _offline_funnel(
+    data_dir: Path, bundle_dir: Path, as_of: pd.Timestamp
+) -> tuple[Funnel, pd.DataFrame, float]:
+    from streamrec.bundle import LoadedBundle, align_table
+
+    fc = FeatureClient(data_dir)
+    b = LoadedBundle(bundle_dir)
+    table = align_table(item_table_as_of(fc, as_of), b.item_ids, b.vocab)
+    ev = DataStore(data_dir).events(
+        start=(as_of - timedelta(days=7)).to_pydatetime(),
+        end=as_of.to_pydatetime(),
+        columns=["item_id", "timestamp", "label"],
+    )
+    ev = ev[ev["label"] > 0]
+    models = b.retrieval_models(table, table.index_of(ev["item_id"].to_numpy()), ev["timestamp"])
+    funnel = Funnel(models, table, b.ranker, b.settings)
+    return funnel, features_as_of(fc, "user", as_of).set_index("user_id"), _epoch(as_of)
+
+
+# --------------------------------------------------------------------------- orchestration
+def run_pipeline(
+    data_dir: str | Path,
+    cfg: TrainingConfig,
+    *,
+    register: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every step; returns the evaluation and what was registered.
+
+    Raises:
+        TrainingDataError: too little data, no positives, nothing to evaluate.
+        ModelError: a training job failed.
+        RegistryError: the registry is unreachable (nothing registered, champion untouched).
+    """
+    data_dir = Path(data_dir).resolve()
+    run_id = f"train-{utc_stamp()}"
+    state = PipelineState(data_dir, cfg, run_id, log=log)
+    layout = DataLayout.at(data_dir)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    registry = None
+    if register:
+        from streamrec.registry import ModelRegistry
+
+        registry = ModelRegistry(data_dir=data_dir)  # fail fast if the tracking server is down
+
+    with _step(state, "load"):
+        load_events(state)
+    assert state.t_rank is not None and state.t_test is not None and state.end is not None
+    fc = FeatureClient(data_dir)
+    with _step(state, "features"):
+        build_features(state, fc)
+    with _step(state, "training_set"):
+        pit = positives_with_features(state, fc)
+    table_rank = item_table_as_of(fc, state.t_rank)
+    with _step(state, "retrieval_a"):
+        models_a = fit_retrieval(state, pit, table_rank, state.t_rank, "a")
+    funnel_a = Funnel(models_a, table_rank, None, cfg.retrieval)
+    with _step(state, "ranker_rows"):
+        rdata, row_stats = ranker_rows(state, fc, funnel_a, rng)
+    log(
+        f"  ranker rows: {int(row_stats['ranker_rows']):,}, positive rate {row_stats['ranker_positive_rate']:.3f}"
+    )
+    table_test = item_table_as_of(fc, state.t_test)
+    with _step(state, "retrieval_b"):
+        models_b = fit_retrieval(state, pit, table_test, state.t_test, "b")
+    probe = Funnel(models_b, table_test, None, cfg.retrieval)
+    layout_dense = probe.features.layout
+    storage = cfg.storage_path or str(layout.models / "ray_results")
+    with _step(state, "ranker"):
+        ranker, r_hist = ray_train.fit(
+            "ranker",
+            cfg.ranker,
+            {"n_dense": rdata.dense.shape[1], "sparse_cardinalities": list(layout_dense.cardinalities)},
+            rdata,
+            cfg.scaling,
+            storage,
+            f"{run_id}-ranker",
+        )
+    log(f"  ranker: val AUC {r_hist[-1].get('val_auc', float('nan')):.3f}")
+    funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)
+    with _step(state, "evaluate"):
+        report = evaluate(state, fc, funnel_b, rng)
+    report["training"] = {
+        **row_stats,
+        "ranker_val_auc": float(r_hist[-1].get("val_auc", float("nan"))),
+        "ann_recall@50": state.timings.get("ann_recall@50_b"),
+    }
+
+    # Bundle.
+    from streamrec.bundle import save_bundle
+    from streamrec.registry import BundleManifest, describe_files, eval_set_fingerprint, write_manifest
+
+    bundle_dir = layout.models / "bundles" / run_id
+    with _step(state, "bundle"):
+        files = save_bundle(
+            bundle_dir,
+            users=models_b.users,
+            train=models_b.train,
+            two_tower=models_b.two_tower,
+            item_vectors=models_b.item_vectors,
+            tt_index=models_b.tt_index,
+            cf=models_b.cf,
+            ranker=ranker,
+            table=table_test,
+            settings=cfg.retrieval,
+            als_config=models_b.cf.model.config,
+            ranker_layout={
+                "dense": list(layout_dense.dense),
+                "sparse": list(layout_dense.sparse),
+                "cardinalities": list(layout_dense.cardinalities),
+            },
+        )
+        full = next(m for m in report["methods"] if m["method"] == "streamrec_full")
+        metrics = {k: float(v) for k, v in full.items() if "@" in k and np.isfinite(v)}
+        test = state.events[state.events["timestamp"] >= state.t_test]
+        manifest = BundleManifest(
+            name=f"streamrec-{run_id}",
+            created_at=datetime.now(UTC),
+            data_cutoff=state.t_test.to_pydatetime(),
+            git_sha=_git_sha(),
+            feature_schema_version=FEATURE_SCHEMA_VERSION,
+            feature_names=list(layout_dense.dense) + list(layout_dense.sparse),
+            files=describe_files(bundle_dir, files),
+            metrics=metrics,
+            eval_set_id=eval_set_fingerprint(
+                test["user_id"].to_numpy(),
+                test["item_id"].to_numpy(),
+                int(test["label"].sum()),
+                cfg.evaluation.ks,
+            ),
+            feature_stats=_feature_stats(rdata, layout_dense.dense),
+            config=cfg.model_dump(mode="json"),
+        )
+        write_manifest(bundle_dir, manifest)
+    record_config(bundle_dir, "training", cfg)
+    report["bundle"] = str(bundle_dir)
+    report["timings_s"] = state.timings
+
+    if registry is not None:
+        with _step(state, "register"):
+            info = registry.register(bundle_dir, run_name=run_id)
+            report["registered_version"] = info.version
+            if cfg.gates.promote:
+                from streamrec.errors import PromotionRefusedError
+
+                try:
+                    decision = registry.promote(
+                        info.version,
+                        tolerance=cfg.gates.tolerance,
+                        primary_metric=cfg.gates.primary_metric,
+                        smoke_test=smoke_test,
+                    )
+                    report["promotion"] = {"promoted": True, "message": decision.message}
+                except PromotionRefusedError as err:
+                    report["promotion"] = {"promoted": False, "reason": str(err)}
+                    log(f"  promotion refused: {err}")
+        version = f"v{report['registered_version']}"
+    else:
+        version = run_id
+
+    with _step(state, "fallback"):
+        known = models_b.users.raw_ids
+        fb = precompute_fallback(data_dir, bundle_dir, version, known, cfg.fallback_top_n, state.end)
+        report["fallback"] = str(fb)
+    with _step(state, "materialize"):
+        fc.write_embeddings("item", table_test.item_ids, models_b.item_vectors)
+        fc.materialize(state.end.to_pydatetime() + timedelta(seconds=1))
+    report["timings_s"] = state.timings
+    (bundle_dir / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
+    return report

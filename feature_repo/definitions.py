@@ -81,6 +81,15 @@ FEATURE_SERVICES: dict[str, FeatureService] = {
     for _name, (_desc, _views) in spec.SERVICES.items()
 }
 
+# `feast apply` collects the Feast objects bound to module-level names: bind each one.
+for _name, _obj in [
+    *((f"{n}_source", o) for n, o in SOURCES.items()),
+    *((f"{n}_push", o) for n, o in PUSH_SOURCES.items()),
+    *((f"{n}_view", o) for n, o in FEATURE_VIEWS.items()),
+    *((f"{n}_service", o) for n, o in FEATURE_SERVICES.items()),
+]:
+    globals()[_name] = _obj
+
 #: Everything ``FeatureClient.apply`` registers.
 ALL_OBJECTS: list = [
     user,

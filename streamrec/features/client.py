@@ -241,7 +241,22 @@ class FeatureClient:
 
             config = repo_config(self.features_dir, self.settings)
             self._store = FeatureStore(repo_path=str(self.features_dir), config=config)
+            if self.settings.kind == "redis":
+                self._fail_fast_redis()
         return self._store
+
+    def _fail_fast_redis(self) -> None:
+        """One immediate retry instead of redis-py's default backoff (seconds when Redis is down).
+
+        Serving must learn within its deadline that the store is down, to fall back.
+        """
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        online = self._store._get_provider().online_store
+        get_client = getattr(online, "_get_client", None)
+        if get_client is not None:
+            get_client(self._store.config.online_store).set_retry(Retry(NoBackoff(), 1))
 
     def _registered(self, refresh: bool = False) -> dict[str, Any]:
         if refresh:
@@ -397,11 +412,11 @@ class FeatureClient:
         stale = []
         with contextlib.suppress(Exception):
             stale = [fv for fv in self.store.list_feature_views() if fv.name not in defined]
+        for v in VIEWS:  # Feast validates that the source folders exist
+            offline.view_dir(self.features_dir, v).mkdir(parents=True, exist_ok=True)
         with self._online_guard("apply"), self._feast_output(False):
             self.store.apply(objects, objects_to_delete=stale, partial=not stale)
         self._readers.clear()
-        for v in VIEWS:
-            offline.view_dir(self.features_dir, v).mkdir(parents=True, exist_ok=True)
         return {
             "registry": str(self.features_dir / "registry.db"),
             "config": str(self.features_dir / "feature_store.yaml"),
@@ -514,23 +529,19 @@ class FeatureClient:
             )
         views = service_views(service)
         self._require_applied()
-        ent = labelled_events.copy()
-        if TIMESTAMP_FIELD in ent.columns:
-            ent = ent.drop(columns=[TIMESTAMP_FIELD])
-        ent["__row"] = np.arange(len(ent))
-        ent = ent.rename(columns={"timestamp": TIMESTAMP_FIELD})
-        ent[TIMESTAMP_FIELD] = pd.to_datetime(ent[TIMESTAMP_FIELD], utc=True)
-        ent["user_id"] = ent["user_id"].astype("int64")
-        ent["item_id"] = ent["item_id"].astype("int64")
+        df = labelled_events.copy().reset_index(drop=True)
+        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[ns, UTC]")
+        df["user_id"] = df["user_id"].astype("int64")
+        df["item_id"] = df["item_id"].astype("int64")
         present = [v for v in views if offline.has_data(self.features_dir, v)]
-        refs = [f"{v.name}:{f}" for v in present for f in v.feature_names]
-        if refs and len(ent):
-            with self._feast_output(False):
-                df = self.store.get_historical_features(entity_df=ent, features=refs).to_df()
-        else:
-            df = ent
-        df = df.sort_values("__row", kind="stable").drop(columns="__row").reset_index(drop=True)
-        df = df.rename(columns={TIMESTAMP_FIELD: "timestamp"})
+        for v in present:
+            df = df.drop(columns=[c for c in v.feature_names if c in df.columns])
+            if len(df):
+                df = df.merge(
+                    self._historical(v, df[[v.join_key, "timestamp"]]),
+                    on=[v.join_key, "timestamp"],
+                    how="left",
+                )
         attrs: dict[str, Any] = {}
         for entity in ("user", "item"):
             cols = [f for v in present if v.entity == entity for f in v.feature_names]
@@ -543,6 +554,29 @@ class FeatureClient:
         attrs["defaults_filled"] = counts
         df.attrs.update(attrs)
         return df
+
+    def _historical(self, view: View, keys: pd.DataFrame) -> pd.DataFrame:
+        """One view's point-in-time values for unique ``(join key, timestamp)`` pairs.
+
+        One Feast call per view on de-duplicated pairs keeps the result independent of the
+        offline store. The configured DuckDB store needs none of it, but Feast's file (Dask)
+        store drops entity rows whose candidate rows all fall outside the TTL (which would also
+        drop the row for every other view of the same call), collapses rows sharing a join key
+        and timestamp (feast-dev/feast#6787), and fails to sort the null rows of entities with
+        no offline row at all (so those are not sent). Pairs missing from the answer have no
+        valid value: the caller's left join leaves them null, :func:`apply_defaults` fills them.
+        """
+        ent = keys.drop_duplicates().rename(columns={"timestamp": TIMESTAMP_FIELD})
+        ent = ent[ent[view.join_key].isin(offline.entity_ids(self.features_dir, view))].reset_index(drop=True)
+        if ent.empty:
+            return keys.iloc[:0].assign(**{f: pd.Series(dtype=object) for f in view.feature_names})
+        refs = [f"{view.name}:{f}" for f in view.feature_names]
+        with self._feast_output(False):
+            got = self.store.get_historical_features(entity_df=ent, features=refs).to_df()
+        got = got.rename(columns={TIMESTAMP_FIELD: "timestamp"})
+        got["timestamp"] = pd.to_datetime(got["timestamp"], utc=True).astype("datetime64[ns, UTC]")
+        got = got.drop_duplicates([view.join_key, "timestamp"], keep="last")
+        return got[[view.join_key, "timestamp", *view.feature_names]]
 
     # -------------------------------------------------------------------- online
     def _reader(self, entity: str) -> list[tuple[Any, list[str]]]:
@@ -572,10 +606,9 @@ class FeatureClient:
                 res = provider.online_read(self.store.config, fv, keys, names)
                 rows: list[Any] = []
                 for ts, values in res:
-                    if values is None:
-                        rows.append(None)
-                    else:
-                        rows.append((ts, {k: feast_value_type_to_python_type(v) for k, v in values.items()}))
+                    conv = {k: feast_value_type_to_python_type(v) for k, v in (values or {}).items()}
+                    # SQLite answers None for an absent entity, Redis empty values (and epoch 0)
+                    rows.append((ts, conv) if any(v is not None for v in conv.values()) else None)
                 out[fv.name] = rows
         return out
 

@@ -195,9 +195,7 @@ class ItemFeatureTable:
         )
         primary = frame["primary_category"].astype(str).to_numpy()
         uniq, inv = np.unique(primary, return_inverse=True)
-        uniq_ids = np.array(
-            [index.get(str(u), -1) if str(u) != "unknown" or "unknown" in index else -1 for u in uniq]
-        )
+        uniq_ids = np.array([index.get(str(u), -1) for u in uniq], dtype=np.int32)
         category_id = uniq_ids[inv].astype(np.int32) if n else np.zeros(0, np.int32)
         creators = frame["creator"].astype(str).to_numpy()
         creator_vocab, creator_id = np.unique(creators, return_inverse=True)

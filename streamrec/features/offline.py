@@ -7,9 +7,10 @@ Layout under ``<data dir>/features/offline/<view>/``::
     training-<stamp>-<id>.parquet  embeddings written by training jobs (also already online)
 
 Every file has the view's :func:`arrow_schema`: the join key, the features, ``event_timestamp``
-and ``created_timestamp``. Feast's file offline store reads the whole folder (point-in-time joins
-and materialization); :func:`read_latest` gives the newest row per entity as the online store
-should hold it, for the in-memory item table and for the consistency check.
+and ``created_timestamp``. Feast's offline store (DuckDB; the file/Dask store reads the same
+layout) reads the whole folder for point-in-time joins and materialization; :func:`read_latest`
+gives the newest row per entity as the online store should hold it, for the in-memory item
+table and for the consistency check.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def has_data(features_dir: Path, view: View) -> bool:
     return bool(files(features_dir, view))
 
 
+def entity_ids(features_dir: Path, view: View) -> np.ndarray:
+    """Distinct join-key values present in the view's offline files (int64, sorted)."""
+    parts = [
+        pq.read_table(f, columns=[view.join_key]).column(0).to_numpy() for f in files(features_dir, view)
+    ]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 def time_range(features_dir: Path, view: View) -> tuple[pd.Timestamp, pd.Timestamp] | None:
     """Earliest and latest ``event_timestamp`` over the view's files (None when empty)."""
     lo: pd.Timestamp | None = None
@@ -145,6 +154,7 @@ def read_latest(
     until: datetime | pd.Timestamp | None,
     *,
     entities: np.ndarray | None = None,
+    bound_direct: bool = False,
 ) -> pa.Table:
     """Newest row per entity, as the online store holds it.
 
@@ -158,6 +168,8 @@ def read_latest(
         view: The view.
         until: Materialization end of the view (inclusive), or None.
         entities: Restrict to these join-key values.
+        bound_direct: Also drop push / training rows later than ``until`` (the state *as of*
+            ``until`` for offline evaluation, rather than what the online store holds now).
 
     Returns:
         A table in :func:`arrow_schema` order, one row per entity, sorted by the join key.
@@ -170,7 +182,7 @@ def read_latest(
         u = pd.Timestamp(until)
         bound = pa.scalar(u.tz_localize("UTC") if u.tzinfo is None else u.tz_convert("UTC"), type=TS)
     for f in files(features_dir, view):
-        direct = f.name.startswith(tuple(f"{p}-" for p in DIRECT_PREFIXES))
+        direct = f.name.startswith(tuple(f"{p}-" for p in DIRECT_PREFIXES)) and not bound_direct
         if not direct and bound is None:
             continue
         t = pq.read_table(f, schema=schema)

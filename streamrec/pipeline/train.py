@@ -142,7 +142,9 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     fc.apply()
 
 
-def features_as_of(fc: FeatureClient, entity: str, as_of: pd.Timestamp, ids: npt.ArrayLike | None = None) -> pd.DataFrame:
+def features_as_of(
+    fc: FeatureClient, entity: str, as_of: pd.Timestamp, ids: npt.ArrayLike | None = None
+) -> pd.DataFrame:
     """Every feature of one entity as the online store would have held it at ``as_of``.
 
     Args:
@@ -155,7 +157,9 @@ def features_as_of(fc: FeatureClient, entity: str, as_of: pd.Timestamp, ids: npt
     key = "user_id" if entity == "user" else "item_id"
     names: list[str] = []
     for v in views_for(entity):  # type: ignore[arg-type]
-        part = offline.read_latest(fc.features_dir, v, as_of).drop([TIMESTAMP_FIELD, CREATED_FIELD]).to_pandas()
+        part = (
+            offline.read_latest(fc.features_dir, v, as_of).drop([TIMESTAMP_FIELD, CREATED_FIELD]).to_pandas()
+        )
         frame = part if frame is None else frame.merge(part, on=key, how="outer")
         names += v.feature_names
     assert frame is not None

@@ -46,6 +46,8 @@ class UserContext:
         exclude: Item indices never to return (request ``exclude`` + seen items).
         unknown_exclude_ids: ``exclude`` ids not in the catalogue (ignored, counted).
         degraded: Reasons the context is degraded (e.g. ``stale_features``), empty when healthy.
+        state: Stage-private state computed once by ``user_context`` and carried to the later
+            stages (e.g. the trained recommender's query vectors); opaque to compositions.
     """
 
     user_id: int
@@ -58,6 +60,7 @@ class UserContext:
     exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     unknown_exclude_ids: int = 0
     degraded: list[str] = field(default_factory=list)
+    state: Any = None
 
 
 @dataclass
@@ -68,11 +71,14 @@ class Candidates:
         items: Item indices (int64).
         scores: Scores, higher is better (float32).
         sources: Per item, the retrieval sources that produced it.
+        features: Optional per-item features a later stage needs (the merge's per-source
+            normalised scores for the ranker), rows aligned with ``items``.
     """
 
     items: np.ndarray
     scores: np.ndarray
     sources: list[list[str]]
+    features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.items.shape[0])

@@ -1,0 +1,57 @@
+"""Human-readable rendering of a training report (the demo's evaluation table)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables: methods side by side, then the retrieval funnel stage by stage."""
+    cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in report.get("methods", []):
+        lines.append(f"| {m['method']} | " + " | ".join(_f(m.get(c, "")) for c in cols) + " |")
+    out = [
+        f"Offline evaluation (temporal split; test users: {report.get('summary', {}).get('n_users', '?')})",
+        "",
+        *lines,
+        "",
+    ]
+    funnel = report.get("funnel", [])
+    if funnel:
+        names = [k for k in funnel[0] if k.startswith("recall_")]
+        head = (
+            "| candidates | "
+            + " | ".join(n.removeprefix("recall_") for n in names)
+            + " | merged/best single |"
+        )
+        out += [
+            "Retrieval funnel: candidate recall per source at the same count",
+            "",
+            head,
+            "|---" * (len(names) + 2) + "|",
+        ]
+        for row in funnel:
+            out.append(
+                f"| {row['candidates']} | "
+                + " | ".join(_f(row[n]) for n in names)
+                + f" | {_f(row.get('merged_vs_best_single'))} |"
+            )
+        out.append("")
+    s = report.get("summary", {})
+    if s:
+        out.append(
+            f"StreamRec NDCG@10 vs best baseline ({s.get('best_baseline')}): "
+            f"{_f(s.get('ndcg@10_vs_best_baseline'))}x"
+        )
+    if "registered_version" in report:
+        promo = report.get("promotion", {})
+        out.append(
+            f"Registered version {report['registered_version']}: "
+            f"{promo.get('message') or promo.get('reason') or 'not promoted'}"
+        )
+    return "\n".join(out)

@@ -1,0 +1,277 @@
+"""The trained recommender as :class:`~streamrec.serving.stages.Stages` (what production serves).
+
+:func:`build_stages` loads the registry's ``champion`` bundle (verified), aligns the in-memory
+item table to it, and wraps a :class:`~streamrec.serving.funnel.Funnel`. Degradation inside the
+stages (the outer fallback to popularity lives in the deployments):
+
+* ``stale_features``: the online store is down -> the last features seen for the user in this
+  replica, else defaults (cold-start path);
+* ``simple_ranking``: the ranker fails -> candidates ordered by their merged retrieval score;
+* ``batch``: retrieval returned nothing -> the batch-precomputed top-50 of this model version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from streamrec.api_models import RecommendRequest, RecommendResponse
+from streamrec.errors import ModelError, OnlineStoreUnavailableError
+from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
+from streamrec.serving.stages import Candidates, UserContext
+
+log = logging.getLogger(__name__)
+
+#: Severity order of the degradation levels (a response reports the worst one that applied).
+_LEVELS = ("full", "stale_features", "simple_ranking", "batch", "popularity", "cached")
+
+
+class RecommenderStages:
+    """The funnel of one model version behind the stage interface.
+
+    Args:
+        funnel: The funnel over the loaded bundle.
+        features: Feature client for online user features (``online_user_features``), or None
+            to serve every user from defaults.
+        model_version: Version string reported in responses.
+        batch: Optional batch-precomputed top-N: ``user_id -> (item_ids, scores)``.
+        titles: Optional item titles by item index.
+    """
+
+    def __init__(
+        self,
+        funnel: Funnel,
+        features: Any,
+        model_version: str,
+        batch: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        titles: list[str | None] | None = None,
+    ) -> None:
+        self.funnel = funnel
+        self.features = features
+        self.model_version = model_version
+        self.source_names = funnel.source_names
+        self.batch = batch or {}
+        self.titles = titles
+        self._last: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the readiness endpoint."""
+        return {
+            "model_version": self.model_version,
+            "items": len(self.funnel.table),
+            "users": len(self.funnel.models.users),
+            "batch_fallback_users": len(self.batch),
+        }
+
+    # ------------------------------------------------------------------ stages
+    def _user_features(self, user_id: int) -> tuple[dict[str, Any], str | None]:
+        if self.features is None:
+            return {}, None
+        try:
+            feats = self.features.online_user_features(user_id)
+        except OnlineStoreUnavailableError as err:
+            with self._lock:
+                cached = self._last.get(user_id)
+            log.warning(
+                "online store unavailable (%s): serving %s features", err, "stale" if cached else "default"
+            )
+            return (cached or {}), "stale_features"
+        with self._lock:
+            self._last[user_id] = feats
+            self._last.move_to_end(user_id)
+            while len(self._last) > 50_000:
+                self._last.popitem(last=False)
+        return feats, None
+
+    def user_context(self, request: RecommendRequest) -> UserContext:
+        """Online features, history, query vectors and exclusions for one request."""
+        feats, degraded = self._user_features(request.user_id)
+        ts = request.context.timestamp
+        now = ts.timestamp() if ts is not None else time.time()
+        fctx = self.funnel.context(
+            request.user_id, feats, now=now, device=request.context.device, exclude_ids=request.exclude
+        )
+        return UserContext(
+            user_id=request.user_id,
+            user_idx=fctx.user_idx,
+            k=request.k,
+            now=now,
+            device=request.context.device,
+            history=fctx.history,
+            exclude=fctx.exclude_rows,
+            unknown_exclude_ids=fctx.unknown_exclude_ids,
+            degraded=[degraded] if degraded else [],
+            state=fctx,
+        )
+
+    def retrieve(self, source: str, ctx: UserContext) -> Candidates:
+        """Candidates of one retrieval source."""
+        items, scores = self.funnel.retrieve(source, ctx.state)
+        return Candidates(items, scores, [[source]] * int(items.size))
+
+    def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
+        """Union with agreement bonus; carries the per-source scores for the ranker."""
+        merged, src = self.funnel.merge({n: (c.items, c.scores) for n, c in parts.items()})
+        return Candidates(merged.items, merged.scores, merged.provenance(), features=src)
+
+    def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """DCN-V2 over the candidates; ordered by retrieval score if the ranker fails."""
+        f = self.funnel
+        if not len(candidates):
+            return candidates
+        src = (
+            candidates.features
+            if candidates.features is not None
+            else np.zeros((len(candidates), len(f.source_names)), np.float32)
+        )
+        try:
+            if f.ranker is None:
+                raise ModelError("no ranker loaded")
+            dense, sparse = f.ranker_inputs(ctx.state, candidates.items, src)
+            scores = f.ranker.score(dense, sparse)
+        except Exception as err:  # the ranker must never take the request down
+            log.warning("ranker failed (%s): simple ranking by retrieval score", err)
+            ctx.degraded.append("simple_ranking")
+            scores = candidates.scores
+        keep = np.argsort(-scores, kind="stable")[: max(f.settings.ranked, ctx.k)]
+        return Candidates(
+            candidates.items[keep],
+            np.asarray(scores[keep], np.float32),
+            [candidates.sources[i] for i in keep],
+        )
+
+    def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
+        """Business rules, then the response (batch fallback when retrieval found nothing)."""
+        f = self.funnel
+        fctx: FunnelContext = ctx.state
+        if len(ranked):
+            res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)
+            rows = [it.item_index for it in res.items]
+            items = [
+                {
+                    "item_id": int(it.item_id),
+                    "score": float(it.score),
+                    "sources": list(it.sources),
+                    "title": self._title(it.item_index),
+                    "reasons": list(it.reasons) or None,
+                }
+                for it in res.items
+            ]
+            del rows
+        else:
+            items = self._batch_items(ctx)
+            ctx.degraded.append("batch")
+        level = max(ctx.degraded, key=_LEVELS.index) if ctx.degraded else "full"
+        return RecommendResponse.model_validate(
+            {
+                "user_id": ctx.user_id,
+                "items": items,
+                "metadata": {
+                    "model_version": self.model_version,
+                    "degradation_level": level,
+                    "unknown_exclude_ids": ctx.unknown_exclude_ids,
+                    "request_id": "",
+                },
+            }
+        )
+
+    def _title(self, row: int) -> str | None:
+        return self.titles[row] if self.titles is not None else None
+
+    def _batch_items(self, ctx: UserContext) -> list[dict[str, Any]]:
+        hit = self.batch.get(ctx.user_id)
+        if hit is None:
+            return []
+        ids, scores = hit
+        drop = set(self.funnel.table.item_ids[np.concatenate([ctx.exclude, ctx.history])].tolist())
+        out = [
+            {"item_id": int(i), "score": float(s), "sources": ["batch"]}
+            for i, s in zip(ids, scores, strict=True)
+            if int(i) not in drop
+        ]
+        return out[: ctx.k]
+
+
+def _load_batch(data_dir: Path, version: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    path = data_dir / "fallback" / version
+    if not path.is_dir():
+        return {}
+    frame = pd.read_parquet(path)
+    return {
+        int(u): (np.asarray(i, dtype=np.int64), np.asarray(s, dtype=np.float32))
+        for u, i, s in zip(frame["user_id"], frame["item_ids"], frame["scores"], strict=True)
+    }
+
+
+def build_stages(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    alias: str = "champion",
+    bundle: str | None = None,
+    online: str | None = None,
+    trending_days: int = 7,
+    device: str = "cpu",
+) -> RecommenderStages:
+    """Load the model behind ``alias`` (or an explicit ``bundle`` directory) for serving.
+
+    Raises:
+        ModelError: no model is registered under ``alias`` (train one first).
+        CorruptCheckpointError: the bundle fails verification.
+    """
+    import torch
+
+    from streamrec.bundle import LoadedBundle, align_table
+    from streamrec.data.store import DataStore
+    from streamrec.features.client import FeatureClient
+    from streamrec.paths import resolve_data_dir
+    from streamrec.registry import ModelRegistry
+
+    torch.set_num_threads(1)  # one thread per replica wins under concurrency on small CPUs
+    root = resolve_data_dir(data_dir)
+    if bundle is not None:
+        path, version = Path(bundle), Path(bundle).name
+    else:
+        reg = ModelRegistry(data_dir=root)
+        info = reg.get(alias)
+        if info is None:
+            raise ModelError(
+                f"no model has the '{alias}' alias in the registry of {root}: run `streamrec train`"
+            )
+        path, version = reg.download(info.version), f"v{info.version}"
+    b = LoadedBundle(path, device=device)
+    fc = FeatureClient(root, online=online)
+    table = align_table(fc.item_table(), b.item_ids, b.vocab)
+    store = DataStore(root)
+    dates = store.event_dates()
+    recent = pd.DataFrame(columns=["item_id", "timestamp", "label"])
+    if dates:
+        end = pd.Timestamp(dates[-1], tz="UTC") + pd.Timedelta(days=1)
+        recent = store.events(
+            start=(end - pd.Timedelta(days=trending_days)).to_pydatetime(),
+            columns=["item_id", "timestamp", "label"],
+        )
+        recent = recent[recent["label"] > 0]
+    models = b.retrieval_models(table, table.index_of(recent["item_id"].to_numpy()), recent["timestamp"])
+    funnel = Funnel(models, table, b.ranker, b.settings)
+    items = store.items().set_index("item_id")
+    titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
+    titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None
+    stages = RecommenderStages(funnel, fc, version, _load_batch(root, version), titles)
+    log.info("loaded model %s from %s (%d items, %d users)", version, path, len(table), len(models.users))
+    return stages
+
+
+def feature_sink(data_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Streaming sink for ``POST /v1/events``: pushes each event to the feature store."""
+    from streamrec.features.client import FeatureClient
+
+    return FeatureClient(data_dir).push_interaction

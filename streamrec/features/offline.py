@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,12 +101,33 @@ def write_snapshot(
     return path
 
 
-def write_rows(features_dir: Path, view: View, frame: pd.DataFrame, prefix: str) -> Path:
-    """Append rows as a new file ``<prefix>-<now>-<id>.parquet`` (prefix ``push`` or ``training``)."""
+def write_rows(
+    features_dir: Path, view: View, rows: pd.DataFrame | list[dict[str, Any]], prefix: str
+) -> Path:
+    """Append rows as a new file ``<prefix>-<now>-<id>.parquet`` (prefix ``push`` or ``training``).
+
+    ``rows`` is a frame or a list of row dicts (the streaming path avoids pandas).
+    """
     name = f"{prefix}-{_stamp(pd.Timestamp.now(tz='UTC'))}-{uuid.uuid4().hex[:8]}.parquet"
     path = view_dir(features_dir, view) / name
-    _atomic_write(to_arrow(view, frame), path)
+    if isinstance(rows, pd.DataFrame):
+        table = to_arrow(view, rows)
+    else:
+        schema = arrow_schema(view)
+        table = pa.Table.from_pylist(
+            [
+                {**r, TIMESTAMP_FIELD: _utc(r[TIMESTAMP_FIELD]), CREATED_FIELD: _utc(r[CREATED_FIELD])}
+                for r in rows
+            ],
+            schema=schema,
+        )
+    _atomic_write(table, path)
     return path
+
+
+def _utc(ts: Any) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
 def files(features_dir: Path, view: View, prefixes: Iterable[str] | None = None) -> list[Path]:

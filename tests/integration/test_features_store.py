@@ -136,6 +136,14 @@ def test_push_is_fresh_online_and_logged_offline(prepared):
     )
     assert ts.at[0, "last_interaction_at"] < int(t_event.timestamp())
     assert ts.at[1, "recent_item_ids"][0] == item
+    # the same update through Feast's own push API lands identically
+    fc.push_interaction(
+        {"user_id": 8, "item_id": item, "event_type": "complete", "timestamp": t_event}, feast_push=True
+    )
+    assert reader.online_user_features(8)["recent_item_ids"][0] == item
+    assert int(reader.online_features("item", [item]).at[0, "trending_updated_at"]) == int(
+        t_event.timestamp()
+    )
     # an impression without engagement changes nothing
     res = fc.push_interaction({"user_id": 7, "item_id": 5, "event_type": "impression", "label": 0})
     assert res.users_updated == 0 and res.items_updated == 0

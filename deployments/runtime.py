@@ -275,6 +275,7 @@ class FunnelService:
         self._source_timeout_s = source_timeout_s
         self.breaker = CircuitBreaker.from_config("funnel", resilience.breaker)
         self.served: dict[str, int] = {}
+        self.fallbacks = 0
         steps: list[FallbackStep[RecommendResponse]] = [
             FallbackStep(
                 "full",
@@ -326,6 +327,7 @@ class FunnelService:
         except AllLevelsFailedError as err:
             raise ServingError(str(err)) from err
         if result.failures:
+            self.fallbacks += 1
             f = result.failures[0]
             log.warning("primary funnel did not serve (%s: %s); served %s", f.reason, f.error, result.level)
             result.value.metadata.timings_ms[f"failed:{f.level}"] = round(f.elapsed_ms, 3)
@@ -334,8 +336,12 @@ class FunnelService:
         return result.value
 
     def snapshot(self) -> dict[str, Any]:
-        """Responses per degradation level so far and the breaker's state."""
-        return {"served_by_level": dict(self.served), "breaker": self.breaker.snapshot()}
+        """Responses per degradation level, how many the fallback answered, the breaker's state."""
+        return {
+            "served_by_level": dict(self.served),
+            "fallbacks": self.fallbacks,
+            "breaker": self.breaker.snapshot(),
+        }
 
 
 def load_sink(args: ServeArgs) -> Sink | None:

@@ -102,7 +102,7 @@ def serve(
     if addr:
         ray.init(address=addr, namespace="serve")
     else:
-        ray.init(num_cpus=num_cpus, namespace="serve", include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, namespace="serve", include_dashboard=False)
     try:
         serve_config.deploy(cfg, timeout_s=timeout)
         typer.echo(f"StreamRec is serving at {url}{prefix}  (data: {root})")

@@ -122,7 +122,7 @@ def ray_session() -> Iterator[None]:
     """Ray started once per test session (2 CPUs), shut down at the end."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     try:
         yield
     finally:

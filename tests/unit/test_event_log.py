@@ -175,7 +175,9 @@ def test_export_to_store_is_incremental_and_dedupes_across_writers(store: DataSt
     assert (res.read, res.duplicates, res.added, res.quarantined) == (4, 1, 3, 0)
     assert store.count_events() == before + 3
     stored = store.events(columns=["event_id", "label", "event_type"]).set_index("event_id")
-    assert stored.loc["x1", "label"] == 1 and stored.loc["x2", "label"] == 0 and stored.loc["x3", "label"] == 0
+    assert (
+        stored.loc["x1", "label"] == 1 and stored.loc["x2", "label"] == 0 and stored.loc["x3", "label"] == 0
+    )
     assert a.export_to_store(store, now=NOW).read == 0  # watermarks: nothing new
     a.append([ev("x4", kind="complete", watch_fraction=1.0)])
     res2 = a.export_to_store(store, now=NOW)

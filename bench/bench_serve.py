@@ -1,0 +1,481 @@
+"""Serving benchmark: both compositions and their no-op floors, open-loop load on loopback.
+
+For each composition (fused = configs/serve/local.yaml, cluster = configs/serve/cluster.yaml) the
+script deploys the application twice in the same Ray instance, one after the other: with the
+stages the config chooses (``auto``: the trained recommender when a bundle exists, else
+popularity) and with no-op stages of the same topology (the floor: same deployments, same hops,
+stages that do nothing). Each is measured with
+
+* an **open-loop** rate sweep: requests are *scheduled* at a fixed arrival rate whatever the
+  responses do, and latency is measured from the scheduled time (no coordinated omission). The
+  generator is a small asyncio HTTP/1.1 client (keep-alive connections, pre-built requests,
+  uvloop when available) because Debian's ``wrk`` is closed-loop (no ``-R``; that is wrk2).
+  The sweep stops once p99 > 200 ms, errors appear or the achieved rate falls behind. Reported:
+  p50/p95/p99 per rate and the highest sustained rate with p99 <= 200 ms;
+* **wrk** (closed loop, ``bench/wrk_recommend.lua``) at concurrency 1 (sequential latency, the
+  figure DESIGN.md quotes for the floors) and 8, when ``wrk`` is installed.
+
+The load generator shares the machine's cores with the service: every figure includes that cost.
+
+Writes ``bench/results/serve.json`` and the "Serving (Ray Serve)" section of docs/benchmarks.md.
+
+    .venv/bin/python bench/bench_serve.py                      # synthetic 200k-item corpus
+    .venv/bin/python bench/bench_serve.py --data-dir D --quick # an existing data dir, short steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+KEY = "bench-key-0123456789abcdef"
+SECTION = "Serving (Ray Serve)"
+P99_BUDGET_MS = 200.0
+
+
+# ------------------------------------------------------------------------------------------
+# Open-loop HTTP/1.1 load generator
+# ------------------------------------------------------------------------------------------
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection (Content-Length or chunked responses)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def request(self, raw: bytes) -> int:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length, chunked, close = None, False, False
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+            elif k == b"connection" and b"close" in v.lower():
+                close = True
+        if chunked:
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        elif length:
+            await self.reader.readexactly(length)
+        if close:
+            raise ConnectionResetError("server closed the connection")
+        return status
+
+
+def build_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
+    payload = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"X-API-Key: {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
+async def open_loop(
+    host: str, port: int, requests: list[bytes], rate: float, duration_s: float, timeout_s: float = 10.0
+) -> dict[str, Any]:
+    """Send ``rate * duration_s`` requests at fixed arrival times; latency from the scheduled time."""
+    loop = asyncio.get_running_loop()
+    n = max(1, int(rate * duration_s))
+    idle: list[_Conn] = []
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    opened = 0
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal errors, opened
+        conn = idle.pop() if idle else None
+        try:
+            if conn is None:
+                opened += 1
+                conn = _Conn(*await asyncio.open_connection(host, port))
+            status = await asyncio.wait_for(conn.request(requests[i % len(requests)]), timeout_s)
+        except Exception:
+            errors += 1
+            if conn is not None:
+                conn.writer.close()
+            return
+        latencies.append((loop.time() - scheduled) * 1e3)
+        statuses[status] = statuses.get(status, 0) + 1
+        idle.append(conn)
+
+    start = loop.time() + 0.05
+    tasks = []
+    for i in range(n):
+        at = start + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, at)))
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    for c in idle:
+        c.writer.close()
+    lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
+    ok = sum(v for s, v in statuses.items() if 200 <= s < 300)
+    return {
+        "target_rps": rate,
+        "sent": n,
+        "ok": ok,
+        "non_2xx": sum(statuses.values()) - ok,
+        "errors": errors,
+        "achieved_rps": round(len(latencies) / elapsed, 1) if elapsed > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p95_ms": round(float(np.percentile(lat, 95)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "max_ms": round(float(np.max(lat)), 2),
+        "connections": opened,
+    }
+
+
+def sustained(step: dict[str, Any]) -> bool:
+    """A step counts as sustained: p99 within budget, no failures, achieved >= 95% of the target."""
+    return (
+        step["p99_ms"] <= P99_BUDGET_MS
+        and step["errors"] == 0
+        and step["non_2xx"] == 0
+        and step["achieved_rps"] >= 0.95 * step["target_rps"]
+    )
+
+
+def fallbacks(host: str, port: int) -> int | None:
+    """Requests the gateway replica that answers has served from its fallback level so far."""
+    import httpx
+
+    try:
+        body = httpx.get(
+            f"http://{host}:{port}/v1/admin/status", headers={"X-API-Key": KEY}, timeout=10
+        ).json()
+        return int(body["stages"]["funnel"]["fallbacks"])
+    except Exception:
+        return None
+
+
+def sweep(
+    host: str, port: int, requests: list[bytes], rates: list[float], duration_s: float
+) -> dict[str, Any]:
+    steps = []
+    for rate in rates:
+        before = fallbacks(host, port)
+        step = asyncio.run(open_loop(host, port, requests, rate, duration_s))
+        after = fallbacks(host, port)
+        step["fallbacks"] = after - before if before is not None and after is not None else None
+        step["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        steps.append(step)
+        print(f"    open-loop {rate:>6.0f}/s: p50 {step['p50_ms']:7.1f}  p95 {step['p95_ms']:7.1f}  "
+              f"p99 {step['p99_ms']:7.1f} ms  achieved {step['achieved_rps']:6.1f}/s  "
+              f"errors {step['errors'] + step['non_2xx']}  fallbacks {step['fallbacks']}  "
+              f"load {step['load_avg_1m']}", flush=True)  # fmt: skip
+        if not sustained(step):
+            break
+    best = max((s["target_rps"] for s in steps if sustained(s)), default=0.0)
+    return {"steps": steps, "max_sustained_rps_p99_le_200ms": best}
+
+
+def run_wrk(url: str, prefix: str, users: int, connections: int, duration_s: float) -> dict[str, Any] | None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    env = {**os.environ, "STREAMREC_API_KEY": KEY, "BENCH_USERS": str(users), "BENCH_PREFIX": prefix}
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency", "-s",
+           str(REPO / "bench/wrk_recommend.lua"), url]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + 60).stdout
+    m = re.search(r"WRKJSON (\{.*\})", out)
+    if not m:
+        return {"error": out[-500:]}
+    r = json.loads(m.group(1))
+    secs = r["duration_us"] / 1e6
+    errors = (
+        r["errors_status"] + r["errors_connect"] + r["errors_read"] + r["errors_write"] + r["errors_timeout"]
+    )
+    return {
+        "connections": connections,
+        "rps": round(r["requests"] / secs, 1),
+        "p50_ms": round(r["p50_us"] / 1e3, 2),
+        "p95_ms": round(r["p95_us"] / 1e3, 2),
+        "p99_ms": round(r["p99_us"] / 1e3, 2),
+        "errors": errors,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------
+
+
+def make_data(args: argparse.Namespace) -> Path:
+    if args.data_dir:
+        return Path(args.data_dir).resolve()
+    root = Path(tempfile.mkdtemp(prefix="streamrec-bench-")) / "data"
+    cmd = [sys.executable, "-m", "streamrec", "data", "synth", "--users", str(args.users), "--items",
+           str(args.items), "--days", str(args.days), "--data-dir", str(root), "--json"]  # fmt: skip
+    print(f"generating the synthetic world: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return root
+
+
+def request_mix(data_dir: Path, host: str, port: int, path: str, n: int = 2000) -> tuple[list[bytes], int]:
+    from streamrec.data.store import DataStore
+
+    store = DataStore(data_dir)
+    users = store.users()["user_id"].to_numpy()
+    items = store.items()["item_id"].to_numpy()
+    rng = random.Random(11)
+    out = []
+    for _ in range(n):
+        body: dict[str, Any] = {
+            "user_id": int(rng.choice(users)) if rng.random() < 0.95 else 10**9 + rng.randint(0, 99)
+        }
+        body["k"] = 20
+        if rng.random() < 0.3:
+            body["exclude"] = [int(rng.choice(items)) for _ in range(rng.randint(1, 5))]
+        out.append(build_request(host, port, path, body))
+    return out, int(users.max()) if len(users) else 1
+
+
+def deploy_app(composition: str, data_dir: Path, port: int, stages: str, sources: list[str] | None) -> None:
+    from deployments import config
+
+    path = REPO / ("configs/serve/local.yaml" if composition == "fused" else "configs/serve/cluster.yaml")
+    auth = {"use_env_key": False, "keys": [{"name": "bench", "key": KEY, "scopes": ["admin"]}]}
+    extra: dict[str, Any] = {
+        "auth": auth,
+        "stages": stages,
+        "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}},
+    }
+    if stages == "noop":
+        extra["noop_sources"] = sources or ["popularity"]
+    cfg = config.override(
+        config.load(path),
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=port,
+        name="bench",
+        route_prefix="/",
+        args=extra,
+    )
+    cfg["proxy_location"] = "HeadOnly"
+    config.deploy(cfg, timeout_s=300)
+
+
+def measure(
+    label: str, data_dir: Path, port: int, args: argparse.Namespace, rates: list[float]
+) -> dict[str, Any]:
+    import httpx
+
+    host = "127.0.0.1"
+    reqs, n_users = request_mix(data_dir, host, port, "/v1/recommend")
+    with httpx.Client(base_url=f"http://{host}:{port}", timeout=30) as c:
+        ready = c.get("/readyz").json()
+        probe = c.post("/v1/recommend", json={"user_id": 1, "k": 20}, headers={"X-API-Key": KEY}).json()
+        for i in range(args.warmup):  # warm caches, handles and replicas
+            c.post("/v1/recommend", json={"user_id": i + 1, "k": 20}, headers={"X-API-Key": KEY})
+    print(f"  {label}: {ready.get('source_names')} level={probe['metadata']['degradation_level']} "
+          f"model={probe['metadata']['model_version']}", flush=True)  # fmt: skip
+    result: dict[str, Any] = {
+        "sources": ready.get("source_names"),
+        "model_version": probe["metadata"]["model_version"],
+        "degradation_level": probe["metadata"]["degradation_level"],
+    }
+    url = f"http://{host}:{port}"
+    result["load_avg_1m_before"] = round(os.getloadavg()[0], 2)
+    result["wrk_sequential"] = run_wrk(url, "/", n_users, 1, args.wrk_seconds)
+    result["wrk_c8"] = run_wrk(url, "/", n_users, 8, args.wrk_seconds)
+    if result["wrk_sequential"]:
+        print(f"    wrk c=1: {result['wrk_sequential']}\n    wrk c=8: {result['wrk_c8']}", flush=True)
+    result["open_loop"] = sweep(host, port, reqs, rates, args.step_seconds)
+    return result
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="existing data dir (default: generate a synthetic world)")
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--items", type=int, default=200_000)
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--compositions", default="fused,cluster")
+    p.add_argument("--fused-rates", default="50,100,150,200,250,300,400")
+    p.add_argument("--cluster-rates", default="10,20,30,40,50,60,80")
+    p.add_argument("--step-seconds", type=float, default=10.0)
+    p.add_argument("--wrk-seconds", type=float, default=8.0)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--quick", action="store_true", help="short steps (smoke run)")
+    p.add_argument("--throughput-optimized", action="store_true", help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    p.add_argument("--out", default=str(REPO / "bench/results/serve.json"))
+    p.add_argument("--docs", default=str(REPO / "docs/benchmarks.md"))
+    p.add_argument("--no-docs", action="store_true")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.quick:
+        args.step_seconds, args.wrk_seconds, args.warmup = 4.0, 3.0, 20
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    import ray
+    from ray import serve
+
+    data_dir = make_data(args)
+    from streamrec.data.store import DataStore
+
+    store = DataStore(data_dir)
+    world = {"users": len(store.users()), "items": len(store.items()), "events": store.count_events()}
+    print(f"data: {data_dir} {world}", flush=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    results: dict[str, Any] = {}
+    t0 = time.time()
+    try:
+        for comp in [c.strip() for c in args.compositions.split(",") if c.strip()]:
+            rates = [
+                float(r) for r in (args.fused_rates if comp == "fused" else args.cluster_rates).split(",")
+            ]
+            print(f"{comp}:", flush=True)
+            deploy_app(comp, data_dir, port, "auto", None)
+            real = measure(f"{comp} (stages)", data_dir, port, args, rates)
+            deploy_app(comp, data_dir, port, "noop", real["sources"])
+            floor = measure(f"{comp} (no-op floor)", data_dir, port, args, rates)
+            results[comp] = {"stages": real, "noop_floor": floor}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    payload = {
+        "benchmark": "serve",
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "ray": ray.__version__,
+        "throughput_optimized": bool(args.throughput_optimized),
+        "data": {**world, "dir": str(data_dir)},
+        "load_generator": {
+            "open_loop": "asyncio HTTP/1.1 client in the benchmark process (uvloop), fixed arrival rate, "
+            "latency from scheduled send time; same 2 cores as the service",
+            "closed_loop": "Debian wrk 4.1 (closed loop) with bench/wrk_recommend.lua"
+            if shutil.which("wrk")
+            else None,
+        },
+        "step_seconds": args.step_seconds,
+        "p99_budget_ms": P99_BUDGET_MS,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {out}")
+    if not args.no_docs:
+        write_docs(Path(args.docs), payload)
+        print(f"updated the '{SECTION}' section of {args.docs}")
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else (f"{x:.1f}" if isinstance(x, float) else str(x))
+
+
+def render(payload: dict[str, Any]) -> str:
+    d = payload["data"]
+    lines = [
+        f"## {SECTION}",
+        "",
+        f"`bench/bench_serve.py`, {payload['generated_at']}, {payload['machine']['cpus']} CPUs "
+        f"({payload['machine']['platform']}), Ray {payload['ray']}"
+        f"{', RAY_SERVE_THROUGHPUT_OPTIMIZED=1' if payload['throughput_optimized'] else ''}. "
+        f"Data: {d['users']} users, {d['items']} items, {d['events']} events. "
+        "Each composition is measured with the stages it serves and with no-op stages of the same "
+        "topology (its floor), in the same run. Open loop: fixed arrival rate, latency from the "
+        f"scheduled send time, {payload['step_seconds']:g} s per step, asyncio client on the same cores. "
+        "Sequential: Debian `wrk` (closed loop) at 1 connection; c=8: 8 connections.",
+        "",
+        "| composition | stages | sequential p50 ms | wrk c=8 req/s (p99 ms) "
+        "| max open-loop rate with p99 <= 200 ms | p50 / p95 / p99 ms at that rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for comp, res in payload["results"].items():
+        for label, r in (("stages", res["stages"]), ("no-op floor", res["noop_floor"])):
+            seq = r.get("wrk_sequential") or {}
+            c8 = r.get("wrk_c8") or {}
+            best = r["open_loop"]["max_sustained_rps_p99_le_200ms"]
+            at = next((s for s in r["open_loop"]["steps"] if s["target_rps"] == best), None)
+            what = (
+                f"{label} ({r['degradation_level']}, {','.join(r['sources'] or [])})"
+                if label == "stages"
+                else label
+            )
+            pct = f"{at['p50_ms']:.1f} / {at['p95_ms']:.1f} / {at['p99_ms']:.1f}" if at else "-"
+            c8s = f"{_fmt(c8.get('rps'))} ({_fmt(c8.get('p99_ms'))})"
+            lines.append(
+                f"| {comp} | {what} | {_fmt(seq.get('p50_ms'))} | {c8s} | {_fmt(best)} req/s | {pct} |"
+            )
+    lines += ["", "Open-loop steps (target req/s: p50 / p95 / p99 ms, achieved req/s):", ""]
+    for comp, res in payload["results"].items():
+        for label, r in (("stages", res["stages"]), ("no-op floor", res["noop_floor"])):
+            steps = "; ".join(
+                f"{s['target_rps']:g}: {s['p50_ms']:.1f} / {s['p95_ms']:.1f} / {s['p99_ms']:.1f} "
+                f"({s['achieved_rps']:g})"
+                for s in r["open_loop"]["steps"]
+            )
+            lines.append(f"- {comp}, {label}: {steps}")
+    lines += [
+        "",
+        "Raw numbers: `bench/results/serve.json`. Re-run: `.venv/bin/python bench/bench_serve.py`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_docs(path: Path, payload: dict[str, Any]) -> None:
+    """Replace (or append) only this benchmark's section of docs/benchmarks.md."""
+    section = render(payload)
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

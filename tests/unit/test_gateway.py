@@ -514,3 +514,49 @@ def test_build_gateway_reads_keys_and_opens_the_log(world: Path) -> None:
     with TestClient(app) as c:
         assert rec(c, {"user_id": 1}, key="env-key-0123456789abcdef").status_code == 200
         assert rec(c, {"user_id": 1}).status_code == 401
+
+
+# ------------------------------------------------------------------------------- serve configs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serve_configs_are_valid_and_the_rayservice_embeds_the_cluster_config() -> None:
+    import yaml
+
+    from deployments import config
+
+    local = config.load(REPO / "configs/serve/local.yaml")
+    cluster = config.load(REPO / "configs/serve/cluster.yaml")
+    for cfg in (local, cluster):
+        schema = config.validate(cfg)
+        assert schema.applications[0].import_path == config.IMPORT_PATH
+    assert local["applications"][0]["args"]["composition"] == "fused"
+    assert [d["name"] for d in local["applications"][0]["deployments"]] == ["Gateway"]
+    total = sum(d["ray_actor_options"]["num_cpus"] for d in local["applications"][0]["deployments"])
+    assert total <= 1.0  # leaves room on a 2-CPU box
+    app = cluster["applications"][0]
+    assert app["args"]["composition"] == "cluster"
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert set(deps) == {"Gateway", "Features", "Retriever", "Ranker", "Reranker"}
+    assert all("autoscaling_config" in d for d in deps.values())
+    assert deps["Ranker"]["ray_actor_options"]["num_gpus"] == 0
+    assert sum(d["ray_actor_options"]["num_cpus"] for d in deps.values()) <= 2.0  # min replicas fit 2 CPUs
+
+    doc = yaml.safe_load((REPO / "configs/kuberay/rayservice.yaml").read_text())
+    assert doc["kind"] == "RayService" and doc["apiVersion"] == "ray.io/v1"
+    inner = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    config.validate(inner, "rayservice serveConfigV2")
+    kapp = inner["applications"][0]
+    assert kapp["import_path"] == app["import_path"]
+    assert [d["name"] for d in kapp["deployments"]] == [d["name"] for d in app["deployments"]]
+    assert set(kapp["args"]) - {"data_dir"} == set(app["args"]) - {"data_dir"}
+    assert doc["spec"]["rayClusterConfig"]["rayVersion"].startswith("2.60")
+
+
+def test_build_app_rejects_bad_args_before_anything_runs() -> None:
+    from streamrec.errors import ConfigError
+
+    for bad in ({"composition": "mesh"}, {"stages": "magic"}, {"limits": {"max_body_bytes": 1}}, {"typo": 1}):
+        with pytest.raises(ConfigError):
+            ServeArgs.parse(bad)

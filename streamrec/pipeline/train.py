@@ -485,7 +485,9 @@ def evaluate(
             per_source[name].append(big[name][0])
         for n in cfg.candidate_counts:
             cut = {name: (it[:n], sc[:n]) for name, (it, sc) in big.items()}
-            merged_at[n].append(merge_candidates(cut, n, funnel.settings.agreement_bonus).items)
+            merged_at[n].append(merge_candidates(
+                    cut, n, funnel.settings.agreement_bonus, normalisation=funnel.settings.normalisation
+                ).items)
         # The serving funnel itself.
         t0 = time.perf_counter()
         parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}

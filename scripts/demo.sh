@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: build the synthetic world, (re)build features, train,
-# serve, and show recommendations. Idempotent: a second run reuses the world already built.
+# The main job on the embedded default: build the synthetic world, train (features -> Ray Train
+# -> evaluation -> registry -> batch fallback), serve with Ray Serve, and show recommendations.
+# Idempotent: a second run reuses the world and the trained champion.
+#
+#   DEMO_KEEP_SERVING=1 make demo   # leave the service running in the foreground at the end
 set -euo pipefail
 DIR="${1:-.streamrec/demo}"
-export STREAMREC_HOME="$DIR"
+PORT="${DEMO_PORT:-8000}"
+export STREAMREC_HOME="$DIR" RAY_USAGE_STATS_ENABLED=0
+export STREAMREC_API_KEY="${STREAMREC_API_KEY:-demo-key-$(printf '%s' "$DIR" | sha256sum | cut -c1-16)}"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1. Synthetic world -> $DIR"
@@ -13,3 +18,48 @@ else
   streamrec data synth --users 2000 --items 1000 --days 14 --seed 7 --end now --data-dir "$DIR"
 fi
 streamrec data stats --data-dir "$DIR"
+
+step "2. Train: features, two-tower + DCN-V2 on Ray Train, evaluation vs baselines, registry, fallback"
+if [ -d "$DIR/models/bundles" ] && [ -n "$(ls -A "$DIR/models/bundles" 2>/dev/null)" ]; then
+  echo "a model is already trained (streamrec train --data-dir $DIR to train again):"
+  cat "$(ls -d "$DIR"/models/bundles/*/ | tail -1)evaluation.json" | python3 -c '
+import json, sys
+from streamrec.pipeline.report import format_report
+print(format_report(json.load(sys.stdin)))'
+else
+  streamrec train --data-dir "$DIR"
+fi
+
+step "3. Serve (Ray Serve, fused composition) on 127.0.0.1:$PORT"
+echo "API key: $STREAMREC_API_KEY"
+LOG="$DIR/serve.log"
+streamrec serve --config configs/serve/local.yaml --data-dir "$DIR" --port "$PORT" >"$LOG" 2>&1 &
+SERVE_PID=$!
+cleanup() { kill -INT "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 1 180); do
+  if curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$SERVE_PID" 2>/dev/null; then echo "the service exited; see $LOG"; tail -20 "$LOG"; exit 1; fi
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "service not ready; see $LOG"; exit 1; }
+
+step "4. Recommendations"
+for user in 1 42 999999; do
+  echo "-- user $user$( [ "$user" = 999999 ] && echo ' (unknown: cold start)')"
+  curl -fsS -X POST "http://127.0.0.1:$PORT/v1/recommend" -H "X-API-Key: $STREAMREC_API_KEY" \
+    -H 'Content-Type: application/json' -d "{\"user_id\": $user, \"k\": 5, \"context\": {\"device\": \"mobile\"}}" |
+    python3 -c '
+import json, sys
+r = json.load(sys.stdin); m = r["metadata"]
+print(f"   model {m[\"model_version\"]}, level {m[\"degradation_level\"]}, {m[\"timings_ms\"].get(\"total\", 0):.1f} ms")
+for i in r["items"]:
+    print(f"   {i[\"item_id\"]:>6}  {i[\"score\"]:.3f}  {(i.get(\"title\") or \"\")[:40]:40}  via {\",\".join(i[\"sources\"])}")'
+done
+
+if [ "${DEMO_KEEP_SERVING:-0}" = "1" ]; then
+  echo; echo "Serving on http://127.0.0.1:$PORT (Ctrl-C stops). API docs: http://127.0.0.1:$PORT/docs"
+  wait "$SERVE_PID"
+else
+  echo; echo "Done. Keep it running with: DEMO_KEEP_SERVING=1 make demo   (or: streamrec serve --config configs/serve/local.yaml --data-dir $DIR)"
+fi

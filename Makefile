@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= .streamrec/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,6 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streamrec deployments training tests bench
 	$(VENV)/bin/mypy
-
-bench: $(STAMP)
-	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .streamrec .mypy_cache .ruff_cache .pytest_cache

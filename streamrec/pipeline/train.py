@@ -158,7 +158,9 @@ def features_as_of(
     names: list[str] = []
     for v in views_for(entity):  # type: ignore[arg-type]
         part = (
-            offline.read_latest(fc.features_dir, v, as_of).drop([TIMESTAMP_FIELD, CREATED_FIELD]).to_pandas()
+            offline.read_latest(fc.features_dir, v, as_of, bound_direct=True)
+            .drop([TIMESTAMP_FIELD, CREATED_FIELD])
+            .to_pandas()
         )
         frame = part if frame is None else frame.merge(part, on=key, how="outer")
         names += v.feature_names
@@ -485,9 +487,11 @@ def evaluate(
             per_source[name].append(big[name][0])
         for n in cfg.candidate_counts:
             cut = {name: (it[:n], sc[:n]) for name, (it, sc) in big.items()}
-            merged_at[n].append(merge_candidates(
+            merged_at[n].append(
+                merge_candidates(
                     cut, n, funnel.settings.agreement_bonus, normalisation=funnel.settings.normalisation
-                ).items)
+                ).items
+            )
         # The serving funnel itself.
         t0 = time.perf_counter()
         parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}

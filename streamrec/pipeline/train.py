@@ -628,8 +628,8 @@ def precompute_fallback(
                 "scores": np.array(scores, dtype=object),
             }
 
-    ds = ray.data.from_items([{"user_id": int(u)} for u in users])
-    ds = ds.map_batches(TopN, batch_size=512, concurrency=1, num_cpus=0.5)
+    items = ray.data.from_items([{"user_id": int(u)} for u in users])
+    ds = items.map_batches(TopN, batch_size=512, concurrency=1, num_cpus=0.5)
     if out.exists():
         import shutil
 
@@ -719,7 +719,7 @@ def run_pipeline(
             f"{run_id}-ranker",
         )
     log(f"  ranker: val AUC {r_hist[-1].get('val_auc', float('nan')):.3f}")
-    funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)
+    funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)  # type: ignore[arg-type]
     with _step(state, "evaluate"):
         report = evaluate(state, fc, funnel_b, rng)
     report["training"] = {

@@ -20,6 +20,7 @@ Sparse columns (int64): item row, primary category, creator, device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +47,7 @@ USER_DENSE: tuple[str, ...] = tuple(
 DEVICE_INDEX = {d: i for i, d in enumerate(DEVICES)}
 
 
-def user_dense_matrix(features: pd.DataFrame | dict[str, object]) -> F32:
+def user_dense_matrix(features: pd.DataFrame | dict[str, Any]) -> F32:
     """The :data:`USER_DENSE` columns of a frame (rows) or one user's feature dict (1 row)."""
     if isinstance(features, dict):
         return np.asarray([[float(features.get(n, 0.0) or 0.0) for n in USER_DENSE]], dtype=np.float32)

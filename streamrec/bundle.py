@@ -201,11 +201,7 @@ class LoadedBundle:
     ) -> Any:
         """The retrieval models over an aligned item table, trending seeded from recent events."""
         users, train, two_tower, item_vectors, tt_index, cf = self._parts
-        cats = [
-            table.categories_indices[table.categories_indptr[i] : table.categories_indptr[i + 1]].tolist()
-            for i in range(len(table))
-        ]
-        affinity = AffinitySource(train, cats)
+        affinity = AffinitySource(train, table.category_lists())
         trending = TrendingSource.from_events(
             len(table),
             trending_items,

@@ -303,6 +303,10 @@ class ALS(_ImplicitMF):
 
     def _fit(self, train: sp.csr_matrix) -> None:
         super()._fit(train)
+        self._prepare_fold_in()
+
+    def _prepare_fold_in(self) -> None:
+        """Cache ``Y'Y + reg I`` (the item-side part of every fold-in solve)."""
         y = self.item_factors.astype(np.float64)
         self._yty_reg = y.T @ y + self.config.regularization * np.eye(y.shape[1])
 
@@ -326,8 +330,7 @@ class ALS(_ImplicitMF):
         model._train = _as_train(train)
         model.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
         model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
-        y = model.item_factors.astype(np.float64)
-        model._yty_reg = y.T @ y + model.config.regularization * np.eye(y.shape[1])
+        model._prepare_fold_in()
         return model
 
     def fold_in(self, items: npt.ArrayLike) -> FloatArray:

@@ -141,6 +141,21 @@ class ItemFeatureTable:
         out["item_embedding_version"] = str(self.embedding_version[i])
         return out
 
+    def category_lists(self) -> list[list[int]]:
+        """Per row, its category indices (into ``category_vocab``) as a plain list."""
+        ind, ptr = self.categories_indices, self.categories_indptr
+        return [ind[ptr[i] : ptr[i + 1]].tolist() for i in range(len(self.item_ids))]
+
+    def category_matrix(self) -> Any:
+        """Binary ``(n_items, len(category_vocab))`` scipy CSR matrix of the items' categories."""
+        import scipy.sparse as sp
+
+        data = np.ones(len(self.categories_indices), dtype=np.float32)
+        return sp.csr_matrix(
+            (data, self.categories_indices, self.categories_indptr),
+            shape=(len(self.item_ids), len(self.category_vocab)),
+        )
+
     @property
     def nbytes(self) -> int:
         """Memory held by the arrays (bytes)."""

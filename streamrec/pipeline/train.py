@@ -192,19 +192,6 @@ def _history_matrix(recent: pd.Series, table: ItemFeatureTable, length: int) -> 
     return out
 
 
-def _category_multi_hot(table: ItemFeatureTable) -> F32:
-    n, c = len(table), len(table.category_vocab)
-    m = sp.csr_matrix(
-        (
-            np.ones(len(table.categories_indices), np.float32),
-            table.categories_indices,
-            table.categories_indptr,
-        ),
-        shape=(n, c),
-    )
-    return np.asarray(m.toarray(), dtype=np.float32)
-
-
 def positives_with_features(state: PipelineState, fc: FeatureClient) -> pd.DataFrame:
     """Every positive before T_test with its user features by point-in-time join (one Feast call)."""
     assert state.t_test is not None
@@ -247,7 +234,7 @@ def fit_retrieval(
     # Two-tower rows: user features by point-in-time join at each positive's time.
     ts_frame = pos.reset_index(drop=True)
     hist = _history_matrix(ts_frame["recent_item_ids"], table, cfg.retrieval.history_length)
-    cats = _category_multi_hot(table)
+    cats = np.asarray(table.category_matrix().toarray(), dtype=np.float32)
     data = TwoTowerData(
         user_idx=users.to_index(ts_frame["user_id"].to_numpy()),
         user_dense=user_dense_matrix(ts_frame),
@@ -286,11 +273,7 @@ def fit_retrieval(
     state.timings[f"ann_recall@50_{tag}"] = round(recall, 4)
     r = cfg.retrieval
     cf = CFSource.fit(train, ALSConfig(factors=r.cf_factors, iterations=r.cf_iterations, num_threads=1))
-    item_cat_lists = [
-        table.categories_indices[table.categories_indptr[i] : table.categories_indptr[i + 1]].tolist()
-        for i in range(n_items)
-    ]
-    affinity = AffinitySource(train, item_cat_lists)
+    affinity = AffinitySource(train, table.category_lists())
     seen_ev = ev[ev["timestamp"] < cutoff]
     eng = seen_ev[seen_ev["label"] > 0]
     trending = TrendingSource.from_events(

@@ -86,8 +86,7 @@ class RankerFeatures:
         self.table = table
         self.source_names = source_names
         n, c = len(table), len(table.category_vocab)
-        data = np.ones(len(table.categories_indices), dtype=np.float32)
-        cats = sp.csr_matrix((data, table.categories_indices, table.categories_indptr), shape=(n, c))
+        cats = table.category_matrix()
         counts = np.maximum(np.asarray(cats.sum(axis=1)).ravel(), 1.0)
         self.item_categories = sp.csr_matrix(sp.diags(1.0 / counts) @ cats, dtype=np.float32)
         self.n_categories = c

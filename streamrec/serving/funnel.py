@@ -93,10 +93,7 @@ class Ranked:
 
 def item_metadata(table: ItemFeatureTable, exposure: npt.ArrayLike | None = None) -> ItemMetadata:
     """Re-ranking metadata from the item table (catalog row = table row)."""
-    cats = [
-        table.categories_indices[table.categories_indptr[i] : table.categories_indptr[i + 1]].tolist() or [-1]
-        for i in range(len(table))
-    ]
+    cats = [c or [-1] for c in table.category_lists()]
     return ItemMetadata(
         item_ids=table.item_ids,
         categories=cats,

@@ -48,6 +48,7 @@ from deployments.runtime import (
     local_call,
 )
 from streamrec.api_models import RecommendRequest
+from streamrec.data.store import DataStore
 from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger("streamrec.deployments")
@@ -238,6 +239,8 @@ class Gateway:
         self._local: LoadedStages | None = None
         self._source_names: tuple[str, ...] | None = None
         self._pending: dict[str, tuple[LoadedStages | None, LoadedStages | None]] = {}
+        self._pending_ids: dict[str, tuple[Any, Any]] = {}
+        self._events: Any = None
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
         self._fallback = await asyncio.to_thread(self._load_fallback)
@@ -325,12 +328,16 @@ class Gateway:
                 reload_args = self._args.model_copy(update={"stages": "recommender"})
             local = await asyncio.to_thread(load_stages, reload_args)
         fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
+        self._pending_ids[token] = await asyncio.to_thread(self._catalogue_ids)
         self._pending[token] = (local, fallback)
         return local.describe() if local else {"fallback": fallback.describe() if fallback else None}
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2 on this gateway replica: swap (attribute assignments only)."""
         local, fallback = self._pending.pop(token, (None, None))
+        ids = self._pending_ids.pop(token, None)
+        if ids is not None and getattr(self, "_events", None) is not None:
+            self._events.refresh_known_ids(*ids)  # new users/items may post events from now on
         if local is not None:
             self._local = local
         if fallback is not None:
@@ -342,6 +349,11 @@ class Gateway:
     async def abort_reload(self, token: str) -> None:
         """Drop what phase 1 prepared under ``token``."""
         self._pending.pop(token, None)
+        self._pending_ids.pop(token, None)
+
+    def _catalogue_ids(self) -> tuple[Any, Any]:
+        store = DataStore(self._args.data_dir)
+        return store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy()
 
     async def _reload(self) -> dict[str, Any]:
         ctx = serve.get_replica_context()

@@ -85,8 +85,8 @@ class ServeArgs(StrictModel):
         event_log: Serve ``POST /v1/events`` with the durable log under the data directory.
         event_log_fsync: fsync before acknowledging events (keep on outside benchmarks).
         events_sink: ``module:callable`` returning the streaming sink: called as
-            ``f(data_dir)`` and must return a callable taking one event (e.g. a feature
-            client's ``push_interaction``).
+            ``f(data_dir)`` and must return a callable taking a list of event records
+            (:func:`feature_client_sink`: the feature client's ``push_interactions``).
         ranker_batch: ``@serve.batch`` settings of the cluster ranker.
     """
 
@@ -358,6 +358,30 @@ def load_sink(args: ServeArgs) -> Sink | None:
         return None
 
 
+def feature_client_sink(data_dir: str | None) -> Sink:
+    """The feature store's streaming push (``FeatureClient.push_interactions``) as the events sink.
+
+    Use as ``events_sink: deployments.runtime:feature_client_sink`` in the Serve config.
+
+    Raises:
+        FeatureStoreError: no feature store has been built under ``data_dir`` (the gateway then
+            logs a warning and serves events without the streaming push).
+    """
+    from pathlib import Path
+
+    from streamrec.errors import FeatureStoreError
+    from streamrec.features.client import FeatureClient
+
+    client = FeatureClient(data_dir)
+    if not Path(client.meta_path).is_file():
+        raise FeatureStoreError(
+            f"no feature store under {client.features_dir}: run 'streamrec features build' and "
+            "'streamrec features apply' first"
+        )
+    push: Sink = client.push_interactions
+    return push
+
+
 def build_gateway(
     args: ServeArgs,
     recommend: Callable[[RecommendRequest], Awaitable[RecommendResponse]],
@@ -402,6 +426,7 @@ __all__ = [
     "build_gateway",
     "import_object",
     "load_sink",
+    "feature_client_sink",
     "load_stages",
     "local_call",
     "local_primary",

@@ -2,8 +2,11 @@
 
 Nothing lost (DESIGN.md, principle 4): an event is acknowledged only after it is written to an
 append-only JSON-lines segment under :attr:`streamrec.paths.DataLayout.event_log` and
-``fsync``'d. Only then is the optional *sink* (the feature client's streaming push) called; a sink
-failure never loses the event — it is in the log and counted as ``push_failed``.
+``fsync``'d. Only then is the optional *sink* (the feature client's streaming push, e.g.
+``FeatureClient.push_interactions``) called once with the batch's new events; a sink failure
+never loses them — they are in the log and counted as ``push_failed``. The sink sits behind a
+circuit breaker: after repeated failures it is skipped (still counted) until its reset timeout,
+so a dead online store costs the events endpoint nothing.
 
 Layout::
 
@@ -50,15 +53,19 @@ from streamrec.config import utc_stamp
 from streamrec.data.contract import quarantine_rows, validate_events
 from streamrec.data.schema import EVENT_SCHEMA
 from streamrec.data.store import DataStore
+from streamrec.features.spec import ENGAGED_EVENT_TYPES
 from streamrec.paths import DataLayout
+from streamrec.resilience import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
-#: Sink signature: called once per newly stored event, after the durable write.
-Sink = Callable[[EventIn], Any]
+#: Sink signature: called with the records (:func:`event_record`) of a batch's newly stored events,
+#: after the durable write.
+Sink = Callable[[list[dict[str, Any]]], Any]
 
-#: API event types that count as a positive label in the events store.
-POSITIVE_TYPES: frozenset[str] = frozenset({"click", "complete"})
+#: API event types that count as a positive label in the events store (the feature spec's
+#: definition of engagement, so training labels and streaming features agree).
+POSITIVE_TYPES: frozenset[str] = frozenset(ENGAGED_EVENT_TYPES)
 #: Default segment size before rotating to a new file.
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 
@@ -213,8 +220,11 @@ class EventLog:
         root: The log directory (usually ``DataLayout.event_log``).
         known_users: User ids events may name (None: any).
         known_items: Item ids events may name (None: any).
-        sink: Called with each newly stored event after the durable write (e.g. the feature
-            client's ``push_interaction``); its exceptions are counted, never raised.
+        sink: Called with the records of each batch's newly stored events after the durable
+            write (e.g. the feature client's ``push_interactions``); its exceptions are counted,
+            never raised.
+        sink_breaker: Circuit breaker around the sink (default: open after 5 consecutive
+            failures, retry after 30 s).
         fsync: Flush to stable storage before acknowledging (turn off only in benchmarks of
             other parts).
         segment_max_bytes: Rotate to a new segment file beyond this size.
@@ -228,6 +238,7 @@ class EventLog:
         known_items: Iterable[int] | np.ndarray | None = None,
         sink: Sink | None = None,
         *,
+        sink_breaker: CircuitBreaker | None = None,
         fsync: bool = True,
         segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
         load_existing: bool = True,
@@ -238,6 +249,9 @@ class EventLog:
         self.known_users = _sorted_ids(known_users)
         self.known_items = _sorted_ids(known_items)
         self.sink = sink
+        self.sink_breaker = sink_breaker or CircuitBreaker(
+            "event_sink", failure_threshold=5, reset_timeout_s=30.0
+        )
         self.fsync = fsync
         self.segment_max_bytes = int(segment_max_bytes)
         self._lock = threading.Lock()
@@ -291,6 +305,7 @@ class EventLog:
                 self.stats.rejected += n
             return AppendOutcome(n, 0, 0, n, 0, tuple(bad_users), tuple(bad_items))
         when = received_at or datetime.now(UTC)
+        records: list[dict[str, Any]] = []
         with self._lock:
             fresh: list[EventIn] = []
             batch_ids: set[str] = set()
@@ -300,9 +315,8 @@ class EventLog:
                 batch_ids.add(e.event_id)
                 fresh.append(e)
             if fresh:
-                payload = "".join(
-                    json.dumps(event_record(e, when), separators=(",", ":")) + "\n" for e in fresh
-                )
+                records = [event_record(e, when) for e in fresh]
+                payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
                 try:
                     self._write(payload.encode())
                 except OSError:
@@ -313,22 +327,28 @@ class EventLog:
             self.stats.received += n
             self.stats.stored += len(fresh)
             self.stats.duplicates += dup
-        failed = self._push(fresh)
+        failed = self._push(records)
         return AppendOutcome(n, len(fresh), dup, 0, failed)
 
-    def _push(self, events: list[EventIn]) -> int:
-        if self.sink is None or not events:
+    def _push(self, records: list[dict[str, Any]]) -> int:
+        """Hand the new records to the sink; return how many it failed to take (never raises)."""
+        if self.sink is None or not records:
             return 0
         failed = 0
-        for e in events:
+        if not self.sink_breaker.allow():
+            failed = len(records)  # the sink is known to be down: skip it, the log has the events
+        else:
             try:
-                self.sink(e)
-            except Exception as exc:  # the event is durable already; count and go on
-                failed += 1
-                log.warning("event %s logged but the push to the sink failed: %s", e.event_id, exc)
+                self.sink(records)
+            except Exception as exc:  # the events are durable already; count and go on
+                self.sink_breaker.record_failure()
+                failed = len(records)
+                log.warning("%d event(s) logged but the push to the sink failed: %s", failed, exc)
+            else:
+                self.sink_breaker.record_success()
         with self._lock:
             self.stats.push_failed += failed
-            self.stats.pushed += len(events) - failed
+            self.stats.pushed += len(records) - failed
         return failed
 
     def _write(self, data: bytes) -> None:
@@ -412,6 +432,7 @@ class EventLog:
             out["balanced"] = self.stats.balanced()
             out["segment"] = str(self._segment) if self._segment else None
             out["ids_in_memory"] = len(self._seen)
+            out["sink"] = None if self.sink is None else self.sink_breaker.snapshot()
         return out
 
     # ------------------------------------------------------------------------ export

@@ -113,21 +113,46 @@ def test_invariant_count_in_equals_stored_plus_duplicates_plus_rejected(log_: Ev
     assert log_.snapshot()["balanced"] is True
 
 
-def test_sink_failure_keeps_the_event(store: DataStore) -> None:
-    pushed: list[str] = []
+def test_sink_gets_new_events_once_and_failure_keeps_them(store: DataStore) -> None:
+    pushed: list[list[str]] = []
+    down = {"now": False}
 
-    def flaky(e: EventIn) -> None:
-        if e.event_id == "bad":
+    def sink(records: list[dict[str, object]]) -> None:
+        if down["now"]:
             raise ConnectionError("online store down")
-        pushed.append(e.event_id)
+        pushed.append([str(r["event_id"]) for r in records])
 
-    log = EventLog.open(store.layout.root, sink=flaky)
-    out = log.append([ev("good"), ev("bad")])
-    assert (out.stored, out.push_failed) == (2, 1)
-    assert pushed == ["good"]
-    assert {r["event_id"] for r in log_lines(log)} == {"good", "bad"}
-    assert (log.stats.push_failed, log.stats.pushed) == (1, 1)
-    assert log.append([ev("bad")]).duplicates == 1  # a retry is not pushed or stored again
+    log = EventLog.open(store.layout.root, sink=sink)
+    assert log.append([ev("good"), ev("good"), ev("g2")]).push_failed == 0
+    assert pushed == [["good", "g2"]]  # one call per batch, new events only
+    down["now"] = True
+    out = log.append([ev("bad1"), ev("bad2")])
+    assert (out.stored, out.push_failed) == (2, 2)
+    assert {r["event_id"] for r in log_lines(log)} == {"good", "g2", "bad1", "bad2"}
+    assert (log.stats.push_failed, log.stats.pushed) == (2, 2)
+    assert log.append([ev("bad1")]).duplicates == 1  # a retry is neither stored nor pushed again
+    assert pushed == [["good", "g2"]]
+
+
+def test_sink_breaker_skips_a_dead_sink(store: DataStore) -> None:
+    from streamrec.resilience import CircuitBreaker
+
+    calls = []
+    now = [0.0]
+
+    def dead(records: list[dict[str, object]]) -> None:
+        calls.append(len(records))
+        raise TimeoutError("redis timeout")
+
+    breaker = CircuitBreaker("sink", failure_threshold=2, reset_timeout_s=10.0, clock=lambda: now[0])
+    log = EventLog.open(store.layout.root, sink=dead, sink_breaker=breaker)
+    for i in range(5):
+        assert log.append([ev(f"d{i}")]).push_failed == 1
+    assert calls == [1, 1]  # opened after two failures: later batches skip the sink
+    now[0] += 11.0
+    log.append([ev("d5")])
+    assert calls == [1, 1, 1]  # one trial after the reset timeout
+    assert log.stats.push_failed == 6 and log.stats.stored == 6 and log.snapshot()["sink"]["state"] == "open"
 
 
 def test_write_failure_is_raised_not_acknowledged(store: DataStore, monkeypatch: pytest.MonkeyPatch) -> None:

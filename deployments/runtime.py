@@ -378,6 +378,7 @@ def feature_client_sink(data_dir: str | None) -> Sink:
             f"no feature store under {client.features_dir}: run 'streamrec features build' and "
             "'streamrec features apply' first"
         )
+    _ = client.store  # import Feast and load the registry now, not on the first event (~10 s here)
     push: Sink = client.push_interactions
     return push
 

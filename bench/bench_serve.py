@@ -260,7 +260,9 @@ def request_mix(data_dir: Path, host: str, port: int, path: str, n: int = 2000) 
     return out, int(users.max()) if len(users) else 1
 
 
-def deploy_app(composition: str, data_dir: Path, port: int, stages: str, sources: list[str] | None) -> None:
+def deploy_app(
+    composition: str, data_dir: Path, port: int, stages: str, sources: list[str] | None, fallback: bool
+) -> None:
     from deployments import config
 
     path = REPO / ("configs/serve/local.yaml" if composition == "fused" else "configs/serve/cluster.yaml")
@@ -270,6 +272,7 @@ def deploy_app(composition: str, data_dir: Path, port: int, stages: str, sources
         "stages": stages,
         "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}},
     }
+    extra["fallback"] = fallback
     if stages == "noop":
         extra["noop_sources"] = sources or ["popularity"]
     cfg = config.override(
@@ -328,6 +331,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--quick", action="store_true", help="short steps (smoke run)")
     p.add_argument("--throughput-optimized", action="store_true", help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    p.add_argument(
+        "--fallback",
+        action="store_true",
+        help="keep the gateway's in-process popularity fallback on (off by default: with it, an overloaded "
+        "composition answers from the fallback and the figures no longer describe the composition)",
+    )
     p.add_argument("--out", default=str(REPO / "bench/results/serve.json"))
     p.add_argument("--docs", default=str(REPO / "docs/benchmarks.md"))
     p.add_argument("--no-docs", action="store_true")
@@ -369,9 +378,9 @@ def main() -> None:
                 float(r) for r in (args.fused_rates if comp == "fused" else args.cluster_rates).split(",")
             ]
             print(f"{comp}:", flush=True)
-            deploy_app(comp, data_dir, port, "auto", None)
+            deploy_app(comp, data_dir, port, "auto", None, args.fallback)
             real = measure(f"{comp} (stages)", data_dir, port, args, rates)
-            deploy_app(comp, data_dir, port, "noop", real["sources"])
+            deploy_app(comp, data_dir, port, "noop", real["sources"], args.fallback)
             floor = measure(f"{comp} (no-op floor)", data_dir, port, args, rates)
             results[comp] = {"stages": real, "noop_floor": floor}
     finally:
@@ -388,6 +397,7 @@ def main() -> None:
         },
         "ray": ray.__version__,
         "throughput_optimized": bool(args.throughput_optimized),
+        "fallback_enabled": bool(args.fallback),
         "data": {**world, "dir": str(data_dir)},
         "load_generator": {
             "open_loop": "asyncio HTTP/1.1 client in the benchmark process (uvloop), fixed arrival rate, "
@@ -400,6 +410,14 @@ def main() -> None:
         "p99_budget_ms": P99_BUDGET_MS,
         "results": results,
     }
+    loads = [
+        st["load_avg_1m"]
+        for res in results.values()
+        for r in res.values()
+        for st in r["open_loop"]["steps"]
+        if "load_avg_1m" in st
+    ]
+    payload["load_avg_range"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
@@ -425,7 +443,14 @@ def render(payload: dict[str, Any]) -> str:
         "Each composition is measured with the stages it serves and with no-op stages of the same "
         "topology (its floor), in the same run. Open loop: fixed arrival rate, latency from the "
         f"scheduled send time, {payload['step_seconds']:g} s per step, asyncio client on the same cores. "
-        "Sequential: Debian `wrk` (closed loop) at 1 connection; c=8: 8 connections.",
+        "Sequential: Debian `wrk` (closed loop) at 1 connection; c=8: 8 connections. "
+        + (
+            "The gateway's popularity fallback was on. "
+            if payload.get("fallback_enabled")
+            else "The gateway's popularity fallback was off (the figures are the composition's own). "
+        )
+        + f"Load average (1 min) during the steps: {payload.get('load_avg_range', 'n/a')} on "
+        f"{payload['machine']['cpus']} CPUs (other work shares this machine).",
         "",
         "| composition | stages | sequential p50 ms | wrk c=8 req/s (p99 ms) "
         "| max open-loop rate with p99 <= 200 ms | p50 / p95 / p99 ms at that rate |",
@@ -438,14 +463,38 @@ def render(payload: dict[str, Any]) -> str:
             best = r["open_loop"]["max_sustained_rps_p99_le_200ms"]
             at = next((s for s in r["open_loop"]["steps"] if s["target_rps"] == best), None)
             what = (
-                f"{label} ({r['degradation_level']}, {','.join(r['sources'] or [])})"
+                f"{r['model_version'].split('@')[0]} (sources: {', '.join(r['sources'] or [])})"
                 if label == "stages"
-                else label
+                else "no-op floor"
             )
             pct = f"{at['p50_ms']:.1f} / {at['p95_ms']:.1f} / {at['p99_ms']:.1f}" if at else "-"
             c8s = f"{_fmt(c8.get('rps'))} ({_fmt(c8.get('p99_ms'))})"
             lines.append(
                 f"| {comp} | {what} | {_fmt(seq.get('p50_ms'))} | {c8s} | {_fmt(best)} req/s | {pct} |"
+            )
+    lines += ["", "Against the targets (issue 5):", ""]
+    res = payload["results"]
+    if "fused" in res:
+        at100 = next(
+            (st for st in res["fused"]["stages"]["open_loop"]["steps"] if st["target_rps"] == 100), None
+        )
+        best = res["fused"]["stages"]["open_loop"]["max_sustained_rps_p99_le_200ms"]
+        lines.append(
+            f"- fused: p99 {at100['p99_ms']:.1f} ms at 100 req/s (target <= 200 ms at >= 100 req/s); "
+            f"highest sustained rate with p99 <= 200 ms: {best:g} req/s"
+            if at100
+            else f"- fused: highest sustained rate with p99 <= 200 ms: {best:g} req/s"
+        )
+    if "cluster" in res:
+        a = (res["cluster"]["stages"].get("wrk_sequential") or {}).get("p50_ms")
+        b = (res["cluster"]["noop_floor"].get("wrk_sequential") or {}).get("p50_ms")
+        s0 = res["cluster"]["stages"]["open_loop"]["steps"][0]
+        f0 = res["cluster"]["noop_floor"]["open_loop"]["steps"][0]
+        if a and b:
+            lines.append(
+                f"- cluster: sequential p50 {a:.1f} ms vs its no-op floor {b:.1f} ms = {a / b:.2f}x (target <= 1.25x); "
+                f"open loop at {s0['target_rps']:g} req/s: p50 {s0['p50_ms']:.1f} vs {f0['p50_ms']:.1f} ms = "
+                f"{s0['p50_ms'] / max(f0['p50_ms'], 1e-9):.2f}x"
             )
     lines += ["", "Open-loop steps (target req/s: p50 / p95 / p99 ms, achieved req/s):", ""]
     for comp, res in payload["results"].items():
@@ -468,11 +517,13 @@ def write_docs(path: Path, payload: dict[str, Any]) -> None:
     """Replace (or append) only this benchmark's section of docs/benchmarks.md."""
     section = render(payload)
     text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    section = section.rstrip("\n") + "\n\n"
     pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
+        text = pattern.sub(lambda _: section, text)
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + section
+    text = text.rstrip("\n") + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 

@@ -145,3 +145,19 @@ def test_ranker_features_identical_single_and_batch(trained: tuple[Path, dict[st
         d1, s1 = f.ranker_inputs(ctx, items[j : j + 1], src[j : j + 1])
         np.testing.assert_allclose(d1[0], dense[j], rtol=1e-6)
         np.testing.assert_array_equal(s1[0], sparse[j])
+
+
+def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from streamrec.pipeline.retrain import retrain
+
+    synthesize(SynthConfig(users=150, items=100, days=6, seed=5), tmp_path, progress=False)
+    cfg = small_config(use_ray=False)
+    day = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+    first = retrain(tmp_path, cfg, today=day, log=lambda m: None)
+    assert first["skipped"] is False and first["registered_version"] == 1
+    assert first["champion_model_age_hours"] is not None and first["champion_model_age_hours"] > 0
+    again = retrain(tmp_path, cfg, today=day, log=lambda m: None)
+    assert again["skipped"] is True and again["registered_version"] == 1
+    assert (tmp_path / "models" / "retrain" / "2026-11-27.json").is_file()

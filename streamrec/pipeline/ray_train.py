@@ -118,7 +118,14 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            # RAY_ADDRESS (set by `ray job submit`) joins that cluster; else a private local one,
+            # never a stray `ray start` cluster that happens to run on this machine.
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     use_gpu = scaling.use_gpu
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         logger.warning("use_gpu requested but the Ray cluster has no GPU: training on CPU")

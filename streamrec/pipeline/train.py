@@ -19,6 +19,7 @@ retrieval models' :class:`~streamrec.evaluation.split.IdMap`.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import subprocess
 import time
@@ -590,7 +591,14 @@ def precompute_fallback(
 
     out = DataLayout.at(data_dir).root / "fallback" / version
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            # RAY_ADDRESS (set by `ray job submit`) joins that cluster; else a private local one,
+            # never a stray `ray start` cluster that happens to run on this machine.
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
 
     class TopN:
         def __init__(self) -> None:

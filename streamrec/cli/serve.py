@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,6 +32,18 @@ def _demo_auth(cfg_args: dict[str, Any], key: str, admin_key: str | None) -> dic
     # The replicas get the key as a digest; reading STREAMREC_API_KEY there too would duplicate it.
     auth.update(keys=keys, use_env_key=False)
     return auth
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _find_config(path: Path) -> Path:
+    """``path`` as given, else relative to the repository (so the default works from any directory)."""
+    if path.is_file() or path.is_absolute():
+        return path
+    repo_relative = Path(__file__).resolve().parents[2] / path
+    return repo_relative if repo_relative.is_file() else path
 
 
 @app.command()
@@ -83,7 +96,7 @@ def serve(
 
     from deployments import config as serve_config
 
-    cfg = serve_config.load(config)
+    cfg = serve_config.load(_find_config(config))
     cfg = serve_config.override(cfg, data_dir=root, host=host, port=port)
     for app_cfg in cfg["applications"]:
         app_cfg.setdefault("args", {})["auth"] = _demo_auth(app_cfg["args"], key, admin_key)
@@ -91,6 +104,11 @@ def serve(
     http = cfg.get("http_options", {})
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     prefix = (cfg["applications"][0].get("route_prefix") or "/").rstrip("/")
+
+    # Ctrl-C / kill -INT / kill -TERM stop the service, also when started in the background by a
+    # script (a non-interactive shell starts background jobs with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
 
     if throughput_optimized:
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")

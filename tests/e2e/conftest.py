@@ -135,11 +135,17 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def served(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Served:
+def serve_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data directory every e2e test serves (MovieLens 100K or the small world)."""
+    return make_data_dir(tmp_path_factory.mktemp("serve") / "data")
+
+
+@pytest.fixture(scope="session")
+def served(ray_session: None, serve_data: Path) -> Served:
     """configs/serve/local.yaml at /fused and configs/serve/cluster.yaml at /cluster."""
     from deployments import config
 
-    data = make_data_dir(tmp_path_factory.mktemp("serve") / "data")
+    data = serve_data
     port = free_port()
     common = {"data_dir": data, "port": port, "host": "127.0.0.1", "args": {"auth": auth_args()}}
     fused = config.override(

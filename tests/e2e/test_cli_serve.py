@@ -1,0 +1,80 @@
+"""``streamrec serve`` as the demo and the checks use it: blocking, prints the key, stops on SIGINT.
+
+The service is started the way ``scripts/demo.sh`` starts it: in the background of a
+non-interactive shell, where SIGINT is ignored unless the program re-enables it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "cli-demo-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(serve_data: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "STREAMREC_API_KEY": KEY}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamrec", "serve", "--config", "configs/serve/local.yaml",
+             "--data-dir", str(serve_data), "--port", str(port)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # like `cmd &` in a script
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready:
+                break
+            time.sleep(1)
+        assert ready, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"API key (read+write): {KEY}" in text and f"http://127.0.0.1:{port}" in text
+        r = httpx.post(
+            f"{base}/v1/recommend", json={"user_id": 1, "k": 3}, headers={"X-API-Key": KEY}, timeout=30
+        )
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+        assert httpx.post(f"{base}/v1/recommend", json={"user_id": 1}, timeout=30).status_code == 401
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{base}/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_streamrec_serve_refuses_an_empty_data_dir(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "streamrec", "serve", "--data-dir", str(tmp_path / "empty")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode != 0
+    assert p.stderr.strip().startswith("error: no data in") and "Traceback" not in p.stderr

@@ -152,8 +152,9 @@ def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
 
     from streamrec.pipeline.retrain import retrain
 
-    synthesize(SynthConfig(users=150, items=100, days=6, seed=5), tmp_path, progress=False)
+    synthesize(SynthConfig(users=300, items=150, days=7, seed=5), tmp_path, progress=False)
     cfg = small_config(use_ray=False)
+    cfg.split.min_train_events = 50
     day = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
     first = retrain(tmp_path, cfg, today=day, log=lambda m: None)
     assert first["skipped"] is False and first["registered_version"] == 1

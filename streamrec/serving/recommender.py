@@ -268,10 +268,3 @@ def build_stages(
     stages = RecommenderStages(funnel, fc, version, _load_batch(root, version), titles)
     log.info("loaded model %s from %s (%d items, %d users)", version, path, len(table), len(models.users))
     return stages
-
-
-def feature_sink(data_dir: str | os.PathLike[str] | None = None) -> Any:
-    """Streaming sink for ``POST /v1/events``: pushes each event to the feature store."""
-    from streamrec.features.client import FeatureClient
-
-    return FeatureClient(data_dir).push_interaction

@@ -1,26 +1,29 @@
 """FAISS vector index over item embeddings, chosen by corpus size, and the ANN source.
 
-Index choice (:func:`build_index`, ``kind="auto"``), from measurements on the 2-core development
-machine (``bench/bench_retrieval.py`` records them; numbers below are single-thread queries):
+Index choice (:func:`build_index`, ``kind="auto"``), from measurements on the shared 2-core
+development machine (``bench/bench_retrieval.py`` -> ``bench/results/retrieval.json``; queries
+single-threaded, k=10, recall against exact search):
 
-* **Fewer than ``exact_threshold`` (20,000) items: exact ``IndexFlat``.** A brute-force query over
-  30k x 32-d vectors takes ~0.2 ms; approximate search would buy nothing and cost recall.
-* **Above: IVF-Flat.** On *learned* vectors (ALS factors, the kind we serve) IVF was both more
-  accurate and far cheaper to build than HNSW: at 100k items, IVF reached recall@10 0.99 at
-  ``nprobe=32`` after a 2 s build, where HNSW (M=32, efConstruction=100) reached 0.92 at
-  ``efSearch=128`` after 16 s. Daily retraining rebuilds the index, so build cost matters on
-  2 cores. For inner product, vectors go through the MIPS-to-L2 reduction of Bachrach et al.
-  (2014): items get an extra coordinate ``sqrt(M^2 - |x|^2)`` and queries a 0, so that L2
-  k-means and L2 probing work on norm-varying embeddings (plain inner-product IVF reached only
-  0.71 at ``nprobe=16`` where the reduced index reached 0.98).
-* ``kind="hnsw"`` stays available: on isotropic data without cluster structure (random
-  Gaussian vectors) HNSW is far better than IVF (30k random: 0.98 at ``efSearch=64`` vs. IVF
-  0.57 at ``nprobe=32``), and it needs no training step.
+* **Fewer than ``exact_threshold`` (20,000) items: exact ``IndexFlat``.** Brute force over 30k
+  x 32-d vectors takes ~0.2 ms per query; approximate search would buy nothing and cost recall.
+* **From 20,000 items: IVF-Flat** (``nlist = 4 sqrt(n)``). On 200k *learned-like* vectors (ALS
+  factors resampled with noise, d=32) IVF reached recall 0.96 at ``nprobe=8`` (0.04 ms) and 0.99
+  at ``nprobe=32`` (0.14 ms), where HNSW (M=32, efConstruction=80) reached only 0.83 at
+  ``efSearch=128`` (0.26 ms) and took twice as long to build - and daily retraining rebuilds the
+  index on 2 cores. Exact search over the same 200k took 0.87 ms. For inner product the vectors
+  go through the MIPS-to-L2 reduction of Bachrach et al. (2014): items get an extra coordinate
+  ``sqrt(M^2 - |x|^2)`` and queries a 0, so L2 k-means and L2 probing work on norm-varying
+  embeddings (plain inner-product IVF reached 0.71 at ``nprobe=16`` on 100k such vectors, the
+  reduced index 0.98).
+* ``kind="hnsw"`` stays available for isotropic data without cluster structure, where IVF is
+  useless: on 200k random Gaussian d=64 vectors IVF needed ``nprobe=1024`` of 1788 for 0.99
+  (4.7 ms, slower than exact search at 2.7 ms) while HNSW gave 0.93 at ``efSearch=256`` (0.9 ms).
+  Learned embeddings are not like that, but if a model's are, choose ``hnsw`` or ``flat``.
 
-Unless ``nprobe`` / ``ef_search`` is given, it is *calibrated* after the build: the smallest value
-whose recall@k against exact search on sample queries reaches ``target_recall``. That makes the
-recall a property of the index rather than a hope, whatever the data looks like (random data just
-gets a larger ``nprobe``).
+Unless ``nprobe`` / ``ef_search`` is given, it is *calibrated* after the build: the smallest power
+of two whose recall@k against exact search on sample queries reaches ``target_recall`` (pass real
+user vectors as ``calibration_queries`` when available). That makes recall a checked property of
+the index whatever the data looks like; the price of hard data shows up as latency instead.
 
 An index is saved as a directory with ``index.faiss`` (``faiss.write_index``) and ``index.json``
 (kind, metric, norm constant, search parameters); :func:`load_index` raises

@@ -57,7 +57,6 @@ from streamrec.retrieval.index import (  # noqa: E402
     IndexConfig,
     VectorIndex,
     build_index,
-    exact_search,
     measure_recall,
 )
 from streamrec.retrieval.merge import merge_candidates  # noqa: E402
@@ -322,9 +321,6 @@ def faiss_case(name: str, x: np.ndarray, q: np.ndarray, threads: int, hnsw_m: in
     }
     flat = build_index(x, config=IndexConfig(kind="flat"))
     out["exact_flat"] = {"query_p50_ms": query_latency(flat, q, k)}
-    exact = exact_search(x, q, k)
-    del exact  # warm-up of the brute-force path; measure_recall recomputes it per setting
-
     faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     ivf = build_index(x, config=IndexConfig(kind="ivf"), calibration_queries=q)

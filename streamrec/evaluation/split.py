@@ -64,12 +64,10 @@ class IdMap:
             An int64 array of the same shape as ``ids``.
         """
         arr = np.asarray(ids, dtype=np.int64)
-        pos = np.searchsorted(self.raw_ids, arr)
-        pos_clipped = np.minimum(pos, max(len(self) - 1, 0))
-        found = (
-            (pos < len(self)) & (self.raw_ids[pos_clipped] == arr) if len(self) else np.zeros_like(arr, bool)
-        )
-        return np.where(found, pos, -1).astype(np.int64)
+        if len(self) == 0:
+            return np.full(arr.shape, -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.raw_ids, arr), len(self) - 1)
+        return np.where(self.raw_ids[pos] == arr, pos, -1).astype(np.int64)
 
     def to_raw(self, indices: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Map dense indices back to raw ids.

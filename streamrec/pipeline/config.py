@@ -86,11 +86,16 @@ class EvaluationSettings(StrictModel):
         ks: Cut-offs for Recall/NDCG.
         candidate_counts: Candidate counts for the funnel's per-source recall.
         max_users: Evaluate at most this many test users (sampled with the seed); 0 = all.
+        baselines: Baselines run side by side (ItemKNN's dense similarity blocks grow with the
+            catalogue: drop it for corpora of 10^5+ items).
     """
 
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     candidate_counts: list[int] = Field(default_factory=lambda: [100, 300])
     max_users: int = Field(0, ge=0)
+    baselines: list[Literal["most_popular", "item_knn", "als", "bpr"]] = Field(
+        default_factory=lambda: ["most_popular", "item_knn", "als", "bpr"]
+    )
 
 
 class GateSettings(StrictModel):

@@ -442,13 +442,14 @@ def evaluate(
     # Baselines on the same training matrix, the same users, the same truth.
     mask_users = sp.csr_matrix((np.ones(users.size), (users, users)), shape=(truth.shape[0],) * 2)
     test_for_baselines = sp.csr_matrix(mask_users @ truth)
+    factories = {
+        "most_popular": MostPopular,
+        "item_knn": ItemKNN,
+        "als": lambda: ALS(ALSConfig(num_threads=1)),
+        "bpr": BPR,
+    }
     baselines = compare(
-        {
-            "most_popular": MostPopular(),
-            "item_knn": ItemKNN(),
-            "als": ALS(ALSConfig(num_threads=1)),
-            "bpr": BPR(),
-        },
+        {name: factories[name]() for name in cfg.baselines},
         m.train,
         test_for_baselines,
         ks,

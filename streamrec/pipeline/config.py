@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -79,6 +79,9 @@ class RankerSampling(StrictModel):
     negatives_per_positive: int = Field(8, ge=1)
 
 
+BaselineName = Literal["most_popular", "item_knn", "als", "bpr"]
+
+
 class EvaluationSettings(StrictModel):
     """Offline evaluation.
 
@@ -93,9 +96,7 @@ class EvaluationSettings(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     candidate_counts: list[int] = Field(default_factory=lambda: [100, 300])
     max_users: int = Field(0, ge=0)
-    baselines: list[Literal["most_popular", "item_knn", "als", "bpr"]] = Field(
-        default_factory=lambda: ["most_popular", "item_knn", "als", "bpr"]
-    )
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
 
 
 class GateSettings(StrictModel):

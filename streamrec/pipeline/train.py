@@ -442,14 +442,14 @@ def evaluate(
     # Baselines on the same training matrix, the same users, the same truth.
     mask_users = sp.csr_matrix((np.ones(users.size), (users, users)), shape=(truth.shape[0],) * 2)
     test_for_baselines = sp.csr_matrix(mask_users @ truth)
-    factories = {
+    factories: dict[str, Callable[[], Any]] = {
         "most_popular": MostPopular,
         "item_knn": ItemKNN,
         "als": lambda: ALS(ALSConfig(num_threads=1)),
         "bpr": BPR,
     }
     baselines = compare(
-        {name: factories[name]() for name in cfg.baselines},
+        {str(name): factories[name]() for name in cfg.baselines},
         m.train,
         test_for_baselines,
         ks,

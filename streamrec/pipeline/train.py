@@ -19,8 +19,8 @@ retrieval models' :class:`~streamrec.evaluation.split.IdMap`.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator

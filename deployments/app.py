@@ -44,6 +44,7 @@ from deployments.runtime import (
     LoadedStages,
     ServeArgs,
     build_gateway,
+    champion_version,
     load_stages,
     local_call,
 )
@@ -251,6 +252,13 @@ class Gateway:
             self._args.source_timeout_ms / 1000.0,
         )
         self._started = time.time()
+        self._watcher: asyncio.Task[None] | None = None
+        if (
+            self._args.watch_champion_s > 0
+            and self._args.stages in ("auto", "recommender")
+            and not self._args.factory
+        ):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_champion())
 
     def __serve_build_asgi_app__(self) -> Any:
         app, self._events = build_gateway(
@@ -354,6 +362,29 @@ class Gateway:
     def _catalogue_ids(self) -> tuple[Any, Any]:
         store = DataStore(self._args.data_dir)
         return store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy()
+
+    async def _watch_champion(self) -> None:
+        """Hot-reload when the registry's champion alias moves (promotion or rollback)."""
+        seen: int | None = None
+        try:
+            seen = await asyncio.to_thread(champion_version, self._args.data_dir)
+        except Exception as err:  # no registry yet: the first promotion will be picked up
+            log.info("champion watcher: registry not readable yet (%s)", err)
+        while True:
+            await asyncio.sleep(self._args.watch_champion_s)
+            try:
+                latest = await asyncio.to_thread(champion_version, self._args.data_dir)
+            except Exception as err:
+                log.warning("champion watcher: registry unreadable (%s); will retry", err)
+                continue
+            if latest is None or latest == seen:
+                continue
+            log.info("champion moved from %s to %s: hot reload", seen, latest)
+            try:
+                await self._reload()
+            except Exception as err:  # a bad bundle is refused; the current one keeps serving
+                log.error("hot reload to champion v%s refused: %s", latest, err)
+            seen = latest  # never retry the same version on every poll
 
     async def _reload(self) -> dict[str, Any]:
         ctx = serve.get_replica_context()

@@ -88,6 +88,8 @@ class ServeArgs(StrictModel):
             ``f(data_dir)`` and must return a callable taking a list of event records
             (:func:`feature_client_sink`: the feature client's ``push_interactions``).
         ranker_batch: ``@serve.batch`` settings of the cluster ranker.
+        watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
+            hot-reload every replica when it moves (0 turns the watcher off).
     """
 
     data_dir: str | None = None
@@ -106,6 +108,7 @@ class ServeArgs(StrictModel):
     event_log_fsync: bool = True
     events_sink: str | None = None
     ranker_batch: RankerBatch = Field(default_factory=RankerBatch)
+    watch_champion_s: float = Field(default=30.0, ge=0)
 
     @classmethod
     def parse(cls, args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
@@ -432,3 +435,11 @@ __all__ = [
     "local_call",
     "local_primary",
 ]
+
+
+def champion_version(data_dir: str | None) -> int | None:
+    """The version behind the registry's ``champion`` alias (None when there is none)."""
+    from streamrec.registry import ModelRegistry
+
+    info = ModelRegistry(data_dir=data_dir).get("champion")
+    return None if info is None else int(info.version)

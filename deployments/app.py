@@ -213,6 +213,12 @@ class _Deferred:
         self.parts = parts
 
 
+def _replica_rank() -> int:
+    """Rank of the calling replica within its deployment (0 when Serve does not say)."""
+    rank = getattr(serve.get_replica_context(), "rank", None)
+    return int(getattr(rank, "rank", rank) or 0)
+
+
 @serve.deployment(
     name="Gateway", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=128, health_check_period_s=5
 )
@@ -257,6 +263,7 @@ class Gateway:
             self._args.watch_champion_s > 0
             and self._args.stages in ("auto", "recommender")
             and not self._args.factory
+            and _replica_rank() == 0  # one watcher per deployment: its reload reaches every replica
         ):
             self._watcher = asyncio.get_running_loop().create_task(self._watch_champion())
 

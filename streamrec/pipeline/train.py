@@ -621,12 +621,13 @@ def precompute_fallback(
             }
 
     items = ray.data.from_items([{"user_id": int(u)} for u in users])
-    ds = items.map_batches(TopN, batch_size=512, concurrency=1, num_cpus=0.5)
+    # Light reservations: the job must also run beside a serving app on a small shared cluster.
+    ds = items.map_batches(TopN, batch_size=512, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    ds.write_parquet(str(out))
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": 0.1})
     return out
 
 

@@ -17,18 +17,19 @@ from tests.e2e.conftest import Served  # importable: pythonpath = ["."]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def _train(d: Path, promote: bool) -> dict[str, Any]:
-    from streamrec.pipeline.config import TrainingConfig
-    from streamrec.pipeline.train import run_pipeline
+def _train(d: Path, config: Path) -> dict[str, Any]:
+    """Train as an operator would: its own process (and Ray), not the serving cluster's."""
+    import json
+    import subprocess
+    import sys
 
-    cfg = TrainingConfig()
-    cfg.scaling.use_ray = False
-    cfg.two_tower.epochs = 2
-    cfg.two_tower.embedding_dim = 32
-    cfg.ranker.epochs = 2
-    cfg.split.min_train_events = 50
-    cfg.gates.promote = promote
-    return run_pipeline(d, cfg, log=lambda m: None)
+    p = subprocess.run(
+        [sys.executable, "-m", "streamrec", "train", "--data-dir", str(d), "--config", str(config), "--local", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    report: dict[str, Any] = json.loads(p.stdout)
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,14 @@ def trained(served: Served, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
 
     d = tmp_path_factory.mktemp("trained") / "data"
     synthesize(SynthConfig(users=300, items=200, days=7, seed=9), d, progress=False)
-    assert _train(d, promote=True)["registered_version"] == 1
-    assert _train(d, promote=False)["registered_version"] == 2  # registered, not champion
+    cfg = d.parent / "train.yaml"
+    cfg.write_text(
+        "two_tower: {epochs: 2, embedding_dim: 32}\nranker: {epochs: 2}\nsplit: {min_train_events: 50}\n"
+    )
+    assert _train(d, cfg)["registered_version"] == 1
+    nopromo = d.parent / "train-nopromote.yaml"
+    nopromo.write_text(cfg.read_text() + "gates: {promote: false}\n")
+    assert _train(d, nopromo)["registered_version"] == 2  # registered, not champion
     args = {"data_dir": str(d), "composition": "fused", "stages": "recommender", "watch_champion_s": 1.0,
             "auth": auth_args()}  # fmt: skip
     app = Gateway.options(ray_actor_options={"num_cpus": 0.1}).bind(args)

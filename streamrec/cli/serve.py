@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,6 +105,10 @@ def serve(
     http = cfg.get("http_options", {})
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     prefix = (cfg["applications"][0].get("route_prefix") or "/").rstrip("/")
+
+    # The key and URL lines must reach a log file at once, not when a block buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
 
     # Ctrl-C / kill -INT / kill -TERM stop the service, also when started in the background by a
     # script (a non-interactive shell starts background jobs with SIGINT ignored).

@@ -54,8 +54,13 @@ def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(serve_data: P
                 break
             time.sleep(1)
         assert ready, log.read_text()[-3000:]
+        # /readyz answers as soon as the replica is up; the CLI prints once `deploy` returns.
+        wanted = (f"API key (read+write): {KEY}", f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while not all(w in log.read_text() for w in wanted) and time.monotonic() < deadline:
+            time.sleep(0.5)
         text = log.read_text()
-        assert f"API key (read+write): {KEY}" in text and f"http://127.0.0.1:{port}" in text
+        assert all(w in text for w in wanted), text[-3000:]
         r = httpx.post(
             f"{base}/v1/recommend", json={"user_id": 1, "k": 3}, headers={"X-API-Key": KEY}, timeout=30
         )

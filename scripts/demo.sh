@@ -49,12 +49,7 @@ for user in 1 42 999999; do
   echo "-- user $user$( [ "$user" = 999999 ] && echo ' (unknown: cold start)')"
   curl -fsS -X POST "http://127.0.0.1:$PORT/v1/recommend" -H "X-API-Key: $STREAMREC_API_KEY" \
     -H 'Content-Type: application/json' -d "{\"user_id\": $user, \"k\": 5, \"context\": {\"device\": \"mobile\"}}" |
-    python3 -c '
-import json, sys
-r = json.load(sys.stdin); m = r["metadata"]
-print(f"   model {m[\"model_version\"]}, level {m[\"degradation_level\"]}, {m[\"timings_ms\"].get(\"total\", 0):.1f} ms")
-for i in r["items"]:
-    print(f"   {i[\"item_id\"]:>6}  {i[\"score\"]:.3f}  {(i.get(\"title\") or \"\")[:40]:40}  via {\",\".join(i[\"sources\"])}")'
+    python3 scripts/show_recs.py
 done
 
 if [ "${DEMO_KEEP_SERVING:-0}" = "1" ]; then

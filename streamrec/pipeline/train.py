@@ -327,8 +327,8 @@ def ranker_rows(
         merged, src = funnel.merge(parts)
         if len(merged) == 0:
             continue
-        pos_rows = table_rows = funnel.table.index_of(g["item_id"].to_numpy())
-        is_pos = np.isin(merged.items, table_rows)
+        pos_rows = funnel.table.index_of(g["item_id"].to_numpy())
+        is_pos = np.isin(merged.items, pos_rows)
         total += int(np.unique(pos_rows[pos_rows >= 0]).size)
         hit += int(is_pos.sum())
         neg_idx = np.flatnonzero(~is_pos)
@@ -482,9 +482,7 @@ def evaluate(
         parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}
         merged, src = funnel.merge(parts)
         ranked = funnel.rank(ctx, merged, src)
-        excl = np.concatenate([ctx.exclude_rows, ctx.history])
-        keep = ~np.isin(ranked.items, excl)
-        no_rerank.append(ranked.items[keep][:kmax])
+        no_rerank.append(funnel.without_excluded(ctx, ranked, kmax).items)
         res = funnel.rerank(ctx, ranked, kmax)
         full.append(np.asarray([it.item_index for it in res.items], dtype=np.int64))
         t_funnel += time.perf_counter() - t0

@@ -211,7 +211,9 @@ class Funnel:
         if source == "two_tower":
             return self._tt_source.retrieve(ctx.retrieval, n)
         if source == "cf":
-            return m.cf.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
+            # The CF query was computed once in context() (also a ranker feature): reuse it.
+            q = None if ctx.cf_vector is None else ctx.cf_vector[None, :]
+            return m.cf.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items, q), n)
         if source == "affinity":
             return m.affinity.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
         if source == "trending":
@@ -292,19 +294,19 @@ class Funnel:
             now=ctx.now,
         )
 
+    def without_excluded(self, ctx: FunnelContext, ranked: Ranked, k: int) -> Ranked:
+        """The ranker's order minus excluded and already-seen items, cut to ``k`` (no rules)."""
+        keep = ~np.isin(ranked.items, np.concatenate([ctx.exclude_rows, ctx.history]))
+        idx = np.flatnonzero(keep)[:k]
+        return Ranked(ranked.items[idx], ranked.scores[idx], [ranked.sources[i] for i in idx])
+
     def recommend(self, ctx: FunnelContext, k: int, *, rerank: bool = True) -> Ranked:
         """The whole funnel in-process (offline evaluation, the fused deployment)."""
         parts = {name: self.retrieve(name, ctx) for name in SOURCE_NAMES}
         merged, src = self.merge(parts)
         ranked = self.rank(ctx, merged, src)
         if not rerank:
-            excl = np.concatenate([ctx.exclude_rows, ctx.history])
-            keep = ~np.isin(ranked.items, excl)
-            return Ranked(
-                ranked.items[keep][:k],
-                ranked.scores[keep][:k],
-                [s for s, o in zip(ranked.sources, keep, strict=True) if o][:k],
-            )
+            return self.without_excluded(ctx, ranked, k)
         res = self.rerank(ctx, ranked, k)
         return Ranked(
             np.asarray([it.item_index for it in res.items], dtype=np.int64),

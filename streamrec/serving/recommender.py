@@ -155,7 +155,6 @@ class RecommenderStages:
         fctx: FunnelContext = ctx.state
         if len(ranked):
             res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)
-            rows = [it.item_index for it in res.items]
             items = [
                 {
                     "item_id": int(it.item_id),
@@ -166,7 +165,6 @@ class RecommenderStages:
                 }
                 for it in res.items
             ]
-            del rows
         else:
             items = self._batch_items(ctx)
             ctx.degraded.append("batch")

@@ -312,13 +312,15 @@ class TwoTowerModel(nn.Module):
     def _encode(self, n: int, batch_size: int, run: Any) -> np.ndarray:
         out = np.empty((n, self.embedding_dim), dtype=np.float32)
         was_training = self.training
-        self.eval()
+        if was_training:  # serving models are already in eval mode: skip the module-tree walk
+            self.eval()
         try:
             for start in range(0, n, batch_size):
                 s = slice(start, min(start + batch_size, n))
                 out[s] = run(s).float().cpu().numpy()
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         return out
 
 

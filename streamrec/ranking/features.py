@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from streamrec.data.schema import DEVICES
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.spec import views_for
+from streamrec.retrieval.base import csr_rows_dot
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -137,10 +138,10 @@ class RankerFeatures:
         """
         n = int(item_rows.shape[0])
         t = self.table
-        ic = self.item_categories[item_rows]
-        if category_prefs.shape[0] == 1:
-            pref = ic @ category_prefs[0]
+        if category_prefs.shape[0] == 1:  # serving: one user, ~500 items
+            pref = csr_rows_dot(self.item_categories, item_rows, category_prefs[0])
         else:
+            ic = self.item_categories[item_rows]
             pref = np.asarray(ic.multiply(category_prefs).sum(axis=1)).ravel()
         now_arr = np.broadcast_to(np.asarray(now, dtype=np.float64), (n,))
         pub = t.published_at[item_rows].astype(np.float64)

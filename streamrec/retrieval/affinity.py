@@ -26,7 +26,15 @@ import scipy.sparse as sp
 
 from streamrec.config import StrictModel
 from streamrec.errors import TrainingDataError
-from streamrec.retrieval.base import Candidates, FloatArray, IntArray, RetrievalSource, UserContext, top_n
+from streamrec.retrieval.base import (
+    Candidates,
+    FloatArray,
+    IntArray,
+    RetrievalSource,
+    UserContext,
+    csr_rows_sum,
+    top_n,
+)
 
 
 class AffinityConfig(StrictModel):
@@ -173,7 +181,7 @@ class AffinitySource(RetrievalSource):
             recent = np.asarray(c.recent_items, dtype=np.int64).ravel()
             recent = recent[(recent >= 0) & (recent < self._cats.shape[0])]
             if recent.size:
-                counts += np.asarray(self._cats[recent].sum(axis=0), dtype=np.float32).ravel()
+                counts += csr_rows_sum(self._cats, recent)
         alpha = np.float32(self.config.prior_strength)
         theta = (counts + alpha * self.prior) / (counts.sum() + alpha)
         return theta.astype(np.float32)

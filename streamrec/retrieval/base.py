@@ -81,6 +81,33 @@ def top_n(scores: npt.NDArray[np.floating], n: int, items: IntArray | None = Non
     return id_part[keep], s_part[keep]
 
 
+def _row_positions(m: sp.csr_matrix, rows: IntArray) -> tuple[IntArray, IntArray]:
+    """Positions in ``m.data`` of the entries of ``rows`` (concatenated), and each row's length."""
+    starts = m.indptr[rows].astype(np.int64)
+    lengths = m.indptr[rows + 1].astype(np.int64) - starts
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64), lengths
+
+
+def csr_rows_sum(m: sp.csr_matrix, rows: npt.ArrayLike) -> FloatArray:
+    """``m[rows].sum(axis=0)`` as a dense float32 vector, without building the sub-matrix.
+
+    The request path sums a handful of rows per call; scipy's fancy indexing costs ~0.2 ms for
+    that, this ~10 us. ``rows`` must be valid row indices (repeats count twice).
+    """
+    pos, _ = _row_positions(m, np.asarray(rows, dtype=np.int64).ravel())
+    return np.bincount(m.indices[pos], weights=m.data[pos], minlength=m.shape[1]).astype(np.float32)
+
+
+def csr_rows_dot(m: sp.csr_matrix, rows: npt.ArrayLike, vec: npt.ArrayLike) -> FloatArray:
+    """``m[rows] @ vec`` as a float32 vector, without building the sub-matrix (see :func:`csr_rows_sum`)."""
+    r = np.asarray(rows, dtype=np.int64).ravel()
+    pos, lengths = _row_positions(m, r)
+    prod = m.data[pos] * np.asarray(vec)[m.indices[pos]]
+    owner = np.repeat(np.arange(r.size, dtype=np.int64), lengths)
+    return np.bincount(owner, weights=prod, minlength=r.size).astype(np.float32)
+
+
 class RetrievalSource(ABC):
     """Base class of retrieval sources: filtering of seen items around :meth:`_retrieve`.
 

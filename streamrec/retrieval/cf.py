@@ -7,7 +7,12 @@ that training never saw (or refresh one after new interactions) with one closed-
 which a graph model cannot do without re-propagating.
 
 The source scores items by ``user_vector . item_vector`` via :class:`~.index.AnnSource` (exact
-search below 20k items, IVF above; see :mod:`streamrec.retrieval.index`). The user vector is:
+search below 20k items, IVF above; see :mod:`streamrec.retrieval.index`). Only items with a
+non-zero factor are indexed: ALS gives an item without training interactions the zero vector, whose
+score is 0 for every user, so it can never be a real CF candidate. On a 200k-item catalogue with
+power-law popularity that is a small share of the items (11.7k of 200k in the 7-day synthetic
+world), so the search is exact and ~25x faster than an IVF over every item, which also lost
+recall to the many tied zero vectors. The user vector is:
 
 * the trained factor of a known user without ``recent_items``;
 * a fold-in of (training history + ``recent_items``) when the context carries recent items;
@@ -47,8 +52,12 @@ class CFSource(AnnSource):
     ) -> None:
         self.model = model
         if index is None:
+            factors = np.asarray(model.item_factors, dtype=np.float32)
+            rows = np.flatnonzero(np.any(factors != 0, axis=1))
+            if rows.size == 0:  # degenerate model: keep a valid (useless) index over everything
+                rows = np.arange(factors.shape[0])
             index = build_index(
-                model.item_factors, "ip", index_config, calibration_queries=model.user_factors
+                factors[rows], "ip", index_config, calibration_queries=model.user_factors, ids=rows
             )
         super().__init__(index, self._query, name, model.train_matrix if exclude_seen else None)
 

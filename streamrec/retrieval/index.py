@@ -26,7 +26,8 @@ user vectors as ``calibration_queries`` when available). That makes recall a che
 the index whatever the data looks like; the price of hard data shows up as latency instead.
 
 An index is saved as a directory with ``index.faiss`` (``faiss.write_index``) and ``index.json``
-(kind, metric, norm constant, search parameters); :func:`load_index` raises
+(kind, metric, norm constant, search parameters), plus ``ids.npy`` when it indexes a subset of
+the items; :func:`load_index` raises
 :class:`~streamrec.errors.CorruptCheckpointError` when either is missing or unreadable.
 """
 
@@ -62,6 +63,7 @@ Metric = Literal["ip", "l2"]
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+IDS_FILE = "ids.npy"  # only for an index over a subset of the items
 
 
 class IndexConfig(StrictModel):
@@ -110,6 +112,8 @@ class VectorIndex:
         metric: ``ip`` (higher score = better) or ``l2`` (scores are negated squared distances).
         dim: Dimension of the original vectors.
         max_norm: Norm constant ``M`` of the MIPS-to-L2 reduction (0 when not used).
+        ids: Item index of each indexed row when the index holds a subset of the items
+            (e.g. only the items a CF model has factors for); ``None`` = row ``i`` is item ``i``.
     """
 
     index: Any
@@ -117,6 +121,7 @@ class VectorIndex:
     metric: Metric
     dim: int
     max_norm: float = 0.0
+    ids: IntArray | None = None
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -150,7 +155,10 @@ class VectorIndex:
             dist, ids = self.index.search(q, k)
             scores = dist if self.metric == "ip" else -dist
         scores = np.where(ids >= 0, scores, -np.inf)
-        return ids.astype(np.int64), scores.astype(np.float32)
+        ids = ids.astype(np.int64)
+        if self.ids is not None:
+            ids = np.where(ids >= 0, self.ids[np.maximum(ids, 0)], -1)
+        return ids, scores.astype(np.float32)
 
     @property
     def search_params(self) -> dict[str, int]:
@@ -186,6 +194,7 @@ def build_index(
     metric: Metric = "ip",
     config: IndexConfig | None = None,
     calibration_queries: npt.ArrayLike | None = None,
+    ids: npt.ArrayLike | None = None,
 ) -> VectorIndex:
     """Build an index over item vectors (row ``i`` = item index ``i``), kind chosen by size.
 
@@ -197,6 +206,8 @@ def build_index(
         config: Build settings (see :class:`IndexConfig` and the module docstring).
         calibration_queries: Queries to calibrate ``nprobe``/``ef_search`` on (best: real user
             vectors); default is a sample of the item vectors.
+        ids: Item index of each row of ``item_vectors`` when they are a subset of the items
+            (searches then return these ids); default: row ``i`` is item ``i``.
 
     Returns:
         The :class:`VectorIndex`.
@@ -213,11 +224,14 @@ def build_index(
     if metric not in ("ip", "l2"):
         raise ModelError(f"unknown metric {metric!r}; use 'ip' or 'l2'")
     n, d = x.shape
+    row_ids = None if ids is None else np.asarray(ids, dtype=np.int64).ravel()
+    if row_ids is not None and row_ids.shape[0] != n:
+        raise ModelError(f"ids has {row_ids.shape[0]} entries for {n} item vectors; pass one id per row")
     kind = choose_kind(n, cfg)
     if kind == "flat":
         flat = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
         flat.add(x)
-        return VectorIndex(flat, "flat", metric, d)
+        return VectorIndex(flat, "flat", metric, d, ids=row_ids)
     if kind == "hnsw":
         hnsw = faiss.IndexHNSWFlat(d, cfg.hnsw_m, _faiss_metric(metric))
         hnsw.hnsw.efConstruction = cfg.ef_construction
@@ -230,7 +244,8 @@ def build_index(
         vi.set_search_params(nprobe=knob, ef_search=knob)
     else:
         q = _calibration_queries(x, calibration_queries, cfg)
-        calibrate(vi, x, q, cfg.calibration_k, cfg.target_recall)
+        calibrate(vi, x, q, cfg.calibration_k, cfg.target_recall)  # on rows, before the id map
+    vi.ids = row_ids
     return vi
 
 
@@ -349,6 +364,8 @@ def save_index(index: VectorIndex, path: str | os.PathLike[str]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         faiss.write_index(index.index, str(tmp / INDEX_FILE))
+        if index.ids is not None:
+            np.save(tmp / IDS_FILE, index.ids)
         meta = {
             "kind": index.kind,
             "metric": index.metric,
@@ -382,6 +399,8 @@ def load_index(path: str | os.PathLike[str]) -> VectorIndex:
         meta = json.loads((p / META_FILE).read_text())
         raw = faiss.read_index(str(p / INDEX_FILE))
         vi = VectorIndex(raw, meta["kind"], meta["metric"], int(meta["dim"]), float(meta["max_norm"]))
+        if (p / IDS_FILE).exists():
+            vi.ids = np.asarray(np.load(p / IDS_FILE), dtype=np.int64)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CorruptCheckpointError(
             f"cannot load the FAISS index at {p}: {err}; rebuild it from the item embeddings"
@@ -390,6 +409,7 @@ def load_index(path: str | os.PathLike[str]) -> VectorIndex:
         vi.kind not in ("flat", "ivf", "hnsw")
         or vi.metric not in ("ip", "l2")
         or len(vi) != meta.get("ntotal")
+        or (vi.ids is not None and vi.ids.shape != (len(vi),))
     ):
         raise CorruptCheckpointError(f"index metadata at {p} does not match the index file; rebuild it")
     return vi

@@ -52,9 +52,21 @@ class MergedCandidates:
         return np.bitwise_count(self.source_mask).astype(np.int64)
 
     def provenance(self) -> list[list[str]]:
-        """Per item, the names of the sources that returned it (in source order)."""
-        bits = [(np.uint64(1) << np.uint64(j), name) for j, name in enumerate(self.source_names)]
-        return [[name for bit, name in bits if m & bit] for m in self.source_mask]
+        """Per item, the names of the sources that returned it (in source order).
+
+        Items with the same set of sources share one list object (treat them as read-only):
+        there are few distinct sets, and building ~500 small lists per request cost more than
+        the whole merge.
+        """
+        names = self.source_names
+        cache: dict[int, list[str]] = {}
+        out = []
+        for m in self.source_mask.tolist():
+            hit = cache.get(m)
+            if hit is None:
+                hit = cache[m] = [name for j, name in enumerate(names) if m >> j & 1]
+            out.append(hit)
+        return out
 
     def from_source(self, name: str) -> npt.NDArray[np.bool_]:
         """Boolean mask of the items that source ``name`` returned."""

@@ -223,7 +223,10 @@ class Funnel:
     def merge(self, parts: dict[str, tuple[I64, F32]]) -> tuple[MergedCandidates, F32]:
         """Union of the sources with agreement bonus; also each source's normalised score per item."""
         merged = merge_candidates(
-            parts, self.settings.merged, self.settings.agreement_bonus, normalisation=self.settings.normalisation
+            parts,
+            self.settings.merged,
+            self.settings.agreement_bonus,
+            normalisation=self.settings.normalisation,
         )
         src = np.zeros((len(merged), len(SOURCE_NAMES)), dtype=np.float32)
         if len(merged):

@@ -210,6 +210,24 @@ def _load_batch(data_dir: Path, version: str) -> dict[int, tuple[np.ndarray, np.
     }
 
 
+def serving_threads(n: int = 1) -> None:
+    """Cap torch, FAISS (OpenMP) and BLAS at ``n`` threads in this process.
+
+    A serving replica scores one small request at a time and many requests concurrently: extra
+    threads only add hand-off cost, and idle OpenMP workers spin on the cores the HTTP proxy and
+    the other replicas need. FAISS defaults to one OpenMP thread per core; the serving loaded
+    it that way until the wrk c=8 run in docs/benchmarks.md (fused, 75 -> 92 req/s with this
+    and the CF index change).
+    """
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    threadpool_limits(n)
+
+
 def build_stages(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -225,15 +243,13 @@ def build_stages(
         ModelError: no model is registered under ``alias`` (train one first).
         CorruptCheckpointError: the bundle fails verification.
     """
-    import torch
-
     from streamrec.bundle import LoadedBundle, align_table
     from streamrec.data.store import DataStore
     from streamrec.features.client import FeatureClient
     from streamrec.paths import resolve_data_dir
     from streamrec.registry import ModelRegistry
 
-    torch.set_num_threads(1)  # one thread per replica wins under concurrency on small CPUs
+    serving_threads(1)  # one thread per replica wins under concurrency on small CPUs
     root = resolve_data_dir(data_dir)
     if bundle is not None:
         path, version = Path(bundle), Path(bundle).name

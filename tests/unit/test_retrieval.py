@@ -14,7 +14,7 @@ from streamrec.errors import CorruptCheckpointError, ModelError
 from streamrec.evaluation.baselines import ALSConfig
 from streamrec.evaluation.split import interaction_matrix
 from streamrec.retrieval.affinity import AffinityConfig, AffinitySource, category_matrix, encode_categories
-from streamrec.retrieval.base import UserContext, top_n
+from streamrec.retrieval.base import UserContext, csr_rows_dot, csr_rows_sum, top_n
 from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.index import (
     AnnSource,
@@ -93,6 +93,21 @@ def test_index_save_load_and_corruption(tmp_path: Path) -> None:
         load_index(target)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_index_over_a_subset_returns_item_ids(kind: str, tmp_path: Path) -> None:
+    x = rng_vectors(3000, 8, seed=2)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 5  # row r is item 7r + 5
+    index = build_index(x, config=IndexConfig(kind=kind, nprobe=None if kind == "flat" else 64), ids=ids)
+    got, scores = index.search(x[:4], 3)
+    exact = np.argsort(-(x[:4] @ x.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(got[:, 0], ids[exact[:, 0]])
+    np.testing.assert_allclose(scores[:, 0], (x[:4] * x[exact[:, 0]]).sum(axis=1), rtol=1e-4)
+    loaded = load_index(save_index(index, tmp_path / "sub"))
+    np.testing.assert_array_equal(loaded.search(x[:4], 3)[0], got)
+    with pytest.raises(ModelError, match="one id per row"):
+        build_index(x, ids=ids[:-1])
+
+
 def test_build_index_rejects_bad_vectors() -> None:
     with pytest.raises(ModelError):
         build_index(np.empty((0, 4), np.float32))
@@ -134,6 +149,39 @@ def test_cf_source_known_and_cold_users() -> None:
     assert src.retrieve(-1, 5)[0].size == 0  # unknown, no history
     cold = src.retrieve(UserContext(recent_items=np.array([0, 1, 2])), 4)[0]
     assert set(cold) <= set(range(3, 10))  # same group, recent items excluded
+
+
+def test_cf_source_indexes_only_items_with_factors() -> None:
+    # Items 20-29 have no interactions: ALS gives them zero factors, which no user can score
+    # above 0, so the index leaves them out and retrieval equals exact search over every item.
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 60, 400)
+    i = rng.integers(0, 20, 400)
+    train = interaction_matrix(u, i, 60, 30)
+    src = CFSource.fit(train, ALSConfig(factors=4, iterations=8, num_threads=1))
+    factors = src.model.item_factors
+    assert not np.any(factors[20:])
+    assert len(src.index) == int(np.any(factors != 0, axis=1).sum()) <= 20
+    for user in (0, 7, 33):
+        got, scores = src.retrieve(user, 5)
+        full = factors @ src.model.user_factors[user]
+        full[train[user].indices] = -np.inf
+        expect = np.argsort(-full, kind="stable")[:5]
+        np.testing.assert_allclose(np.sort(scores)[::-1], full[expect], rtol=1e-4)
+        assert set(got) <= set(range(20))
+
+
+def test_csr_row_helpers_match_scipy() -> None:
+    rng = np.random.default_rng(3)
+    m = sp.random(50, 7, density=0.3, format="csr", random_state=4, dtype=np.float32)
+    m.data[m.indptr[5] : m.indptr[6]] = 0  # an empty row
+    m.eliminate_zeros()
+    rows = np.array([5, 1, 1, 49, 0])  # empty row and a repeat included
+    np.testing.assert_allclose(csr_rows_sum(m, rows), np.asarray(m[rows].sum(axis=0)).ravel(), rtol=1e-6)
+    vec = rng.standard_normal(7).astype(np.float32)
+    np.testing.assert_allclose(csr_rows_dot(m, rows, vec), m[rows] @ vec, rtol=1e-5, atol=1e-6)
+    assert csr_rows_sum(m, np.empty(0, np.int64)).tolist() == [0.0] * 7
+    assert csr_rows_dot(m, [], vec).size == 0
 
 
 # ---------------------------------------------------------------- affinity
@@ -216,7 +264,9 @@ def test_merge_dedupes_bonuses_and_records_provenance() -> None:
     # Normalised: ann 1->1.0, 2->0.5, 3->0.0; cf 3->1.0, 4->0.0; item 3 in two sources: 1.0 + 0.5.
     assert m.items.tolist() == [3, 1, 2, 4]
     np.testing.assert_allclose(m.scores, [1.5, 1.0, 0.5, 0.0], rtol=1e-6)
-    assert m.provenance() == [["ann", "cf"], ["ann"], ["ann"], ["cf"]]
+    prov = m.provenance()
+    assert prov == [["ann", "cf"], ["ann"], ["ann"], ["cf"]]
+    assert prov[1] is prov[2]  # one shared list per distinct source set
     assert m.n_sources.tolist() == [2, 1, 1, 1]
     assert m.from_source("cf").tolist() == [True, False, False, True]
     # Cut to n, no duplicates.

@@ -47,6 +47,7 @@ from deployments.runtime import (
     champion_version,
     load_stages,
     local_call,
+    settle_heap,
 )
 from streamrec.api_models import RecommendRequest
 from streamrec.data.store import DataStore
@@ -67,6 +68,7 @@ class _StageHost:
         self._args = ServeArgs.parse(args)
         self._loaded = load_stages(self._args)
         self._pending: dict[str, LoadedStages] = {}
+        settle_heap()
 
     @property
     def stages(self) -> Stages:
@@ -91,6 +93,7 @@ class _StageHost:
         loaded = self._pending.pop(token, None)
         if loaded is not None:
             self._loaded = loaded
+            settle_heap()
         return self._loaded.describe()
 
     async def abort_reload(self, token: str) -> None:
@@ -251,6 +254,7 @@ class Gateway:
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
         self._fallback = await asyncio.to_thread(self._load_fallback)
+        settle_heap()
         self._service = FunnelService(
             self._primary,
             self._fallback.stages if self._fallback else None,
@@ -359,6 +363,7 @@ class Gateway:
             self._fallback = fallback
             self._service.set_fallback(fallback.stages)
         self._source_names = None  # re-read from the Features deployment on the next request
+        settle_heap()
         return self._local.describe() if self._local else {"composition": "cluster"}
 
     async def abort_reload(self, token: str) -> None:

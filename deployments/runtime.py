@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -232,6 +233,21 @@ def local_primary(holder: Callable[[], Stages]) -> Callable[[], Awaitable[tuple[
     return primary
 
 
+def settle_heap() -> None:
+    """Collect once, then exempt every object alive now from garbage collection (``gc.freeze``).
+
+    A loaded replica holds ~500k Python objects (model, feature-store registry, item table);
+    one full collection over them takes ~280 ms here, a latency spike for every request in
+    flight whenever the collector decides to run one. Frozen objects are never scanned. Call it
+    after loading stages and after every reload commit: it first unfreezes, so stages replaced
+    by the previous reload can be collected (until then their reference cycles stay in memory,
+    one bundle's worth at most).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def local_call(stages: Stages) -> Call:
     """A ``call`` for :func:`run_funnel` that runs the stage methods in-process (fused)."""
 
@@ -433,6 +449,7 @@ __all__ = [
     "feature_client_sink",
     "load_stages",
     "local_call",
+    "settle_heap",
     "local_primary",
 ]
 

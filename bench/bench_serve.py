@@ -33,6 +33,7 @@ import platform
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -292,7 +293,12 @@ def deploy_app(
 
 
 def measure(
-    label: str, data_dir: Path, port: int, args: argparse.Namespace, rates: list[float]
+    label: str,
+    data_dir: Path,
+    port: int,
+    args: argparse.Namespace,
+    rates: list[float],
+    proxy_port: int | None = None,
 ) -> dict[str, Any]:
     import httpx
 
@@ -303,6 +309,10 @@ def measure(
         probe = c.post("/v1/recommend", json={"user_id": 1, "k": 20}, headers={"X-API-Key": KEY}).json()
         for i in range(args.warmup):  # warm caches, handles and replicas
             c.post("/v1/recommend", json={"user_id": i + 1, "k": 20}, headers={"X-API-Key": KEY})
+    # Steady state, not a cold start: a fresh replica serves the first thousand distinct users
+    # markedly slower (page cache of the online store, first touches of the item arrays).
+    if args.warmup_seconds > 0:
+        run_wrk(f"http://{host}:{port}", "/", n_users, 8, args.warmup_seconds)
     print(f"  {label}: {ready.get('source_names')} level={probe['metadata']['degradation_level']} "
           f"model={probe['metadata']['model_version']}", flush=True)  # fmt: skip
     result: dict[str, Any] = {
@@ -317,7 +327,119 @@ def measure(
     if result["wrk_sequential"]:
         print(f"    wrk c=1: {result['wrk_sequential']}\n    wrk c=8: {result['wrk_c8']}", flush=True)
     result["open_loop"] = sweep(host, port, reqs, rates, args.step_seconds)
+    if proxy_port is not None and proxy_port != port:
+        # Direct ingress: the same replica through Ray's proxy, in the same run (the proxy hop's cost).
+        purl = f"http://{host}:{proxy_port}"
+        result["via_proxy"] = {
+            "wrk_sequential": run_wrk(purl, "/", n_users, 1, args.wrk_seconds),
+            "wrk_c8": run_wrk(purl, "/", n_users, 8, args.wrk_seconds),
+        }
+        print(f"    via the proxy: {result['via_proxy']}", flush=True)
     return result
+
+
+def interleaved(
+    comp: str,
+    data_dir: Path,
+    port: int,
+    direct_base: int | None,
+    sources: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Sequential p50 of the stages and of their floor, alternating short wrk runs on both.
+
+    Both applications are deployed side by side (every deployment's CPU reservation halved so
+    both fit; a reservation is bookkeeping, not a limit), so slow phases of a shared machine hit
+    both alike; the ratio of the medians is the figure to compare with the target.
+    """
+    from deployments import config
+
+    path = REPO / ("configs/serve/local.yaml" if comp == "fused" else "configs/serve/cluster.yaml")
+    base = config.load(path)
+    halved = {
+        d["name"]: {"ray_actor_options": {"num_cpus": d.get("ray_actor_options", {}).get("num_cpus", 1) / 2}}
+        for d in base["applications"][0].get("deployments", [])
+    }
+    auth = {"use_env_key": False, "keys": [{"name": "bench", "key": KEY, "scopes": ["admin"]}]}
+    cfgs = []
+    for name, stages in (("s", "auto"), ("f", "noop")):
+        extra: dict[str, Any] = {"auth": auth, "stages": stages, "fallback": args.fallback,
+                                 "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}}}  # fmt: skip
+        if stages == "noop":
+            extra["noop_sources"] = sources
+        cfgs.append(config.override(base, data_dir=data_dir, host="127.0.0.1", port=port, name=name,
+                                    route_prefix=f"/{name}", args=extra, deployments=halved))  # fmt: skip
+    cfg = config.merge(*cfgs)
+    cfg["proxy_location"] = "HeadOnly"
+    config.deploy(cfg, timeout_s=600)
+    ports = {
+        name: port
+        if direct_base is None
+        else direct_port(direct_base, 50, noop=name == "f", prefix=f"/{name}")
+        for name in ("s", "f")
+    }
+    from streamrec.data.store import DataStore
+
+    store_users = int(DataStore(data_dir).users()["user_id"].max())
+    for name in ("s", "f"):
+        run_wrk(f"http://127.0.0.1:{ports[name]}", f"/{name}", store_users, 8, max(args.warmup_seconds, 1.0))
+    p50: dict[str, list[float]] = {"s": [], "f": []}
+    for r in range(args.interleave_rounds):
+        for name in ("s", "f") if r % 2 == 0 else ("f", "s"):
+            out = run_wrk(
+                f"http://127.0.0.1:{ports[name]}", f"/{name}", store_users, 1, args.interleave_seconds
+            )
+            if out and "p50_ms" in out:
+                p50[name].append(out["p50_ms"])
+    if not p50["s"] or not p50["f"]:
+        return {}
+    a, b = float(np.median(p50["s"])), float(np.median(p50["f"]))
+    print(
+        f"    interleaved sequential p50: stages {a:.1f} ms, floor {b:.1f} ms, ratio {a / b:.2f}", flush=True
+    )
+    return {"rounds": args.interleave_rounds, "seconds_each": args.interleave_seconds,
+            "stages_p50_ms": p50["s"], "floor_p50_ms": p50["f"],
+            "stages_median_p50_ms": round(a, 2), "floor_median_p50_ms": round(b, 2), "ratio": round(a / b, 3)}  # fmt: skip
+
+
+def results_name(throughput_optimized: bool, direct_ingress: bool) -> str:
+    """Results file of a mode: serve.json (defaults), serve_di.json, serve_tp.json."""
+    return "serve_tp.json" if throughput_optimized else "serve_di.json" if direct_ingress else "serve.json"
+
+
+def free_port_range(span: int) -> int:
+    """The first of ``span`` consecutive ports that are free now (direct-ingress replicas bind there)."""
+    for base in range(30000, 60000, span):
+        try:
+            for p in range(base, base + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range for the direct-ingress replicas")
+
+
+def direct_port(base: int, span: int, noop: bool, timeout_s: float = 120.0, prefix: str = "") -> int:
+    """The port of the gateway replica that serves the just-deployed stages (direct ingress).
+
+    After a redeploy the replaced replica drains for a while on its own port; it is told apart by
+    the model version its responses report (``noop`` for the floor).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for p in range(base, base + span):
+            try:
+                r = httpx.post(f"http://127.0.0.1:{p}{prefix}/v1/recommend", json={"user_id": 1, "k": 1},
+                               headers={"X-API-Key": KEY}, timeout=5)  # fmt: skip
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200 and (r.json()["metadata"]["model_version"] == "noop") == noop:
+                return p
+        time.sleep(1.0)
+    raise RuntimeError(f"no gateway replica answered on ports {base}-{base + span - 1}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -331,9 +453,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cluster-rates", default="10,20,30,40,50,60,80")
     p.add_argument("--step-seconds", type=float, default=10.0)
     p.add_argument("--wrk-seconds", type=float, default=8.0)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=50, help="sequential warm-up requests per deployment")
+    p.add_argument(
+        "--warmup-seconds", type=float, default=15.0, help="then this long at wrk c=8 (not measured)"
+    )
     p.add_argument("--quick", action="store_true", help="short steps (smoke run)")
+    p.add_argument(
+        "--interleave-rounds",
+        type=int,
+        default=6,
+        help="then stages and floor side by side: this many alternating wrk c=1 runs each (0: skip)",
+    )
+    p.add_argument("--interleave-seconds", type=float, default=5.0)
     p.add_argument("--throughput-optimized", action="store_true", help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    p.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Ray Serve direct ingress (what `streamrec serve --direct-ingress` sets): clients connect to the "
+        "gateway replica's own HTTP server instead of the proxy",
+    )
     p.add_argument(
         "--fallback",
         action="store_true",
@@ -353,12 +491,17 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.out is None:
-        name = "serve_tp.json" if args.throughput_optimized else "serve.json"
-        args.out = str(REPO / "bench/results" / name)
+        args.out = str(REPO / "bench/results" / results_name(args.throughput_optimized, args.direct_ingress))
     if args.quick:
-        args.step_seconds, args.wrk_seconds, args.warmup = 4.0, 3.0, 20
+        args.step_seconds, args.wrk_seconds, args.warmup, args.warmup_seconds = 4.0, 3.0, 20, 3.0
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    direct_base = None
+    if args.direct_ingress:
+        from streamrec.cli.serve import direct_ingress_env
+
+        direct_base = free_port_range(50)
+        os.environ.update(direct_ingress_env(direct_base, span=50))
     try:
         import uvloop
 
@@ -389,10 +532,20 @@ def main() -> None:
             ]
             print(f"{comp}:", flush=True)
             deploy_app(comp, data_dir, port, "auto", None, args.fallback)
-            real = measure(f"{comp} (stages)", data_dir, port, args, rates)
+            at = port if direct_base is None else direct_port(direct_base, 50, noop=False)
+            real = measure(f"{comp} (stages)", data_dir, at, args, rates, proxy_port=port)
             deploy_app(comp, data_dir, port, "noop", real["sources"], args.fallback)
-            floor = measure(f"{comp} (no-op floor)", data_dir, port, args, rates)
+            at = port if direct_base is None else direct_port(direct_base, 50, noop=True)
+            floor = measure(f"{comp} (no-op floor)", data_dir, at, args, rates, proxy_port=port)
             results[comp] = {"stages": real, "noop_floor": floor}
+            if args.interleave_rounds > 0 and shutil.which("wrk"):
+                try:
+                    results[comp]["interleaved"] = interleaved(
+                        comp, data_dir, port, direct_base, real["sources"] or [], args
+                    )
+                except Exception as err:  # keep the measurements above
+                    print(f"    interleaved run failed: {err!r}", flush=True)
+                    results[comp]["interleaved"] = {"error": repr(err)}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -407,6 +560,7 @@ def main() -> None:
         },
         "ray": ray.__version__,
         "throughput_optimized": bool(args.throughput_optimized),
+        "direct_ingress": bool(args.direct_ingress),
         "fallback_enabled": bool(args.fallback),
         "note": args.note,
         "data": {**world, "dir": str(data_dir)},
@@ -418,13 +572,14 @@ def main() -> None:
             else None,
         },
         "step_seconds": args.step_seconds,
+        "warmup": {"sequential_requests": args.warmup, "wrk_c8_seconds": args.warmup_seconds},
         "p99_budget_ms": P99_BUDGET_MS,
         "results": results,
     }
     loads = [
         st["load_avg_1m"]
         for res in results.values()
-        for r in res.values()
+        for r in (res["stages"], res["noop_floor"])
         for st in r["open_loop"]["steps"]
         if "load_avg_1m" in st
     ]
@@ -447,7 +602,9 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
     mode = (
         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
         if payload["throughput_optimized"]
-        else "default Ray Serve settings"
+        else "direct ingress (`streamrec serve --direct-ingress`): clients connect to the gateway replica"
+        if payload.get("direct_ingress")
+        else "default Ray Serve settings (clients connect to Ray's HTTP proxy)"
     )
     lines = [f"## {SECTION}", ""] if heading else []
     lines += [
@@ -455,10 +612,18 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
         "",
         f"`bench/bench_serve.py`, {payload['generated_at']}, {payload['machine']['cpus']} CPUs "
         f"({payload['machine']['platform']}), Ray {payload['ray']}"
-        f"{', RAY_SERVE_THROUGHPUT_OPTIMIZED=1' if payload['throughput_optimized'] else ''}. "
+        f"{', RAY_SERVE_THROUGHPUT_OPTIMIZED=1' if payload['throughput_optimized'] else ''}"
+        f"{', RAY_SERVE_ENABLE_DIRECT_INGRESS=1' if payload.get('direct_ingress') else ''}. "
         f"Data: {d['users']} users, {d['items']} items, {d['events']} events. "
         "Each composition is measured with the stages it serves and with no-op stages of the same "
-        "topology (its floor), in the same run. Open loop: fixed arrival rate, latency from the "
+        "topology (its floor), in the same run"
+        + (
+            f", after a warm-up ({payload['warmup']['sequential_requests']} sequential requests, then "
+            f"{payload['warmup']['wrk_c8_seconds']:g} s of wrk c=8). "
+            if payload.get("warmup")
+            else ". "
+        )
+        + "Open loop: fixed arrival rate, latency from the "
         f"scheduled send time, {payload['step_seconds']:g} s per step, asyncio client on the same cores. "
         "Sequential: Debian `wrk` (closed loop) at 1 connection; c=8: 8 connections. "
         + (
@@ -489,6 +654,24 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
             lines.append(
                 f"| {comp} | {what} | {_fmt(seq.get('p50_ms'))} | {c8s} | {_fmt(best)} req/s | {pct} |"
             )
+    via = [
+        (comp, label, r["via_proxy"])
+        for comp, res in payload["results"].items()
+        for label, r in (("stages", res["stages"]), ("no-op floor", res["noop_floor"]))
+        if r.get("via_proxy")
+    ]
+    if via:
+        lines += [
+            "",
+            "The same deployments through Ray's proxy, in the same run (wrk; sequential p50 ms, c=8 req/s (p99 ms)):",
+            "",
+        ]
+        for comp, label, v in via:
+            seq, c8 = v.get("wrk_sequential") or {}, v.get("wrk_c8") or {}
+            lines.append(
+                f"- {comp}, {label}: sequential p50 {_fmt(seq.get('p50_ms'))}; c=8 {_fmt(c8.get('rps'))} "
+                f"({_fmt(c8.get('p99_ms'))})"
+            )
     if payload.get("note"):
         lines += ["", f"Note: {payload['note']}"]
     lines += ["", "Against the targets (issue 5):", ""]
@@ -515,6 +698,14 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
                 f"open loop at {s0['target_rps']:g} req/s: p50 {s0['p50_ms']:.1f} vs {f0['p50_ms']:.1f} ms = "
                 f"{s0['p50_ms'] / max(f0['p50_ms'], 1e-9):.2f}x"
             )
+    for comp, r in res.items():
+        il = r.get("interleaved") or {}
+        if il and "ratio" in il:
+            lines.append(
+                f"- {comp}, side by side ({il['rounds']} alternating wrk c=1 runs of {il['seconds_each']:g} s "
+                f"each): median sequential p50 {il['stages_median_p50_ms']:.1f} ms vs floor "
+                f"{il['floor_median_p50_ms']:.1f} ms = {il['ratio']:.2f}x"
+            )
     lines += ["", "Open-loop steps (target req/s: p50 / p95 / p99 ms, achieved req/s):", ""]
     for comp, res in payload["results"].items():
         for label, r in (("stages", res["stages"]), ("no-op floor", res["noop_floor"])):
@@ -524,8 +715,14 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
                 for s in r["open_loop"]["steps"]
             )
             lines.append(f"- {comp}, {label}: {steps}")
-    raw = "serve_tp.json" if payload["throughput_optimized"] else "serve.json"
-    flag = " --throughput-optimized" if payload["throughput_optimized"] else ""
+    raw = results_name(payload["throughput_optimized"], bool(payload.get("direct_ingress")))
+    flag = (
+        " --throughput-optimized"
+        if payload["throughput_optimized"]
+        else " --direct-ingress"
+        if payload.get("direct_ingress")
+        else ""
+    )
     lines += [
         "",
         f"Raw numbers: `bench/results/{raw}`. Re-run: `.venv/bin/python bench/bench_serve.py{flag}`.",
@@ -538,9 +735,9 @@ def write_docs(path: Path, written: Path) -> None:
     """Replace (or append) only this benchmark's section of docs/benchmarks.md.
 
     The section shows the default-mode results (serve.json) and, when present next to it, the
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 results (serve_tp.json).
+    direct-ingress (serve_di.json) and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (serve_tp.json) results.
     """
-    files = [written.parent / n for n in ("serve.json", "serve_tp.json")]
+    files = [written.parent / n for n in ("serve.json", "serve_di.json", "serve_tp.json")]
     if written not in files:
         files = [written]
     parts = [json.loads(f.read_text()) for f in files if f.is_file()]

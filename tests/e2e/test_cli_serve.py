@@ -29,15 +29,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(serve_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct_ingress", [False, True], ids=["proxy", "direct-ingress"])
+def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(
+    serve_data: Path, tmp_path: Path, direct_ingress: bool
+) -> None:
     port = free_port()
+    extra = ["--direct-ingress"] if direct_ingress else []
     log = tmp_path / "serve.log"
     env = {**os.environ, "STREAMREC_API_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamrec", "serve", "--config", "configs/serve/local.yaml",
-             "--data-dir", str(serve_data), "--port", str(port)],
+             "--data-dir", str(serve_data), "--port", str(port), *extra],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # like `cmd &` in a script
         )  # fmt: skip
@@ -66,6 +70,16 @@ def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(serve_data: P
         )
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert httpx.post(f"{base}/v1/recommend", json={"user_id": 1}, timeout=30).status_code == 401
+        if direct_ingress:  # the replica answers on --port itself; Ray's proxy still serves, 100 above
+            assert "Ray's proxy serves the same application at" in text
+            proxied = httpx.post(
+                f"http://127.0.0.1:{port + 100}/v1/recommend",
+                json={"user_id": 1, "k": 3},
+                headers={"X-API-Key": KEY},
+                timeout=30,
+            )
+            assert proxied.status_code == 200
+            assert [i["item_id"] for i in proxied.json()["items"]] == [i["item_id"] for i in r.json()["items"]]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         with pytest.raises(httpx.HTTPError):

@@ -311,6 +311,24 @@ def query_latency(index: VectorIndex, queries: np.ndarray, k: int, n: int = 200)
     return p50_ms(times)
 
 
+def knob_sweep(
+    index: VectorIndex, knob: str, values: list[int], x: np.ndarray, q: np.ndarray, k: int, threads: int
+) -> list[dict[str, Any]]:
+    """Recall@k and single-query p50 for each value of a search knob (``nprobe`` or ``ef_search``)."""
+    rows = []
+    for v in values:
+        index.set_search_params(**{knob: v})
+        faiss.omp_set_num_threads(threads)  # query_latency drops to 1 thread; recall uses ``threads``
+        rows.append(
+            {
+                knob: v,
+                "recall@10": round(measure_recall(index, x, q, k), 4),
+                "query_p50_ms": query_latency(index, q, k),
+            }
+        )
+    return rows
+
+
 def faiss_case(name: str, x: np.ndarray, q: np.ndarray, threads: int, hnsw_m: int) -> dict[str, Any]:
     k = 10
     out: dict[str, Any] = {
@@ -326,17 +344,7 @@ def faiss_case(name: str, x: np.ndarray, q: np.ndarray, threads: int, hnsw_m: in
     ivf = build_index(x, config=IndexConfig(kind="ivf"), calibration_queries=q)
     build_s = time.perf_counter() - t0
     calibrated = ivf.search_params["nprobe"]
-    sweep = []
-    for nprobe in sorted({8, 16, 32, 64, 128, calibrated}):
-        ivf.set_search_params(nprobe=nprobe)
-        faiss.omp_set_num_threads(threads)
-        sweep.append(
-            {
-                "nprobe": nprobe,
-                "recall@10": round(measure_recall(ivf, x, q, k), 4),
-                "query_p50_ms": query_latency(ivf, q, k),
-            }
-        )
+    sweep = knob_sweep(ivf, "nprobe", sorted({8, 16, 32, 64, 128, calibrated}), x, q, k, threads)
     nlist = int(faiss.extract_index_ivf(ivf.index).nlist)
     out["ivf"] = {
         "build_s_incl_calibration": round(build_s, 2),
@@ -349,17 +357,7 @@ def faiss_case(name: str, x: np.ndarray, q: np.ndarray, threads: int, hnsw_m: in
     t0 = time.perf_counter()
     hnsw = build_index(x, config=IndexConfig(kind="hnsw", hnsw_m=hnsw_m, ef_construction=80, ef_search=64))
     build_s = time.perf_counter() - t0
-    sweep = []
-    for ef in (32, 64, 128, 256):
-        hnsw.set_search_params(ef_search=ef)
-        faiss.omp_set_num_threads(threads)
-        sweep.append(
-            {
-                "ef_search": ef,
-                "recall@10": round(measure_recall(hnsw, x, q, k), 4),
-                "query_p50_ms": query_latency(hnsw, q, k),
-            }
-        )
+    sweep = knob_sweep(hnsw, "ef_search", [32, 64, 128, 256], x, q, k, threads)
     out["hnsw"] = {"build_s": round(build_s, 2), "M": hnsw_m, "ef_construction": 80, "sweep": sweep}
     print(f"  faiss {name}: done", flush=True)
     return out

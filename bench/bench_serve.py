@@ -264,32 +264,59 @@ def request_mix(data_dir: Path, host: str, port: int, path: str, n: int = 2000) 
     return out, int(users.max()) if len(users) else 1
 
 
+def app_config(
+    composition: str,
+    data_dir: Path,
+    port: int,
+    stages: str,
+    sources: list[str] | None,
+    fallback: bool,
+    name: str = "bench",
+    cpu_scale: float = 1.0,
+) -> dict[str, Any]:
+    """The composition's Serve config as the benchmark deploys it (bench key, no rate limit).
+
+    ``cpu_scale`` multiplies every deployment's CPU reservation (a reservation is bookkeeping,
+    not a limit: 0.5 lets two copies of a composition fit side by side).
+    """
+    from deployments import config
+
+    path = REPO / ("configs/serve/local.yaml" if composition == "fused" else "configs/serve/cluster.yaml")
+    base = config.load(path)
+    extra: dict[str, Any] = {
+        "auth": {"use_env_key": False, "keys": [{"name": "bench", "key": KEY, "scopes": ["admin"]}]},
+        "stages": stages,
+        "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}},
+        "fallback": fallback,
+    }
+    if stages == "noop":
+        extra["noop_sources"] = sources or ["popularity"]
+    scaled = {
+        d["name"]: {
+            "ray_actor_options": {"num_cpus": d.get("ray_actor_options", {}).get("num_cpus", 1) * cpu_scale}
+        }
+        for d in base["applications"][0].get("deployments", [])
+    }
+    cfg = config.override(
+        base,
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=port,
+        name=name,
+        route_prefix="/" if name == "bench" else f"/{name}",
+        args=extra,
+        deployments=scaled if cpu_scale != 1.0 else None,
+    )
+    cfg["proxy_location"] = "HeadOnly"
+    return cfg
+
+
 def deploy_app(
     composition: str, data_dir: Path, port: int, stages: str, sources: list[str] | None, fallback: bool
 ) -> None:
     from deployments import config
 
-    path = REPO / ("configs/serve/local.yaml" if composition == "fused" else "configs/serve/cluster.yaml")
-    auth = {"use_env_key": False, "keys": [{"name": "bench", "key": KEY, "scopes": ["admin"]}]}
-    extra: dict[str, Any] = {
-        "auth": auth,
-        "stages": stages,
-        "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}},
-    }
-    extra["fallback"] = fallback
-    if stages == "noop":
-        extra["noop_sources"] = sources or ["popularity"]
-    cfg = config.override(
-        config.load(path),
-        data_dir=data_dir,
-        host="127.0.0.1",
-        port=port,
-        name="bench",
-        route_prefix="/",
-        args=extra,
-    )
-    cfg["proxy_location"] = "HeadOnly"
-    config.deploy(cfg, timeout_s=300)
+    config.deploy(app_config(composition, data_dir, port, stages, sources, fallback), timeout_s=300)
 
 
 def measure(
@@ -354,23 +381,12 @@ def interleaved(
     """
     from deployments import config
 
-    path = REPO / ("configs/serve/local.yaml" if comp == "fused" else "configs/serve/cluster.yaml")
-    base = config.load(path)
-    halved = {
-        d["name"]: {"ray_actor_options": {"num_cpus": d.get("ray_actor_options", {}).get("num_cpus", 1) / 2}}
-        for d in base["applications"][0].get("deployments", [])
-    }
-    auth = {"use_env_key": False, "keys": [{"name": "bench", "key": KEY, "scopes": ["admin"]}]}
-    cfgs = []
-    for name, stages in (("s", "auto"), ("f", "noop")):
-        extra: dict[str, Any] = {"auth": auth, "stages": stages, "fallback": args.fallback,
-                                 "limits": {"rate_limit": {"rate_per_s": 1e6, "burst": 10**6}}}  # fmt: skip
-        if stages == "noop":
-            extra["noop_sources"] = sources
-        cfgs.append(config.override(base, data_dir=data_dir, host="127.0.0.1", port=port, name=name,
-                                    route_prefix=f"/{name}", args=extra, deployments=halved))  # fmt: skip
-    cfg = config.merge(*cfgs)
-    cfg["proxy_location"] = "HeadOnly"
+    cfg = config.merge(
+        *(
+            app_config(comp, data_dir, port, stages, sources, args.fallback, name=name, cpu_scale=0.5)
+            for name, stages in (("s", "auto"), ("f", "noop"))
+        )
+    )
     config.deploy(cfg, timeout_s=600)
     ports = {
         name: port

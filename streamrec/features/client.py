@@ -605,6 +605,8 @@ class FeatureClient:
         with self._online_guard("read"):
             if self.settings.kind == "redis" and hasattr(online, "_generate_hset_keys_for_features"):
                 results = self._redis_read(online, reader, keys)
+            elif self.settings.kind == "sqlite" and hasattr(online, "_get_conn"):
+                results = self._sqlite_read(online, reader, keys)
             else:  # copies: Feast appends to the list it is given
                 results = [
                     provider.online_read(self.store.config, fv, keys, list(names)) for fv, names in reader
@@ -645,6 +647,41 @@ class FeatureClient:
             [online._get_features_for_entity(reply[start : start + n], name, requested) for reply in replies]
             for name, requested, start, n in plan
         ]
+
+    def _sqlite_read(
+        self, online: Any, reader: list[tuple[Any, list[str]]], keys: list[Any]
+    ) -> list[list[Any]]:
+        """All views of one entity in one SQLite statement.
+
+        Feast keeps one table per view and its ``online_read`` runs one query per view (five
+        for a user, ~0.3 ms together here). This runs one ``UNION ALL`` over the same tables on
+        the online store's own connection and decodes the rows as Feast does: per entity the
+        features present and the row timestamp (UTC), ``(None, None)`` when it has no row
+        (pinned Feast 0.67; see ADR-002).
+        """
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.infra.online_stores.sqlite import _quote_id, _table_id
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        config = self.store.config
+        versioned = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
+        version = config.entity_key_serialization_version
+        blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
+        marks = ",".join(f"?{i + 1}" for i in range(len(blobs)))
+        sql = " UNION ALL ".join(
+            f"SELECT {j}, entity_key, feature_name, value, event_ts "
+            f"FROM {_quote_id(_table_id(config.project, fv, versioned))} WHERE entity_key IN ({marks})"
+            for j, (fv, _) in enumerate(reader)
+        )
+        found: list[dict[bytes, tuple[Any, dict[str, Any]]]] = [{} for _ in reader]
+        for j, key, name, blob, ts in online._get_conn(config).execute(sql, blobs).fetchall():
+            value = ValueProto()
+            value.ParseFromString(blob)
+            ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+            feats = found[j].get(key, (None, {}))[1]
+            feats[name] = value
+            found[j][key] = (ts, feats)  # like Feast: the timestamp of the entity's last row
+        return [[view.get(b, (None, None)) for b in blobs] for view in found]
 
     def online_user_features(self, user_id: int) -> dict[str, Any]:
         """Every user feature of one user from the online store, defaults applied.

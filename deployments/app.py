@@ -43,6 +43,7 @@ from deployments.runtime import (
     FunnelService,
     LoadedStages,
     ServeArgs,
+    SourceThreads,
     build_gateway,
     champion_version,
     load_stages,
@@ -127,10 +128,13 @@ class Retriever(_StageHost):
 
     def __init__(self, args: dict[str, Any]) -> None:
         self._init_host(args)
+        # The gateway sends a request's sources together: in threads they overlap on the cores.
+        self._sources = SourceThreads(self._args.source_threads)
 
     async def retrieve(self, source: str, ctx: UserContext) -> Candidates:
-        """:meth:`Stages.retrieve`."""
-        return self.stages.retrieve(source, ctx)
+        """:meth:`Stages.retrieve` (in a worker thread when ``source_threads`` > 0)."""
+        result: Candidates = await self._sources.retrieve(self.stages, source, ctx)
+        return result
 
 
 @serve.deployment(name="Ranker", **_STAGE_OPTS)
@@ -251,6 +255,7 @@ class Gateway:
         self._pending: dict[str, tuple[LoadedStages | None, LoadedStages | None]] = {}
         self._pending_ids: dict[str, tuple[Any, Any]] = {}
         self._events: Any = None
+        self._sources = SourceThreads(self._args.source_threads if not self._cluster else 0)
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
         self._fallback = await asyncio.to_thread(self._load_fallback)
@@ -294,7 +299,7 @@ class Gateway:
     async def _primary(self) -> tuple[Call, tuple[str, ...]]:
         if self._local is not None:
             stages = self._local.stages  # captured once: a reload never splits a request
-            return local_call(stages), tuple(stages.source_names)
+            return local_call(stages, self._sources), tuple(stages.source_names)
         if self._source_names is None:
             assert self._features is not None
             self._source_names = tuple(await self._features.source_names.remote())

@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -89,6 +91,10 @@ class ServeArgs(StrictModel):
             ``f(data_dir)`` and must return a callable taking a list of event records
             (:func:`feature_client_sink`: the feature client's ``push_interactions``).
         ranker_batch: ``@serve.batch`` settings of the cluster ranker.
+        source_threads: Worker threads that run retrieval-source calls (fused gateway, cluster
+            ``Retriever``); 0 runs them on the replica's event loop, one after the other. With
+            threads the sources of a request overlap (FAISS, numpy and SQLite release the GIL)
+            and a source past its deadline is left behind while the request goes on.
         watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
             hot-reload every replica when it moves (0 turns the watcher off).
     """
@@ -109,6 +115,7 @@ class ServeArgs(StrictModel):
     event_log_fsync: bool = True
     events_sink: str | None = None
     ranker_batch: RankerBatch = Field(default_factory=RankerBatch)
+    source_threads: int = Field(default=0, ge=0, le=64)
     watch_champion_s: float = Field(default=30.0, ge=0)
 
     @classmethod
@@ -220,15 +227,18 @@ def load_stages(args: ServeArgs) -> LoadedStages:
     return LoadedStages(stages, "popularity", note=note, load_seconds=time.perf_counter() - t0)
 
 
-def local_primary(holder: Callable[[], Stages]) -> Callable[[], Awaitable[tuple[Call, tuple[str, ...]]]]:
+def local_primary(
+    holder: Callable[[], Stages], sources: SourceThreads | None = None
+) -> Callable[[], Awaitable[tuple[Call, tuple[str, ...]]]]:
     """A ``primary`` for :class:`FunnelService` over in-process stages returned by ``holder()``.
 
-    ``holder`` is read once per request, so swapping what it returns is an atomic reload.
+    ``holder`` is read once per request, so swapping what it returns is an atomic reload;
+    ``sources`` is where retrieval-source calls run (see :class:`SourceThreads`).
     """
 
     async def primary() -> tuple[Call, tuple[str, ...]]:
         stages = holder()
-        return local_call(stages), tuple(stages.source_names)
+        return local_call(stages, sources), tuple(stages.source_names)
 
     return primary
 
@@ -249,10 +259,41 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def local_call(stages: Stages) -> Call:
-    """A ``call`` for :func:`run_funnel` that runs the stage methods in-process (fused)."""
+class SourceThreads:
+    """Runs ``stages.retrieve`` calls in a small thread pool, or inline when ``n == 0``.
+
+    A request's retrieval sources are awaited together (:func:`run_funnel`); a stage method run
+    on the event loop blocks it, so they would run one after the other and no deadline could
+    cut one short. In worker threads their GIL-free parts (FAISS search, numpy, SQLite)
+    overlap, and ``asyncio.wait_for`` really leaves a late source behind (its thread finishes
+    in the background; the result is dropped).
+
+    Args:
+        n: Worker threads (0: run inline on the caller's loop).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="retrieval") if n > 0 else None
+
+    async def retrieve(self, stages: Stages, source: str, ctx: Any) -> Any:
+        """``stages.retrieve(source, ctx)``, in a worker thread when the pool has any."""
+        if self._pool is None:
+            return stages.retrieve(source, ctx)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, stages.retrieve, source, ctx)
+
+
+def local_call(stages: Stages, sources: SourceThreads | None = None) -> Call:
+    """A ``call`` for :func:`run_funnel` that runs the stage methods in-process (fused).
+
+    Args:
+        stages: The stages object.
+        sources: Where retrieval-source calls run (default: inline).
+    """
 
     async def call(name: str, *args: Any) -> Any:
+        if name == "retrieve" and sources is not None:
+            return await sources.retrieve(stages, *args)
         return getattr(stages, name)(*args)
 
     return call
@@ -449,6 +490,7 @@ __all__ = [
     "load_sink",
     "feature_client_sink",
     "load_stages",
+    "SourceThreads",
     "local_call",
     "settle_heap",
     "local_primary",

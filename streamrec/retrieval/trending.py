@@ -151,11 +151,13 @@ class TrendingSource(RetrievalSource):
         return rate.astype(np.float32)
 
     def _top(self, n: int) -> Candidates:
-        if self._cache is None or self._cache[0].size < min(n, self.n_items):
+        # One read of the attribute: sources may run in worker threads while add() resets it.
+        cache = self._cache
+        if cache is None or cache[0].size < min(n, self.n_items):
             v = self.velocity()
             v = np.where(v > 0, v, -np.inf).astype(np.float32)
-            self._cache = top_n(v, max(n, self.config.cache_size))
-        return self._cache
+            cache = self._cache = top_n(v, max(n, self.config.cache_size))
+        return cache
 
     def _retrieve(self, ctx: UserContext, n: int) -> Candidates:
         items, scores = self._top(n)

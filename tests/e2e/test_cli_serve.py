@@ -79,7 +79,9 @@ def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(
                 timeout=30,
             )
             assert proxied.status_code == 200
-            assert [i["item_id"] for i in proxied.json()["items"]] == [i["item_id"] for i in r.json()["items"]]
+            assert [i["item_id"] for i in proxied.json()["items"]] == [
+                i["item_id"] for i in r.json()["items"]
+            ]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         with pytest.raises(httpx.HTTPError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 from deployments.runtime import (
     FunnelService,
     ServeArgs,
+    SourceThreads,
     build_gateway,
     load_stages,
     local_call,
@@ -500,6 +502,58 @@ def test_in_process_funnel_matches_direct_stage_calls(world: Path) -> None:
     )
     assert [i.item_id for i in out.items] == [i.item_id for i in direct.items]
     assert timings["total"] >= 0
+
+
+class _MeetingSources:
+    """Popularity stages under four source names whose ``retrieve`` returns only once all four
+    calls are running at the same time (a barrier), or blocks on ``stuck`` for source ``slow``."""
+
+    def __init__(self, world: Path, names: tuple[str, ...], wait_s: float) -> None:
+        self._inner = PopularityStages.from_data_dir(world)
+        self.source_names = names
+        self._barrier = threading.Barrier(len(names), timeout=wait_s)
+        self.stuck = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def retrieve(self, source: str, ctx: Any) -> Any:
+        if source == "slow":
+            self.stuck.wait(5.0)
+        else:
+            self._barrier.wait()
+        return self._inner.retrieve("popularity", ctx)
+
+    def merge(self, ctx: Any, parts: dict[str, Any]) -> Any:
+        return self._inner.merge(ctx, {"popularity": next(iter(parts.values()))} if parts else {})
+
+
+def test_source_threads_run_a_requests_sources_together(world: Path) -> None:
+    names = ("a", "b", "c", "d")
+    req = RecommendRequest(user_id=3, k=5)
+    threaded = _MeetingSources(world, names, wait_s=5.0)
+    pool = SourceThreads(4)
+    _, parts, _, _, out, timings = asyncio.run(run_funnel(local_call(threaded, pool), req, names, 10.0))
+    assert sorted(parts) == list(names) and not [k for k in timings if k.startswith("missing:")]
+    assert len(out.items) == 5
+    # Inline (0 threads) the sources run one after the other: the barrier can never fill.
+    inline = _MeetingSources(world, names, wait_s=0.05)
+    _, parts, *_ = asyncio.run(run_funnel(local_call(inline, SourceThreads(0)), req, names, 10.0))
+    assert parts == {}
+
+
+def test_source_threads_leave_a_late_source_behind(world: Path) -> None:
+    names = ("slow",)
+    stages = _MeetingSources(world, names, wait_s=1.0)
+    req = RecommendRequest(user_id=3, k=5)
+    try:
+        _, parts, _, _, out, timings = asyncio.run(
+            run_funnel(local_call(stages, SourceThreads(2)), req, names, 0.05)
+        )
+    finally:
+        stages.stuck.set()  # release the worker thread
+    assert parts == {} and timings["missing:slow"] == 1.0
+    assert out.items == []  # nothing arrived in time: an empty answer, not a request stuck behind it
 
 
 def test_build_gateway_reads_keys_and_opens_the_log(world: Path) -> None:

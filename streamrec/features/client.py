@@ -66,6 +66,10 @@ from streamrec.paths import DataLayout
 _ONE_US = pd.Timedelta(microseconds=1)
 
 
+#: Entity keys per SQLite statement of the one-statement online read (SQLite caps bound variables).
+_SQLITE_KEYS_PER_STATEMENT = 500
+
+
 def _online_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
 
@@ -667,20 +671,23 @@ class FeatureClient:
         versioned = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
         version = config.entity_key_serialization_version
         blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
-        marks = ",".join(f"?{i + 1}" for i in range(len(blobs)))
-        sql = " UNION ALL ".join(
-            f"SELECT {j}, entity_key, feature_name, value, event_ts "
-            f"FROM {_quote_id(_table_id(config.project, fv, versioned))} WHERE entity_key IN ({marks})"
-            for j, (fv, _) in enumerate(reader)
-        )
+        tables = [_quote_id(_table_id(config.project, fv, versioned)) for fv, _ in reader]
+        conn = online._get_conn(config)
         found: list[dict[bytes, tuple[Any, dict[str, Any]]]] = [{} for _ in reader]
-        for j, key, name, blob, ts in online._get_conn(config).execute(sql, blobs).fetchall():
-            value = ValueProto()
-            value.ParseFromString(blob)
-            ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-            feats = found[j].get(key, (None, {}))[1]
-            feats[name] = value
-            found[j][key] = (ts, feats)  # like Feast: the timestamp of the entity's last row
+        for start in range(0, len(blobs), _SQLITE_KEYS_PER_STATEMENT):  # stay under SQLite's variable cap
+            chunk = blobs[start : start + _SQLITE_KEYS_PER_STATEMENT]
+            marks = ",".join(f"?{i + 1}" for i in range(len(chunk)))
+            sql = " UNION ALL ".join(
+                f"SELECT {j}, entity_key, feature_name, value, event_ts FROM {t} WHERE entity_key IN ({marks})"
+                for j, t in enumerate(tables)
+            )
+            for j, key, name, blob, ts in conn.execute(sql, chunk).fetchall():
+                value = ValueProto()
+                value.ParseFromString(blob)
+                ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+                feats = found[j].get(key, (None, {}))[1]
+                feats[name] = value
+                found[j][key] = (ts, feats)  # like Feast: the timestamp of the entity's last row
         return [[view.get(b, (None, None)) for b in blobs] for view in found]
 
     def online_user_features(self, user_id: int) -> dict[str, Any]:

@@ -30,8 +30,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STEPS = ("user_context", "retrieve:*", "merge", "rank", "rerank")
-
 
 def one_request(stages: Any, request: Any) -> dict[str, float]:
     """Run the five stage calls of one request; milliseconds per call (and per source)."""

@@ -255,7 +255,7 @@ class Gateway:
         self._pending: dict[str, tuple[LoadedStages | None, LoadedStages | None]] = {}
         self._pending_ids: dict[str, tuple[Any, Any]] = {}
         self._events: Any = None
-        self._sources = SourceThreads(self._args.source_threads if not self._cluster else 0)
+        self._sources = SourceThreads(self._args.source_threads)  # used by the fused path only
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
         self._fallback = await asyncio.to_thread(self._load_fallback)

@@ -273,7 +273,6 @@ class SourceThreads:
     """
 
     def __init__(self, n: int) -> None:
-        self.n = n
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="retrieval") if n > 0 else None
 
     async def retrieve(self, stages: Stages, source: str, ctx: Any) -> Any:

@@ -125,12 +125,12 @@ def test_one_round_trip_read_equals_feasts_per_view_reads(prepared, entity, many
             known += 1
             assert row is not None and row[0] == ts, (fv.name, ids[i])
             for name, value in row[1].items():
-                assert _same(normalize_value(name, value), normalize_value(name, fc_value(values[name])))
+                assert _same(normalize_value(name, value), normalize_value(name, _python_value(values[name])))
     assert got[readers[0][0].name][ids.index(10**6 if entity == "item" else 987_654)] is None
     assert known >= (200 if many else 1)
 
 
-def fc_value(proto):
+def _python_value(proto):
     from feast.type_map import feast_value_type_to_python_type
 
     return feast_value_type_to_python_type(proto)

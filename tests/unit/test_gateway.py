@@ -505,8 +505,8 @@ def test_in_process_funnel_matches_direct_stage_calls(world: Path) -> None:
 
 
 class _MeetingSources:
-    """Popularity stages under four source names whose ``retrieve`` returns only once all four
-    calls are running at the same time (a barrier), or blocks on ``stuck`` for source ``slow``."""
+    """Popularity stages under the given source names whose ``retrieve`` returns only once all
+    of them are running at the same time (a barrier), or blocks on ``stuck`` for source ``slow``."""
 
     def __init__(self, world: Path, names: tuple[str, ...], wait_s: float) -> None:
         self._inner = PopularityStages.from_data_dir(world)

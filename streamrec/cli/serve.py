@@ -112,7 +112,7 @@ def serve(
         bool,
         typer.Option(
             help="The gateway replica answers HTTP itself on --port (Ray Serve direct ingress; local Ray "
-            f"only): no proxy hop, about twice the throughput of one fused replica on 2 cores. Ray's "
+            f"only): no proxy hop, 1.5-2x the throughput of one fused replica on 2 cores (measured). Ray's "
             f"proxy moves to --port + {PROXY_PORT_OFFSET}."
         ),
     ] = False,

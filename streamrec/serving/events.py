@@ -12,14 +12,19 @@ Layout::
 
     event_log/
         segments/seg-<utc>-<pid>-<rand>.jsonl   one writer (process) per segment, append-only
+        append.lock                             held by the process that is appending
         exported.json                           bytes of each segment already exported
 
 Guarantees and counts:
 
-* **idempotent by event_id**: an id already in the log (loaded at start-up, then kept in memory)
-  is counted as a duplicate and not written again. Each replica writes its own segments, so a
-  retry that lands on *another* replica may be logged twice; :meth:`EventLog.export_to_store`
-  removes such duplicates (and the events store itself is unique by ``event_id``).
+* **idempotent by event_id**: an id already in the log is counted as a duplicate and not
+  written again, also when another replica logged it. Each process writes its own segments;
+  an append holds an exclusive ``flock`` on ``append.lock`` and first reads the lines the other
+  writers added since its last append (the ids are kept in memory), so a retry that lands on
+  another replica is recognised. Where ``flock`` is not shared between the writers (some
+  network filesystems across nodes), a retry on another node may be logged twice:
+  :meth:`EventLog.export_to_store` removes such duplicates (and the events store itself is
+  unique by ``event_id``), but the sink has then seen the event twice.
 * **all or nothing per batch**: a batch naming users or items the catalogue does not know is
   rejected whole (nothing written) and the unknown ids are reported (the API answers 422).
 * **invariant**: ``received == stored + duplicates + rejected`` at all times
@@ -33,6 +38,7 @@ training run; it is incremental (a byte watermark per segment) and safe to re-ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -210,6 +216,10 @@ def event_record(event: EventIn, received_at: datetime) -> dict[str, Any]:
     }
 
 
+#: Read position of a segment whose tail must never be read into the seen ids.
+_NEVER_REREAD = 2**62
+
+
 class EventLog:
     """Append-only, fsync'd, idempotent log of API events.
 
@@ -259,11 +269,13 @@ class EventLog:
         self._fh: IO[bytes] | None = None
         self._segment: Path | None = None
         self._segment_bytes = 0
+        # Bytes of each segment whose ids are in _seen (complete lines only).
+        self._read_upto: dict[Path, int] = {}
+        self._load_existing = load_existing
         self.stats = EventLogStats()
         self.corrupt_lines_at_open = 0
         if load_existing:
-            for rec in self._iter_records(self.segments(), count_corrupt=True):
-                self._seen.add(str(rec["event_id"]))
+            self._catch_up(count_corrupt=True)
 
     @classmethod
     def open(
@@ -306,7 +318,9 @@ class EventLog:
             return AppendOutcome(n, 0, 0, n, 0, tuple(bad_users), tuple(bad_items))
         when = received_at or datetime.now(UTC)
         records: list[dict[str, Any]] = []
-        with self._lock:
+        with self._lock, self._writers_lock():
+            if self._load_existing:
+                self._catch_up()  # ids other replicas logged since our last append
             fresh: list[EventIn] = []
             batch_ids: set[str] = set()
             for e in events:
@@ -363,9 +377,46 @@ class EventLog:
                 os.fsync(self._fh.fileno())
         except OSError:
             # Do not append after a possibly torn write: the next batch starts a fresh segment.
+            # What reached this one was never acknowledged: our catch-up skips it, so the
+            # client's retry is stored again (another replica, or a restart, would count it).
             self._close_segment()
+            if self._segment is not None:
+                self._read_upto[self._segment] = _NEVER_REREAD
             raise
         self._segment_bytes += len(data)
+        assert self._segment is not None
+        self._read_upto[self._segment] = self._segment_bytes  # our own lines: ids already seen
+
+    @contextlib.contextmanager
+    def _writers_lock(self) -> Iterator[None]:
+        """Exclusive ``flock`` on ``append.lock``: one appending process at a time (lock held)."""
+        with open(self.root / "append.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released on close, also if the process dies
+            yield
+
+    def _catch_up(self, count_corrupt: bool = False) -> None:
+        """Add the ids of complete lines appended to any segment since the last call."""
+        for seg in self.segments():
+            start = self._read_upto.get(seg, 0)
+            try:
+                if seg.stat().st_size <= start:
+                    continue
+                with open(seg, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:  # removed meanwhile (an operator cleaning up)
+                continue
+            end = data.rfind(b"\n") + 1  # a torn final write was never acknowledged
+            for line in data[:end].splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    if count_corrupt:
+                        self.corrupt_lines_at_open += 1
+                    continue
+                if isinstance(rec, dict) and "event_id" in rec:
+                    self._seen.add(str(rec["event_id"]))
+            self._read_upto[seg] = start + end
 
     def _rotate(self) -> None:
         self._close_segment()

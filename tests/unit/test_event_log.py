@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 from datetime import UTC, datetime, timedelta
@@ -190,9 +191,51 @@ def test_segments_rotate_and_each_writer_has_its_own(store: DataStore) -> None:
     assert len({r["event_id"] for r in log_lines(log)}) == 7
 
 
+def test_a_retry_that_lands_on_another_replica_is_a_duplicate(store: DataStore) -> None:
+    a = EventLog.open(store.layout.root)
+    b = EventLog.open(store.layout.root)  # opened before a logged anything
+    assert a.append([ev("x1"), ev("x2")]).stored == 2
+    out = b.append([ev("x1"), ev("y1")])  # x1 retried on the other replica
+    assert (out.stored, out.duplicates) == (1, 1)
+    assert (a.append([ev("y1"), ev("x2")]).duplicates, a.append([ev("z")]).stored) == (2, 1)
+    assert sorted(r["event_id"] for r in log_lines(a)) == ["x1", "x2", "y1", "z"]
+    assert a.stats.balanced() and b.stats.balanced()
+
+
+def _append_ids(root: str, ids: list[str], start, out) -> None:
+    """One replica process: append ``ids`` one event per batch once ``start`` is released."""
+    log = EventLog.open(root)
+    start.wait(timeout=60)
+    stored = dup = 0
+    for j, x in enumerate(ids):
+        res = log.append([ev(x, user=1 + j % 10, item=100 + j % 40)])
+        stored, dup = stored + res.stored, dup + res.duplicates
+    out.put((stored, dup, log.stats.balanced()))
+
+
+def test_replica_processes_appending_the_same_ids_at_once_log_each_id_once(store: DataStore) -> None:
+    """Two replicas get every event at the same moment (a client retrying on both): one logs it."""
+    ctx = multiprocessing.get_context("spawn")  # clean interpreters, like two replicas
+    start, out = ctx.Barrier(2), ctx.Queue()
+    ids = [f"e{i:04d}" for i in range(300)]
+    root = str(store.layout.root)
+    procs = [ctx.Process(target=_append_ids, args=(root, ids, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    logged = [r["event_id"] for r in log_lines(EventLog.open(store.layout.root))]
+    assert sorted(logged) == ids  # every id once: none lost, none twice
+    assert sum(r[0] for r in results) == 300 and sum(r[1] for r in results) == 300
+    assert all(r[2] for r in results)
+
+
 def test_export_to_store_is_incremental_and_dedupes_across_writers(store: DataStore) -> None:
     a = EventLog.open(store.layout.root)
-    b = EventLog.open(store.layout.root)  # a second replica: does not know a's ids
+    # A writer that does not see a's lines (another node, flock not shared): logs a's retry again.
+    b = EventLog.open(store.layout.root, load_existing=False)
     a.append([ev("x1", kind="click"), ev("x2", kind="view"), ev("x3", kind="skip", user=2, item=101)])
     b.append([ev("x1", kind="click")])  # the same retried event, logged by another replica
     before = store.count_events()

@@ -21,6 +21,7 @@ inputs without required columns, :class:`~streamrec.errors.FeatureStoreError` ot
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import math
@@ -68,6 +69,10 @@ _ONE_US = pd.Timedelta(microseconds=1)
 
 #: Entity keys per SQLite statement of the one-statement online read (SQLite caps bound variables).
 _SQLITE_KEYS_PER_STATEMENT = 500
+#: The Redis push lock expires this long after it was taken (a holder that died frees it).
+_PUSH_LOCK_TTL_S = 30.0
+#: How long a push waits for the Redis push lock before giving up.
+_PUSH_LOCK_WAIT_S = 10.0
 
 
 def _online_errors() -> tuple[type[BaseException], ...]:
@@ -302,6 +307,42 @@ class FeatureClient:
             raise OnlineStoreUnavailableError(
                 f"online store ({self.settings.describe()}) unavailable during {what}: {err}"
             ) from err
+
+    @contextlib.contextmanager
+    def _push_lock(self) -> Iterator[None]:
+        """Serialise the read-modify-write of :meth:`push_interactions` across processes.
+
+        A push reads the current rows, merges the events in and writes the rows back: two
+        gateway replicas pushing for the same user or item at the same moment would otherwise
+        each write a merge that lacks the other's events. SQLite (a local file, so one machine):
+        an exclusive ``flock`` on ``<features>/push.lock``. Redis (possibly many machines): a
+        Redis lock per project that expires after ``_PUSH_LOCK_TTL_S`` if its holder dies.
+        """
+        if self.settings.kind == "redis":
+            online = self.store._get_provider().online_store
+            client = online._get_client(self.store.config.online_store)
+            lock = client.lock(
+                f"streamrec:{self.store.config.project}:push-lock",
+                timeout=_PUSH_LOCK_TTL_S,
+                blocking_timeout=_PUSH_LOCK_WAIT_S,
+            )
+            with self._online_guard("push lock"):
+                acquired = lock.acquire()
+            if not acquired:
+                raise OnlineStoreUnavailableError(
+                    f"online store ({self.settings.describe()}): the push lock stayed taken for "
+                    f"{_PUSH_LOCK_WAIT_S:g} s; another process is pushing or died holding it (it expires "
+                    f"after {_PUSH_LOCK_TTL_S:g} s)"
+                )
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # expired meanwhile: nothing left to release
+                    lock.release()
+            return
+        with open(self.features_dir / "push.lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed, also if we die
+            yield
 
     # --------------------------------------------------------------------- build
     def build(
@@ -794,8 +835,32 @@ class FeatureClient:
         by_item: dict[int, list[dict[str, Any]]] = {}
         for e in pos:
             by_item.setdefault(e["item_id"], []).append(e)
-        recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
         now = pd.Timestamp.now(tz="UTC")
+        with self._push_lock():
+            result = self._merge_and_write(by_user, by_item, now, feast_push)
+        self.stats["pushed_events"] += len(parsed)
+        return PushResult(
+            events=len(parsed),
+            interactions=len(inter),
+            positives=len(pos),
+            users_updated=result[0],
+            items_updated=result[1],
+            seconds=round(time.perf_counter() - t0, 4),
+        )
+
+    def _merge_and_write(
+        self,
+        by_user: dict[int, list[dict[str, Any]]],
+        by_item: dict[int, list[dict[str, Any]]],
+        now: pd.Timestamp,
+        feast_push: bool,
+    ) -> tuple[int, int]:
+        """Read the current rows, merge the events in, write online and offline (push lock held).
+
+        Returns:
+            (users updated, items updated).
+        """
+        recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
         users, items = list(by_user), list(by_item)
         user_rows = self._online_rows("user", users, [recent_v])[recent_v.name] if users else []
         item_rows = self._online_rows("item", items, [trend_v])[trend_v.name] if items else []
@@ -848,15 +913,7 @@ class FeatureClient:
             else:
                 self._write_online(view, rows)
             offline.write_rows(self.features_dir, view, rows, "push")
-        self.stats["pushed_events"] += len(parsed)
-        return PushResult(
-            events=len(parsed),
-            interactions=len(inter),
-            positives=len(pos),
-            users_updated=len(recent_out),
-            items_updated=len(trend_out),
-            seconds=round(time.perf_counter() - t0, 4),
-        )
+        return len(recent_out), len(trend_out)
 
     def _write_online(self, view: View, rows: list[dict[str, Any]]) -> None:
         """Write feature rows to the online store through the provider, on the cached view.

@@ -7,6 +7,7 @@ test only asserts what holds whatever ran before it.
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from streamrec.errors import OnlineStoreUnavailableError
 from streamrec.features.client import FeatureClient
 from streamrec.features.defaults import normalize_value
+from streamrec.features.transforms import trending_update
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -186,6 +188,51 @@ def test_push_is_fresh_online_and_logged_offline(prepared):
     # an impression without engagement changes nothing
     res = fc.push_interaction({"user_id": 7, "item_id": 5, "event_type": "impression", "label": 0})
     assert res.users_updated == 0 and res.items_updated == 0
+
+
+def _push_clicks(
+    data_dir: Path, kind: str, url: str | None, item: int, stamp: float, n: int, barrier
+) -> None:
+    """One process's pushes: ``n`` clicks on ``item`` at ``stamp``, one push each (as events arrive)."""
+    fc = FeatureClient(data_dir, online=kind, redis_url=url)
+    fc.online_user_features(1)  # load Feast before the start line, so both processes push at once
+    barrier.wait(timeout=120)
+    for i in range(n):
+        fc.push_interaction(
+            {"user_id": 30 + i % 5, "item_id": item, "event_type": "click", "timestamp": stamp}
+        )
+
+
+def test_concurrent_pushes_from_two_processes_lose_no_update(prepared):
+    """Two gateway replicas pushing clicks on one item at once: every click counts.
+
+    A push reads the item's trending score, adds the clicks and writes it back; without the push
+    lock the two processes overwrite each other's increments.
+    """
+    item, n = 77, 40  # an item of the catalogue (an unknown one would add a row to the item table)
+    fc = prepared.new_client()
+    row = fc.online_features("item", [item])
+    score, at = float(row.at[0, "trending_score"]), float(row.at[0, "trending_updated_at"])
+    stamp = float(pd.Timestamp.now(tz="UTC").floor("s").timestamp()) + 5.0
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter each, like two replicas
+    barrier = ctx.Barrier(2)
+    procs = [
+        ctx.Process(
+            target=_push_clicks,
+            args=(prepared.data_dir, prepared.kind, prepared.redis_url, item, stamp, n, barrier),
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    for _ in range(2 * n):
+        score, at = trending_update(score, at, stamp)
+    got = prepared.new_client().online_features("item", [item])
+    assert int(got.at[0, "trending_updated_at"]) == int(stamp)
+    assert float(got.at[0, "trending_score"]) == pytest.approx(score, rel=1e-4)
 
 
 def test_check_is_clean_and_detects_an_offline_online_mismatch(prepared):

@@ -52,6 +52,7 @@ from deployments.runtime import (
 )
 from streamrec.api_models import RecommendRequest
 from streamrec.data.store import DataStore
+from streamrec.serving.gateway import merge_replica_status
 from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger("streamrec.deployments")
@@ -283,6 +284,7 @@ class Gateway:
             reload=self._reload,
             ready=self._ready,
             info=self._info,
+            status=self._status,
             behind_ray_proxy=True,
         )
         return app
@@ -329,6 +331,21 @@ class Gateway:
         except Exception as err:
             return False, {"reason": f"stages not reachable: {type(err).__name__}: {err}"}
         return True, {"composition": self._args.composition, "source_names": list(sources)}
+
+    async def local_status(self) -> dict[str, Any]:
+        """The part of ``/v1/admin/status`` this replica knows: its stages and event-log counters."""
+        return {"stages": await self._info(), "events": self._events.snapshot() if self._events else None}
+
+    async def _status(self) -> dict[str, Any]:
+        """``/v1/admin/status`` over every gateway replica (counters summed).
+
+        Whichever replica a balancer picks, the answer covers the deployment
+        (``merge_replica_status``).
+        """
+        ctx = serve.get_replica_context()
+        own = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        parts = await own.broadcast("local_status").results_async()
+        return merge_replica_status(list(parts))
 
     async def _info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"composition": self._args.composition, "funnel": self._service.snapshot()}

@@ -450,12 +450,14 @@ def build_gateway(
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ready: Callable[[], Any] | None = None,
     info: Callable[[], Any] | None = None,
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     environ: dict[str, str] | None = None,
     behind_ray_proxy: bool = False,
 ) -> tuple[FastAPI, EventLog | None]:
     """The gateway app for ``args`` plus its event log.
 
     ``behind_ray_proxy``: Ray Serve's proxy assigns and echoes ``X-Request-ID`` itself.
+    ``status``: the admin status over every replica (see ``create_app``).
 
     Raises:
         ConfigError: no API key is configured while authentication is enabled.
@@ -472,6 +474,7 @@ def build_gateway(
         reload=reload,
         ready=ready,
         info=info,
+        status=status,
         echo_request_id=not behind_ray_proxy,
     )
     return app, events

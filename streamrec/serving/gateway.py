@@ -76,6 +76,7 @@ _SANE_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 RecommendFn = Callable[[RecommendRequest], Awaitable[RecommendResponse]]
 ReloadFn = Callable[[], Awaitable[dict[str, Any]]]
 InfoFn = Callable[[], "dict[str, Any] | Awaitable[dict[str, Any]]"]
+StatusFn = Callable[[], Awaitable[dict[str, Any]]]
 ReadyFn = Callable[[], "tuple[bool, dict[str, Any]] | Awaitable[tuple[bool, dict[str, Any]]]"]
 
 
@@ -187,6 +188,7 @@ def create_app(
     reload: ReloadFn | None = None,
     ready: ReadyFn | None = None,
     info: InfoFn | None = None,
+    status: StatusFn | None = None,
     rate_limiter: RateLimiter | None = None,
     title: str = "StreamRec",
     echo_request_id: bool = True,
@@ -204,6 +206,9 @@ def create_app(
             refuse (the old stages keep serving; answered 409).
         ready: ``() -> (ready, details)`` (sync or async) for ``/readyz``; always ready if None.
         info: ``() -> dict`` (sync or async) with stage facts for ``/v1/admin/status``.
+        status: ``async () -> dict`` with the whole status instead (``stages``, ``events``, ...;
+            e.g. merged over every replica with :func:`merge_replica_status`); ``limits`` is
+            added. When None, ``info`` and this process's event log answer.
         rate_limiter: Use this limiter (e.g. one with a fake clock) instead of one built from
             ``limits.rate_limit``.
         title: OpenAPI title.
@@ -418,8 +423,11 @@ def create_app(
             authorize(request, "admin")
         except _ClientError as err:
             return fail(err, rid)
-        out: dict[str, Any] = {"stages": await _maybe_await(info()) if info else None}
-        out["events"] = events.snapshot() if events is not None else None
+        if status is not None:
+            out: dict[str, Any] = dict(await status())
+        else:
+            out = {"stages": await _maybe_await(info()) if info else None}
+            out["events"] = events.snapshot() if events is not None else None
         out["limits"] = limits.model_dump()
         return _json(out)
 
@@ -447,6 +455,35 @@ def create_app(
     _install_openapi(app)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app
+
+
+def merge_replica_status(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One status over several replicas' statuses (the admin endpoint behind a balancer).
+
+    Counters (integers) are summed, flags (booleans) hold only if they hold on every replica,
+    mappings are merged key by key, and any other value is kept once when every replica agrees,
+    else listed per replica. ``replicas`` says how many answered.
+
+    Args:
+        parts: Each replica's status (the same shape on every replica).
+    """
+
+    def merge(values: list[Any]) -> Any:
+        present = [v for v in values if v is not None]  # a key one replica has not seen yet
+        if present and len(present) < len(values) and not all(isinstance(v, bool) for v in present):
+            values = present
+        if all(isinstance(v, bool) for v in values):
+            return all(values)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return sum(values)
+        if all(isinstance(v, dict) for v in values):
+            keys = dict.fromkeys(k for v in values for k in v)
+            return {k: merge([v.get(k) for v in values]) for k in keys}
+        return values[0] if all(v == values[0] for v in values) else values
+
+    out: dict[str, Any] = merge(parts) if parts else {}
+    out["replicas"] = len(parts)
+    return out
 
 
 def _json(payload: dict[str, Any], status: int = 200) -> Response:

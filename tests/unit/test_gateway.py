@@ -638,3 +638,27 @@ def test_settle_heap_freezes_live_objects_and_releases_replaced_ones() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+def test_admin_status_merges_replicas_counters_summed_flags_all_others_listed() -> None:
+    from streamrec.serving.gateway import merge_replica_status
+
+    a = {
+        "stages": {"funnel": {"fallbacks": 2, "served_by_level": {"full": 10}}, "model_version": "v3"},
+        "events": {"received": 5, "stored": 4, "duplicates": 1, "balanced": True, "segment": "seg-a"},
+    }
+    b = {
+        "stages": {
+            "funnel": {"fallbacks": 1, "served_by_level": {"full": 7, "popularity": 1}},
+            "model_version": "v3",
+        },
+        "events": {"received": 2, "stored": 2, "duplicates": 0, "balanced": False, "segment": "seg-b"},
+    }
+    out = merge_replica_status([a, b])
+    assert out["replicas"] == 2
+    assert out["stages"]["funnel"] == {"fallbacks": 3, "served_by_level": {"full": 17, "popularity": 1}}
+    assert out["stages"]["model_version"] == "v3"  # the same everywhere: once
+    assert out["events"]["stored"] == 6 and out["events"]["received"] == 7
+    assert out["events"]["balanced"] is False  # holds only if it holds on every replica
+    assert out["events"]["segment"] == ["seg-a", "seg-b"]
+    assert merge_replica_status([a]) == {**a, "replicas": 1}

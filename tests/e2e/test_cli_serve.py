@@ -6,6 +6,8 @@ non-interactive shell, where SIGINT is ignored unless the program re-enables it.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import signal
 import socket
@@ -21,6 +23,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "cli-demo-key-0123456789abcdef"
+
+
+def gateway_replicas() -> int:
+    """``num_replicas`` of the Gateway in configs/serve/local.yaml."""
+    from deployments import config
+
+    app = config.load(REPO / "configs/serve/local.yaml")["applications"][0]
+    return int(next(d for d in app["deployments"] if d["name"] == "Gateway")["num_replicas"])
 
 
 def free_port() -> int:
@@ -70,8 +80,24 @@ def test_streamrec_serve_blocks_prints_the_key_and_stops_on_sigint(
         )
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert httpx.post(f"{base}/v1/recommend", json={"user_id": 1}, timeout=30).status_code == 401
-        if direct_ingress:  # the replica answers on --port itself; Ray's proxy still serves, 100 above
+        if direct_ingress:  # HAProxy answers on --port; Ray's proxy still serves, 100 above
             assert "Ray's proxy serves the same application at" in text
+            # HAProxy spreads requests over every gateway replica (its stats listener: --port + 101).
+            for u in range(2, 22):
+                ok = httpx.post(
+                    f"{base}/v1/recommend",
+                    json={"user_id": u, "k": 3},
+                    headers={"X-API-Key": KEY},
+                    timeout=30,
+                )
+                assert ok.status_code == 200, ok.text
+            stats = httpx.get(f"http://127.0.0.1:{port + 101}/stats;csv", timeout=10).text.lstrip("# ")
+            served = {
+                row["svname"]: int(row["stot"])
+                for row in csv.DictReader(io.StringIO(stats))
+                if row["svname"].startswith("SERVE_REPLICA")
+            }
+            assert len(served) == gateway_replicas() >= 2 and min(served.values()) > 0, served
             proxied = httpx.post(
                 f"http://127.0.0.1:{port + 100}/v1/recommend",
                 json={"user_id": 1, "k": 3},

@@ -167,9 +167,11 @@ def sustained(step: dict[str, Any]) -> bool:
 
 
 def fallbacks(host: str, port: int, prefix: str = "") -> int | None:
-    """Requests the gateway replica that answers has served from its fallback level so far.
+    """Requests the application has served from its fallback level so far.
 
-    ``prefix`` is the application's route prefix (``/s``) when several are deployed side by side.
+    ``/v1/admin/status`` merges every gateway replica's counters, so one call covers the
+    deployment whichever replica answers. ``prefix`` is the application's route prefix (``/s``)
+    when several are deployed side by side.
     """
     import httpx
 
@@ -183,8 +185,13 @@ def fallbacks(host: str, port: int, prefix: str = "") -> int | None:
 
 
 def sweep(
-    host: str, port: int, requests: list[bytes], rates: list[float], duration_s: float
+    host: str,
+    port: int,
+    requests: list[bytes],
+    rates: list[float],
+    duration_s: float,
 ) -> dict[str, Any]:
+    """Open-loop steps at ``rates`` until one is not sustained."""
     steps = []
     for rate in rates:
         before = fallbacks(host, port)
@@ -372,7 +379,6 @@ def interleaved(
     comp: str,
     data_dir: Path,
     port: int,
-    direct_base: int | None,
     sources: list[str],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
@@ -391,12 +397,9 @@ def interleaved(
         )
     )
     config.deploy(cfg, timeout_s=600)
-    ports = {
-        name: port
-        if direct_base is None
-        else direct_port(direct_base, 50, noop=name == "f", prefix=f"/{name}")
-        for name in ("s", "f")
-    }
+    for name in ("s", "f"):
+        wait_serving(port, noop=name == "f", prefix=f"/{name}")
+    ports = {"s": port, "f": port}
     from streamrec.data.store import DataStore
 
     store_users = int(DataStore(data_dir).users()["user_id"].max())
@@ -405,7 +408,7 @@ def interleaved(
     p50: dict[str, list[float]] = {"s": [], "f": []}
     # A slow phase can open the funnel's breaker: popularity answers in ~3 ms and would flatter
     # the ratio, so the fallbacks served during the timed rounds are reported with it.
-    before = {name: fallbacks("127.0.0.1", ports[name], f"/{name}") for name in ("s", "f")}
+    before = {name: fallbacks("127.0.0.1", port, f"/{name}") for name in ("s", "f")}
     for r in range(args.interleave_rounds):
         for name in ("s", "f") if r % 2 == 0 else ("f", "s"):
             out = run_wrk(
@@ -413,7 +416,7 @@ def interleaved(
             )
             if out and "p50_ms" in out:
                 p50[name].append(out["p50_ms"])
-    after = {name: fallbacks("127.0.0.1", ports[name], f"/{name}") for name in ("s", "f")}
+    after = {name: fallbacks("127.0.0.1", port, f"/{name}") for name in ("s", "f")}
     fell_back = {
         name: (after[name] - before[name]) if after[name] is not None and before[name] is not None else None
         for name in ("s", "f")
@@ -438,7 +441,7 @@ def results_name(throughput_optimized: bool, direct_ingress: bool) -> str:
 
 
 def free_port_range(span: int) -> int:
-    """The first of ``span`` consecutive ports that are free now (direct-ingress replicas bind there)."""
+    """The first of ``span`` consecutive ports that are free now (HAProxy, replicas, fallback proxy)."""
     for base in range(30000, 60000, span):
         try:
             for p in range(base, base + span):
@@ -447,29 +450,29 @@ def free_port_range(span: int) -> int:
             return base
         except OSError:
             continue
-    raise RuntimeError("no free port range for the direct-ingress replicas")
+    raise RuntimeError("no free port range for the direct-ingress ports")
 
 
-def direct_port(base: int, span: int, noop: bool, timeout_s: float = 120.0, prefix: str = "") -> int:
-    """The port of the gateway replica that serves the just-deployed stages (direct ingress).
+def wait_serving(port: int, noop: bool, timeout_s: float = 180.0, prefix: str = "") -> None:
+    """Wait until ``port`` answers with the just-deployed stages (``noop`` for the floor).
 
-    After a redeploy the replaced replica drains for a while on its own port; it is told apart by
-    the model version its responses report (``noop`` for the floor).
+    After a redeploy the replaced replicas drain for a while, and HAProxy (direct ingress)
+    switches to the new ones once they report their ports: the two are told apart by the model
+    version the responses report.
     """
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for p in range(base, base + span):
-            try:
-                r = httpx.post(f"http://127.0.0.1:{p}{prefix}/v1/recommend", json={"user_id": 1, "k": 1},
-                               headers={"X-API-Key": KEY}, timeout=5)  # fmt: skip
-            except httpx.HTTPError:
-                continue
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}{prefix}/v1/recommend", json={"user_id": 1, "k": 1},
+                           headers={"X-API-Key": KEY}, timeout=5)  # fmt: skip
             if r.status_code == 200 and (r.json()["metadata"]["model_version"] == "noop") == noop:
-                return p
+                return
+        except httpx.HTTPError:
+            pass
         time.sleep(1.0)
-    raise RuntimeError(f"no gateway replica answered on ports {base}-{base + span - 1}")
+    raise RuntimeError(f"no {'no-op' if noop else 'real'} stages answered on port {port}{prefix}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -499,8 +502,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--direct-ingress",
         action="store_true",
-        help="Ray Serve direct ingress (what `streamrec serve --direct-ingress` sets): clients connect to the "
-        "gateway replica's own HTTP server instead of the proxy",
+        help="what `streamrec serve --direct-ingress` sets: HAProxy in front of the gateway replicas' own "
+        "HTTP servers (Ray Serve's HAProxy ingress) instead of the proxy actor",
     )
     p.add_argument(
         "--fallback",
@@ -528,9 +531,9 @@ def main() -> None:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     direct_base = None
     if args.direct_ingress:
-        from streamrec.cli.serve import direct_ingress_env
+        from streamrec.cli.serve import PROXY_PORT_OFFSET, direct_ingress_env
 
-        direct_base = free_port_range(50)
+        direct_base = free_port_range(PROXY_PORT_OFFSET + 3)  # HAProxy, replicas, proxy, stats, metrics
         os.environ.update(direct_ingress_env(direct_base, span=50))
     try:
         import uvloop
@@ -550,9 +553,12 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    if direct_base is not None:  # HAProxy answers on Serve's HTTP port, the proxy actor 100 above
+        port, proxy_port = direct_base, direct_base + PROXY_PORT_OFFSET
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = proxy_port = int(s.getsockname()[1])
     results: dict[str, Any] = {}
     t0 = time.time()
     try:
@@ -562,16 +568,16 @@ def main() -> None:
             ]
             print(f"{comp}:", flush=True)
             deploy_app(comp, data_dir, port, "auto", None, args.fallback)
-            at = port if direct_base is None else direct_port(direct_base, 50, noop=False)
-            real = measure(f"{comp} (stages)", data_dir, at, args, rates, proxy_port=port)
+            wait_serving(port, noop=False)
+            real = measure(f"{comp} (stages)", data_dir, port, args, rates, proxy_port)
             deploy_app(comp, data_dir, port, "noop", real["sources"], args.fallback)
-            at = port if direct_base is None else direct_port(direct_base, 50, noop=True)
-            floor = measure(f"{comp} (no-op floor)", data_dir, at, args, rates, proxy_port=port)
+            wait_serving(port, noop=True)
+            floor = measure(f"{comp} (no-op floor)", data_dir, port, args, rates, proxy_port)
             results[comp] = {"stages": real, "noop_floor": floor}
             if args.interleave_rounds > 0 and shutil.which("wrk"):
                 try:
                     results[comp]["interleaved"] = interleaved(
-                        comp, data_dir, port, direct_base, real["sources"] or [], args
+                        comp, data_dir, port, real["sources"] or [], args
                     )
                 except Exception as err:  # keep the measurements above
                     print(f"    interleaved run failed: {err!r}", flush=True)
@@ -591,6 +597,7 @@ def main() -> None:
         "ray": ray.__version__,
         "throughput_optimized": bool(args.throughput_optimized),
         "direct_ingress": bool(args.direct_ingress),
+        "haproxy": bool(args.direct_ingress),  # since 2026-11-27 09:00 UTC: HAProxy in front
         "fallback_enabled": bool(args.fallback),
         "note": args.note,
         "data": {**world, "dir": str(data_dir)},
@@ -632,6 +639,9 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
     mode = (
         "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"
         if payload["throughput_optimized"]
+        else "direct ingress behind HAProxy (`streamrec serve --direct-ingress`): HAProxy spreads clients "
+        "over the gateway replicas' own HTTP servers"
+        if payload.get("haproxy")
         else "direct ingress (`streamrec serve --direct-ingress`): clients connect to the gateway replica"
         if payload.get("direct_ingress")
         else "default Ray Serve settings (clients connect to Ray's HTTP proxy)"
@@ -643,6 +653,7 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
         f"`bench/bench_serve.py`, {payload['generated_at']}, {payload['machine']['cpus']} CPUs "
         f"({payload['machine']['platform']}), Ray {payload['ray']}"
         f"{', RAY_SERVE_THROUGHPUT_OPTIMIZED=1' if payload['throughput_optimized'] else ''}"
+        f"{', RAY_SERVE_ENABLE_HA_PROXY=1' if payload.get('haproxy') else ''}"
         f"{', RAY_SERVE_ENABLE_DIRECT_INGRESS=1' if payload.get('direct_ingress') else ''}. "
         f"Data: {d['users']} users, {d['items']} items, {d['events']} events. "
         "Each composition is measured with the stages it serves and with no-op stages of the same "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -407,15 +408,8 @@ class EventLog:
             except FileNotFoundError:  # removed meanwhile (an operator cleaning up)
                 continue
             end = data.rfind(b"\n") + 1  # a torn final write was never acknowledged
-            for line in data[:end].splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    if count_corrupt:
-                        self.corrupt_lines_at_open += 1
-                    continue
-                if isinstance(rec, dict) and "event_id" in rec:
-                    self._seen.add(str(rec["event_id"]))
+            for rec in self._records(data[:end].splitlines(), count_corrupt):
+                self._seen.add(str(rec["event_id"]))
             self._read_upto[seg] = start + end
 
     def _rotate(self) -> None:
@@ -460,17 +454,22 @@ class EventLog:
     def _iter_records(self, paths: Iterable[Path], count_corrupt: bool = False) -> Iterator[dict[str, Any]]:
         for p in paths:
             with open(p, "rb") as fh:
-                for line in fh:
-                    if not line.endswith(b"\n"):
-                        break  # a torn final write (never acknowledged)
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        if count_corrupt:
-                            self.corrupt_lines_at_open += 1
-                        continue
-                    if isinstance(rec, dict) and "event_id" in rec:
-                        yield rec
+                # A final line without its newline is a torn write (never acknowledged).
+                yield from self._records(
+                    itertools.takewhile(lambda ln: ln.endswith(b"\n"), fh), count_corrupt
+                )
+
+    def _records(self, lines: Iterable[bytes], count_corrupt: bool) -> Iterator[dict[str, Any]]:
+        """The event records among complete JSON lines (corrupt ones skipped, counted on request)."""
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if count_corrupt:
+                    self.corrupt_lines_at_open += 1
+                continue
+            if isinstance(rec, dict) and "event_id" in rec:
+                yield rec
 
     def read(self) -> pd.DataFrame:
         """Every logged event as a frame in :data:`~streamrec.data.schema.EVENT_SCHEMA` columns."""

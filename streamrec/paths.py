@@ -7,7 +7,10 @@ every component (ingest, features, training, serving) agrees on it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +100,15 @@ class DataLayout:
         """Create the root directory if missing and return self."""
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Serialises processes (and threads, each with its own open file) that share a data directory
+    on one machine; the kernel releases it when the file closes, also if the holder dies.
+    """
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield

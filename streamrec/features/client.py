@@ -21,7 +21,6 @@ inputs without required columns, :class:`~streamrec.errors.FeatureStoreError` ot
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import math
@@ -62,7 +61,7 @@ from streamrec.features.spec import (
     views_for,
 )
 from streamrec.features.transforms import derive_label, merge_recent, trending_update
-from streamrec.paths import DataLayout
+from streamrec.paths import DataLayout, exclusive_file_lock
 
 _ONE_US = pd.Timedelta(microseconds=1)
 
@@ -340,8 +339,7 @@ class FeatureClient:
                 with contextlib.suppress(Exception):  # expired meanwhile: nothing left to release
                     lock.release()
             return
-        with open(self.features_dir / "push.lock", "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file is closed, also if we die
+        with exclusive_file_lock(self.features_dir / "push.lock"):
             yield
 
     # --------------------------------------------------------------------- build
@@ -837,14 +835,16 @@ class FeatureClient:
             by_item.setdefault(e["item_id"], []).append(e)
         now = pd.Timestamp.now(tz="UTC")
         with self._push_lock():
-            result = self._merge_and_write(by_user, by_item, now, feast_push)
+            written = self._merge_and_write(by_user, by_item, now, feast_push)
+        for view, rows in written:  # each push appends its own file: outside the lock
+            offline.write_rows(self.features_dir, view, rows, "push")
         self.stats["pushed_events"] += len(parsed)
         return PushResult(
             events=len(parsed),
             interactions=len(inter),
             positives=len(pos),
-            users_updated=result[0],
-            items_updated=result[1],
+            users_updated=len(by_user),
+            items_updated=len(by_item),
             seconds=round(time.perf_counter() - t0, 4),
         )
 
@@ -854,11 +854,11 @@ class FeatureClient:
         by_item: dict[int, list[dict[str, Any]]],
         now: pd.Timestamp,
         feast_push: bool,
-    ) -> tuple[int, int]:
-        """Read the current rows, merge the events in, write online and offline (push lock held).
+    ) -> list[tuple[View, list[dict[str, Any]]]]:
+        """Read the current rows, merge the events in, write them online (push lock held).
 
         Returns:
-            (users updated, items updated).
+            ``(view, rows)`` for each view that got rows (the user view first).
         """
         recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
         users, items = list(by_user), list(by_item)
@@ -904,16 +904,14 @@ class FeatureClient:
                     CREATED_FIELD: now,
                 }
             )
-        for view, rows in ((recent_v, recent_out), (trend_v, trend_out)):
-            if not rows:
-                continue
+        written = [(view, rows) for view, rows in ((recent_v, recent_out), (trend_v, trend_out)) if rows]
+        for view, rows in written:
             if feast_push:
                 with self._online_guard(f"push {view.name}"), self._feast_output(False):
                     self.store.push(view.push_source, pd.DataFrame(rows))
             else:
                 self._write_online(view, rows)
-            offline.write_rows(self.features_dir, view, rows, "push")
-        return len(recent_out), len(trend_out)
+        return written
 
     def _write_online(self, view: View, rows: list[dict[str, Any]]) -> None:
         """Write feature rows to the online store through the provider, on the cached view.

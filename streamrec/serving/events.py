@@ -38,7 +38,6 @@ training run; it is incremental (a byte watermark per segment) and safe to re-ru
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
 import logging
@@ -61,7 +60,7 @@ from streamrec.data.contract import quarantine_rows, validate_events
 from streamrec.data.schema import EVENT_SCHEMA
 from streamrec.data.store import DataStore
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
-from streamrec.paths import DataLayout
+from streamrec.paths import DataLayout, exclusive_file_lock
 from streamrec.resilience import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -319,7 +318,7 @@ class EventLog:
             return AppendOutcome(n, 0, 0, n, 0, tuple(bad_users), tuple(bad_items))
         when = received_at or datetime.now(UTC)
         records: list[dict[str, Any]] = []
-        with self._lock, self._writers_lock():
+        with self._lock, exclusive_file_lock(self.root / "append.lock"):  # one appending process
             if self._load_existing:
                 self._catch_up()  # ids other replicas logged since our last append
             fresh: list[EventIn] = []
@@ -387,13 +386,6 @@ class EventLog:
         self._segment_bytes += len(data)
         assert self._segment is not None
         self._read_upto[self._segment] = self._segment_bytes  # our own lines: ids already seen
-
-    @contextlib.contextmanager
-    def _writers_lock(self) -> Iterator[None]:
-        """Exclusive ``flock`` on ``append.lock``: one appending process at a time (lock held)."""
-        with open(self.root / "append.lock", "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # released on close, also if the process dies
-            yield
 
     def _catch_up(self, count_corrupt: bool = False) -> None:
         """Add the ids of complete lines appended to any segment since the last call."""

@@ -236,7 +236,46 @@ def run_wrk(url: str, prefix: str, users: int, connections: int, duration_s: flo
         "p95_ms": round(r["p95_us"] / 1e3, 2),
         "p99_ms": round(r["p99_us"] / 1e3, 2),
         "errors": errors,
+        "requests": int(r["requests"]),
     }
+
+
+def ray_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) each Ray process on this machine has used so far, by pid.
+
+    With each pid its name as Ray shows it in ``ps`` (``ray::ServeReplica:<app>:<deployment>``,
+    ``ray::ProxyActor``, ...; ``raylet`` and ``gcs_server`` by file name), without the method a
+    busy worker appends while it runs a call. Linux only (``/proc``); empty elsewhere.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        base = argv0.split()[0] if argv0 else ""
+        name = base.split(".")[0] if base.startswith("ray::") else Path(base).name
+        if name.startswith("ray::") or name in ("raylet", "gcs_server"):
+            out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _cpu_group(process: str, app: str) -> str:
+    """The row of the CPU table a Ray process counts under, while ``app`` is being measured."""
+    prefix = "ray::ServeReplica:"
+    if process.startswith(prefix):
+        owner, _, deployment = process[len(prefix) :].partition(":")
+        return deployment if owner == app else "the other app's replicas (idle)"
+    if process == "ray::ProxyActor":
+        return "HTTP proxy"
+    return "Ray system (controller, raylet, GCS, idle workers)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,11 +421,15 @@ def interleaved(
     sources: list[str],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Sequential p50 of the stages and of their floor, alternating short wrk runs on both.
+    """The stages and their floor side by side: alternating short runs on both, same Ray instance.
 
-    Both applications are deployed side by side (every deployment's CPU reservation halved so
-    both fit; a reservation is bookkeeping, not a limit), so slow phases of a shared machine hit
-    both alike; the ratio of the medians is the figure to compare with the target.
+    Both applications are deployed together (every deployment's CPU reservation halved so both
+    fit; a reservation is bookkeeping, not a limit), so slow phases of a shared machine hit both
+    alike. Each round measures each application with an open loop at ``--interleave-rate`` (the
+    issue's load generator; 0 skips it) and then wrk at one connection (sequential), each for
+    ``--interleave-seconds``; the order alternates between rounds. The ratios of the medians are
+    the figures to compare with the target; the per-round ratios show the spread. Also records
+    the CPU every Ray process used per request while each application was measured (``/proc``).
     """
     from deployments import config
 
@@ -399,40 +442,74 @@ def interleaved(
     config.deploy(cfg, timeout_s=600)
     for name in ("s", "f"):
         wait_serving(port, noop=name == "f", prefix=f"/{name}")
-    ports = {"s": port, "f": port}
     from streamrec.data.store import DataStore
 
     store_users = int(DataStore(data_dir).users()["user_id"].max())
+    reqs = {name: request_mix(data_dir, "127.0.0.1", port, f"/{name}/v1/recommend")[0] for name in ("s", "f")}
+    url = f"http://127.0.0.1:{port}"
     for name in ("s", "f"):
-        run_wrk(f"http://127.0.0.1:{ports[name]}", f"/{name}", store_users, 8, max(args.warmup_seconds, 1.0))
-    p50: dict[str, list[float]] = {"s": [], "f": []}
+        run_wrk(url, f"/{name}", store_users, 8, max(args.warmup_seconds, 1.0))
+    seq: dict[str, list[float]] = {"s": [], "f": []}
+    opn: dict[str, list[float]] = {"s": [], "f": []}
+    cpu: dict[str, dict[str, float]] = {"s": {}, "f": {}}
+    served = {"s": 0, "f": 0}
     # A slow phase can open the funnel's breaker: popularity answers in ~3 ms and would flatter
     # the ratio, so the fallbacks served during the timed rounds are reported with it.
     before = {name: fallbacks("127.0.0.1", port, f"/{name}") for name in ("s", "f")}
     for r in range(args.interleave_rounds):
         for name in ("s", "f") if r % 2 == 0 else ("f", "s"):
-            out = run_wrk(
-                f"http://127.0.0.1:{ports[name]}", f"/{name}", store_users, 1, args.interleave_seconds
-            )
+            cpu0 = ray_cpu_seconds()
+            if args.interleave_rate > 0:
+                step = asyncio.run(
+                    open_loop("127.0.0.1", port, reqs[name], args.interleave_rate, args.interleave_seconds)
+                )
+                opn[name].append(step["p50_ms"])
+                served[name] += step["ok"]
+            out = run_wrk(url, f"/{name}", store_users, 1, args.interleave_seconds)
             if out and "p50_ms" in out:
-                p50[name].append(out["p50_ms"])
+                seq[name].append(out["p50_ms"])
+                served[name] += out["requests"]
+            for pid, (proc, secs) in ray_cpu_seconds().items():
+                group = _cpu_group(proc, name)
+                cpu[name][group] = cpu[name].get(group, 0.0) + secs - cpu0.get(pid, ("", 0.0))[1]
+        print(f"    round {r}: sequential p50 stages {seq['s'][-1:]} floor {seq['f'][-1:]}; "
+              f"open loop p50 stages {opn['s'][-1:]} floor {opn['f'][-1:]}", flush=True)  # fmt: skip
     after = {name: fallbacks("127.0.0.1", port, f"/{name}") for name in ("s", "f")}
     fell_back = {
         name: (after[name] - before[name]) if after[name] is not None and before[name] is not None else None
         for name in ("s", "f")
     }
-    if not p50["s"] or not p50["f"]:
+    if not seq["s"] or not seq["f"]:
         return {}
-    a, b = float(np.median(p50["s"])), float(np.median(p50["f"]))
-    print(
-        f"    interleaved sequential p50: stages {a:.1f} ms, floor {b:.1f} ms, ratio {a / b:.2f}"
-        f" (fallbacks during the rounds: stages {fell_back['s']}, floor {fell_back['f']})",
-        flush=True,
-    )
-    return {"rounds": args.interleave_rounds, "seconds_each": args.interleave_seconds,
-            "stages_p50_ms": p50["s"], "floor_p50_ms": p50["f"],
-            "stages_median_p50_ms": round(a, 2), "floor_median_p50_ms": round(b, 2), "ratio": round(a / b, 3),
-            "fallbacks": {"stages": fell_back["s"], "floor": fell_back["f"]}}  # fmt: skip
+
+    def ratios(a: list[float], b: list[float]) -> dict[str, Any]:
+        per_round = [x / y for x, y in zip(a, b, strict=False)]
+        return {
+            "stages_median_p50_ms": round(float(np.median(a)), 2),
+            "floor_median_p50_ms": round(float(np.median(b)), 2),
+            "ratio": round(float(np.median(a) / np.median(b)), 3),
+            "round_ratios": [round(x, 3) for x in per_round],
+        }
+
+    result: dict[str, Any] = {
+        "rounds": args.interleave_rounds,
+        "seconds_each": args.interleave_seconds,
+        "stages_p50_ms": seq["s"],
+        "floor_p50_ms": seq["f"],
+        **ratios(seq["s"], seq["f"]),
+        "fallbacks": {"stages": fell_back["s"], "floor": fell_back["f"]},
+        "cpu_ms_per_request": {
+            label: {g: round(v * 1e3 / max(served[name], 1), 2) for g, v in sorted(cpu[name].items())}
+            for label, name in (("stages", "s"), ("floor", "f"))
+        },
+    }
+    if opn["s"] and opn["f"]:
+        result["open_loop"] = {"rate": args.interleave_rate, **ratios(opn["s"], opn["f"])}
+    print(f"    side by side: sequential p50 stages {result['stages_median_p50_ms']:.1f} ms, floor "
+          f"{result['floor_median_p50_ms']:.1f} ms, ratio {result['ratio']:.2f}"
+          + (f"; open loop at {args.interleave_rate:g}/s: ratio {result['open_loop']['ratio']:.2f}" if "open_loop" in result else "")
+          + f" (fallbacks during the rounds: stages {fell_back['s']}, floor {fell_back['f']})", flush=True)  # fmt: skip
+    return result
 
 
 def results_name(throughput_optimized: bool, direct_ingress: bool) -> str:
@@ -494,10 +571,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--interleave-rounds",
         type=int,
-        default=6,
-        help="then stages and floor side by side: this many alternating wrk c=1 runs each (0: skip)",
+        default=8,
+        help="then stages and floor side by side: this many alternating rounds on each (0: skip)",
     )
-    p.add_argument("--interleave-seconds", type=float, default=5.0)
+    p.add_argument("--interleave-seconds", type=float, default=6.0, help="per measurement of a round")
+    p.add_argument(
+        "--interleave-rate",
+        type=float,
+        default=10.0,
+        help="open-loop rate (req/s) of the side-by-side rounds, before their wrk c=1 run (0: wrk only)",
+    )
     p.add_argument("--throughput-optimized", action="store_true", help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     p.add_argument(
         "--direct-ingress",
@@ -739,13 +822,24 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
                 f"open loop at {s0['target_rps']:g} req/s: p50 {s0['p50_ms']:.1f} vs {f0['p50_ms']:.1f} ms = "
                 f"{s0['p50_ms'] / max(f0['p50_ms'], 1e-9):.2f}x"
             )
+    cpu_tables = []
     for comp, r in res.items():
         il = r.get("interleaved") or {}
         if il and "ratio" in il:
+            spread = il.get("round_ratios")
             lines.append(
-                f"- {comp}, side by side ({il['rounds']} alternating wrk c=1 runs of {il['seconds_each']:g} s "
-                f"each): median sequential p50 {il['stages_median_p50_ms']:.1f} ms vs floor "
-                f"{il['floor_median_p50_ms']:.1f} ms = {il['ratio']:.2f}x"
+                f"- {comp}, side by side ({il['rounds']} alternating rounds of {il['seconds_each']:g} s per "
+                f"measurement): median sequential p50 {il['stages_median_p50_ms']:.1f} ms vs floor "
+                f"{il['floor_median_p50_ms']:.1f} ms = **{il['ratio']:.2f}x**"
+                + (f" (rounds {min(spread):.2f}-{max(spread):.2f}x)" if spread else "")
+                + (
+                    f"; open loop at {il['open_loop']['rate']:g} req/s: p50 "
+                    f"{il['open_loop']['stages_median_p50_ms']:.1f} vs {il['open_loop']['floor_median_p50_ms']:.1f} "
+                    f"ms = **{il['open_loop']['ratio']:.2f}x** (rounds {min(il['open_loop']['round_ratios']):.2f}-"
+                    f"{max(il['open_loop']['round_ratios']):.2f}x)"
+                    if il.get("open_loop")
+                    else ""
+                )
                 + (
                     f" (fallback answers during the rounds: stages {il['fallbacks']['stages']}, "
                     f"floor {il['fallbacks']['floor']})"
@@ -753,6 +847,22 @@ def render(payload: dict[str, Any], heading: bool = True) -> str:
                     else ""
                 )
             )
+        if il.get("cpu_ms_per_request"):
+            cpu_tables.append((comp, il["cpu_ms_per_request"]))
+    for comp, cpu in cpu_tables:
+        groups = sorted(set(cpu["stages"]) | set(cpu["floor"]), key=lambda g: -cpu["stages"].get(g, 0.0))
+        lines += [
+            "",
+            f"CPU per request, {comp} side by side (ms of user + system time of each Ray process while that "
+            "application was measured, divided by the requests it served; from /proc):",
+            "",
+            "| process | stages | no-op floor |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {g} | {cpu['stages'].get(g, 0.0):.1f} | {cpu['floor'].get(g, 0.0):.1f} |" for g in groups
+        ]
+        lines.append(f"| total | {sum(cpu['stages'].values()):.1f} | {sum(cpu['floor'].values()):.1f} |")
     lines += ["", "Open-loop steps (target req/s: p50 / p95 / p99 ms, achieved req/s):", ""]
     for comp, res in payload["results"].items():
         for label, r in (("stages", res["stages"]), ("no-op floor", res["noop_floor"])):

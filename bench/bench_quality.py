@@ -44,7 +44,9 @@ def run(name: str, prepare, log) -> dict:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ml100k", default=os.environ.get("STREAMREC_ML100K", str(REPO.parent / "shared/data/ml-100k")))
+    p.add_argument(
+        "--ml100k", default=os.environ.get("STREAMREC_ML100K", str(REPO.parent / "shared/data/ml-100k"))
+    )
     p.add_argument("--out", default=str(REPO / "bench/results/quality.json"))
     p.add_argument("--only", choices=["ml-100k", "synthetic"], default=None)
     args = p.parse_args()

@@ -251,8 +251,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "sizes": {
             k: getattr(args, k)
-            for k in ("users", "items", "interactions", "rank_rows", "categories", "user_dense",
-                      "item_dense", "dense", "history_len", "epochs", "candidates", "calls", "warmup")
+            for k in (
+                "users",
+                "items",
+                "interactions",
+                "rank_rows",
+                "categories",
+                "user_dense",
+                "item_dense",
+                "dense",
+                "history_len",
+                "epochs",
+                "candidates",
+                "calls",
+                "warmup",
+            )
         },
     }
 
@@ -358,18 +371,28 @@ def markdown(r: dict[str, Any]) -> str:
     e_tt, e_rk = tt["epochs"][0], rk["epochs"][0]
     rows = [
         ("device", f"{r['device_name']} ({dev}), torch {r['torch']}, python {r['python']}"),
-        ("two-tower epoch 1",
-         f"{e_tt['seconds']:.2f} s, {e_tt['rows_per_s']:.0f} rows/s, loss {e_tt['train_loss']:.3f}"),
+        (
+            "two-tower epoch 1",
+            f"{e_tt['seconds']:.2f} s, {e_tt['rows_per_s']:.0f} rows/s, loss {e_tt['train_loss']:.3f}",
+        ),
         ("two-tower encode all items", f"{tt['encode_all_items_s'] * 1e3:.1f} ms"),
-        ("two-tower top-20 in preferred category",
-         f"{tt['top20_in_preferred_category']:.2f} (chance {tt['chance_preferred_category']:.2f})"),
-        ("ranker epoch 1",
-         f"{e_rk['seconds']:.2f} s, {e_rk['rows_per_s']:.0f} rows/s, "
-         f"val AUC {e_rk.get('val_auc', float('nan')):.3f}"),
-        (f"score {r['sizes']['candidates']} candidates ({dev})",
-         f"median {sc[dev]['median_ms']:.3f} ms, p99 {sc[dev]['p99_ms']:.3f} ms"),
-        (f"score {r['sizes']['candidates']} candidates (cpu, 1 thread)",
-         f"median {sc['cpu_1_thread']['median_ms']:.3f} ms, p99 {sc['cpu_1_thread']['p99_ms']:.3f} ms"),
+        (
+            "two-tower top-20 in preferred category",
+            f"{tt['top20_in_preferred_category']:.2f} (chance {tt['chance_preferred_category']:.2f})",
+        ),
+        (
+            "ranker epoch 1",
+            f"{e_rk['seconds']:.2f} s, {e_rk['rows_per_s']:.0f} rows/s, "
+            f"val AUC {e_rk.get('val_auc', float('nan')):.3f}",
+        ),
+        (
+            f"score {r['sizes']['candidates']} candidates ({dev})",
+            f"median {sc[dev]['median_ms']:.3f} ms, p99 {sc[dev]['p99_ms']:.3f} ms",
+        ),
+        (
+            f"score {r['sizes']['candidates']} candidates (cpu, 1 thread)",
+            f"median {sc['cpu_1_thread']['median_ms']:.3f} ms, p99 {sc['cpu_1_thread']['p99_ms']:.3f} ms",
+        ),
     ]
     lines = ["| check | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)

@@ -517,6 +517,13 @@ def results_name(throughput_optimized: bool, direct_ingress: bool) -> str:
     return "serve_tp.json" if throughput_optimized else "serve_di.json" if direct_ingress else "serve.json"
 
 
+def free_port() -> int:
+    """A loopback port that is free now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def free_port_range(span: int) -> int:
     """The first of ``span`` consecutive ports that are free now (HAProxy, replicas, fallback proxy)."""
     for base in range(30000, 60000, span):
@@ -634,14 +641,10 @@ def main() -> None:
     world = {"users": len(store.users()), "items": len(store.items()), "events": store.count_events()}
     print(f"data: {data_dir} {world}", flush=True)
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
-    import socket
-
     if direct_base is not None:  # HAProxy answers on Serve's HTTP port, the proxy actor 100 above
         port, proxy_port = direct_base, direct_base + PROXY_PORT_OFFSET
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = proxy_port = int(s.getsockname()[1])
+        port = proxy_port = free_port()
     results: dict[str, Any] = {}
     t0 = time.time()
     try:

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -54,20 +53,17 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "bench/results/side_by_side.json"), help="runs are appended")
     args = p.parse_args()
 
-    port = None
-    if args.direct_ingress:
-        from streamrec.cli.serve import PROXY_PORT_OFFSET, direct_ingress_env
+    from streamrec.cli.serve import PROXY_PORT_OFFSET, direct_ingress_env
 
+    if args.direct_ingress:  # HAProxy answers on the first port of the range
         port = bench_serve.free_port_range(PROXY_PORT_OFFSET + 3)
         os.environ.update(direct_ingress_env(port, span=50))
+    else:
+        port = bench_serve.free_port()
     import ray
     from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
     # The floor pretends to have the real stages' sources, so that it makes the same calls.
     from streamrec.serving.funnel import SOURCE_NAMES
 
@@ -101,8 +97,6 @@ def main() -> None:
         "data_dir": str(args.data_dir),
         **result,
     }
-    from streamrec.cli.serve import direct_ingress_env
-
     ingress_env = set(direct_ingress_env(1, span=1))  # what the ingress column already says
     out = Path(args.out)
     runs = json.loads(out.read_text()) if out.is_file() else []

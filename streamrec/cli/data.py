@@ -107,3 +107,37 @@ def stats(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
         },
         as_json,
     )
+
+
+@app.command("export-events")
+def export_events(
+    data_dir: DataDirOpt = None,
+    retain_days: Annotated[
+        float | None,
+        typer.Option(
+            help="Then delete log segments exported and untouched for this many days "
+            "(at least 1; default 7).",
+            show_default=False,
+        ),
+    ] = None,
+    prune: Annotated[bool, typer.Option(help="Delete old exported segments after the export.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move the events the API logged (POST /v1/events) into the events store for training.
+
+    Incremental and safe to re-run, also while the service keeps logging; `streamrec retrain`
+    runs it first. Rows the data contract refuses go to the quarantine.
+    """
+    from streamrec.serving.events import DEFAULT_RETAIN_DAYS, export_event_log
+
+    root = resolve_data_dir(data_dir)
+    days = DEFAULT_RETAIN_DAYS if retain_days is None else retain_days
+    out = export_event_log(root, days if prune else None)
+    if out is None:
+        _emit({"data_dir": str(root), "event_log": "none: the API has logged no events here"}, as_json)
+        return
+    flat: dict[str, object] = {"data_dir": str(root)}
+    flat.update({f"export.{k}": v for k, v in out["export"].items()})
+    if out["prune"] is not None:
+        flat.update({f"prune.{k}": v for k, v in out["prune"].items()})
+    _emit(flat, as_json)

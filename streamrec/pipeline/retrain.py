@@ -1,8 +1,11 @@
 """Daily retraining: what a cron job, a Kubernetes CronJob or a scheduled Ray job calls.
 
-Idempotent per day: a run records ``models/retrain/<date>.json`` with a fingerprint of the data
-it saw; a second run on the same day with unchanged data returns that record instead of
-training again (``--force`` retrains anyway). Incremental where it is cheap: ingest appends new
+It first exports the events the API logged (``POST /v1/events``) into the events store and
+prunes old exported log segments (:func:`streamrec.serving.events.export_event_log`), so that
+served traffic becomes training data. Idempotent per day: a run records
+``models/retrain/<date>.json`` with a fingerprint of the data it saw; a second run on the same
+day with unchanged data returns that record instead of training again (``--force`` retrains
+anyway). Incremental where it is cheap: ingest appends new
 days, the feature build rewrites only the snapshots of the window, materialization is
 incremental, and the registry refuses to promote a model that regresses.
 """
@@ -20,6 +23,7 @@ from streamrec.data.store import DataStore
 from streamrec.paths import DataLayout
 from streamrec.pipeline.config import TrainingConfig
 from streamrec.pipeline.train import run_pipeline
+from streamrec.serving.events import export_event_log
 
 
 def data_fingerprint(data_dir: str | Path) -> str:
@@ -48,12 +52,21 @@ def retrain(
     layout = DataLayout.at(data_dir)
     day = (today or datetime.now(UTC)).date().isoformat()
     marker = layout.models / "retrain" / f"{day}.json"
+    # The events the API logged since the last run become training data first (and change the
+    # fingerprint when there are new ones).
+    event_log = export_event_log(data_dir)
+    if event_log is not None:
+        ex = event_log["export"]
+        log(
+            f"event log: {ex['added']} new event(s) exported to the events store "
+            f"({ex['already_present']} already there, {ex['quarantined'] + ex['corrupt_lines']} quarantined)"
+        )
     fp = data_fingerprint(data_dir)
     if marker.is_file() and not force:
         rec: dict[str, Any] = json.loads(marker.read_text())
         if rec.get("data_fingerprint") == fp:
             log(f"already retrained on {day} with the same data ({marker}); pass --force to retrain")
-            return {**rec, "skipped": True}
+            return {**rec, "skipped": True, "event_log": event_log}
     report = run_pipeline(data_dir, cfg, log=log)
     record = {
         "date": day,
@@ -62,6 +75,7 @@ def retrain(
         "registered_version": report.get("registered_version"),
         "promotion": report.get("promotion"),
         "summary": report.get("summary"),
+        "event_log": event_log,
         "finished_at": datetime.now(UTC).isoformat(),
     }
     try:

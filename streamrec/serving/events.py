@@ -13,6 +13,7 @@ Layout::
     event_log/
         segments/seg-<utc>-<pid>-<rand>.jsonl   one writer (process) per segment, append-only
         append.lock                             held by the process that is appending
+        export.lock                             held by an export or a prune
         exported.json                           bytes of each segment already exported
 
 Guarantees and counts:
@@ -33,6 +34,16 @@ Guarantees and counts:
 :meth:`EventLog.export_to_store` moves logged events into the validated events store
 (:meth:`streamrec.data.store.DataStore.append_events`, through the data contract) for the next
 training run; it is incremental (a byte watermark per segment) and safe to re-run.
+:func:`export_event_log` is what ``streamrec data export-events`` and the daily ``streamrec
+retrain`` run: the export, then :meth:`EventLog.prune`.
+
+Retention: a writer starts a new segment when its current one is :data:`SEGMENT_MAX_AGE_S` old
+(or :data:`DEFAULT_SEGMENT_BYTES` big), so no segment is written to after that age.
+:meth:`EventLog.prune` deletes the segments that are fully exported and untouched for the
+retention period (default :data:`DEFAULT_RETAIN_DAYS`); a segment not yet exported is never
+deleted. Disk, the ids each replica holds in memory and the per-append catch-up are bounded by
+the retention: a retry is recognised as a duplicate for at least that long (later, the events
+store, unique by ``event_id``, still keeps it once, but the sink sees it again).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -59,6 +71,7 @@ from streamrec.config import utc_stamp
 from streamrec.data.contract import quarantine_rows, validate_events
 from streamrec.data.schema import EVENT_SCHEMA
 from streamrec.data.store import DataStore
+from streamrec.errors import ConfigError
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
 from streamrec.paths import DataLayout, exclusive_file_lock
 from streamrec.resilience import CircuitBreaker
@@ -74,6 +87,14 @@ Sink = Callable[[list[dict[str, Any]]], Any]
 POSITIVE_TYPES: frozenset[str] = frozenset(ENGAGED_EVENT_TYPES)
 #: Default segment size before rotating to a new file.
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+#: Age at which a writer rotates to a new segment: no segment is appended to once this old,
+#: which is what lets :meth:`EventLog.prune` delete old segments while writers keep running.
+SEGMENT_MAX_AGE_S = 6 * 3600.0
+#: Default retention of exported segments (days since their last write).
+DEFAULT_RETAIN_DAYS = 7.0
+#: The shortest retention :meth:`EventLog.prune` accepts: it must outlast :data:`SEGMENT_MAX_AGE_S`
+#: with a margin for clock differences between nodes.
+MIN_RETAIN_DAYS = 1.0
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -168,6 +189,23 @@ class ExportResult:
     quarantine_path: str | None = None
 
 
+@dataclass(frozen=True)
+class PruneResult:
+    """What :meth:`EventLog.prune` did.
+
+    Attributes:
+        deleted: Segments deleted (fully exported, untouched for the retention period).
+        deleted_bytes: Their size.
+        kept: Segments kept.
+        kept_not_exported: Of those, segments with lines not yet exported (never deleted).
+    """
+
+    deleted: int
+    deleted_bytes: int
+    kept: int
+    kept_not_exported: int
+
+
 def _sorted_ids(ids: Iterable[int] | np.ndarray | None) -> np.ndarray | None:
     if ids is None:
         return None
@@ -239,6 +277,7 @@ class EventLog:
             other parts).
         segment_max_bytes: Rotate to a new segment file beyond this size.
         load_existing: Read the ids already logged so that retries are recognised.
+        clock: Wall clock (epoch seconds) for segment ages; tests pass their own.
     """
 
     def __init__(
@@ -252,6 +291,7 @@ class EventLog:
         fsync: bool = True,
         segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
         load_existing: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root)
         self.segments_dir = self.root / "segments"
@@ -269,8 +309,12 @@ class EventLog:
         self._fh: IO[bytes] | None = None
         self._segment: Path | None = None
         self._segment_bytes = 0
-        # Bytes of each segment whose ids are in _seen (complete lines only).
+        self._segment_opened_at = 0.0
+        self._clock = clock
+        # Bytes of each segment whose ids are in _seen (complete lines only), and those ids (so
+        # that they leave memory when the segment is pruned).
         self._read_upto: dict[Path, int] = {}
+        self._ids_by_segment: dict[Path, list[str]] = {}
         self._load_existing = load_existing
         self.stats = EventLogStats()
         self.corrupt_lines_at_open = 0
@@ -337,6 +381,8 @@ class EventLog:
                     self.stats.write_errors += 1
                     raise
                 self._seen.update(batch_ids)
+                assert self._segment is not None
+                self._ids_by_segment.setdefault(self._segment, []).extend(batch_ids)
             dup = n - len(fresh)
             self.stats.received += n
             self.stats.stored += len(fresh)
@@ -367,7 +413,11 @@ class EventLog:
 
     def _write(self, data: bytes) -> None:
         """Append ``data`` to the current segment and make it durable (lock held)."""
-        if self._fh is None or self._segment_bytes >= self.segment_max_bytes:
+        if (
+            self._fh is None
+            or self._segment_bytes >= self.segment_max_bytes
+            or self._clock() - self._segment_opened_at >= SEGMENT_MAX_AGE_S
+        ):
             self._rotate()
         assert self._fh is not None
         try:
@@ -388,8 +438,16 @@ class EventLog:
         self._read_upto[self._segment] = self._segment_bytes  # our own lines: ids already seen
 
     def _catch_up(self, count_corrupt: bool = False) -> None:
-        """Add the ids of complete lines appended to any segment since the last call."""
-        for seg in self.segments():
+        """Add the ids of complete lines appended to any segment since the last call.
+
+        Also forgets the ids of segments that were pruned meanwhile.
+        """
+        present = self.segments()
+        gone = self._read_upto.keys() - set(present)
+        for seg in gone:
+            self._seen.difference_update(self._ids_by_segment.pop(seg, ()))
+            del self._read_upto[seg]
+        for seg in present:
             start = self._read_upto.get(seg, 0)
             try:
                 if seg.stat().st_size <= start:
@@ -400,8 +458,9 @@ class EventLog:
             except FileNotFoundError:  # removed meanwhile (an operator cleaning up)
                 continue
             end = data.rfind(b"\n") + 1  # a torn final write was never acknowledged
-            for rec in self._records(data[:end].splitlines(), count_corrupt):
-                self._seen.add(str(rec["event_id"]))
+            ids = [str(rec["event_id"]) for rec in self._records(data[:end].splitlines(), count_corrupt)]
+            self._seen.update(ids)
+            self._ids_by_segment.setdefault(seg, []).extend(ids)
             self._read_upto[seg] = start + end
 
     def _rotate(self) -> None:
@@ -410,6 +469,7 @@ class EventLog:
         self._segment = self.segments_dir / name
         self._fh = open(self._segment, "ab")  # noqa: SIM115 - long-lived handle, closed in close()
         self._segment_bytes = 0
+        self._segment_opened_at = self._clock()
         if self.fsync:
             _fsync_dir(self.segments_dir)
 
@@ -485,23 +545,29 @@ class EventLog:
         ids, applies the data contract (:func:`~streamrec.data.contract.validate_events`; refused
         and unparseable lines go to ``quarantine/event_log-<utc>.parquet``), appends the valid
         rows with :meth:`DataStore.append_events` (which skips ids already stored), then advances
-        the watermarks. Safe to re-run and to run while replicas keep appending.
+        the watermarks. Safe to re-run and to run while replicas keep appending; exports and
+        prunes take turns (``export.lock``).
 
         Args:
             store: The events store (default: the data directory holding this log).
             now: Reference time of the contract's future-timestamp rule.
         """
-        store = store or DataStore(self.root.parent)
-        manifest_path = self.root / "exported.json"
-        marks: dict[str, int] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        with exclusive_file_lock(self.root / "export.lock"):
+            return self._export(store or DataStore(self.root.parent), now)
+
+    def _export(self, store: DataStore, now: datetime | None) -> ExportResult:
+        marks = self._marks()
         records: list[dict[str, Any]] = []
         corrupt: list[str] = []
-        new_marks = dict(marks)
+        new_marks: dict[str, int] = {}  # segments deleted by hand drop out of the manifest
         for seg in self.segments():
             start = marks.get(seg.name, 0)
-            with open(seg, "rb") as fh:
-                fh.seek(start)
-                data = fh.read()
+            try:
+                with open(seg, "rb") as fh:
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:  # removed meanwhile (an operator cleaning up)
+                continue
             end = data.rfind(b"\n") + 1  # complete lines only: a writer may be mid-append
             for line in data[:end].splitlines():
                 try:
@@ -533,9 +599,7 @@ class EventLog:
             path = layout.quarantine / f"event_log-{utc_stamp()}-{secrets.token_hex(3)}.parquet"
             quarantine.astype({"line": "Int64"}).to_parquet(path, index=False)
             qpath = str(path)
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new_marks, indent=1, sort_keys=True))
-        os.replace(tmp, manifest_path)
+        self._write_marks(new_marks)
         return ExportResult(
             read=before + len(corrupt),
             duplicates=dups,
@@ -545,6 +609,100 @@ class EventLog:
             corrupt_lines=len(corrupt),
             quarantine_path=qpath,
         )
+
+    def _marks(self) -> dict[str, int]:
+        """The export watermarks: segment name -> bytes already exported."""
+        path = self.root / "exported.json"
+        marks: dict[str, int] = json.loads(path.read_text()) if path.is_file() else {}
+        return marks
+
+    def _write_marks(self, marks: dict[str, int]) -> None:
+        path = self.root / "exported.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(marks, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def prune(self, retain_days: float = DEFAULT_RETAIN_DAYS, now: datetime | None = None) -> PruneResult:
+        """Delete the segments that are fully exported and were last written ``retain_days`` ago.
+
+        Safe while replicas keep appending: writers rotate before a segment is
+        :data:`SEGMENT_MAX_AGE_S` old, so none writes to a segment this old again. A segment with
+        lines not yet exported is kept whatever its age (run :meth:`export_to_store` first); a
+        final line without its newline (a torn write, never acknowledged) does not count as
+        unexported. Replicas forget the deleted segments' ids at their next append.
+
+        Args:
+            retain_days: Days since a segment's last write before it may go (at least
+                :data:`MIN_RETAIN_DAYS`).
+            now: Reference time (default: now).
+
+        Raises:
+            ConfigError: ``retain_days`` is shorter than :data:`MIN_RETAIN_DAYS`.
+        """
+        if not retain_days >= MIN_RETAIN_DAYS:
+            raise ConfigError(
+                f"event log retention must be at least {MIN_RETAIN_DAYS:g} day(s), got {retain_days!r}: "
+                "writers may still append to younger segments"
+            )
+        cutoff = (now or datetime.now(UTC)).timestamp() - retain_days * 86400.0
+        deleted = deleted_bytes = kept = unexported = 0
+        with (
+            exclusive_file_lock(self.root / "export.lock"),
+            exclusive_file_lock(self.root / "append.lock"),
+        ):
+            marks = self._marks()
+            for seg in self.segments():
+                try:
+                    st = seg.stat()
+                    if not self._fully_exported(seg, marks.get(seg.name, 0), st.st_size):
+                        unexported += 1
+                    elif st.st_mtime <= cutoff:
+                        seg.unlink()
+                        marks.pop(seg.name, None)
+                        deleted, deleted_bytes = deleted + 1, deleted_bytes + st.st_size
+                        continue
+                except FileNotFoundError:
+                    continue
+                kept += 1
+            if deleted:
+                self._write_marks(marks)
+                _fsync_dir(self.segments_dir)
+        if deleted:
+            log.info("event log: pruned %d exported segment(s), %d bytes", deleted, deleted_bytes)
+        return PruneResult(deleted, deleted_bytes, kept, unexported)
+
+    @staticmethod
+    def _fully_exported(seg: Path, mark: int, size: int) -> bool:
+        """Whether no complete line lies past the export watermark ``mark``."""
+        if mark >= size:
+            return True
+        with open(seg, "rb") as fh:
+            fh.seek(mark)
+            return b"\n" not in fh.read()
+
+
+def export_event_log(
+    data_dir: str | os.PathLike[str] | None = None, retain_days: float | None = DEFAULT_RETAIN_DAYS
+) -> dict[str, Any] | None:
+    """Export a data directory's event log to its events store, then prune old exported segments.
+
+    What ``streamrec data export-events`` and the daily ``streamrec retrain`` run.
+
+    Args:
+        data_dir: The data directory.
+        retain_days: Retention for :meth:`EventLog.prune`; ``None`` exports without pruning.
+
+    Returns:
+        ``{"export": ExportResult fields, "prune": PruneResult fields or None}``, or ``None`` when
+        the data directory has no event log.
+    """
+    store = DataStore(data_dir)
+    if not (store.layout.event_log / "segments").is_dir():
+        return None
+    elog = EventLog(store.layout.event_log, load_existing=False)
+    exported = elog.export_to_store(store)
+    pruned = elog.prune(retain_days) if retain_days is not None else None
+    return {"export": asdict(exported), "prune": asdict(pruned) if pruned is not None else None}
 
 
 def _int_column(values: pd.Series) -> pd.arrays.IntegerArray:

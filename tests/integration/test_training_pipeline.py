@@ -150,15 +150,38 @@ def test_ranker_features_identical_single_and_batch(trained: tuple[Path, dict[st
 def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
+    from streamrec.api_models import EventIn
+    from streamrec.data.store import DataStore
     from streamrec.pipeline.retrain import retrain
+    from streamrec.serving.events import EventLog
 
     synthesize(SynthConfig(users=300, items=150, days=7, seed=5), tmp_path, progress=False)
+    store = DataStore(tmp_path)
+    # Events the API logged while serving: the daily run exports them into training data first.
+    last = store.events(columns=["timestamp"])["timestamp"].max().to_pydatetime()
+    user, item = int(store.users()["user_id"].iloc[0]), int(store.items()["item_id"].iloc[0])
+    served = [
+        EventIn.model_validate(
+            {
+                "event_id": f"api-{i}",
+                "user_id": user,
+                "item_id": item,
+                "event_type": "click",
+                "timestamp": last,
+            }
+        )
+        for i in range(3)
+    ]
+    before = store.count_events()
+    assert EventLog.open(tmp_path).append(served).stored == 3
     cfg = small_config(use_ray=False)
     cfg.split.min_train_events = 50
     day = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
     first = retrain(tmp_path, cfg, today=day, log=lambda m: None)
     assert first["skipped"] is False and first["registered_version"] == 1
+    assert first["event_log"]["export"]["added"] == 3 and store.count_events() == before + 3
     assert first["champion_model_age_hours"] is not None and first["champion_model_age_hours"] > 0
     again = retrain(tmp_path, cfg, today=day, log=lambda m: None)
     assert again["skipped"] is True and again["registered_version"] == 1
+    assert again["event_log"]["export"]["read"] == 0  # nothing new since the first run
     assert (tmp_path / "models" / "retrain" / "2026-11-27.json").is_file()

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 
 from streamrec.api_models import EventIn
 from streamrec.data.store import DataStore
-from streamrec.serving.events import EventLog
+from streamrec.errors import ConfigError
+from streamrec.serving.events import SEGMENT_MAX_AGE_S, EventLog, export_event_log
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 USERS = list(range(1, 11))
@@ -262,3 +264,153 @@ def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     assert (res.added, res.quarantined, res.corrupt_lines) == (1, 1, 1)
     q = pd.read_parquet(res.quarantine_path)
     assert sorted(q["reason"]) == ["malformed_line", "unknown_user"]
+
+
+# ------------------------------------------------------------------------ retention
+DAY = 86400.0
+
+
+class Clock:
+    """A writer's wall clock that tests move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def age(path: Path, days: float) -> None:
+    """Make ``path`` look last written ``days`` ago."""
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+
+
+def test_a_writer_rotates_once_its_segment_reaches_the_maximum_age(store: DataStore) -> None:
+    clock = Clock()
+    log = EventLog.open(store.layout.root, clock=clock)
+    log.append([ev("a1")])
+    clock.offset = SEGMENT_MAX_AGE_S - 60
+    log.append([ev("a2")])
+    assert len(log.segments()) == 1
+    clock.offset = SEGMENT_MAX_AGE_S + 1
+    log.append([ev("a3")])
+    assert len(log.segments()) == 2
+    assert sorted(r["event_id"] for r in log_lines(log)) == ["a1", "a2", "a3"]
+
+
+def test_prune_deletes_only_exported_segments_past_the_retention(store: DataStore) -> None:
+    clock = Clock()
+    a = EventLog.open(store.layout.root, clock=clock)
+    b = EventLog.open(store.layout.root)
+    c = EventLog.open(store.layout.root)
+    a.append([ev("x1"), ev("x2")])
+    b.append([ev("y1")])
+    assert a.export_to_store(store, now=NOW).added == 3  # a's and b's segments are exported
+    c.append([ev("z1", user=2)])  # c's segment is not
+    seg_a, seg_b, seg_c = (log._segment for log in (a, b, c))
+    assert seg_a and seg_b and seg_c
+    age(seg_a, 10)
+    age(seg_c, 10)
+    res = a.prune(retain_days=7)
+    assert (res.deleted, res.kept, res.kept_not_exported) == (1, 2, 1)
+    assert res.deleted_bytes > 0
+    assert sorted(p.name for p in a.segments()) == sorted([seg_b.name, seg_c.name])
+    marks = json.loads((store.layout.event_log / "exported.json").read_text())
+    assert seg_a.name not in marks and seg_b.name in marks
+    assert a.prune(retain_days=7).deleted == 0  # idempotent
+
+
+def test_after_a_prune_writers_forget_its_ids_and_lose_nothing(store: DataStore) -> None:
+    clock = Clock()
+    a = EventLog.open(store.layout.root, clock=clock)
+    b = EventLog.open(store.layout.root)
+    a.append([ev("x1"), ev("x2")])
+    b.append([ev("y1")])
+    a.export_to_store(store, now=NOW)
+    assert b.snapshot()["ids_in_memory"] == 3  # its own y1, and a's ids read before its append
+    b.append([ev("x1")])  # a's retry on b: still a duplicate
+    assert b.stats.duplicates == 1 and b.snapshot()["ids_in_memory"] == 3
+    assert a._segment is not None
+    age(a._segment, 10)  # a has been idle for 10 days...
+    clock.offset = 10 * DAY  # ...by its own clock too
+    assert a.prune(retain_days=7).deleted == 1
+    b.append([ev("y2")])
+    assert b.snapshot()["ids_in_memory"] == 2  # x1, x2 left with their segment
+    # a's open segment is gone: its next append goes to a fresh segment, nothing is lost.
+    out = a.append([ev("x3"), ev("x1")])
+    assert (out.stored, out.duplicates) == (2, 0)  # x1 is past the dedup window now
+    assert sorted(r["event_id"] for r in log_lines(a)) == ["x1", "x3", "y1", "y2"]
+    res = a.export_to_store(store, now=NOW)
+    assert (res.added, res.already_present) == (2, 1)  # the store still holds x1 once
+    assert a.stats.balanced() and b.stats.balanced()
+
+
+def test_prune_keeps_unexported_lines_but_not_a_torn_tail(store: DataStore) -> None:
+    log = EventLog.open(store.layout.root)
+    log.append([ev("t1")])
+    seg = log._segment
+    assert seg is not None
+    log.close()
+    log.export_to_store(store, now=NOW)
+    with open(seg, "ab") as fh:
+        fh.write(b'{"event_id": "torn"')  # a write that died half-way (never acknowledged)
+    age(seg, 30)
+    assert log.prune(retain_days=7).deleted == 1
+
+    log2 = EventLog.open(store.layout.root)
+    log2.append([ev("t2")])
+    assert log2._segment is not None
+    age(log2._segment, 30)
+    res = log2.prune(retain_days=7)  # t2 was never exported: kept, whatever its age
+    assert (res.deleted, res.kept_not_exported) == (0, 1)
+
+
+@pytest.mark.parametrize("days", [0, 0.5, -3, float("nan")])
+def test_prune_refuses_a_retention_writers_could_still_be_inside(store: DataStore, days: float) -> None:
+    log = EventLog.open(store.layout.root)
+    with pytest.raises(ConfigError, match="at least 1 day"):
+        log.prune(retain_days=days)
+
+
+def test_export_event_log_exports_then_prunes(store: DataStore) -> None:
+    assert export_event_log(store.layout.root) is None  # the API never logged anything here
+    log = EventLog.open(store.layout.root)
+    log.append([ev("e1"), ev("e2", kind="view")])
+    assert log._segment is not None
+    age(log._segment, 8)
+    before = store.count_events()
+    out = export_event_log(store.layout.root, retain_days=7)
+    assert out is not None
+    assert out["export"]["added"] == 2 and out["prune"]["deleted"] == 1
+    assert store.count_events() == before + 2
+    again = export_event_log(store.layout.root, retain_days=None)
+    assert again is not None and again["export"]["read"] == 0 and again["prune"] is None
+
+
+def test_cli_export_events(store: DataStore) -> None:
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamrec",
+            "data",
+            "export-events",
+            "--data-dir",
+            str(store.layout.root),
+        ]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+    p = cli("--json")
+    assert p.returncode == 0, p.stderr
+    assert "logged no events" in json.loads(p.stdout)["event_log"]
+    EventLog.open(store.layout.root).append([ev("c1"), ev("c2", user=3)])
+    p = cli("--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert (out["export.added"], out["export.read"], out["prune.deleted"], out["prune.kept"]) == (2, 2, 0, 1)
+    p = cli("--retain-days", "0.1")
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr

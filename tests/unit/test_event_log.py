@@ -414,3 +414,77 @@ def test_cli_export_events(store: DataStore) -> None:
     assert (out["export.added"], out["export.read"], out["prune.deleted"], out["prune.kept"]) == (2, 2, 0, 1)
     p = cli("--retain-days", "0.1")
     assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------ group push
+def test_concurrent_appends_share_one_sink_call(store: DataStore) -> None:
+    import threading
+
+    calls: list[list[str]] = []
+    release = threading.Event()
+
+    def sink(records: list[dict[str, object]]) -> None:
+        calls.append(sorted(str(r["event_id"]) for r in records))
+        if len(calls) == 1:
+            assert release.wait(10)  # the first push is slow: the others queue behind it
+
+    log = EventLog.open(store.layout.root, sink=sink)
+    outcomes: dict[str, object] = {}
+
+    def post(name: str, n: int) -> None:
+        outcomes[name] = log.append([ev(f"{name}-{j}", user=1 + j % 10) for j in range(n)])
+
+    first = threading.Thread(target=post, args=("a", 1))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    others = [threading.Thread(target=post, args=(f"b{i}", 2)) for i in range(5)]
+    for t in others:
+        t.start()
+    while len(log._push_queue) < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert calls[0] == ["a-0"]
+    assert len(calls) == 2 and calls[1] == sorted(f"b{i}-{j}" for i in range(5) for j in range(2))
+    assert all(o.stored == o.received and o.push_failed == 0 for o in outcomes.values())  # type: ignore[attr-defined]
+    assert (log.stats.pushed, log.stats.push_failed) == (11, 0) and log.stats.balanced()
+
+
+def test_a_failed_group_push_counts_every_append_in_it(store: DataStore) -> None:
+    import threading
+
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def sink(records: list[dict[str, object]]) -> None:
+        seen.append(len(records))
+        if len(seen) == 1:
+            assert gate.wait(10)
+            return
+        raise ConnectionError("online store down")
+
+    log = EventLog.open(store.layout.root, sink=sink)
+    results = []
+    lead = threading.Thread(target=lambda: results.append(log.append([ev("lead")])))
+    lead.start()
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.005)
+    group = [
+        threading.Thread(target=lambda i=i: results.append(log.append([ev(f"g{i}"), ev(f"h{i}")])))
+        for i in range(3)
+    ]
+    for t in group:
+        t.start()
+    while len(log._push_queue) < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    gate.set()
+    for t in [lead, *group]:
+        t.join(10)
+    assert seen == [1, 6]
+    assert sorted(r.push_failed for r in results) == [0, 2, 2, 2]
+    assert (log.stats.pushed, log.stats.push_failed, log.stats.stored) == (1, 6, 7)
+    assert len(log_lines(log)) == 7  # the log has them all: nothing lost

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from streamrec.api_models import EventIn
 from streamrec.data.store import DataStore
 from streamrec.errors import ConfigError
-from streamrec.serving.events import SEGMENT_MAX_AGE_S, EventLog, export_event_log
+from streamrec.serving.events import SEGMENT_MAX_AGE_S, AppendOutcome, EventLog, export_event_log
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 USERS = list(range(1, 11))
@@ -417,74 +418,57 @@ def test_cli_export_events(store: DataStore) -> None:
 
 
 # ------------------------------------------------------------------------ group push
-def test_concurrent_appends_share_one_sink_call(store: DataStore) -> None:
-    import threading
+class SlowFirstSink:
+    """A sink whose first call waits for ``release``; later calls fail when ``fail_later``."""
 
-    calls: list[list[str]] = []
-    release = threading.Event()
+    def __init__(self, fail_later: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.release = threading.Event()
+        self.fail_later = fail_later
 
-    def sink(records: list[dict[str, object]]) -> None:
-        calls.append(sorted(str(r["event_id"]) for r in records))
-        if len(calls) == 1:
-            assert release.wait(10)  # the first push is slow: the others queue behind it
+    def __call__(self, records: list[dict[str, object]]) -> None:
+        self.calls.append(sorted(str(r["event_id"]) for r in records))
+        if len(self.calls) == 1:
+            assert self.release.wait(10)
+        elif self.fail_later:
+            raise ConnectionError("online store down")
 
-    log = EventLog.open(store.layout.root, sink=sink)
-    outcomes: dict[str, object] = {}
 
-    def post(name: str, n: int) -> None:
-        outcomes[name] = log.append([ev(f"{name}-{j}", user=1 + j % 10) for j in range(n)])
-
-    first = threading.Thread(target=post, args=("a", 1))
-    first.start()
+def push_in_two_groups(
+    log: EventLog, sink: SlowFirstSink, batches: list[list[EventIn]]
+) -> list[AppendOutcome]:
+    """Append ``batches[0]``; while its push waits in the sink, append the rest concurrently."""
+    out: list[AppendOutcome] = []
+    threads = [threading.Thread(target=lambda b=b: out.append(log.append(b))) for b in batches]
     deadline = time.monotonic() + 10
-    while not calls and time.monotonic() < deadline:
+    threads[0].start()
+    while not sink.calls and time.monotonic() < deadline:
         time.sleep(0.005)
-    others = [threading.Thread(target=post, args=(f"b{i}", 2)) for i in range(5)]
-    for t in others:
+    for t in threads[1:]:
         t.start()
-    while len(log._push_queue) < 5 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    release.set()
-    for t in [first, *others]:
+    while len(log._push_queue) < len(batches) - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)  # every later append is queued behind the first push
+    sink.release.set()
+    for t in threads:
         t.join(10)
-    assert calls[0] == ["a-0"]
-    assert len(calls) == 2 and calls[1] == sorted(f"b{i}-{j}" for i in range(5) for j in range(2))
-    assert all(o.stored == o.received and o.push_failed == 0 for o in outcomes.values())  # type: ignore[attr-defined]
+    return out
+
+
+def test_concurrent_appends_share_one_sink_call(store: DataStore) -> None:
+    sink = SlowFirstSink()
+    log = EventLog.open(store.layout.root, sink=sink)
+    later = [[ev(f"b{i}-{j}", user=1 + j) for j in range(2)] for i in range(5)]
+    outcomes = push_in_two_groups(log, sink, [[ev("a-0")], *later])
+    assert sink.calls == [["a-0"], sorted(f"b{i}-{j}" for i in range(5) for j in range(2))]
+    assert all(o.stored == o.received and o.push_failed == 0 for o in outcomes)
     assert (log.stats.pushed, log.stats.push_failed) == (11, 0) and log.stats.balanced()
 
 
 def test_a_failed_group_push_counts_every_append_in_it(store: DataStore) -> None:
-    import threading
-
-    gate = threading.Event()
-    seen: list[int] = []
-
-    def sink(records: list[dict[str, object]]) -> None:
-        seen.append(len(records))
-        if len(seen) == 1:
-            assert gate.wait(10)
-            return
-        raise ConnectionError("online store down")
-
+    sink = SlowFirstSink(fail_later=True)
     log = EventLog.open(store.layout.root, sink=sink)
-    results = []
-    lead = threading.Thread(target=lambda: results.append(log.append([ev("lead")])))
-    lead.start()
-    deadline = time.monotonic() + 10
-    while not seen and time.monotonic() < deadline:
-        time.sleep(0.005)
-    group = [
-        threading.Thread(target=lambda i=i: results.append(log.append([ev(f"g{i}"), ev(f"h{i}")])))
-        for i in range(3)
-    ]
-    for t in group:
-        t.start()
-    while len(log._push_queue) < 3 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    gate.set()
-    for t in [lead, *group]:
-        t.join(10)
-    assert seen == [1, 6]
-    assert sorted(r.push_failed for r in results) == [0, 2, 2, 2]
+    outcomes = push_in_two_groups(log, sink, [[ev("lead")], *([ev(f"g{i}"), ev(f"h{i}")] for i in range(3))])
+    assert [len(c) for c in sink.calls] == [1, 6]
+    assert sorted(o.push_failed for o in outcomes) == [0, 2, 2, 2]
     assert (log.stats.pushed, log.stats.push_failed, log.stats.stored) == (1, 6, 7)
     assert len(log_lines(log)) == 7  # the log has them all: nothing lost

@@ -608,6 +608,28 @@ def test_serve_configs_are_valid_and_the_rayservice_embeds_the_cluster_config() 
     assert doc["spec"]["rayClusterConfig"]["rayVersion"].startswith("2.60")
 
 
+def test_the_retrain_cronjob_submits_the_daily_job_to_the_rayservice() -> None:
+    import yaml
+
+    job = yaml.safe_load((REPO / "configs/kuberay/retrain-cronjob.yaml").read_text())
+    svc = yaml.safe_load((REPO / "configs/kuberay/rayservice.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "CronJob")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid" and len(job["spec"]["schedule"].split()) == 5
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (submit,) = pod["containers"]
+    head = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert submit["image"] == head["image"]  # the same build: same ray CLI, same code
+    env = {e["name"]: e["value"] for e in submit["env"]}
+    assert env["RAY_ADDRESS"] == f"http://{svc['metadata']['name']}-head-svc:8265"
+    data_dir = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["data_dir"]
+    script = " ".join(submit["args"])
+    assert "ray job submit" in script and f"-- python -m training.retrain --data-dir {data_dir}" in script
+    with pytest.raises(SystemExit) as done:  # the entry point the job runs exists and parses
+        __import__("training.retrain", fromlist=["main"]).main(["--help"])
+    assert done.value.code == 0
+
+
 def test_build_app_rejects_bad_args_before_anything_runs() -> None:
     from streamrec.errors import ConfigError
 

@@ -5,9 +5,9 @@ prunes old exported log segments (:func:`streamrec.serving.events.export_event_l
 served traffic becomes training data. Idempotent per day: a run records
 ``models/retrain/<date>.json`` with a fingerprint of the data it saw; a second run on the same
 day with unchanged data returns that record instead of training again (``--force`` retrains
-anyway). Incremental where it is cheap: ingest appends new
-days, the feature build rewrites only the snapshots of the window, materialization is
-incremental, and the registry refuses to promote a model that regresses.
+anyway). Incremental where it is cheap: ingest appends new days, the feature build rewrites
+only the snapshots of the window, materialization is incremental, and the registry refuses to
+promote a model that regresses.
 """
 
 from __future__ import annotations

@@ -494,6 +494,8 @@ class EventLog:
         for seg in gone:
             self._seen.difference_update(self._ids_by_segment.pop(seg, ()))
             del self._read_upto[seg]
+        if self._segment in gone:  # deleted under us (by hand): never append to an unlinked file
+            self._close_segment()
         for seg in present:
             start = self._read_upto.get(seg, 0)
             try:

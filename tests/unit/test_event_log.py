@@ -472,3 +472,12 @@ def test_a_failed_group_push_counts_every_append_in_it(store: DataStore) -> None
     assert sorted(o.push_failed for o in outcomes) == [0, 2, 2, 2]
     assert (log.stats.pushed, log.stats.push_failed, log.stats.stored) == (1, 6, 7)
     assert len(log_lines(log)) == 7  # the log has them all: nothing lost
+
+
+def test_a_writer_whose_segment_was_deleted_by_hand_starts_a_new_one(store: DataStore) -> None:
+    log = EventLog.open(store.layout.root)
+    log.append([ev("d1")])
+    assert log._segment is not None
+    log._segment.unlink()  # an operator cleaning up a young segment: d1 is gone with it
+    log.append([ev("d2")])
+    assert [r["event_id"] for r in log_lines(log)] == ["d2"]  # d2 reached a file on disk

@@ -190,7 +190,7 @@ def over_http(data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    keys = ("received", "stored", "duplicates", "rejected", "push_failed")
+    keys = ("received", "stored", "duplicates", "rejected", "push_failed", "push_calls")
     n_events = len(sent) * args.batch
     stored = after["stored"] - before["stored"]
     print(f"  resent {len(sent)} requests: {retry_stored} events stored by the retries; the log holds "
@@ -233,7 +233,9 @@ def render(payload: dict[str, Any]) -> str:
             f"Highest sustained rate with p99 <= 200 ms: {http['max_sustained_rps_p99_le_200ms']:g} req/s. "
             f"Every request then resent: of {http['events_sent']} events sent, the log holds "
             f"{http['log_counters_after_retries']['stored']} ({http['stored_by_retries']} stored by the retries; "
-            f"nothing lost: {http['nothing_lost']}).",
+            f"nothing lost: {http['nothing_lost']}). During the sweep, "
+            f"{http['log_counters_after_sweep'].get('push_calls', '?')} sink calls pushed "
+            f"{http['log_counters_after_sweep']['stored']} events.",
         ]
     return "\n".join(lines)
 

@@ -110,6 +110,8 @@ class EventLogStats:
         rejected: Events refused (a batch naming unknown users or items).
         push_failed: Stored events the sink failed to take (they are still in the log).
         pushed: Stored events the sink took.
+        push_calls: Calls to the sink (concurrent appends share one, so under load this grows
+            slower than the number of requests).
         write_errors: Batches the log failed to write (not acknowledged, so not counted as
             received: the client gets a server error and retries).
     """
@@ -120,6 +122,7 @@ class EventLogStats:
     rejected: int = 0
     push_failed: int = 0
     pushed: int = 0
+    push_calls: int = 0
     write_errors: int = 0
 
     def balanced(self) -> bool:
@@ -442,7 +445,8 @@ class EventLog:
     def _push_group(self, sink: Sink, records: list[dict[str, Any]]) -> int:
         """One ``sink`` call for ``records`` behind the breaker; how many it failed to take."""
         failed = 0
-        if not self.sink_breaker.allow():
+        called = self.sink_breaker.allow()
+        if not called:
             failed = len(records)  # the sink is known to be down: skip it, the log has the events
         else:
             try:
@@ -456,6 +460,7 @@ class EventLog:
         with self._lock:
             self.stats.push_failed += failed
             self.stats.pushed += len(records) - failed
+            self.stats.push_calls += int(called)
         return failed
 
     def _write(self, data: bytes) -> None:

@@ -461,7 +461,8 @@ def test_concurrent_appends_share_one_sink_call(store: DataStore) -> None:
     outcomes = push_in_two_groups(log, sink, [[ev("a-0")], *later])
     assert sink.calls == [["a-0"], sorted(f"b{i}-{j}" for i in range(5) for j in range(2))]
     assert all(o.stored == o.received and o.push_failed == 0 for o in outcomes)
-    assert (log.stats.pushed, log.stats.push_failed) == (11, 0) and log.stats.balanced()
+    assert (log.stats.pushed, log.stats.push_failed, log.stats.push_calls) == (11, 0, 2)
+    assert log.stats.balanced()
 
 
 def test_a_failed_group_push_counts_every_append_in_it(store: DataStore) -> None:

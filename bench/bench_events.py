@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 # The serving benchmark's own helpers: one load generator, one deployment recipe.
-from bench_serve import KEY, app_config, build_request, free_port, open_loop, sustained  # noqa: E402
+from bench_serve import KEY, admin_status, app_config, build_request, free_port, open_loop, sustained  # noqa: E402
 
 
 def scratch_world(users: int, items: int) -> Path:
@@ -133,12 +133,8 @@ def in_process(users: np.ndarray, items: np.ndarray, appends: int) -> list[dict[
 
 
 def log_counters(port: int) -> dict[str, Any]:
-    import httpx
-
-    body = httpx.get(
-        f"http://127.0.0.1:{port}/v1/admin/status", headers={"X-API-Key": KEY}, timeout=10
-    ).json()
-    events: dict[str, Any] = body["events"]
+    """The event log's counters, summed over the gateway replicas."""
+    events: dict[str, Any] = admin_status("127.0.0.1", port)["events"]
     return events
 
 

@@ -170,20 +170,22 @@ def sustained(step: dict[str, Any]) -> bool:
     )
 
 
-def fallbacks(host: str, port: int, prefix: str = "") -> int | None:
-    """Requests the application has served from its fallback level so far.
-
-    ``/v1/admin/status`` merges every gateway replica's counters, so one call covers the
-    deployment whichever replica answers. ``prefix`` is the application's route prefix (``/s``)
-    when several are deployed side by side.
+def admin_status(host: str, port: int, prefix: str = "") -> dict[str, Any]:
+    """``/v1/admin/status`` of the application (every gateway replica's counters merged, so one
+    call covers the deployment whichever replica answers). ``prefix`` is the application's route
+    prefix (``/s``) when several are deployed side by side.
     """
     import httpx
 
+    url = f"http://{host}:{port}{prefix}/v1/admin/status"
+    body: dict[str, Any] = httpx.get(url, headers={"X-API-Key": KEY}, timeout=10).json()
+    return body
+
+
+def fallbacks(host: str, port: int, prefix: str = "") -> int | None:
+    """Requests the application has served from its fallback level so far (None if unknown)."""
     try:
-        body = httpx.get(
-            f"http://{host}:{port}{prefix}/v1/admin/status", headers={"X-API-Key": KEY}, timeout=10
-        ).json()
-        return int(body["stages"]["funnel"]["fallbacks"])
+        return int(admin_status(host, port, prefix)["stages"]["funnel"]["fallbacks"])
     except Exception:
         return None
 

@@ -469,6 +469,7 @@ class EventLog:
             self._fh is None
             or self._segment_bytes >= self.segment_max_bytes
             or self._clock() - self._segment_opened_at >= SEGMENT_MAX_AGE_S
+            or os.fstat(self._fh.fileno()).st_nlink == 0  # deleted under us: never write to it
         ):
             self._rotate()
         assert self._fh is not None
@@ -499,8 +500,6 @@ class EventLog:
         for seg in gone:
             self._seen.difference_update(self._ids_by_segment.pop(seg, ()))
             del self._read_upto[seg]
-        if self._segment in gone:  # deleted under us (by hand): never append to an unlinked file
-            self._close_segment()
         for seg in present:
             start = self._read_upto.get(seg, 0)
             try:

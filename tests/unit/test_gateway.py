@@ -625,8 +625,10 @@ def test_the_retrain_cronjob_submits_the_daily_job_to_the_rayservice() -> None:
     data_dir = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["data_dir"]
     script = " ".join(submit["args"])
     assert "ray job submit" in script and f"-- python -m training.retrain --data-dir {data_dir}" in script
+    from training.retrain import main
+
     with pytest.raises(SystemExit) as done:  # the entry point the job runs exists and parses
-        __import__("training.retrain", fromlist=["main"]).main(["--help"])
+        main(["--help"])
     assert done.value.code == 0
 
 

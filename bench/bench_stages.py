@@ -8,6 +8,10 @@ makes, timing each. Two passes:
 * **idle gaps**: ``--gap-ms`` of sleep between requests, as a replica sees at low load (cold
   caches; in the cluster composition every stage process idles between its calls).
 
+Then the cluster ``Ranker``'s batching: ``rank_batch`` over groups of B requests (what
+``@serve.batch`` hands it under concurrent load: one DCN-V2 forward pass per group) against
+``rank`` one request at a time, in milliseconds per request.
+
 This is what the serving compositions spend on top of their no-op floors (bench/bench_serve.py);
 it tells which stage to work on. Writes ``bench/results/stages.json`` and prints a markdown
 table. Not part of the test suite.
@@ -63,12 +67,36 @@ def run_pass(stages: Any, requests: list[Any], gap_s: float) -> dict[str, float]
     return {k: round(statistics.median(row[k] for row in rows), 3) for k in rows[0]}
 
 
+def batched_rank(stages: Any, requests: list[Any], sizes: tuple[int, ...], passes: int) -> dict[str, float]:
+    """Milliseconds per request of ranking in groups of each size (1 = ``rank`` alone)."""
+    prepared = []
+    for r in requests:
+        ctx = stages.user_context(r)
+        parts = {s: stages.retrieve(s, ctx) for s in stages.source_names}
+        prepared.append((ctx, stages.merge(ctx, parts)))
+    out: dict[str, float] = {}
+    for size in sizes:
+        groups = [prepared[i : i + size] for i in range(0, len(prepared) - size + 1, size)]
+        per_pass = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            for g in groups:
+                if size == 1:
+                    stages.rank(*g[0])
+                else:
+                    stages.rank_batch([c for c, _ in g], [m for _, m in g])
+            per_pass.append((time.perf_counter() - t0) * 1e3 / (len(groups) * size))
+        out[f"batch_{size}"] = round(statistics.median(per_pass), 3)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="a data dir with a trained champion model")
     p.add_argument("--users", type=int, default=300, help="requests per pass")
     p.add_argument("--passes", type=int, default=3, help="passes of each kind (medians of their medians)")
     p.add_argument("--gap-ms", type=float, default=30.0)
+    p.add_argument("--batch-sizes", default="1,2,4,8,16", help="group sizes of the batched-rank pass")
     p.add_argument("--out", default=str(REPO / "bench/results/stages.json"))
     args = p.parse_args()
 
@@ -88,6 +116,9 @@ def main() -> None:
         passes = [run_pass(stages, requests, gap) for _ in range(args.passes)]
         results[label] = {k: round(statistics.median(ps[k] for ps in passes), 3) for k in passes[0]}
         print(f"{label}: {results[label]}", flush=True)
+    sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    batched = batched_rank(stages, requests, sizes, args.passes)
+    print(f"rank per request by group size: {batched}", flush=True)
     payload = {
         "benchmark": "stages",
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -99,6 +130,7 @@ def main() -> None:
         "passes": args.passes,
         "gap_ms": args.gap_ms,
         "median_ms": results,
+        "rank_ms_per_request_by_batch_size": batched,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +140,9 @@ def main() -> None:
     print("| step | tight ms | with idle gaps ms |\n|---|---|---|")
     for k in keys:
         print(f"| {k} | {results['tight'][k]:.2f} | {results['idle_gaps'][k]:.2f} |")
+    print("\n| requests per forward pass | " + " | ".join(str(n) for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    print("| rank, ms per request | " + " | ".join(f"{batched[f'batch_{n}']:.2f}" for n in sizes) + " |")
 
 
 if __name__ == "__main__":

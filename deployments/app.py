@@ -142,8 +142,9 @@ class Retriever(_StageHost):
 class Ranker(_StageHost):
     """Cluster stage: merge + rank in one hop, batched across concurrent requests.
 
-    When the stages object has ``rank_batch(ctxs, candidates) -> list[Candidates]`` (e.g. one
-    DCN-V2 forward pass for the whole batch) it is used; otherwise ``rank`` runs per request.
+    When the stages object has ``rank_batch(ctxs, candidates) -> list[Candidates]`` (the trained
+    recommender's: one DCN-V2 forward pass for the whole batch) it is used; otherwise ``rank``
+    runs per request.
     """
 
     def __init__(self, args: dict[str, Any]) -> None:

@@ -125,34 +125,77 @@ class RecommenderStages:
 
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
         """DCN-V2 over the candidates; ordered by retrieval score if the ranker fails."""
+        return self.rank_batch([ctx], [candidates])[0]
+
+    def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
+        """:meth:`rank` for several requests with ONE DCN-V2 forward pass over all their candidates.
+
+        The cluster ``Ranker`` deployment calls this with the requests ``@serve.batch`` gathered:
+        one larger matrix multiply instead of several small ones (and, on a GPU, one transfer
+        and one kernel launch per layer for the batch). Scores are row-wise, so each request
+        gets the scores it would get alone (up to float rounding in the matrix multiply).
+
+        A request whose inputs cannot be built, or every request when the forward pass fails,
+        is ordered by its merged retrieval score instead, and says ``simple_ranking``.
+        """
         f = self.funnel
-        if not len(candidates):
+        n_src = len(f.source_names)
+        scores: list[np.ndarray | None] = [None] * len(candidates)
+        failed: list[bool] = [False] * len(candidates)
+        inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True)):
+            if not len(cands):
+                continue
+            src = cands.features if cands.features is not None else np.zeros((len(cands), n_src), np.float32)
+            try:
+                if f.ranker is None:
+                    raise ModelError("no ranker loaded")
+                inputs[i] = f.ranker_inputs(ctx.state, cands.items, src)
+            except Exception as err:  # the ranker must never take the request down
+                log.warning("ranker inputs failed (%s): simple ranking by retrieval score", err)
+                failed[i] = True
+        if inputs:
+            order = list(inputs)
+            try:
+                assert f.ranker is not None
+                if len(order) == 1:
+                    flat = f.ranker.score(*inputs[order[0]])
+                else:
+                    flat = f.ranker.score(
+                        np.concatenate([inputs[i][0] for i in order]),
+                        np.concatenate([inputs[i][1] for i in order]),
+                    )
+                bounds = np.cumsum([0] + [len(candidates[i]) for i in order])
+                for j, i in enumerate(order):
+                    scores[i] = flat[bounds[j] : bounds[j + 1]]
+            except Exception as err:
+                log.warning("ranker failed (%s): simple ranking by retrieval score", err)
+                for i in order:
+                    failed[i] = True
+        return [
+            self._keep_best(ctx, cands, cands.scores if failed[i] else scores[i], failed[i])
+            for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True))
+        ]
+
+    def _keep_best(
+        self, ctx: UserContext, candidates: Candidates, scores: np.ndarray | None, simple: bool
+    ) -> Candidates:
+        """The best ``settings.ranked`` (at least ``k``) of ``candidates`` by ``scores``."""
+        if scores is None or not len(candidates):
             return candidates
-        src = (
-            candidates.features
-            if candidates.features is not None
-            else np.zeros((len(candidates), len(f.source_names)), np.float32)
-        )
-        try:
-            if f.ranker is None:
-                raise ModelError("no ranker loaded")
-            dense, sparse = f.ranker_inputs(ctx.state, candidates.items, src)
-            scores = f.ranker.score(dense, sparse)
-        except Exception as err:  # the ranker must never take the request down
-            log.warning("ranker failed (%s): simple ranking by retrieval score", err)
-            ctx.degraded.append("simple_ranking")
-            scores = candidates.scores
-        keep = np.argsort(-scores, kind="stable")[: max(f.settings.ranked, ctx.k)]
+        keep = np.argsort(-scores, kind="stable")[: max(self.funnel.settings.ranked, ctx.k)]
         return Candidates(
             candidates.items[keep],
             np.asarray(scores[keep], np.float32),
             [candidates.sources[i] for i in keep],
+            degraded=[*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded),
         )
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
         """Business rules, then the response (batch fallback when retrieval found nothing)."""
         f = self.funnel
         fctx: FunnelContext = ctx.state
+        degraded = [*ctx.degraded, *ranked.degraded]
         if len(ranked):
             res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)
             items = [
@@ -167,8 +210,8 @@ class RecommenderStages:
             ]
         else:
             items = self._batch_items(ctx)
-            ctx.degraded.append("batch")
-        level = max(ctx.degraded, key=_LEVELS.index) if ctx.degraded else "full"
+            degraded.append("batch")
+        level = max(degraded, key=_LEVELS.index) if degraded else "full"
         return RecommendResponse.model_validate(
             {
                 "user_id": ctx.user_id,

@@ -73,12 +73,16 @@ class Candidates:
         sources: Per item, the retrieval sources that produced it.
         features: Optional per-item features a later stage needs (the merge's per-source
             normalised scores for the ranker), rows aligned with ``items``.
+        degraded: Degradation levels the stage that produced these candidates fell back to
+            (e.g. ``simple_ranking``). Carried with the result, not written into the context:
+            in the cluster composition each stage holds its own copy of the context.
     """
 
     items: np.ndarray
     scores: np.ndarray
     sources: list[list[str]]
     features: np.ndarray | None = None
+    degraded: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.items.shape[0])

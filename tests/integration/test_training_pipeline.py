@@ -147,6 +147,101 @@ def test_ranker_features_identical_single_and_batch(trained: tuple[Path, dict[st
         np.testing.assert_array_equal(s1[0], sparse[j])
 
 
+def _funnel(stages: Any, req: RecommendRequest, *, across_processes: bool) -> Any:
+    """The rerank output of one request; ``across_processes`` pickles every argument and result,
+    as the cluster composition's deployment handles do (each stage holds its own copies)."""
+    import asyncio
+    import pickle
+
+    from streamrec.serving.stages import run_funnel
+
+    async def call(name: str, *args: Any) -> Any:
+        if across_processes:
+            args = pickle.loads(pickle.dumps(args))
+            return pickle.loads(pickle.dumps(getattr(stages, name)(*args)))
+        return getattr(stages, name)(*args)
+
+    return asyncio.run(run_funnel(call, req, stages.source_names, 1.0))[4]
+
+
+@pytest.mark.parametrize("across_processes", [False, True], ids=["in_process", "across_processes"])
+def test_in_stage_degradation_levels(
+    trained: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, across_processes: bool
+) -> None:
+    """Each in-stage fallback answers, and its level reaches the response in both compositions."""
+    from streamrec.errors import OnlineStoreUnavailableError
+    from streamrec.serving.recommender import build_stages
+
+    stages = build_stages(trained[0])
+    users = stages.funnel.models.users.raw_ids
+    seen, unseen = int(users[0]), int(users[1])
+
+    def run(user: int) -> Any:
+        return _funnel(stages, RecommendRequest(user_id=user, k=10), across_processes=across_processes)
+
+    assert run(seen).metadata.degradation_level == "full"
+
+    with monkeypatch.context() as m:  # the ranker fails: ordered by the merged retrieval score
+        m.setattr(
+            stages.funnel.ranker, "score", lambda *a: (_ for _ in ()).throw(RuntimeError("ranker down"))
+        )
+        out = run(seen)
+        assert out.metadata.degradation_level == "simple_ranking" and len(out.items) == 10
+
+    def store_down(user_id: int) -> Any:
+        raise OnlineStoreUnavailableError("online store down (injected)")
+
+    with monkeypatch.context() as m:  # the online store is down: last features seen, else defaults
+        m.setattr(stages.features, "online_user_features", store_down)
+        for user in (seen, unseen):
+            out = run(user)
+            assert out.metadata.degradation_level == "stale_features" and len(out.items) == 10
+
+    with monkeypatch.context() as m:  # retrieval found nothing: the batch-precomputed top-N
+        m.setattr(stages.funnel, "retrieve", lambda *a, **k: (np.empty(0, np.int64), np.empty(0, np.float32)))
+        out = run(seen)
+        assert out.metadata.degradation_level == "batch" and 0 < len(out.items) <= 10
+        assert all(i.sources == ["batch"] for i in out.items)
+    assert run(seen).metadata.degradation_level == "full"  # nothing sticks once the fault is gone
+
+
+def test_rank_batch_scores_several_requests_in_one_pass(
+    trained: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster Ranker's batched call: one forward pass, the same answer as one request at a
+    time; a request whose inputs fail degrades alone."""
+    from streamrec.serving.recommender import build_stages
+
+    stages = build_stages(trained[0])
+    reqs = [RecommendRequest(user_id=int(u), k=10) for u in stages.funnel.models.users.raw_ids[:5]]
+    reqs.append(RecommendRequest(user_id=10**9, k=10))  # cold start rides along
+    ctxs = [stages.user_context(r) for r in reqs]
+    merged = [stages.merge(c, {s: stages.retrieve(s, c) for s in stages.source_names}) for c in ctxs]
+    alone = [stages.rank(c, m) for c, m in zip(ctxs, merged, strict=True)]
+
+    calls: list[int] = []
+    score = stages.funnel.ranker.score
+    monkeypatch.setattr(stages.funnel.ranker, "score", lambda d, s: calls.append(len(d)) or score(d, s))
+    together = stages.rank_batch(ctxs, merged)
+    assert calls == [sum(len(m) for m in merged)]  # one forward pass for the six requests
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a.items, b.items)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+        assert a.sources == b.sources and b.degraded == []
+
+    calls.clear()
+    broken = [*ctxs[:2], ctxs[2].__class__(**{**ctxs[2].__dict__, "state": None}), *ctxs[3:]]
+    out = stages.rank_batch(broken, merged)
+    assert len(calls) == 1 and calls[0] == sum(len(m) for m in merged) - len(merged[2])
+    assert out[2].degraded == ["simple_ranking"]
+    np.testing.assert_array_equal(
+        out[2].items, merged[2].items[np.argsort(-merged[2].scores, kind="stable")][: len(out[2])]
+    )
+    for i in (0, 1, 3, 4, 5):
+        np.testing.assert_array_equal(out[i].items, alone[i].items)
+        assert out[i].degraded == []
+
+
 def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 

@@ -2,17 +2,20 @@
 
 The gateway validates every body against these models before any stage runs; unknown keys are
 rejected (a typo is a 422, not a silently ignored field). Ids and ``k`` are *strict* integers:
-``"5"``, ``5.5`` and ``true`` are refused rather than coerced. Datetimes must carry a timezone or
-are taken as UTC, and are normalised to UTC.
+``"5"``, ``5.5`` and ``true`` are refused rather than coerced. Datetimes are ISO 8601 strings or
+Unix time (seconds; pydantic reads numbers above 2e10 as milliseconds); without an offset they are
+taken as UTC, and all are normalised to UTC (one that cannot be expressed in UTC is a 422).
 
 Endpoints (implemented by the gateway):
 
-* ``POST /recommend``: :class:`RecommendRequest` -> :class:`RecommendResponse`
-* ``POST /events``: :class:`EventsRequest` -> :class:`EventsResponse`
+* ``POST /v1/recommend``: :class:`RecommendRequest` -> :class:`RecommendResponse`
+* ``POST /v1/events``: :class:`EventsRequest` -> :class:`EventsResponse`
 * any error: :class:`ErrorBody` (use :func:`error_from_validation` for 422 bodies)
 
-Event timestamps more than :data:`MAX_CLOCK_SKEW` in the future are rejected. Tests (and replay)
-can pin "now" through the validation context: ``EventIn.model_validate(data, context={"now": t})``.
+Event timestamps are bounded as the data contract bounds them (:mod:`streamrec.data.contract`), so
+an acknowledged event is never quarantined at export: not before :data:`MIN_EVENT_TIME` and not more
+than :data:`MAX_CLOCK_SKEW` in the future. Tests (and replay) can pin "now" through the validation
+context: ``EventIn.model_validate(data, context={"now": t})``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import (
     field_validator,
 )
 
+from streamrec.data.contract import DEFAULT_FUTURE_SKEW
 from streamrec.data.schema import DEVICES, EVENT_TYPES
 from streamrec.resilience import DegradationLevel
 
@@ -47,6 +51,14 @@ if not set(get_args(ApiEventType)) <= set(EVENT_TYPES):  # pragma: no cover
 
 #: How far in the future an event timestamp may be (client clock skew).
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+#: Earliest event timestamp: the data contract quarantines earlier ones (``timestamp_before_epoch``).
+MIN_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+if MAX_CLOCK_SKEW > DEFAULT_FUTURE_SKEW:  # pragma: no cover - an accepted event must pass the contract
+    raise RuntimeError(
+        f"api_models.MAX_CLOCK_SKEW {MAX_CLOCK_SKEW} exceeds the contract's {DEFAULT_FUTURE_SKEW}"
+    )
+
 #: Most items a request may ask for.
 MAX_K = 100
 #: Most ids in a request's ``exclude`` list.
@@ -64,12 +76,20 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
+def _to_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # e.g. 0001-01-01T00:00:00+01:00. Pydantic wraps ValueError (-> 422), not OverflowError (-> 500).
+        raise ValueError(
+            f"timestamp {value.isoformat()} falls outside years 1..9999 once converted to UTC"
+        ) from None
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else _to_utc(value)
 
 
 def _now(info: ValidationInfo) -> datetime:
@@ -181,8 +201,9 @@ class EventIn(ApiModel):
         user_id: The user.
         item_id: The item.
         event_type: ``view``, ``click``, ``complete`` or ``skip``.
-        timestamp: When it happened (UTC); the server's time when omitted. Rejected if more than
-            five minutes in the future.
+        timestamp: When it happened (UTC); the server's time when omitted. Rejected if before
+            1970-01-01T00:00:00Z or more than five minutes in the future (the data contract's
+            bounds, so that an accepted event is never quarantined at export).
         session_id: Client session, if any.
         device: One of :data:`streamrec.data.schema.DEVICES`, if known.
         watch_fraction: Share of the item watched, 0..1, if known.
@@ -199,9 +220,14 @@ class EventIn(ApiModel):
 
     @field_validator("timestamp")
     @classmethod
-    def _timestamp_not_in_future(cls, value: datetime, info: ValidationInfo) -> datetime:
+    def _timestamp_within_contract(cls, value: datetime, info: ValidationInfo) -> datetime:
         now = _now(info)
-        ts = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        ts = _to_utc(value)
+        if ts < MIN_EVENT_TIME:
+            raise ValueError(
+                f"timestamp {ts.isoformat()} is before {MIN_EVENT_TIME.isoformat()}; "
+                "the event store holds nothing before the Unix epoch"
+            )
         if ts - now > MAX_CLOCK_SKEW:
             raise ValueError(
                 f"timestamp {ts.isoformat()} is {(ts - now).total_seconds():.0f}s in the future "

@@ -415,6 +415,31 @@ class RateLimiter:
             retry = math.inf if cost > bucket.burst else (cost - bucket.tokens) / bucket.rate
             return RateDecision(False, math.floor(bucket.tokens), retry, bucket.burst)
 
+    def capacity(self, key: str, limit: tuple[float, int] | None = None) -> int:
+        """The burst of ``key``'s bucket: a request costing more can never be allowed.
+
+        Args:
+            key: The bucket.
+            limit: As for :meth:`acquire`.
+        """
+        with self._lock:
+            return (limit or self._limits.get(key) or (self.rate_per_s, self.burst))[1]
+
+    def refund(self, key: str, cost: float) -> None:
+        """Give back ``cost`` tokens taken by :meth:`acquire` (capped at the burst).
+
+        For a request refused after part of its cost was taken, so that a refused request
+        costs nothing.
+
+        Args:
+            key: The bucket.
+            cost: Tokens to return.
+        """
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is not None:  # else dropped (LRU) since: it comes back full anyway
+                bucket.tokens = min(float(bucket.burst), bucket.tokens + cost)
+
     def check(self, key: str, cost: float = 1.0, limit: tuple[float, int] | None = None) -> RateDecision:
         """Like :meth:`acquire` but raise when refused.
 

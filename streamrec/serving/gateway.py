@@ -20,9 +20,11 @@ Endpoints:
 Request handling, in order: request id (``X-Request-ID``: the client's if sane, else a new one;
 echoed on every response and in the log line), API key from ``X-API-Key`` (401 missing or
 unknown, 403 wrong scope), per-key rate limit (429 with ``Retry-After``), body size (413),
-JSON (400 ``malformed_json``), schema (422 with one entry per bad field). Every error body is an
-:class:`~streamrec.api_models.ErrorBody`. A client's mistake is always a 4xx; a 5xx means a
-server fault (logged with the request id).
+JSON (400 ``malformed_json``; parsed as JSON whatever the ``Content-Type``), schema (422 with one
+entry per bad field), then for events the batch's cost (413 ``batch_too_large`` above the key's
+burst). Every error body is an :class:`~streamrec.api_models.ErrorBody`. A client's mistake is
+always a 4xx; a 5xx means a server fault (logged with the request id and traceback; any exception
+no handler expected becomes a 500 ``internal`` body).
 
 The hot path avoids FastAPI's per-request machinery: bodies are read and validated with
 ``model_validate_json`` (one Rust call), and responses are serialised with ``model_dump_json``
@@ -72,6 +74,7 @@ API_KEY_HEADER = "X-API-Key"
 REQUEST_ID_HEADER = "X-Request-ID"
 _JSON = "application/json"
 _SANE_RID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_INTERNAL_DETAIL = "the server failed to handle this request; retry, and quote the request id if it persists"
 
 RecommendFn = Callable[[RecommendRequest], Awaitable[RecommendResponse]]
 ReloadFn = Callable[[], Awaitable[dict[str, Any]]]
@@ -237,20 +240,45 @@ def create_app(
         request.state.principal = principal.name
         return principal
 
-    def charge(principal: Principal, cost: float) -> int:
+    def charge(principal: Principal, cost: float, *, paid: float = 0.0) -> int:
+        """Take ``cost`` tokens, else refuse with 429 and ``Retry-After``.
+
+        ``paid`` tokens already taken for this request are given back on refusal, so a refused
+        request costs nothing. Costs above the key's burst never pass and must be refused before
+        (see ``events_endpoint``); they are not 429s, as waiting would not help.
+        """
         decision = limiter.acquire(principal.name, cost, principal.rate_limit)
         if decision.allowed:
             return decision.remaining
-        headers = {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
-        if math.isinf(decision.retry_after_s):
-            msg = (
-                f"this request costs {cost:g} tokens, more than the burst ({decision.limit}) of key "
-                f"'{principal.name}' allows; send smaller batches"
-            )
-        else:
-            headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after_s)))
-            msg = f"rate limit exceeded for key '{principal.name}'; retry after {decision.retry_after_s:.2f}s"
+        remaining = decision.remaining
+        if paid:
+            limiter.refund(principal.name, paid)
+            remaining = min(decision.limit, remaining + math.floor(paid))
+        retry = decision.retry_after_s
+        if math.isinf(retry):  # unreachable while callers check the burst; never a 500 if not
+            raise _batch_too_large(principal, cost + paid, decision.limit)
+        headers = {
+            "X-RateLimit-Limit": str(decision.limit),
+            "X-RateLimit-Remaining": str(remaining),
+            "Retry-After": str(max(1, math.ceil(retry))),
+        }
+        msg = f"rate limit exceeded for key '{principal.name}'; retry after {retry:.2f}s"
         raise _ClientError(429, ErrorBody(error="rate_limited", detail=msg), headers)
+
+    def _batch_too_large(principal: Principal, cost: float, burst: int) -> _ClientError:
+        most = burst * limits.events_per_token
+        return _ClientError(
+            413,
+            ErrorBody(
+                error="batch_too_large",
+                detail=(
+                    f"this batch costs {cost:g} rate-limit tokens (one per started "
+                    f"{limits.events_per_token} events), more than the burst ({burst}) of key "
+                    f"'{principal.name}' allows, so it can never be accepted; split it into "
+                    f"batches of at most {most} events"
+                ),
+            ),
+        )
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -307,7 +335,7 @@ def create_app(
             (400, "Malformed JSON"),
             (401, "Missing or unknown API key"),
             (403, "The key lacks the required scope"),
-            (413, "Body too large"),
+            (413, "Body too large, or an events batch costing more than the key's burst"),
             (422, "Invalid body (one entry per bad field)"),
             (429, "Rate limited (see Retry-After)"),
             (503, "Temporarily unavailable"),
@@ -343,7 +371,7 @@ def create_app(
             return _error(503, "unavailable", str(err), rid, {"Retry-After": "1"})
         except Exception:
             log.exception("request_id=%s recommend failed", rid)
-            return _error(500, "internal", "internal error; quote the request id when reporting it", rid)
+            return _error(500, "internal", _INTERNAL_DETAIL, rid)
         resp.metadata.request_id = rid
         return Response(
             resp.model_dump_json(), media_type=_JSON, headers={"X-RateLimit-Remaining": str(remaining)}
@@ -366,11 +394,17 @@ def create_app(
         rid = _rid(request)
         try:
             principal = authorize(request, "write")
+            # One token before the body is read bounds the parsing an over-limit key can cause;
+            # the rest of the batch's cost is taken once its size is known.
             charge(principal, 1.0)
             req: EventsRequest = parse(EventsRequest, await read_body(request), rid)
-            extra = math.ceil(len(req.events) / limits.events_per_token) - 1
-            if extra > 0:
-                charge(principal, float(extra))
+            cost = math.ceil(len(req.events) / limits.events_per_token)
+            burst = limiter.capacity(principal.name, principal.rate_limit)
+            if cost > burst:  # no wait would let it through: refuse for good, spending nothing
+                limiter.refund(principal.name, 1.0)
+                raise _batch_too_large(principal, cost, burst)
+            if cost > 1:
+                charge(principal, float(cost - 1), paid=1.0)
         except _ClientError as err:
             return fail(err, rid)
         if events is None:
@@ -451,6 +485,15 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         return _error(422, "invalid_request", [{"message": str(e)} for e in exc.errors()], _rid(request))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Starlette runs this handler outside every middleware, so RequestIdMiddleware cannot
+        # echo the id on this response: add it here (the id is already in the shared scope).
+        rid = _rid(request)
+        log.error("request_id=%s unhandled %s", rid, type(exc).__name__, exc_info=exc)
+        headers = {REQUEST_ID_HEADER: rid} if echo_request_id else None
+        return _error(500, "internal", _INTERNAL_DETAIL, rid, headers)
 
     _install_openapi(app)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)

@@ -175,6 +175,37 @@ def test_event_timestamp_in_the_future_is_rejected() -> None:
     assert EventIn.model_validate({**base, "timestamp": "2001-01-01T00:00:00Z"}).timestamp.year == 2001
 
 
+@pytest.mark.parametrize("ts", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-14:00"])
+def test_timestamps_that_overflow_utc_are_value_errors(ts: str) -> None:
+    # OverflowError from astimezone() escaped pydantic (a 500); it must be a validation error.
+    event = {"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": ts}
+    for model, body, field in (
+        (RecommendRequest, {"user_id": 1, "context": {"timestamp": ts}}, "context.timestamp"),
+        (EventIn, event, "timestamp"),
+    ):
+        ps = problems(model, json.dumps(body), context={"now": NOW})
+        assert fields(ps) == [field] and "outside years 1..9999" in ps[0]["message"], ps
+
+
+def test_event_timestamp_before_the_epoch_is_rejected_like_the_data_contract() -> None:
+    base = {"user_id": 1, "item_id": 2, "event_type": "view"}
+    # The contract quarantines timestamps before 1970-01-01 UTC: acknowledging them loses them.
+    for ts in ("1969-12-31T23:59:59Z", "1970-01-01T00:30:00+01:00", -1, "1900-01-01"):
+        ps = problems(EventIn, {**base, "timestamp": ts}, context={"now": NOW})
+        assert fields(ps) == ["timestamp"] and "before 1970-01-01" in ps[0]["message"], ts
+    for ts in ("1970-01-01T00:00:00Z", 0, "1970-01-01T01:00:00+01:00"):
+        ev = EventIn.model_validate({**base, "timestamp": ts}, context={"now": NOW})
+        assert ev.timestamp == datetime(1970, 1, 1, tzinfo=UTC), ts
+
+
+def test_event_timestamp_accepts_epoch_seconds() -> None:
+    ev = EventIn.model_validate(
+        {"user_id": 1, "item_id": 2, "event_type": "view", "timestamp": 1_700_000_000},
+        context={"now": NOW},
+    )
+    assert ev.timestamp == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     ("patch", "field", "message"),
     [

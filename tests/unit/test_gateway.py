@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -233,6 +234,37 @@ def test_event_batches_cost_per_hundred_events(world: Path, tmp_path: Path) -> N
         assert r.status_code == 429
 
 
+def batch(n: int, prefix: str) -> dict[str, Any]:
+    return events_body(*({"event_id": f"{prefix}{i}", "user_id": 1, "item_id": 100} for i in range(n)))
+
+
+def test_a_batch_costing_more_than_the_burst_is_413_and_spends_nothing(world: Path, tmp_path: Path) -> None:
+    c, log, _ = make_client(world, tmp_path, rate_limit={"rate_per_s": 1, "burst": 5})
+    h = {"X-API-Key": WRITE}
+    with c:
+        r = c.post("/v1/events", json=batch(1000, "x"), headers=h)  # costs 10 > burst 5: never passes
+        assert r.status_code == 413, r.text
+        out = r.json()
+        assert out["error"] == "batch_too_large" and out["request_id"] == r.headers["X-Request-ID"]
+        assert "costs 10 " in out["detail"] and "at most 500 events" in out["detail"]
+        # The refusal spent no token: a batch costing the whole burst still passes.
+        assert c.post("/v1/events", json=batch(500, "y"), headers=h).status_code == 200
+    assert log.stats.stored == 500
+
+
+def test_a_429_for_an_events_batch_has_retry_after_and_spends_nothing(world: Path, tmp_path: Path) -> None:
+    c, _, holder = make_client(world, tmp_path, rate_limit={"rate_per_s": 1, "burst": 5})
+    h = {"X-API-Key": WRITE}
+    with c:
+        assert c.post("/v1/events", json=batch(500, "a"), headers=h).status_code == 200  # bucket empty
+        holder["clock"][0] += 2.0  # 2 tokens
+        r = c.post("/v1/events", json=batch(300, "b"), headers=h)  # costs 3
+        assert r.status_code == 429 and r.json()["error"] == "rate_limited"
+        assert r.headers["Retry-After"] == "1" and r.headers["X-RateLimit-Remaining"] == "2"
+        holder["clock"][0] += 1.0  # 3 tokens only if the refused request gave its first one back
+        assert c.post("/v1/events", json=batch(300, "b"), headers=h).status_code == 200
+
+
 # ------------------------------------------------------------------------------ bad input -> 4xx
 
 
@@ -300,6 +332,10 @@ def test_never_a_5xx_for_client_mistakes(client: TestClient) -> None:
         b'{"user_id": 1, "context": {"timestamp": "yesterday"}}', b'{"user_id": 1, "k": null}',
         '{"user_id": 1, "context": {"device": "\u2603"}}'.encode(), b'{"user_id": 9223372036854775808}',
         b'{"user_id": 1, "context": {"timestamp": "9999-12-31T23:59:59Z"}}', b"\x00" * 64,
+        b'{"user_id": 1, "context": {"timestamp": "0001-01-01T00:00:00+01:00"}}',
+        b'{"user_id": 1, "context": {"timestamp": "9999-12-31T23:59:59-14:00"}}',
+        b'{"events": [{"user_id": 1, "item_id": 100, "event_type": "view", "timestamp": "0001-01-01T00:00:00+01:00"}]}',
+        b'{"events": [{"user_id": 1, "item_id": 100, "event_type": "view", "timestamp": "9999-12-31T23:59:59-14:00"}]}',
     ]  # fmt: skip
     for b in bodies:
         for path in ("/v1/recommend", "/v1/events"):
@@ -347,6 +383,27 @@ def test_events_with_unknown_ids_are_422_naming_them(world: Path, tmp_path: Path
     assert out["detail"]["unknown_user_ids"] == [4242] and out["detail"]["unknown_item_ids"] == [77]
     assert "4242" in out["detail"]["message"] and "77" in out["detail"]["message"]
     assert log.stats.rejected == 3 and log.stats.stored == 0 and log.stats.balanced()
+
+
+def test_events_before_the_epoch_are_refused_so_none_is_quarantined_at_export(
+    world: Path, tmp_path: Path
+) -> None:
+    c, log, _ = make_client(world, tmp_path)
+    h = {"X-API-Key": WRITE}
+    with c:
+        old = events_body(
+            {"event_id": "old", "user_id": 1, "item_id": 100, "timestamp": "1960-01-01T00:00:00Z"}
+        )
+        r = c.post("/v1/events", json=old, headers=h)
+        assert r.status_code == 422, r.text
+        assert [p["field"] for p in r.json()["detail"]] == ["events.0.timestamp"]
+        assert "1970-01-01" in r.json()["detail"][0]["message"]
+        edge = events_body({"event_id": "edge", "user_id": 1, "item_id": 100, "timestamp": 0})
+        assert c.post("/v1/events", json=edge, headers=h).status_code == 200
+    data = tmp_path / "data"
+    shutil.copytree(world, data)
+    result = log.export_to_store(DataStore(data))
+    assert result.read == 1 and result.quarantined == 0  # every acknowledged event is storable
 
 
 def test_events_validation_errors(client: TestClient) -> None:
@@ -437,6 +494,32 @@ def test_server_faults_are_5xx_with_request_id(world: Path) -> None:
             assert r.status_code == status and r.json()["error"] == code
             assert r.json()["request_id"] == r.headers["X-Request-ID"]
             assert "oops" not in r.text
+
+
+def test_unexpected_exceptions_are_json_500s_with_the_request_id(
+    world: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    auth = ApiKeyAuth.from_config(auth_config(), environ={})
+
+    async def broken(_: RecommendRequest) -> RecommendResponse:
+        return None  # type: ignore[return-value]  # a bug outside the guarded call
+
+    def info() -> dict[str, Any]:
+        raise KeyError("secret-internal-name")
+
+    app = create_app(broken, None, auth, info=info)
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR", "streamrec.gateway"):
+        for r in (
+            rec(c, {"user_id": 1}, headers={"X-Request-ID": "rid-1"}),
+            c.get("/v1/admin/status", headers={"X-API-Key": ADMIN, "X-Request-ID": "rid-2"}),
+        ):
+            assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+            out = r.json()
+            assert out["error"] == "internal" and "request id" in out["detail"]
+            assert out["request_id"] == r.headers["X-Request-ID"] in ("rid-1", "rid-2")
+            assert "secret" not in r.text and "NoneType" not in r.text
+    logged = [record.getMessage() for record in caplog.records if record.exc_info]
+    assert any("request_id=rid-1" in m for m in logged) and any("request_id=rid-2" in m for m in logged)
 
 
 def test_asgi_transport_works_too(world: Path, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth, AuthConfig
 from streamrec.config import StrictModel, parse_config
 from streamrec.errors import ConfigError, ServingError
+from streamrec.reranking.config import ReRankConfig
 from streamrec.resilience import (
     AllLevelsFailedError,
     CircuitBreaker,
@@ -91,6 +92,10 @@ class ServeArgs(StrictModel):
             ``f(data_dir)`` and must return a callable taking a list of event records
             (:func:`feature_client_sink`: the feature client's ``push_interactions``).
         ranker_batch: ``@serve.batch`` settings of the cluster ranker.
+        rerank: The trained recommender's re-ranking rules (per-category cap in the top
+            window, freshness and fairness quotas, content policy, seen-item suppression,
+            promoted boost; :class:`~streamrec.reranking.config.ReRankConfig`). Omitted keys
+            keep their defaults; unknown keys are errors.
         source_threads: Worker threads that run retrieval-source calls (fused gateway, cluster
             ``Retriever``); 0 runs them on the replica's event loop, one after the other. With
             threads the sources of a request overlap (FAISS, numpy and SQLite release the GIL)
@@ -115,6 +120,7 @@ class ServeArgs(StrictModel):
     event_log_fsync: bool = True
     events_sink: str | None = None
     ranker_batch: RankerBatch = Field(default_factory=RankerBatch)
+    rerank: ReRankConfig = Field(default_factory=ReRankConfig)
     source_threads: int = Field(default=0, ge=0, le=64)
     watch_champion_s: float = Field(default=30.0, ge=0)
 
@@ -210,7 +216,7 @@ def load_stages(args: ServeArgs) -> LoadedStages:
         return LoadedStages(_popularity(args), "popularity", load_seconds=time.perf_counter() - t0)
     try:
         factory = import_object(RECOMMENDER_FACTORY)
-        stages = factory(args.data_dir, **args.factory_kwargs)
+        stages = factory(args.data_dir, **{"rerank": args.rerank, **args.factory_kwargs})
         return LoadedStages(stages, "recommender", load_seconds=time.perf_counter() - t0)
     except ModuleNotFoundError as err:
         if args.stages == "recommender":

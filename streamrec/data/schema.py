@@ -7,6 +7,9 @@ are UTC with microsecond precision. Ids are int64.
 
 from __future__ import annotations
 
+import operator
+from typing import SupportsIndex
+
 import pandas as pd
 import pyarrow as pa
 
@@ -16,6 +19,16 @@ TS = pa.timestamp("us", tz="UTC")
 EVENT_TYPES: tuple[str, ...] = ("impression", "view", "click", "complete", "skip", "rating")
 #: Devices a context may name; ``unknown`` where the source does not say.
 DEVICES: tuple[str, ...] = ("mobile", "web", "tv", "tablet", "unknown")
+
+#: Largest id the stores hold (ids are int64). The API accepts any non-negative integer, so a
+#: larger one is simply unknown: check with :func:`storable_id` before building an int64 array.
+INT64_MAX = 2**63 - 1
+
+
+def storable_id(i: SupportsIndex) -> bool:
+    """Whether ``i`` fits the stores' non-negative int64 ids (else it cannot name a known row)."""
+    return 0 <= operator.index(i) <= INT64_MAX
+
 
 USER_SCHEMA = pa.schema(
     [

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from streamrec.data.schema import EVENT_TYPES
+from streamrec.data.schema import EVENT_TYPES, storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import (
     FeatureStoreError,
@@ -746,7 +746,8 @@ class FeatureClient:
         Raises:
             OnlineStoreUnavailableError: the online store cannot be reached.
         """
-        rows = self._online_rows("user", [int(user_id)])
+        # An id beyond int64 cannot be stored (the store's keys are int64): unknown, all defaults.
+        rows = self._online_rows("user", [int(user_id)]) if storable_id(user_id) else {}
         values: dict[str, Any] = {}
         found = False
         for view_rows in rows.values():

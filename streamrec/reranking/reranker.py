@@ -415,7 +415,9 @@ class ReRanker:
         order = alive[np.lexsort((rank0[alive], -adj[alive]))]
         fresh = np.zeros(n0, dtype=bool)
         if cfg.freshness.enabled:
-            fresh = meta.published_at[idx] >= now_s - cfg.freshness.window_hours * 3600.0
+            # Published inside the window and not after the request (a future date is not fresh).
+            pub = meta.published_at[idx]
+            fresh = (pub >= now_s - cfg.freshness.window_hours * 3600.0) & (pub <= now_s)
         fair = np.zeros(n0, dtype=bool)
         if cfg.fairness.enabled:
             fcfg = cfg.fairness

@@ -69,7 +69,7 @@ import pandas as pd
 from streamrec.api_models import EventIn
 from streamrec.config import utc_stamp
 from streamrec.data.contract import quarantine_rows, validate_events
-from streamrec.data.schema import EVENT_SCHEMA
+from streamrec.data.schema import EVENT_SCHEMA, storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import ConfigError
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
@@ -95,8 +95,6 @@ DEFAULT_RETAIN_DAYS = 7.0
 #: The shortest retention :meth:`EventLog.prune` accepts: it must outlast :data:`SEGMENT_MAX_AGE_S`
 #: with a margin for clock differences between nodes.
 MIN_RETAIN_DAYS = 1.0
-
-_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 @dataclass
@@ -219,8 +217,8 @@ def _unknown(known: np.ndarray | None, ids: Sequence[int]) -> list[int]:
     """The ids of ``ids`` not in the sorted array ``known`` (none when ``known`` is None)."""
     if known is None or not ids:
         return []
-    huge = sorted({i for i in ids if i > _INT64_MAX or i < 0})
-    arr = np.unique(np.asarray([i for i in ids if 0 <= i <= _INT64_MAX], dtype=np.int64))
+    huge = sorted({i for i in ids if not storable_id(i)})
+    arr = np.unique(np.asarray([i for i in ids if storable_id(i)], dtype=np.int64))
     if known.size == 0:
         return sorted(arr.tolist()) + huge
     pos = np.minimum(np.searchsorted(known, arr), known.size - 1)
@@ -762,8 +760,7 @@ def _int_column(values: pd.Series) -> pd.arrays.IntegerArray:
     """Ids as nullable int64; anything that is not an int64-sized integer becomes null."""
     ok = (int, np.integer)
     out = [
-        int(v) if isinstance(v, ok) and not isinstance(v, bool) and 0 <= v <= _INT64_MAX else None
-        for v in values
+        int(v) if isinstance(v, ok) and not isinstance(v, bool) and storable_id(v) else None for v in values
     ]
     return pd.array(out, dtype="Int64")
 

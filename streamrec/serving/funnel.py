@@ -19,6 +19,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
+from streamrec.data.schema import storable_id
 from streamrec.evaluation.split import IdMap
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.models.scoring import RankerScorer
@@ -162,14 +163,16 @@ class Funnel:
             exclude_ids: Raw item ids never to return.
         """
         m = self.models
-        user_idx = int(m.users.to_index(np.asarray([user_id]))[0])
+        # An id beyond int64 cannot be a known user: the cold-start path, like any unknown id.
+        user_idx = int(m.users.to_index(np.asarray([user_id]))[0]) if storable_id(user_id) else -1
         raw_recent = features.get("recent_item_ids")
         recent = np.asarray([] if raw_recent is None else raw_recent, dtype=np.int64).ravel()
         history = self.table.index_of(recent) if recent.size else np.empty(0, np.int64)
         history = history[history >= 0][: self.settings.history_length]
-        excl = np.asarray(exclude_ids, dtype=np.int64).ravel()
+        raw_excl = np.asarray(exclude_ids, dtype=object).ravel().tolist()
+        excl = np.asarray([i for i in raw_excl if storable_id(i)], dtype=np.int64)
         excl_rows = self.table.index_of(excl) if excl.size else np.empty(0, np.int64)
-        unknown = int((excl_rows < 0).sum())
+        unknown = int((excl_rows < 0).sum()) + len(raw_excl) - excl.size
         excl_rows = excl_rows[excl_rows >= 0]
         udense = user_dense_matrix(features)
         prefs = category_pref_matrix([features.get("category_prefs")], len(self.table.category_vocab))
@@ -288,12 +291,15 @@ class Funnel:
 
     def rerank(self, ctx: FunnelContext, ranked: Ranked, k: int) -> ReRankResult:
         """Apply the business rules (policy, seen, promotion, freshness, diversity, fairness)."""
+        # The history goes in as *seen* items, the request's ``exclude`` as excluded rows: the
+        # seen-item rule (``suppress_seen``) then applies to it and counts it on its own.
         return self.reranker.rerank_arrays(
             ranked.items,
             ranked.scores,
             ranked.sources,
             k=k,
-            exclude_rows=np.concatenate([ctx.exclude_rows, ctx.history]),
+            seen_ids=self.table.item_ids[ctx.history],
+            exclude_rows=ctx.exclude_rows,
             now=ctx.now,
         )
 

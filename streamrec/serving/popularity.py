@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
+from streamrec.data.schema import storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import DataNotFoundError
 from streamrec.serving.stages import Candidates, UserContext
@@ -49,7 +50,6 @@ NOT_SEEN_TYPES: frozenset[str] = frozenset({"impression"})
 #: Name of the single retrieval source.
 SOURCE = "popularity"
 
-_INT64_MAX = int(np.iinfo(np.int64).max)
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
@@ -58,7 +58,7 @@ def _lookup(sorted_ids: np.ndarray, ids: list[int]) -> tuple[np.ndarray, int]:
 
     Ids that do not fit in int64 count as not found (they cannot be in the catalogue).
     """
-    fits = [i for i in ids if 0 <= i <= _INT64_MAX]
+    fits = [i for i in ids if storable_id(i)]
     if not fits or sorted_ids.size == 0:
         return _EMPTY, len(ids)
     arr = np.asarray(fits, dtype=np.int64)
@@ -269,7 +269,7 @@ class PopularityStages:
         """Resolve the user (unknown -> ``user_idx = -1``), seen items and ``exclude``."""
         uid = request.user_id
         user_idx = -1
-        if 0 <= uid <= _INT64_MAX and self.user_ids.size:
+        if storable_id(uid) and self.user_ids.size:
             pos = int(np.searchsorted(self.user_ids, uid))
             if pos < self.user_ids.size and int(self.user_ids[pos]) == uid:
                 user_idx = pos

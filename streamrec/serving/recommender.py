@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
+from streamrec.config import parse_config
 from streamrec.errors import ModelError, OnlineStoreUnavailableError
+from streamrec.reranking.config import ReRankConfig
 from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
 from streamrec.serving.stages import Candidates, UserContext
 
@@ -70,6 +72,7 @@ class RecommenderStages:
             "items": len(self.funnel.table),
             "users": len(self.funnel.models.users),
             "batch_fallback_users": len(self.batch),
+            "rerank": self.funnel.reranker.config.model_dump(),
         }
 
     # ------------------------------------------------------------------ stages
@@ -279,12 +282,17 @@ def build_stages(
     online: str | None = None,
     trending_days: int = 7,
     device: str = "cpu",
+    rerank: ReRankConfig | dict[str, Any] | None = None,
 ) -> RecommenderStages:
     """Load the model behind ``alias`` (or an explicit ``bundle`` directory) for serving.
+
+    ``rerank`` sets the re-ranking rules (a :class:`ReRankConfig` or its dict form; defaults
+    when omitted): the Serve config's ``args.rerank``.
 
     Raises:
         ModelError: no model is registered under ``alias`` (train one first).
         CorruptCheckpointError: the bundle fails verification.
+        ConfigError: ``rerank`` has unknown or invalid keys.
     """
     from streamrec.bundle import LoadedBundle, align_table
     from streamrec.data.store import DataStore
@@ -292,6 +300,7 @@ def build_stages(
     from streamrec.paths import resolve_data_dir
     from streamrec.registry import ModelRegistry
 
+    rules = rerank if isinstance(rerank, ReRankConfig) else parse_config(rerank or {}, ReRankConfig, "rerank")
     serving_threads(1)  # one thread per replica wins under concurrency on small CPUs
     root = resolve_data_dir(data_dir)
     if bundle is not None:
@@ -318,7 +327,7 @@ def build_stages(
         )
         recent = recent[recent["label"] > 0]
     models = b.retrieval_models(table, table.index_of(recent["item_id"].to_numpy()), recent["timestamp"])
-    funnel = Funnel(models, table, b.ranker, b.settings)
+    funnel = Funnel(models, table, b.ranker, b.settings, rerank=rules)
     items = store.items().set_index("item_id")
     titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
     titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None

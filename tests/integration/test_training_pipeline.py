@@ -242,6 +242,66 @@ def test_rank_batch_scores_several_requests_in_one_pass(
         assert out[i].degraded == []
 
 
+def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, Any]]) -> None:
+    """The API takes any non-negative integer id; one beyond int64 is an unknown user (cold start)
+    or an unknown exclude id (ignored, counted), never a failure that sends the request to the
+    popularity fallback."""
+    from streamrec.serving.recommender import build_stages
+
+    stages = build_stages(trained[0])
+    cold = _funnel(stages, RecommendRequest(user_id=2**70, k=10), across_processes=False)
+    assert cold.metadata.degradation_level == "full" and len(cold.items) == 10
+    # The same cold-start answer as any other unknown id: no CF (no history), no error.
+    other = _funnel(stages, RecommendRequest(user_id=10**9, k=10), across_processes=False)
+    assert [i.item_id for i in cold.items] == [i.item_id for i in other.items]
+    assert "cf" not in {s for i in cold.items for s in i.sources}
+
+    known = int(stages.funnel.models.users.raw_ids[0])
+    first = _funnel(stages, RecommendRequest(user_id=known, k=10), across_processes=False)
+    drop = first.items[0].item_id
+    out = _funnel(
+        stages, RecommendRequest(user_id=known, k=10, exclude=[2**64, 2**80, drop]), across_processes=False
+    )
+    assert out.metadata.degradation_level == "full" and out.metadata.unknown_exclude_ids == 2
+    assert drop not in {i.item_id for i in out.items} and len(out.items) == 10
+
+
+def test_rerank_rules_come_from_the_serve_args(trained: tuple[Path, dict[str, Any]]) -> None:
+    """``args.rerank`` of the Serve config reaches the re-ranker; seen items are the seen rule's."""
+    from streamrec.errors import ConfigError
+    from streamrec.serving.funnel import Ranked
+    from streamrec.serving.recommender import build_stages
+
+    d = trained[0]
+    with pytest.raises(ConfigError, match="max_per_cat"):
+        build_stages(d, rerank={"diversity": {"max_per_cat": 1}})
+    strict = build_stages(d, rerank={"diversity": {"max_per_category": 1, "window": 10}})
+    assert strict.describe()["rerank"]["diversity"]["max_per_category"] == 1
+    off = {"enabled": False}
+    lax = build_stages(
+        d,
+        rerank={"content_policy": False, "suppress_seen": False, "promotion": off, "freshness": off}
+        | {"diversity": off, "fairness": off},
+    )
+
+    f = strict.funnel
+    user = int(f.models.users.raw_ids[2])
+    rows = np.arange(min(60, len(f.table)), dtype=np.int64)
+    ranked = Ranked(rows, np.linspace(1.0, 0.0, rows.size, dtype=np.float32), [["cf"]] * rows.size)
+    seen_id = int(f.table.item_ids[rows[0]])  # the best-scored candidate is in the user's history
+    ctx = f.context(user, {"recent_item_ids": [seen_id]}, now=1.8e9)
+
+    res = f.rerank(ctx, ranked, 10)
+    assert seen_id not in {it.item_id for it in res.items} and res.summary.removed_seen == 1
+    if not res.summary.diversity_backfilled:  # the cap held: one item per category in the top 10
+        cats = [c for it in res.items for c in f.reranker.metadata.categories[it.item_index] if c >= 0]
+        assert len(cats) == len(set(cats))
+
+    res_lax = lax.funnel.rerank(ctx, ranked, 10)
+    assert res_lax.items[0].item_id == seen_id and res_lax.summary.removed_seen == 0
+    assert [it.item_index for it in res_lax.items] == list(rows[:10])  # no rule moved anything
+
+
 def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 

@@ -575,6 +575,29 @@ def test_load_stages_auto_falls_back_to_popularity(world: Path) -> None:
     assert noop.stages.source_names == ("a", "b")
 
 
+def test_serve_args_rerank_rules_reach_the_recommender_factory(
+    world: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deployments.runtime as runtime
+    from streamrec.errors import ConfigError
+
+    got: dict[str, Any] = {}
+
+    def factory(data_dir: str | None, **kwargs: Any) -> PopularityStages:
+        got.update(kwargs)
+        return PopularityStages.from_data_dir(world)
+
+    monkeypatch.setattr(runtime, "RECOMMENDER_FACTORY", f"{__name__}:_FACTORY")
+    monkeypatch.setitem(globals(), "_FACTORY", factory)
+    args = ServeArgs.parse(
+        {"data_dir": str(world), "stages": "recommender", "rerank": {"diversity": {"max_per_category": 1}}}
+    )
+    assert load_stages(args).kind == "recommender"
+    assert got["rerank"].diversity.max_per_category == 1 and got["rerank"].freshness.min_items == 2
+    with pytest.raises(ConfigError, match="max_per_cat"):
+        ServeArgs.parse({"rerank": {"diversity": {"max_per_cat": 1}}})
+
+
 def test_in_process_funnel_matches_direct_stage_calls(world: Path) -> None:
     stages = PopularityStages.from_data_dir(world)
     req = RecommendRequest(user_id=3, k=7, exclude=[100])

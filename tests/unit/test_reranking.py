@@ -333,6 +333,17 @@ def test_freshness_window_is_configurable_and_quota_capped_by_availability() -> 
     assert res.summary.fresh_target == 1 and 15 in [it.item_index for it in res.items]
 
 
+def test_an_item_dated_after_the_request_is_not_fresh() -> None:
+    pub = np.full(20, OLD)
+    pub[[12, 15]] = [NOW + 2 * HOUR, FRESH]  # 12: a publish date in the future (bad metadata)
+    res = ReRanker(meta_of(20, published_at=pub), cfg(k=5, freshness={"min_items": 2})).rerank(
+        ranked(20), now=NOW
+    )
+    rows = [it.item_index for it in res.items]
+    assert 15 in rows and 12 not in rows
+    assert (res.summary.fresh_available, res.summary.fresh_target) == (1, 1)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_property_freshness_quota_holds_when_satisfiable(seed: int) -> None:
     w = World(seed)

@@ -166,7 +166,10 @@ class ReRankSummary:
     quota_conflict: bool = False
 
     def by_rule(self) -> dict[str, dict[str, int | bool]]:
-        """The counts grouped by rule, in :data:`RULE_ORDER` (for logs and response metadata)."""
+        """The counts grouped by rule, in :data:`RULE_ORDER`.
+
+        For logs and offline analysis; a response carries each item's ``reasons`` instead.
+        """
         d = asdict(self)
         groups = {
             "content_policy": ("removed_flagged",),

@@ -512,34 +512,41 @@ def test_property_diversity_cap_holds_when_satisfiable(seed: int) -> None:
         assert res.summary.diversity_backfilled == 0
     else:
         assert res.summary.diversity_backfilled == n_win - capacity
-    # greedy: each window item is the best remaining one that fits the cap (or a backfill),
-    # then score order — compare with a straightforward reference implementation
-    score_of = dict(zip(w.indices.tolist(), w.scores.tolist(), strict=True))
-    pool = sorted(survivors.tolist(), key=lambda r: -score_of[r])
-    expected: list[int] = []
-    ref_counts: Counter[int] = Counter()
-    while pool and len(expected) < len(res.items):
-        if len(expected) < window:
-            fits = [r for r in pool if all(ref_counts[c] < cap for c in w.meta.category_tuple(r))]
-            r = (fits or pool)[0]
-            ref_counts.update(w.meta.category_tuple(r))
-        else:
-            r = pool[0]
-        pool.remove(r)
-        expected.append(r)
     rows = [it.item_index for it in res.items]
-    assert rows == expected
+    assert rows == _reference_diversity(w, survivors, cap, window, len(res.items))
     assert len(res.items) == min(w.k, len(survivors))
     # after the window, remaining items follow score order
     assert is_sorted_desc([it.score for it in res.items[window:]])
     assert set(rows) <= set(survivors.tolist())
 
 
+def _reference_diversity(w: World, survivors: np.ndarray, cap: int, window: int, n: int) -> list[int]:
+    """Greedy reference: each window position takes the best remaining item that keeps every one
+    of its categories under the cap (else the best remaining one: a backfill), then score order."""
+    score_of = dict(zip(w.indices.tolist(), w.scores.tolist(), strict=True))
+    pool = sorted(survivors.tolist(), key=lambda r: -score_of[r])
+    expected: list[int] = []
+    counts: Counter[int] = Counter()
+    while pool and len(expected) < n:
+        if len(expected) < window:
+            fits = [r for r in pool if all(counts[c] < cap for c in w.meta.category_tuple(r))]
+            r = (fits or pool)[0]
+            counts.update(w.meta.category_tuple(r))
+        else:
+            r = pool[0]
+        pool.remove(r)
+        expected.append(r)
+    return expected
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_property_multi_category_diversity_is_consistent(seed: int) -> None:
     w = World(seed, single_category=False)
     cap = 1 + seed % 3
-    res = w.run(cfg(diversity={"max_per_category": cap, "window": 10}))
+    config = cfg(diversity={"max_per_category": cap, "window": 10})
+    res = w.run(config)
+    survivors = w.survivors(config)
+    assert [it.item_index for it in res.items] == _reference_diversity(w, survivors, cap, 10, len(res.items))
     if res.summary.diversity_backfilled == 0:
         assert max(_window_counts(w, res, 10).values(), default=0) <= cap
 

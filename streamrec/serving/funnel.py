@@ -275,8 +275,11 @@ class Funnel:
             source_scores=source_scores,
         )
 
-    def rank(self, ctx: FunnelContext, merged: MergedCandidates, source_scores: F32) -> Ranked:
-        """Score the merged candidates with the ranker; keep the best ``settings.ranked``."""
+    def rank(self, ctx: FunnelContext, merged: MergedCandidates, source_scores: F32, k: int = 0) -> Ranked:
+        """Score the merged candidates with the ranker and keep the best of them.
+
+        Keeps ``settings.ranked``, or ``k`` when more are asked for (as the serving stages do).
+        """
         items = merged.items
         if items.size == 0:
             return Ranked(items, np.empty(0, np.float32), [])
@@ -285,7 +288,7 @@ class Funnel:
         else:
             dense, sparse = self.ranker_inputs(ctx, items, source_scores)
             scores = self.ranker.score(dense, sparse)
-        keep = np.argsort(-scores, kind="stable")[: self.settings.ranked]
+        keep = np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)]
         prov = merged.provenance()
         return Ranked(items[keep], scores[keep].astype(np.float32), [prov[i] for i in keep])
 
@@ -313,7 +316,7 @@ class Funnel:
         """The whole funnel in-process (offline evaluation, the fused deployment)."""
         parts = {name: self.retrieve(name, ctx) for name in SOURCE_NAMES}
         merged, src = self.merge(parts)
-        ranked = self.rank(ctx, merged, src)
+        ranked = self.rank(ctx, merged, src, k)
         if not rerank:
             return self.without_excluded(ctx, ranked, k)
         res = self.rerank(ctx, ranked, k)

@@ -622,6 +622,14 @@ def _chunks(items: list[Any], n: int) -> Iterable[list[Any]]:
         yield items[i : i + n]
 
 
+def _is_bundle(path: Path, digest: str | None) -> bool:
+    """Whether ``path`` holds a bundle that verifies (and has ``digest``, when one is known)."""
+    try:
+        return path.is_dir() and (not digest or verify_bundle(path, strict=True).digest() == digest)
+    except CorruptCheckpointError:
+        return False
+
+
 class ModelRegistry:
     """StreamRec's model registry on MLflow: bundles, aliases, gated promotion, rollback.
 
@@ -1030,9 +1038,15 @@ class ModelRegistry:
                     f"version {info.version}: the stored {MANIFEST_FILE} is not the one that was registered "
                     f"(digest {manifest.digest()[:12]}... != {info.bundle_digest[:12]}...)"
                 )
-            if target.exists():
-                target.rmdir()
-            os.replace(local, target)
+            try:
+                if target.exists():
+                    target.rmdir()  # an empty directory (a target the caller created)
+                os.replace(local, target)
+            except OSError:
+                # Another process (a second replica preparing the same reload) got there first:
+                # use its copy when it is this version's bundle.
+                if not (cached and _is_bundle(target, info.bundle_digest)):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

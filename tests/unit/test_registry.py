@@ -162,6 +162,25 @@ def test_default_uri_is_sqlite_under_data_dir(reg: ModelRegistry) -> None:
     assert reg.get("champion") is None and reg.list_versions() == []
 
 
+def test_two_replicas_downloading_one_version_at_once_both_get_it(reg: ModelRegistry, tmp_path: Path) -> None:
+    """Two replicas preparing the same reload fill the shared cache at the same time: the one
+    that finishes second uses the first one's copy instead of failing the reload."""
+    reg.register(make_bundle(tmp_path, "b1"))
+    other = ModelRegistry(data_dir=tmp_path / "data")
+    fetch = reg._client.download_artifacts
+    got: dict[str, Path] = {}
+
+    def slow_fetch(*args: Any, **kwargs: Any) -> Any:
+        local = fetch(*args, **kwargs)
+        got["other"] = other.download(1)  # the other replica completes in the meantime
+        return local
+
+    reg._client.download_artifacts = slow_fetch  # type: ignore[method-assign]
+    mine = reg.download(1)
+    assert mine == got["other"] and verify_bundle(mine).name == "b1"
+    assert [p.name for p in reg.cache_dir.iterdir() if p.name.startswith(".download-")] == []
+
+
 def test_register_versions_aliases_and_download(reg: ModelRegistry, tmp_path: Path) -> None:
     b1 = make_bundle(tmp_path, "b1")
     (b1 / "training.config.json").write_text("{}")  # unlisted: stays behind

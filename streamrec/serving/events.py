@@ -25,7 +25,7 @@ Guarantees and counts:
   another replica is recognised. Where ``flock`` is not shared between the writers (some
   network filesystems across nodes), a retry on another node may be logged twice:
   :meth:`EventLog.export_to_store` removes such duplicates (and the events store itself is
-  unique by ``event_id``), but the sink has then seen the event twice.
+  unique by ``event_id`` within an event date), but the sink has then seen the event twice.
 * **all or nothing per batch**: a batch naming users or items the catalogue does not know is
   rejected whole (nothing written) and the unknown ids are reported (the API answers 422).
 * **invariant**: ``received == stored + duplicates + rejected`` at all times
@@ -43,7 +43,8 @@ Retention: a writer starts a new segment when its current one is :data:`SEGMENT_
 retention period (default :data:`DEFAULT_RETAIN_DAYS`); a segment not yet exported is never
 deleted. Disk, the ids each replica holds in memory and the per-append catch-up are bounded by
 the retention: a retry is recognised as a duplicate for at least that long (later, the events
-store, unique by ``event_id``, still keeps it once, but the sink sees it again).
+store, unique by ``event_id`` within an event date, still keeps it once when the retry carries
+its original timestamp, but the sink sees it again).
 """
 
 from __future__ import annotations
@@ -664,13 +665,25 @@ class EventLog:
     def _marks(self) -> dict[str, int]:
         """The export watermarks: segment name -> bytes already exported."""
         path = self.root / "exported.json"
-        marks: dict[str, int] = json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            marks: dict[str, int] = json.loads(path.read_text())
+        except ValueError as err:
+            # Unreadable marks must not stop every export and retrain: start over. Re-exported
+            # rows are recognised by their event ids (``already_present``), and prune keeps
+            # every segment until a fresh export has marked it.
+            log.warning("export watermarks %s are unreadable (%s); exporting the whole log again", path, err)
+            return {}
         return marks
 
     def _write_marks(self, marks: dict[str, int]) -> None:
         path = self.root / "exported.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(marks, indent=1, sort_keys=True))
+        with open(tmp, "w") as fh:  # durable before the rename: a crash leaves the old or the new
+            fh.write(json.dumps(marks, indent=1, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
 
     def prune(self, retain_days: float = DEFAULT_RETAIN_DAYS, now: datetime | None = None) -> PruneResult:

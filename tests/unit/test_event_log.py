@@ -256,6 +256,18 @@ def test_export_to_store_is_incremental_and_dedupes_across_writers(store: DataSt
     assert store.count_events() == before + 4
 
 
+def test_unreadable_watermarks_mean_a_full_re_export_not_a_failure(store: DataStore) -> None:
+    log_ = EventLog.open(store.layout.root)
+    log_.append([ev("m1", kind="click"), ev("m2", kind="view")])
+    before = store.count_events()
+    assert log_.export_to_store(store, now=NOW).added == 2
+    (log_.root / "exported.json").write_text("")  # e.g. torn by a crash on a filesystem without fsync
+    again = log_.export_to_store(store, now=NOW)
+    assert (again.read, again.added, again.already_present) == (2, 0, 2)  # re-read, stored once
+    assert store.count_events() == before + 2
+    assert log_.prune(retain_days=1, now=NOW).deleted == 0
+
+
 def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time
     log.append([ev("fine"), ev("ghost", user=4242)])

@@ -291,6 +291,10 @@ class EventLog:
         segment_max_bytes: Rotate to a new segment file beyond this size.
         load_existing: Read the ids already logged so that retries are recognised.
         clock: Wall clock (epoch seconds) for segment ages; tests pass their own.
+        catalogue: ``() -> (user ids, item ids)`` re-read when a batch names ids the sets do
+            not hold, at most every ``catalogue_refresh_s`` (users and items ingested after
+            the gateway started are accepted without a restart or reload). None: fixed sets.
+        catalogue_refresh_s: Shortest pause between two such re-reads.
     """
 
     def __init__(
@@ -305,6 +309,8 @@ class EventLog:
         segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
         load_existing: bool = True,
         clock: Callable[[], float] = time.time,
+        catalogue: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+        catalogue_refresh_s: float = 60.0,
     ) -> None:
         self.root = Path(root)
         self.segments_dir = self.root / "segments"
@@ -335,6 +341,10 @@ class EventLog:
         self._pushing = False
         self.stats = EventLogStats()
         self.corrupt_lines_at_open = 0
+        self._catalogue = catalogue
+        self._catalogue_refresh_s = float(catalogue_refresh_s)
+        self._catalogue_read_at = time.monotonic()
+        self._catalogue_lock = threading.Lock()
         if load_existing:
             self._catch_up(count_corrupt=True)
 
@@ -350,9 +360,14 @@ class EventLog:
             **kwargs: Passed to the constructor (``fsync``, ``segment_max_bytes``...).
         """
         store = DataStore(data_dir)
-        users = store.users()["user_id"].to_numpy(dtype=np.int64)
-        items = store.items()["item_id"].to_numpy(dtype=np.int64)
-        return cls(store.layout.event_log, users, items, sink, **kwargs)
+
+        def catalogue() -> tuple[np.ndarray, np.ndarray]:
+            return store.users()["user_id"].to_numpy(dtype=np.int64), store.items()["item_id"].to_numpy(
+                dtype=np.int64
+            )
+
+        users, items = catalogue()
+        return cls(store.layout.event_log, users, items, sink, catalogue=catalogue, **kwargs)
 
     # ------------------------------------------------------------------------ writing
     def append(self, events: Sequence[EventIn], received_at: datetime | None = None) -> AppendOutcome:
@@ -372,6 +387,9 @@ class EventLog:
         n = len(events)
         bad_users = _unknown(self.known_users, [e.user_id for e in events])
         bad_items = _unknown(self.known_items, [e.item_id for e in events])
+        if (bad_users or bad_items) and self._refresh_catalogue():
+            bad_users = _unknown(self.known_users, bad_users)
+            bad_items = _unknown(self.known_items, bad_items)
         if bad_users or bad_items:
             with self._lock:
                 self.stats.received += n
@@ -541,6 +559,22 @@ class EventLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _refresh_catalogue(self) -> bool:
+        """Re-read the known ids if the catalogue may have grown since; True when it was re-read."""
+        if self._catalogue is None:
+            return False
+        with self._catalogue_lock:  # one re-read at a time; the others wait for its result
+            if time.monotonic() - self._catalogue_read_at < self._catalogue_refresh_s:
+                return False
+            self._catalogue_read_at = time.monotonic()
+            try:
+                users, items = self._catalogue()
+            except Exception as err:  # the fixed sets keep working; the batch gets its 422
+                log.warning("re-reading the catalogue for unknown ids failed: %s", err)
+                return False
+            self.refresh_known_ids(users, items)
+            return True
 
     def refresh_known_ids(
         self, known_users: Iterable[int] | np.ndarray | None, known_items: Iterable[int] | np.ndarray | None

@@ -268,6 +268,17 @@ def test_unreadable_watermarks_mean_a_full_re_export_not_a_failure(store: DataSt
     assert log_.prune(retain_days=1, now=NOW).deleted == 0
 
 
+def test_users_and_items_ingested_after_start_are_accepted_without_a_restart(store: DataStore) -> None:
+    fresh = EventLog.open(store.layout.root, catalogue_refresh_s=0.0)
+    slow = EventLog.open(store.layout.root)  # default: at most one re-read a minute
+    assert fresh.append([ev("n1", user=999, item=100)]).unknown_user_ids == (999,)
+    store.upsert_users(pd.DataFrame({"user_id": [999], "signup_at": [NOW]}))  # ingested meanwhile
+    assert slow.append([ev("n1", user=999, item=100)]).unknown_user_ids == (999,)  # not re-read yet
+    out = fresh.append([ev("n1", user=999, item=100), ev("n2", user=999, item=10**9)])
+    assert out.unknown_item_ids == (10**9,) and out.stored == 0  # still all or nothing
+    assert fresh.append([ev("n1", user=999, item=100)]).stored == 1
+
+
 def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time
     log.append([ev("fine"), ev("ghost", user=4242)])

@@ -227,6 +227,23 @@ def _unknown(known: np.ndarray | None, ids: Sequence[int]) -> list[int]:
     return missing + huge
 
 
+def _export_now(records: list[dict[str, Any]], now: datetime | None) -> datetime:
+    """The contract's "now" for exporting ``records``: the latest receipt time if it is later.
+
+    The API accepted each event up to five minutes ahead of the receiving gateway's clock; an
+    exporter whose clock is behind that gateway's must not quarantine what was acknowledged.
+    """
+    ref = now or datetime.now(UTC)
+    for rec in records:
+        try:
+            got = datetime.fromisoformat(str(rec.get("received_at")))
+        except ValueError:
+            continue
+        if got.tzinfo is not None and got > ref:
+            ref = got
+    return ref
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a directory entry (a new file's name) durable; a no-op where unsupported."""
     try:
@@ -670,7 +687,7 @@ class EventLog:
         dups = before - len(frame)
         users = store.users()["user_id"].to_numpy(dtype=np.int64)
         items = store.items()["item_id"].to_numpy(dtype=np.int64)
-        result = validate_events(frame, users, items, source=str(self.root), now=now)
+        result = validate_events(frame, users, items, source=str(self.root), now=_export_now(records, now))
         appended = store.append_events(result.valid) if len(result.valid) else None
         qpath: str | None = None
         quarantine = result.quarantined

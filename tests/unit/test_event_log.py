@@ -279,6 +279,14 @@ def test_users_and_items_ingested_after_start_are_accepted_without_a_restart(sto
     assert fresh.append([ev("n1", user=999, item=100)]).stored == 1
 
 
+def test_an_exporter_whose_clock_is_behind_quarantines_nothing_the_api_accepted(store: DataStore) -> None:
+    log_ = EventLog.open(store.layout.root)
+    ahead = ev("s1", timestamp=NOW + timedelta(minutes=4))  # the API allows 5 minutes of skew
+    assert log_.append([ahead], received_at=NOW).stored == 1
+    res = log_.export_to_store(store, now=NOW - timedelta(minutes=2))  # the exporter's clock lags
+    assert (res.added, res.quarantined) == (1, 0)
+
+
 def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time
     log.append([ev("fine"), ev("ghost", user=4242)])

@@ -52,12 +52,41 @@ from deployments.runtime import (
 )
 from streamrec.api_models import RecommendRequest
 from streamrec.data.store import DataStore
+from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError, ServingError
 from streamrec.serving.gateway import merge_replica_status
 from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger("streamrec.deployments")
 
 _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}
+
+
+#: A prepared reload older than this is abandoned: its gateway died between the two phases.
+_RELOAD_STALE_S = 600.0
+
+
+def _claim_reload(since: dict[str, float], token: str, *pending: dict[str, Any]) -> None:
+    """Mark ``token`` as this replica's reload in progress, or refuse a second one.
+
+    One at a time: a prepared reload holds a whole bundle in memory until its commit or abort.
+    Entries of a reload older than :data:`_RELOAD_STALE_S` are dropped first.
+
+    Raises:
+        ServingError: another reload is in progress on this replica.
+    """
+    now = time.monotonic()
+    for other, t0 in list(since.items()):
+        if other != token and now - t0 > _RELOAD_STALE_S:
+            log.warning("dropping reload %s, prepared %.0fs ago and never committed", other, now - t0)
+            since.pop(other)
+            for d in pending:
+                d.pop(other, None)
+    busy = [t for t in since if t != token]
+    if busy:
+        raise ServingError(
+            f"another reload ({busy[0][:8]}) is in progress on this replica; retry when it ends"
+        )
+    since[token] = now
 
 
 class _StageHost:
@@ -70,6 +99,7 @@ class _StageHost:
         self._args = ServeArgs.parse(args)
         self._loaded = load_stages(self._args)
         self._pending: dict[str, LoadedStages] = {}
+        self._pending_since: dict[str, float] = {}
         settle_heap()
 
     @property
@@ -84,14 +114,25 @@ class _StageHost:
             return self._args.model_copy(update={"stages": "recommender"})
         return self._args
 
-    async def prepare_reload(self, token: str) -> dict[str, Any]:
-        """Phase 1: build fresh stages off the event loop and keep them pending under ``token``."""
-        loaded = await asyncio.to_thread(load_stages, self._reload_args())
+    async def prepare_reload(self, token: str, version: int | None = None) -> dict[str, Any]:
+        """Phase 1: build fresh stages (of ``version``) off the event loop, pending under ``token``.
+
+        Raises:
+            ServingError: another reload is in progress on this replica (one at a time: each
+                holds a whole bundle in memory until it commits or aborts).
+        """
+        _claim_reload(self._pending_since, token, self._pending)
+        try:
+            loaded = await asyncio.to_thread(load_stages, self._reload_args(), version)
+        except BaseException:
+            self._pending_since.pop(token, None)
+            raise
         self._pending[token] = loaded
         return loaded.describe()
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2: swap the pending stages in (one attribute assignment)."""
+        self._pending_since.pop(token, None)
         loaded = self._pending.pop(token, None)
         if loaded is not None:
             self._loaded = loaded
@@ -100,6 +141,7 @@ class _StageHost:
 
     async def abort_reload(self, token: str) -> None:
         """Drop the pending stages of ``token``."""
+        self._pending_since.pop(token, None)
         self._pending.pop(token, None)
 
     async def describe(self) -> dict[str, Any]:
@@ -256,6 +298,8 @@ class Gateway:
         self._source_names: tuple[str, ...] | None = None
         self._pending: dict[str, tuple[LoadedStages | None, LoadedStages | None]] = {}
         self._pending_ids: dict[str, tuple[Any, Any]] = {}
+        self._pending_since: dict[str, float] = {}
+        self._reload_lock = asyncio.Lock()  # the watcher and POST /v1/admin/reload take turns
         self._events: Any = None
         self._sources = SourceThreads(self._args.source_threads)  # used by the fused path only
         if not self._cluster:
@@ -274,8 +318,7 @@ class Gateway:
             self._args.watch_champion_s > 0
             and self._args.stages in ("auto", "recommender")
             and not self._args.factory
-            and _replica_rank() == 0  # one watcher per deployment: its reload reaches every replica
-        ):
+        ):  # on every replica; only the one ranked 0 at each poll acts (one reload reaches all)
             self._watcher = asyncio.get_running_loop().create_task(self._watch_champion())
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -295,8 +338,10 @@ class Gateway:
         """In-process popularity stages as the last level (None when pointless or disabled)."""
         if not self._args.fallback or self._args.stages == "noop":
             return None
-        if self._local is not None and self._local.kind == "popularity":
-            return None  # the primary already is popularity, in-process
+        if self._local is not None and self._local.kind == "popularity" and self._args.stages == "popularity":
+            return None  # the primary is popularity for good, in-process: nothing to fall back to
+        # With ``auto`` a popularity primary (no model yet) becomes the recommender at the first
+        # promotion's reload, which must find its fallback level (and deadline, breaker) in place.
         return load_stages(self._args.model_copy(update={"stages": "popularity", "factory": None}))
 
     async def _primary(self) -> tuple[Call, tuple[str, ...]]:
@@ -361,21 +406,31 @@ class Gateway:
         return out
 
     # ------------------------------------------------------------------ reload (two-phase)
-    async def prepare_reload(self, token: str) -> dict[str, Any]:
-        """Phase 1 on this gateway replica: fresh local stages (fused) and fallback."""
-        local = None
-        if self._local is not None:
-            reload_args = self._args
-            if self._local.kind == "recommender" and self._args.stages == "auto":
-                reload_args = self._args.model_copy(update={"stages": "recommender"})
-            local = await asyncio.to_thread(load_stages, reload_args)
-        fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
-        self._pending_ids[token] = await asyncio.to_thread(self._catalogue_ids)
+    async def prepare_reload(self, token: str, version: int | None = None) -> dict[str, Any]:
+        """Phase 1 on this gateway replica: fresh local stages (fused; of ``version``) and fallback.
+
+        Raises:
+            ServingError: another reload is in progress on this replica.
+        """
+        _claim_reload(self._pending_since, token, self._pending, self._pending_ids)
+        try:
+            local = None
+            if self._local is not None:
+                reload_args = self._args
+                if self._local.kind == "recommender" and self._args.stages == "auto":
+                    reload_args = self._args.model_copy(update={"stages": "recommender"})
+                local = await asyncio.to_thread(load_stages, reload_args, version)
+            fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
+            self._pending_ids[token] = await asyncio.to_thread(self._catalogue_ids)
+        except BaseException:
+            self._pending_since.pop(token, None)
+            raise
         self._pending[token] = (local, fallback)
         return local.describe() if local else {"fallback": fallback.describe() if fallback else None}
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2 on this gateway replica: swap (attribute assignments only)."""
+        self._pending_since.pop(token, None)
         local, fallback = self._pending.pop(token, (None, None))
         ids = self._pending_ids.pop(token, None)
         if ids is not None and getattr(self, "_events", None) is not None:
@@ -391,6 +446,7 @@ class Gateway:
 
     async def abort_reload(self, token: str) -> None:
         """Drop what phase 1 prepared under ``token``."""
+        self._pending_since.pop(token, None)
         self._pending.pop(token, None)
         self._pending_ids.pop(token, None)
 
@@ -399,14 +455,23 @@ class Gateway:
         return store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy()
 
     async def _watch_champion(self) -> None:
-        """Hot-reload when the registry's champion alias moves (promotion or rollback)."""
+        """Hot-reload when the registry's champion alias moves (promotion or rollback).
+
+        Every gateway replica runs the loop, but only the one ranked 0 *now* acts (Serve
+        re-ranks replicas after a scale-down). A version whose bundle is refused is not tried
+        again until the alias moves; any other failure (registry unreachable, another reload in
+        progress) is retried with a growing pause.
+        """
         seen: int | None = None
         try:
             seen = await asyncio.to_thread(champion_version, self._args.data_dir)
         except Exception as err:  # no registry yet: the first promotion will be picked up
             log.info("champion watcher: registry not readable yet (%s)", err)
+        retry_at, failures = 0.0, 0
         while True:
             await asyncio.sleep(self._args.watch_champion_s)
+            if _replica_rank() != 0 or time.monotonic() < retry_at:
+                continue
             try:
                 latest = await asyncio.to_thread(champion_version, self._args.data_dir)
             except Exception as err:
@@ -416,29 +481,57 @@ class Gateway:
                 continue
             log.info("champion moved from %s to %s: hot reload", seen, latest)
             try:
-                await self._reload()
-            except Exception as err:  # a bad bundle is refused; the current one keeps serving
-                log.error("hot reload to champion v%s refused: %s", latest, err)
-            seen = latest  # never retry the same version on every poll
+                await self._reload(latest)
+            except (CorruptCheckpointError, ModelError, ConfigError) as err:
+                log.error(
+                    "hot reload to champion v%s refused, the current model keeps serving: %s", latest, err
+                )
+            except Exception as err:
+                failures += 1
+                pause = min(self._args.watch_champion_s * 2**failures, 1800.0)
+                retry_at = time.monotonic() + pause
+                log.warning("hot reload to champion v%s failed (%s); retrying in %.0fs", latest, err, pause)
+                continue
+            seen, failures = latest, 0  # done, or refused for good: never retried on every poll
 
-    async def _reload(self) -> dict[str, Any]:
+    async def _reload(self, version: int | None = None) -> dict[str, Any]:
+        """Two-phase reload of every replica holding stages, all to one registry version.
+
+        ``version`` defaults to the champion's, read once here: replicas that each read the
+        alias could load different versions if it moved during the reload.
+        """
+        async with self._reload_lock:
+            if version is None and self._args.stages in ("auto", "recommender") and not self._args.factory:
+                version = await asyncio.to_thread(champion_version, self._args.data_dir)
+            return await self._two_phase(version)
+
+    async def _two_phase(self, version: int | None) -> dict[str, Any]:
         ctx = serve.get_replica_context()
         own = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
         holders = [own] + [h for h in (self._features, self._retriever, self._ranker, self._reranker) if h]
         token = uuid.uuid4().hex
         t0 = time.perf_counter()
-        outcomes = await asyncio.gather(
-            *(h.broadcast("prepare_reload", token).results_async() for h in holders), return_exceptions=True
-        )
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors:
+
+        async def abort() -> None:
             await asyncio.gather(
                 *(h.broadcast("abort_reload", token).results_async() for h in holders), return_exceptions=True
             )
+
+        try:
+            outcomes = await asyncio.gather(
+                *(h.broadcast("prepare_reload", token, version).results_async() for h in holders),
+                return_exceptions=True,
+            )
+        except BaseException:  # cancelled (the admin client went away): free what was prepared
+            await asyncio.shield(abort())
+            raise
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            await asyncio.shield(abort())
             raise errors[0]
         prepared = [o for o in outcomes if not isinstance(o, BaseException)]
-        committed = await asyncio.gather(
-            *(h.broadcast("commit_reload", token).results_async() for h in holders)
+        committed = await asyncio.shield(
+            asyncio.gather(*(h.broadcast("commit_reload", token).results_async() for h in holders))
         )
         replicas = sum(len(r) for r in committed)
         log.info("reload %s committed on %d replicas in %.2fs", token, replicas, time.perf_counter() - t0)

@@ -80,8 +80,8 @@ class ServeArgs(StrictModel):
         factory_kwargs: Keyword arguments of the recommender factory.
         popularity: Keyword arguments of ``PopularityStages.from_data_dir`` (``window_days``...).
         noop_sources: Source names of the no-op stages (match the real topology's sources).
-        fallback: Keep an in-process popularity level as the last fallback (ignored when the
-            primary stages are popularity in the fused composition: nothing to fall back to).
+        fallback: Keep an in-process popularity level as the last fallback (ignored when
+            ``stages: popularity`` in the fused composition: nothing to fall back to).
         source_timeout_ms: Deadline of each retrieval source.
         resilience: Request budget, per-level timeouts and circuit breaker of the primary level.
         auth: API keys (``STREAMREC_API_KEY`` is read in the replica).
@@ -194,8 +194,11 @@ def _popularity(args: ServeArgs) -> Stages:
     return PopularityStages.from_data_dir(args.data_dir, **args.popularity)
 
 
-def load_stages(args: ServeArgs) -> LoadedStages:
+def load_stages(args: ServeArgs, version: int | None = None) -> LoadedStages:
     """Build the stages object chosen by ``args`` (runs in each replica; may take seconds).
+
+    ``version`` pins the trained recommender to that registry version (a hot reload's) instead
+    of whatever the ``champion`` alias names when this replica gets to it.
 
     ``auto`` tries the trained recommender (imported lazily: it may not exist yet) and falls back
     to popularity with a logged warning when the module or a trained bundle is missing.
@@ -216,7 +219,8 @@ def load_stages(args: ServeArgs) -> LoadedStages:
         return LoadedStages(_popularity(args), "popularity", load_seconds=time.perf_counter() - t0)
     try:
         factory = import_object(RECOMMENDER_FACTORY)
-        stages = factory(args.data_dir, **{"rerank": args.rerank, **args.factory_kwargs})
+        pinned = {} if version is None else {"version": version}
+        stages = factory(args.data_dir, **{"rerank": args.rerank, **pinned, **args.factory_kwargs})
         return LoadedStages(stages, "recommender", load_seconds=time.perf_counter() - t0)
     except ModuleNotFoundError as err:
         if args.stages == "recommender":

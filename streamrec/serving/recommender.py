@@ -283,8 +283,12 @@ def build_stages(
     trending_days: int = 7,
     device: str = "cpu",
     rerank: ReRankConfig | dict[str, Any] | None = None,
+    version: int | None = None,
 ) -> RecommenderStages:
-    """Load the model behind ``alias`` (or an explicit ``bundle`` directory) for serving.
+    """Load a registered model for serving: ``alias``'s, a pinned ``version``, or a ``bundle`` dir.
+
+    A hot reload pins ``version``: the gateway reads the alias once and every replica loads
+    that version, even if the alias moves while they load.
 
     ``rerank`` sets the re-ranking rules (a :class:`ReRankConfig` or its dict form; defaults
     when omitted): the Serve config's ``args.rerank``.
@@ -304,15 +308,15 @@ def build_stages(
     serving_threads(1)  # one thread per replica wins under concurrency on small CPUs
     root = resolve_data_dir(data_dir)
     if bundle is not None:
-        path, version = Path(bundle), Path(bundle).name
+        path, label = Path(bundle), Path(bundle).name
     else:
         reg = ModelRegistry(data_dir=root)
-        info = reg.get(alias)
+        info = reg.get_version(version) if version is not None else reg.get(alias)
         if info is None:
             raise ModelError(
                 f"no model has the '{alias}' alias in the registry of {root}: run `streamrec train`"
             )
-        path, version = reg.download(info.version), f"v{info.version}"
+        path, label = reg.download(info.version), f"v{info.version}"
     b = LoadedBundle(path, device=device)
     fc = FeatureClient(root, online=online)
     table = align_table(fc.item_table(), b.item_ids, b.vocab)
@@ -331,6 +335,6 @@ def build_stages(
     items = store.items().set_index("item_id")
     titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
     titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None
-    stages = RecommenderStages(funnel, fc, version, _load_batch(root, version), titles)
-    log.info("loaded model %s from %s (%d items, %d users)", version, path, len(table), len(models.users))
+    stages = RecommenderStages(funnel, fc, label, _load_batch(root, label), titles)
+    log.info("loaded model %s from %s (%d items, %d users)", label, path, len(table), len(models.users))
     return stages

@@ -792,3 +792,20 @@ def test_admin_status_merges_replicas_counters_summed_flags_all_others_listed() 
     assert out["events"]["balanced"] is False  # holds only if it holds on every replica
     assert out["events"]["segment"] == ["seg-a", "seg-b"]
     assert merge_replica_status([a]) == {**a, "replicas": 1}
+
+
+def test_one_reload_at_a_time_per_replica_and_abandoned_ones_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deployments.app as app
+
+    clock = [1000.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
+    since: dict[str, float] = {}
+    pending: dict[str, object] = {}
+    app._claim_reload(since, "a", pending)
+    pending["a"] = object()  # a prepared bundle
+    app._claim_reload(since, "a", pending)  # the same reload again: fine
+    with pytest.raises(ServingError, match="another reload"):
+        app._claim_reload(since, "b", pending)
+    clock[0] += app._RELOAD_STALE_S + 1  # "a"'s gateway died between prepare and commit
+    app._claim_reload(since, "b", pending)
+    assert set(since) == {"b"} and "a" not in pending

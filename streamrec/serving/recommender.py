@@ -25,7 +25,7 @@ import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
-from streamrec.errors import ModelError, OnlineStoreUnavailableError
+from streamrec.errors import ModelError, OnlineStoreUnavailableError, ServingError
 from streamrec.reranking.config import ReRankConfig
 from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
 from streamrec.serving.stages import Candidates, UserContext
@@ -114,20 +114,43 @@ class RecommenderStages:
             unknown_exclude_ids=fctx.unknown_exclude_ids,
             degraded=[degraded] if degraded else [],
             state=fctx,
+            model_version=self.model_version,
         )
+
+    def _same_model(self, ctx: UserContext) -> FunnelContext:
+        """The context's state, if this model version built it.
+
+        In the cluster composition each stage is its own replica; during a reload's commit, or
+        when a replica started on another version, a request can meet stages of two versions.
+        Item rows and vectors differ between versions, so that must fail (the gateway then
+        answers from its fallback level) rather than return the wrong items.
+
+        Raises:
+            ServingError: the context comes from another model version.
+        """
+        if ctx.model_version != self.model_version:
+            raise ServingError(
+                f"this stage serves model {self.model_version} but the request's context was built by "
+                f"model {ctx.model_version or '(none)'}: replicas on different versions (a reload in "
+                "progress, or a replica started on another version)"
+            )
+        state: FunnelContext = ctx.state
+        return state
 
     def retrieve(self, source: str, ctx: UserContext) -> Candidates:
         """Candidates of one retrieval source."""
-        items, scores = self.funnel.retrieve(source, ctx.state)
+        items, scores = self.funnel.retrieve(source, self._same_model(ctx))
         return Candidates(items, scores, [[source]] * int(items.size))
 
     def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
         """Union with agreement bonus; carries the per-source scores for the ranker."""
+        self._same_model(ctx)
         merged, src = self.funnel.merge({n: (c.items, c.scores) for n, c in parts.items()})
         return Candidates(merged.items, merged.scores, merged.provenance(), features=src)
 
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
         """DCN-V2 over the candidates; ordered by retrieval score if the ranker fails."""
+        self._same_model(ctx)  # (the batched path's merge has checked each request)
         return self.rank_batch([ctx], [candidates])[0]
 
     def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
@@ -197,7 +220,7 @@ class RecommenderStages:
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
         """Business rules, then the response (batch fallback when retrieval found nothing)."""
         f = self.funnel
-        fctx: FunnelContext = ctx.state
+        fctx = self._same_model(ctx)
         degraded = [*ctx.degraded, *ranked.degraded]
         if len(ranked):
             res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)

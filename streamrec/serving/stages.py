@@ -48,6 +48,8 @@ class UserContext:
         degraded: Reasons the context is degraded (e.g. ``stale_features``), empty when healthy.
         state: Stage-private state computed once by ``user_context`` and carried to the later
             stages (e.g. the trained recommender's query vectors); opaque to compositions.
+        model_version: The model version that built ``state`` (its item rows and vectors mean
+            nothing to another version's stages); empty when the stages have no model.
     """
 
     user_id: int
@@ -61,6 +63,7 @@ class UserContext:
     unknown_exclude_ids: int = 0
     degraded: list[str] = field(default_factory=list)
     state: Any = None
+    model_version: str = ""
 
 
 @dataclass

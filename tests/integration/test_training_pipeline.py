@@ -242,6 +242,30 @@ def test_rank_batch_scores_several_requests_in_one_pass(
         assert out[i].degraded == []
 
 
+def test_stages_of_another_model_version_refuse_the_context(trained: tuple[Path, dict[str, Any]]) -> None:
+    """Cluster replicas on two versions (mid-reload, or a replica started on another version):
+    a later stage refuses the other version's context (the gateway falls back) instead of
+    reading its item rows as its own."""
+    from streamrec.errors import ServingError
+    from streamrec.serving.recommender import build_stages
+
+    old = build_stages(trained[0])
+    new = build_stages(trained[0])
+    new.model_version = "v2"  # as if the champion had moved and this replica reloaded
+    ctx = old.user_context(RecommendRequest(user_id=int(old.funnel.models.users.raw_ids[0]), k=10))
+    assert ctx.model_version == "v1"
+    parts = {s: old.retrieve(s, ctx) for s in old.source_names}
+    merged = old.merge(ctx, parts)
+    for call in (
+        lambda: new.retrieve("two_tower", ctx),
+        lambda: new.merge(ctx, parts),
+        lambda: new.rank(ctx, merged),
+        lambda: new.rerank(ctx, old.rank(ctx, merged)),
+    ):
+        with pytest.raises(ServingError, match="different versions"):
+            call()
+
+
 def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, Any]]) -> None:
     """The API takes any non-negative integer id; one beyond int64 is an unknown user (cold start)
     or an unknown exclude id (ignored, counted), never a failure that sends the request to the

@@ -248,17 +248,21 @@ class EventsRequest(ApiModel):
 
 
 class EventsResponse(ApiModel):
-    """Body returned by ``POST /events``.
+    """Body returned by ``POST /v1/events``.
 
     Attributes:
         accepted: Events that passed validation.
         stored: Events newly written (accepted minus duplicates).
         duplicates: Events whose ``event_id`` had been seen before (not written again).
+        push_failed: Stored events the streaming-features push did not take (the sink failed or
+            its circuit breaker is open). They are durable in the log and reach training at the
+            next export; the online features miss them.
     """
 
     accepted: int = Field(ge=0)
     stored: int = Field(ge=0)
     duplicates: int = Field(ge=0)
+    push_failed: int = Field(default=0, ge=0)
 
 
 # ------------------------------------------------------------------------------------- errors

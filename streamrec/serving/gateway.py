@@ -423,7 +423,12 @@ def create_app(
                 "unknown_item_ids": list(outcome.unknown_item_ids),
             }
             return _error(422, "unknown_ids", detail, rid)
-        body = EventsResponse(accepted=outcome.received, stored=outcome.stored, duplicates=outcome.duplicates)
+        body = EventsResponse(
+            accepted=outcome.received,
+            stored=outcome.stored,
+            duplicates=outcome.duplicates,
+            push_failed=outcome.push_failed,
+        )
         return Response(body.model_dump_json(), media_type=_JSON)
 
     @app.post("/v1/admin/reload", responses=error_responses, summary="Reload the model", tags=["admin"])

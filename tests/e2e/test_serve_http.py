@@ -136,7 +136,12 @@ def test_events_logged_durably_deduplicated_and_unknown_ids_named(served: Served
     }
     with served.client() as c:
         r = c.post(f"/{composition}/v1/events", json=batch, headers=h)
-        assert r.status_code == 200 and r.json() == {"accepted": 2, "stored": 2, "duplicates": 0}
+        assert r.status_code == 200 and r.json() == {
+            "accepted": 2,
+            "stored": 2,
+            "duplicates": 0,
+            "push_failed": 0,
+        }
         assert c.post(f"/{composition}/v1/events", json=batch, headers=h).json()["duplicates"] == 2
         bad = {"events": [{"user_id": 99_999_999, "item_id": 88_888_888, "event_type": "view"}]}
         r = c.post(f"/{composition}/v1/events", json=bad, headers=h)

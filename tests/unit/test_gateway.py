@@ -362,9 +362,14 @@ def test_events_are_stored_once_and_counted(world: Path, tmp_path: Path) -> None
     )
     with c:
         r = c.post("/v1/events", json=body, headers={"X-API-Key": WRITE})
-        assert r.status_code == 200 and r.json() == {"accepted": 2, "stored": 2, "duplicates": 0}
+        assert r.status_code == 200 and r.json() == {
+            "accepted": 2,
+            "stored": 2,
+            "duplicates": 0,
+            "push_failed": 0,
+        }
         r = c.post("/v1/events", json=body, headers={"X-API-Key": WRITE})
-        assert r.json() == {"accepted": 2, "stored": 0, "duplicates": 2}
+        assert r.json() == {"accepted": 2, "stored": 0, "duplicates": 2, "push_failed": 0}
     assert log.stats.balanced() and log.stats.stored == 2
 
 
@@ -809,3 +814,31 @@ def test_one_reload_at_a_time_per_replica_and_abandoned_ones_expire(monkeypatch:
     clock[0] += app._RELOAD_STALE_S + 1  # "a"'s gateway died between prepare and commit
     app._claim_reload(since, "b", pending)
     assert set(since) == {"b"} and "a" not in pending
+
+
+def test_the_events_answer_says_how_many_the_streaming_push_missed(world: Path, tmp_path: Path) -> None:
+    c, events, _ = make_client(world, tmp_path)
+
+    def sink_down(records: list[dict[str, Any]]) -> None:
+        raise ConnectionError("online store down (injected)")
+
+    events.sink = sink_down
+    with c:
+        r = c.post(
+            "/v1/events",
+            json=events_body({"event_id": "p1", "user_id": 1, "item_id": 100}),
+            headers={"X-API-Key": WRITE},
+        )
+        assert r.status_code == 200 and r.json() == {
+            "accepted": 1,
+            "stored": 1,
+            "duplicates": 0,
+            "push_failed": 1,
+        }
+        events.sink = lambda records: None  # back up: a new event is pushed, the old one stays logged
+        r = c.post(
+            "/v1/events",
+            json=events_body({"event_id": "p2", "user_id": 1, "item_id": 100}),
+            headers={"X-API-Key": WRITE},
+        )
+        assert r.json()["push_failed"] == 0 and events.snapshot()["push_failed"] == 1

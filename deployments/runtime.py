@@ -221,6 +221,9 @@ def load_stages(args: ServeArgs, version: int | None = None) -> LoadedStages:
         factory = import_object(RECOMMENDER_FACTORY)
         pinned = {} if version is None else {"version": version}
         stages = factory(args.data_dir, **{"rerank": args.rerank, **pinned, **args.factory_kwargs})
+        check = getattr(stages, "self_check", None)
+        if callable(check):
+            check()  # a bundle that loads but cannot answer a request must not serve
         return LoadedStages(stages, "recommender", load_seconds=time.perf_counter() - t0)
     except ModuleNotFoundError as err:
         if args.stages == "recommender":

@@ -75,6 +75,35 @@ class RecommenderStages:
             "rerank": self.funnel.reranker.config.model_dump(),
         }
 
+    def self_check(self) -> None:
+        """Serve one known user and one unknown user in-process; raise unless both are ``full``.
+
+        A bundle can load (files verify, shapes read) and still fail on a real request: a
+        ranker whose inputs do not match, an index of the wrong width. Loading (and every hot
+        reload's prepare) runs this first, so such a bundle is refused before it serves.
+
+        Raises:
+            ModelError: a stage raised, or a request degraded or came back empty.
+        """
+        known = self.funnel.models.users.raw_ids
+        users = [int(known[0]), int(known.max()) + 1] if len(known) else [0]  # a known one, a new one
+        for user_id in users:
+            request = RecommendRequest(user_id=user_id, k=10)
+            try:
+                ctx = self.user_context(request)
+                parts = {s: self.retrieve(s, ctx) for s in self.source_names}
+                out = self.rerank(ctx, self.rank(ctx, self.merge(ctx, parts)))
+            except Exception as err:
+                raise ModelError(
+                    f"model {self.model_version} failed a test request for user {user_id}: {err}"
+                ) from err
+            level = out.metadata.degradation_level
+            if level not in ("full", "stale_features") or not out.items:
+                raise ModelError(
+                    f"model {self.model_version} answered a test request for user {user_id} with "
+                    f"{len(out.items)} items at level '{level}' (expected 'full')"
+                )
+
     # ------------------------------------------------------------------ stages
     def _user_features(self, user_id: int) -> tuple[dict[str, Any], str | None]:
         if self.features is None:

@@ -266,6 +266,27 @@ def test_stages_of_another_model_version_refuse_the_context(trained: tuple[Path,
             call()
 
 
+def test_a_bundle_that_loads_but_cannot_answer_is_refused(
+    trained: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading (at start and in every reload's prepare) serves a test request first."""
+    from deployments.runtime import ServeArgs, load_stages
+    from streamrec.errors import ModelError
+    from streamrec.models.scoring import RankerScorer
+
+    d = str(trained[0])
+    assert load_stages(ServeArgs.parse({"data_dir": d, "stages": "recommender"})).kind == "recommender"
+
+    def broken(self: Any, dense: Any, sparse: Any) -> Any:
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (injected)")
+
+    monkeypatch.setattr(RankerScorer, "score", broken)
+    with pytest.raises(ModelError, match="simple_ranking"):
+        load_stages(ServeArgs.parse({"data_dir": d, "stages": "recommender"}))
+    auto = load_stages(ServeArgs.parse({"data_dir": d, "stages": "auto"}))
+    assert auto.kind == "popularity" and "simple_ranking" in auto.note
+
+
 def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, Any]]) -> None:
     """The API takes any non-negative integer id; one beyond int64 is an unknown user (cold start)
     or an unknown exclude id (ignored, counted), never a failure that sends the request to the

@@ -240,6 +240,7 @@ def test_events_response_and_error_body() -> None:
         "accepted": 3,
         "stored": 2,
         "duplicates": 1,
+        "push_failed": 0,
     }
     with pytest.raises(ValidationError):
         EventsResponse(accepted=-1, stored=0, duplicates=0)

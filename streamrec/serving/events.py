@@ -514,8 +514,11 @@ class EventLog:
                 os.fsync(self._fh.fileno())
         except OSError:
             # Do not append after a possibly torn write: the next batch starts a fresh segment.
-            # What reached this one was never acknowledged: our catch-up skips it, so the
-            # client's retry is stored again (another replica, or a restart, would count it).
+            # What reached this one was never acknowledged: cut it off again (we still hold the
+            # append lock, so no other replica has read it), or the client's retry would count
+            # as a duplicate there and never reach the streaming features. If even that fails,
+            # our catch-up skips the rest of this segment, so a retry here is stored again.
+            self._truncate_to(self._segment_bytes)
             self._close_segment()
             if self._segment is not None:
                 self._read_upto[self._segment] = _NEVER_REREAD
@@ -523,6 +526,17 @@ class EventLog:
         self._segment_bytes += len(data)
         assert self._segment is not None
         self._read_upto[self._segment] = self._segment_bytes  # our own lines: ids already seen
+
+    def _truncate_to(self, size: int) -> None:
+        """Best effort: cut the current segment back to ``size`` bytes (lock held)."""
+        if self._fh is None:
+            return
+        try:
+            os.ftruncate(self._fh.fileno(), size)
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as err:
+            log.warning("could not cut an unacknowledged write off %s: %s", self._segment, err)
 
     def _catch_up(self, count_corrupt: bool = False) -> None:
         """Add the ids of complete lines appended to any segment since the last call.

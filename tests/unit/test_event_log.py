@@ -173,6 +173,27 @@ def test_write_failure_is_raised_not_acknowledged(store: DataStore, monkeypatch:
     assert log.append([ev("x")]).stored == 1  # the retry succeeds (id was not remembered)
 
 
+def test_a_retry_after_a_failed_write_reaches_the_sink_on_another_replica(
+    store: DataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pushed: list[str] = []
+    a = EventLog.open(store.layout.root, sink=lambda recs: pushed.extend(r["event_id"] for r in recs))
+    b = EventLog.open(store.layout.root, sink=lambda recs: pushed.extend(r["event_id"] for r in recs))
+    assert a.append([ev("kept")]).stored == 1  # acknowledged earlier in the same segment
+
+    def boom(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        a.append([ev("x"), ev("y")])  # the lines are written, the fsync fails: a 503
+    monkeypatch.undo()
+    out = b.append([ev("x"), ev("y")])  # the client's retry lands on the other replica
+    assert (out.stored, out.duplicates) == (2, 0)
+    assert pushed == ["kept", "x", "y"]
+    assert sorted(b.read()["event_id"]) == ["kept", "x", "y"]  # the acknowledged line survived
+
+
 def test_torn_tail_is_ignored_on_reopen(store: DataStore) -> None:
     log = EventLog.open(store.layout.root)
     log.append([ev("a")])

@@ -89,6 +89,19 @@ def _claim_reload(since: dict[str, float], token: str, *pending: dict[str, Any])
     since[token] = now
 
 
+def _still_wanted(since: dict[str, float], token: str) -> None:
+    """After a prepare's load: refuse to keep it if the reload was aborted meanwhile.
+
+    An abort can overtake a prepare that is still loading (the caller was cancelled, or
+    another replica failed first); keeping the result would hold a bundle nobody commits.
+
+    Raises:
+        ServingError: ``token`` was aborted while it loaded.
+    """
+    if token not in since:
+        raise ServingError(f"reload {token[:8]} was aborted while this replica prepared it")
+
+
 class _StageHost:
     """Holds one stages object and implements the two-phase reload protocol."""
 
@@ -127,6 +140,7 @@ class _StageHost:
         except BaseException:
             self._pending_since.pop(token, None)
             raise
+        _still_wanted(self._pending_since, token)
         self._pending[token] = loaded
         return loaded.describe()
 
@@ -421,10 +435,12 @@ class Gateway:
                     reload_args = self._args.model_copy(update={"stages": "recommender"})
                 local = await asyncio.to_thread(load_stages, reload_args, version)
             fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
-            self._pending_ids[token] = await asyncio.to_thread(self._catalogue_ids)
+            ids = await asyncio.to_thread(self._catalogue_ids)
         except BaseException:
             self._pending_since.pop(token, None)
             raise
+        _still_wanted(self._pending_since, token)
+        self._pending_ids[token] = ids
         self._pending[token] = (local, fallback)
         return local.describe() if local else {"fallback": fallback.describe() if fallback else None}
 
@@ -470,12 +486,15 @@ class Gateway:
         retry_at, failures = 0.0, 0
         while True:
             await asyncio.sleep(self._args.watch_champion_s)
-            if _replica_rank() != 0 or time.monotonic() < retry_at:
+            if time.monotonic() < retry_at:
                 continue
             try:
                 latest = await asyncio.to_thread(champion_version, self._args.data_dir)
             except Exception as err:
                 log.warning("champion watcher: registry unreadable (%s); will retry", err)
+                continue
+            if _replica_rank() != 0:  # another replica acts; follow the alias so as not to redo it
+                seen = latest  # when this one becomes rank 0 (after a scale-down)
                 continue
             if latest is None or latest == seen:
                 continue
@@ -487,7 +506,7 @@ class Gateway:
                     "hot reload to champion v%s refused, the current model keeps serving: %s", latest, err
                 )
             except Exception as err:
-                failures += 1
+                failures = min(failures + 1, 16)  # (2**16 polls is far past the 30 min cap)
                 pause = min(self._args.watch_champion_s * 2**failures, 1800.0)
                 retry_at = time.monotonic() + pause
                 log.warning("hot reload to champion v%s failed (%s); retrying in %.0fs", latest, err, pause)

@@ -77,3 +77,10 @@ class PromotionRefusedError(RegistryError):
 
 class ServingError(StreamRecError):
     """A serving stage failed in a way that the fallback chain should handle."""
+
+
+class StageVersionMismatchError(ServingError):
+    """A request met stages of two model versions (cluster replicas mid-reload or out of step).
+
+    Never a missing retrieval source: the whole request goes to the fallback level.
+    """

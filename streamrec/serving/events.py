@@ -404,7 +404,8 @@ class EventLog:
         n = len(events)
         bad_users = _unknown(self.known_users, [e.user_id for e in events])
         bad_items = _unknown(self.known_items, [e.item_id for e in events])
-        if (bad_users or bad_items) and self._refresh_catalogue():
+        if bad_users or bad_items:
+            self._refresh_catalogue()  # (or another thread just did: check the current sets again)
             bad_users = _unknown(self.known_users, bad_users)
             bad_items = _unknown(self.known_items, bad_items)
         if bad_users or bad_items:
@@ -518,8 +519,8 @@ class EventLog:
             # append lock, so no other replica has read it), or the client's retry would count
             # as a duplicate there and never reach the streaming features. If even that fails,
             # our catch-up skips the rest of this segment, so a retry here is stored again.
+            self._close_segment()  # (its buffer may still hold the bytes: let the close try them)
             self._truncate_to(self._segment_bytes)
-            self._close_segment()
             if self._segment is not None:
                 self._read_upto[self._segment] = _NEVER_REREAD
             raise
@@ -528,13 +529,17 @@ class EventLog:
         self._read_upto[self._segment] = self._segment_bytes  # our own lines: ids already seen
 
     def _truncate_to(self, size: int) -> None:
-        """Best effort: cut the current segment back to ``size`` bytes (lock held)."""
-        if self._fh is None:
+        """Best effort: cut the closed current segment back to ``size`` bytes (lock held)."""
+        if self._segment is None:
             return
         try:
-            os.ftruncate(self._fh.fileno(), size)
-            if self.fsync:
-                os.fsync(self._fh.fileno())
+            fd = os.open(self._segment, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, size)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as err:
             log.warning("could not cut an unacknowledged write off %s: %s", self._segment, err)
 
@@ -592,7 +597,7 @@ class EventLog:
         self.close()
 
     def _refresh_catalogue(self) -> bool:
-        """Re-read the known ids if the catalogue may have grown since; True when it was re-read."""
+        """Re-read the known ids unless that was done recently; True when it was re-read now."""
         if self._catalogue is None:
             return False
         with self._catalogue_lock:  # one re-read at a time; the others wait for its result

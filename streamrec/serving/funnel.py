@@ -169,10 +169,15 @@ class Funnel:
         recent = np.asarray([] if raw_recent is None else raw_recent, dtype=np.int64).ravel()
         history = self.table.index_of(recent) if recent.size else np.empty(0, np.int64)
         history = history[history >= 0][: self.settings.history_length]
-        raw_excl = np.asarray(exclude_ids, dtype=object).ravel().tolist()
-        excl = np.asarray([i for i in raw_excl if storable_id(i)], dtype=np.int64)
+        try:
+            excl = np.asarray(exclude_ids, dtype=np.int64).ravel()
+            beyond_int64 = 0
+        except OverflowError:  # the slow path only for ids no catalogue can hold
+            raw = np.asarray(exclude_ids, dtype=object).ravel().tolist()
+            excl = np.asarray([i for i in raw if storable_id(i)], dtype=np.int64)
+            beyond_int64 = len(raw) - excl.size
         excl_rows = self.table.index_of(excl) if excl.size else np.empty(0, np.int64)
-        unknown = int((excl_rows < 0).sum()) + len(raw_excl) - excl.size
+        unknown = int((excl_rows < 0).sum()) + beyond_int64
         excl_rows = excl_rows[excl_rows >= 0]
         udense = user_dense_matrix(features)
         prefs = category_pref_matrix([features.get("category_prefs")], len(self.table.category_vocab))

@@ -39,7 +39,7 @@ from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.data.schema import storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import DataNotFoundError
-from streamrec.serving.stages import Candidates, UserContext
+from streamrec.serving.stages import Candidates, UserContext, check_context_version
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,7 @@ class PopularityStages:
         Raises:
             KeyError: ``source`` is not ``popularity``.
         """
+        check_context_version("", ctx)  # a trained model's context means other rows
         if source != SOURCE:
             raise KeyError(f"unknown retrieval source '{source}' (PopularityStages has only '{SOURCE}')")
         need = self.n_candidates
@@ -334,6 +335,7 @@ class PopularityStages:
 
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
         """Order by popularity (ties: catalogue order) and keep ``max(rank_keep, k)``."""
+        check_context_version("", ctx)
         if not len(candidates):
             return candidates
         keep = max(self.rank_keep, ctx.k)
@@ -345,6 +347,7 @@ class PopularityStages:
 
         ``metadata.request_id`` and ``metadata.timings_ms`` are left for the caller to fill.
         """
+        check_context_version("", ctx)
         k = min(ctx.k, len(ranked))
         idx = ranked.items[:k].tolist()
         ids = self.item_ids[ranked.items[:k]].tolist()

@@ -25,10 +25,10 @@ import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
-from streamrec.errors import ModelError, OnlineStoreUnavailableError, ServingError
+from streamrec.errors import CorruptCheckpointError, ModelError, OnlineStoreUnavailableError, StreamRecError
 from streamrec.reranking.config import ReRankConfig
 from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
-from streamrec.serving.stages import Candidates, UserContext
+from streamrec.serving.stages import Candidates, UserContext, check_context_version
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,19 @@ class RecommenderStages:
         }
 
     def self_check(self) -> None:
-        """Serve one known user and one unknown user in-process; raise unless both are ``full``.
+        """Serve a known and a new user in-process; raise unless both answer at ``full``.
 
         A bundle can load (files verify, shapes read) and still fail on a real request: a
         ranker whose inputs do not match, an index of the wrong width. Loading (and every hot
         reload's prepare) runs this first, so such a bundle is refused before it serves.
 
+        ``stale_features`` passes too (the online store may be down at load; that is not the
+        bundle's fault).
+
         Raises:
-            ModelError: a stage raised, or a request degraded or came back empty.
+            ModelError: the model failed on a request, or a request degraded (e.g. to
+                ``simple_ranking``) or came back empty. Failures of the environment (a store,
+                the disk) propagate as they are, so that a reload can be retried.
         """
         known = self.funnel.models.users.raw_ids
         users = [int(known[0]), int(known.max()) + 1] if len(known) else [0]  # a known one, a new one
@@ -93,7 +98,11 @@ class RecommenderStages:
                 ctx = self.user_context(request)
                 parts = {s: self.retrieve(s, ctx) for s in self.source_names}
                 out = self.rerank(ctx, self.rank(ctx, self.merge(ctx, parts)))
-            except Exception as err:
+            except (ModelError, CorruptCheckpointError):
+                raise
+            except (StreamRecError, OSError, MemoryError):
+                raise  # the environment (a store, the disk, memory), not the bundle: retry later
+            except Exception as err:  # the model's own code failed on a real request: the bundle
                 raise ModelError(
                     f"model {self.model_version} failed a test request for user {user_id}: {err}"
                 ) from err
@@ -101,7 +110,7 @@ class RecommenderStages:
             if level not in ("full", "stale_features") or not out.items:
                 raise ModelError(
                     f"model {self.model_version} answered a test request for user {user_id} with "
-                    f"{len(out.items)} items at level '{level}' (expected 'full')"
+                    f"{len(out.items)} items at level '{level}' (expected 'full' or 'stale_features')"
                 )
 
     # ------------------------------------------------------------------ stages
@@ -147,22 +156,8 @@ class RecommenderStages:
         )
 
     def _same_model(self, ctx: UserContext) -> FunnelContext:
-        """The context's state, if this model version built it.
-
-        In the cluster composition each stage is its own replica; during a reload's commit, or
-        when a replica started on another version, a request can meet stages of two versions.
-        Item rows and vectors differ between versions, so that must fail (the gateway then
-        answers from its fallback level) rather than return the wrong items.
-
-        Raises:
-            ServingError: the context comes from another model version.
-        """
-        if ctx.model_version != self.model_version:
-            raise ServingError(
-                f"this stage serves model {self.model_version} but the request's context was built by "
-                f"model {ctx.model_version or '(none)'}: replicas on different versions (a reload in "
-                "progress, or a replica started on another version)"
-            )
+        """The context's state, if this model version built it (:func:`check_context_version`)."""
+        check_context_version(self.model_version, ctx)
         state: FunnelContext = ctx.state
         return state
 
@@ -288,7 +283,10 @@ class RecommenderStages:
         if hit is None:
             return []
         ids, scores = hit
-        drop = set(self.funnel.table.item_ids[np.concatenate([ctx.exclude, ctx.history])].tolist())
+        rows = ctx.exclude
+        if self.funnel.reranker.config.suppress_seen:  # as the re-ranker treats the history
+            rows = np.concatenate([ctx.exclude, ctx.history])
+        drop = set(self.funnel.table.item_ids[rows].tolist())
         out = [
             {"item_id": int(i), "score": float(s), "sources": ["batch"]}
             for i, s in zip(ids, scores, strict=True)

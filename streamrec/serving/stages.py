@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streamrec.errors import StageVersionMismatchError
+
 
 @dataclass
 class UserContext:
@@ -117,6 +119,26 @@ class Stages(Protocol):
         ...
 
 
+def check_context_version(serving: str, ctx: UserContext) -> None:
+    """Refuse a context built by stages of another model version.
+
+    Item rows, vectors and user indices belong to one model version (and the popularity stages'
+    own catalogue, whose contexts carry ``""``). In the cluster composition each stage is its
+    own replica, so a request can meet two versions during a reload's commit or when a replica
+    started on another version; reading one version's rows as another's would return wrong
+    items with a 200.
+
+    Raises:
+        StageVersionMismatchError: ``ctx`` was built by another version than ``serving``.
+    """
+    if ctx.model_version != serving:
+        raise StageVersionMismatchError(
+            f"this stage serves model {serving or '(popularity)'} but the request's context was built "
+            f"by model {ctx.model_version or '(popularity)'}: replicas on different versions (a reload "
+            "in progress, or a replica started on another version)"
+        )
+
+
 async def run_funnel(
     call: Callable[..., Awaitable[Any]],
     request: Any,
@@ -142,6 +164,8 @@ async def run_funnel(
         try:
             result: Candidates = await asyncio.wait_for(call("retrieve", name, ctx), source_timeout_s)
             return result
+        except StageVersionMismatchError:  # not a missing source: this request cannot be served
+            raise
         except Exception:  # a failing source degrades recall, never the request
             return None
 

@@ -10,7 +10,9 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -194,6 +196,34 @@ def test_a_retry_after_a_failed_write_reaches_the_sink_on_another_replica(
     assert sorted(b.read()["event_id"]) == ["kept", "x", "y"]  # the acknowledged line survived
 
 
+def test_a_failed_flush_leaves_nothing_for_the_close_to_write_later(store: DataStore) -> None:
+    a = EventLog.open(store.layout.root)
+    b = EventLog.open(store.layout.root)
+    assert a.append([ev("kept")]).stored == 1
+
+    class FlushFails:  # the buffered file keeps the bytes when flush fails; close writes them
+        def __init__(self, fh: Any) -> None:
+            self.fh = fh
+
+        def write(self, data: bytes) -> int:
+            return int(self.fh.write(data))
+
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+        def fileno(self) -> int:
+            return int(self.fh.fileno())
+
+        def close(self) -> None:
+            self.fh.close()
+
+    a._fh = FlushFails(a._fh)  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        a.append([ev("x")])
+    assert b.append([ev("x")]).stored == 1  # the retry is new on the other replica
+    assert sorted(b.read()["event_id"]) == ["kept", "x"]
+
+
 def test_torn_tail_is_ignored_on_reopen(store: DataStore) -> None:
     log = EventLog.open(store.layout.root)
     log.append([ev("a")])
@@ -306,6 +336,30 @@ def test_an_exporter_whose_clock_is_behind_quarantines_nothing_the_api_accepted(
     assert log_.append([ahead], received_at=NOW).stored == 1
     res = log_.export_to_store(store, now=NOW - timedelta(minutes=2))  # the exporter's clock lags
     assert (res.added, res.quarantined) == (1, 0)
+
+
+def test_a_batch_that_waited_for_another_threads_catalogue_re_read_uses_its_result(store: DataStore) -> None:
+    reading, release = threading.Event(), threading.Event()
+    users = np.asarray(sorted([*USERS, 999]), dtype=np.int64)
+
+    def slow_catalogue() -> tuple[np.ndarray, np.ndarray]:
+        reading.set()
+        release.wait(10)
+        return users, np.asarray(ITEMS, dtype=np.int64)
+
+    log_ = EventLog(store.layout.event_log, USERS, ITEMS, catalogue=slow_catalogue, catalogue_refresh_s=60.0)
+    log_._catalogue_read_at = time.monotonic() - 120  # due for a re-read
+    out: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: out.__setitem__("a", log_.append([ev("w1", user=999)])))
+    first.start()
+    assert reading.wait(10)  # the first batch is re-reading the catalogue
+    second = threading.Thread(target=lambda: out.__setitem__("b", log_.append([ev("w2", user=999)])))
+    second.start()
+    time.sleep(0.2)  # the second batch now waits for that re-read
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert out["a"].stored == 1 and out["b"].stored == 1 and out["b"].unknown_user_ids == ()
 
 
 def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:

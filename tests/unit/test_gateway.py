@@ -842,3 +842,34 @@ def test_the_events_answer_says_how_many_the_streaming_push_missed(world: Path, 
             headers={"X-API-Key": WRITE},
         )
         assert r.json()["push_failed"] == 0 and events.snapshot()["push_failed"] == 1
+
+
+def test_a_prepare_overtaken_by_its_abort_keeps_nothing() -> None:
+    import deployments.app as app
+
+    since: dict[str, float] = {}
+    app._claim_reload(since, "t", {})
+    app._still_wanted(since, "t")  # not aborted: fine
+    since.pop("t")  # the abort arrived while the bundle loaded
+    with pytest.raises(ServingError, match="aborted"):
+        app._still_wanted(since, "t")
+
+
+def test_a_version_mismatch_fails_the_request_not_one_source(world: Path) -> None:
+    from dataclasses import replace
+
+    from streamrec.errors import StageVersionMismatchError
+
+    stages = PopularityStages.from_data_dir(world)
+    req = RecommendRequest(user_id=3, k=5)
+    trained_ctx = replace(stages.user_context(req), model_version="v7")  # built by a trained model
+    with pytest.raises(StageVersionMismatchError, match="different versions"):
+        stages.retrieve("popularity", trained_ctx)
+
+    async def call(name: str, *args: Any) -> Any:
+        if name == "user_context":
+            return trained_ctx
+        return getattr(stages, name)(*args)
+
+    with pytest.raises(StageVersionMismatchError):  # not "a missing source" (a 200 without items)
+        asyncio.run(run_funnel(call, req, stages.source_names, 0.5))

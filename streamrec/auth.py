@@ -114,7 +114,7 @@ class ApiKeyConfig(StrictModel):
         name: Who holds the key (used in logs and as the rate-limit bucket; never the secret).
         key: The key in clear (at least 16 characters) or ``sha256:<64 hex digits>``.
         scopes: Scopes granted; ``admin`` implies all.
-        rate_limit: This key's own limit, overriding :attr:`AuthConfig.rate_limit`.
+        rate_limit: This key's own limit, overriding the gateway's ``limits.rate_limit``.
     """
 
     name: str = Field(min_length=1)
@@ -137,13 +137,13 @@ class AuthConfig(StrictModel):
             development only; never in a deployed config).
         keys: Known keys.
         use_env_key: Also accept the key in ``STREAMREC_API_KEY`` (read+write), when set.
-        rate_limit: Default per-key rate limit.
+
+    The default per-key rate limit is the gateway's ``limits.rate_limit``; a key may set its own.
     """
 
     enabled: bool = True
     keys: list[ApiKeyConfig] = Field(default_factory=list)
     use_env_key: bool = True
-    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
 
     @field_validator("keys")
     @classmethod

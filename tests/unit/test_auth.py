@@ -257,3 +257,12 @@ def test_invalid_limiter_arguments() -> None:
         RateLimiter(0, 1)
     with pytest.raises(ConfigError):
         parse_config({"rate_per_s": -1}, RateLimitConfig)
+
+
+def test_the_default_rate_limit_is_the_gateways_not_an_auth_key() -> None:
+    from streamrec.config import parse_config
+    from streamrec.errors import ConfigError
+
+    # It lives under limits.rate_limit; under auth it used to be accepted and silently ignored.
+    with pytest.raises(ConfigError, match="rate_limit"):
+        parse_config({"rate_limit": {"rate_per_s": 5, "burst": 10}}, AuthConfig, "auth")

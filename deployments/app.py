@@ -416,6 +416,15 @@ class Gateway:
             handles = (self._features, self._retriever, self._ranker, self._reranker)
             described = await asyncio.gather(*(h.describe.remote() for h in handles if h is not None))
             out["stages"] = dict(zip(names, described, strict=True))
+            # Every replica's version: replicas out of step (an autoscaled or restarted one on
+            # another version) show here, and their requests go to the fallback.
+            every = await asyncio.gather(
+                *(h.broadcast("describe").results_async() for h in handles if h is not None)
+            )
+            out["stage_versions"] = {
+                n: sorted({str(d.get("model_version")) for d in ds})
+                for n, ds in zip(names, every, strict=True)
+            }
         out["fallback"] = self._fallback.describe() if self._fallback else None
         return out
 

@@ -216,3 +216,6 @@ def test_cluster_composition_across_two_nodes(two_nodes: dict[str, object]) -> N
         status_body = c.get("/v1/admin/status", headers=h).json()
         assert status_body["stages"]["composition"] == "cluster"
         assert set(status_body["stages"]["stages"]) == {"features", "retriever", "ranker", "reranker"}
+        versions = status_body["stages"]["stage_versions"]  # every replica of each stage, one version
+        assert set(versions) == {"features", "retriever", "ranker", "reranker"}
+        assert all(len(v) == 1 for v in versions.values()) and len({v[0] for v in versions.values()}) == 1

@@ -51,7 +51,6 @@ from deployments.runtime import (
     settle_heap,
 )
 from streamrec.api_models import RecommendRequest
-from streamrec.data.store import DataStore
 from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError, ServingError
 from streamrec.serving.gateway import merge_replica_status
 from streamrec.serving.stages import Candidates, Stages, UserContext
@@ -65,41 +64,55 @@ _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ong
 _RELOAD_STALE_S = 600.0
 
 
-def _claim_reload(since: dict[str, float], token: str, *pending: dict[str, Any]) -> None:
-    """Mark ``token`` as this replica's reload in progress, or refuse a second one.
+class _PendingReloads:
+    """What phase 1 prepared on this replica, by reload token: one reload at a time.
 
-    One at a time: a prepared reload holds a whole bundle in memory until its commit or abort.
-    Entries of a reload older than :data:`_RELOAD_STALE_S` are dropped first.
-
-    Raises:
-        ServingError: another reload is in progress on this replica.
+    A prepared reload holds a whole bundle in memory until its commit or abort, so a second
+    one is refused while one is pending; one older than :data:`_RELOAD_STALE_S` (its gateway
+    died between the phases) is dropped first. An abort can overtake a prepare that is still
+    loading: what that prepare loaded is then not kept.
     """
-    now = time.monotonic()
-    for other, t0 in list(since.items()):
-        if other != token and now - t0 > _RELOAD_STALE_S:
-            log.warning("dropping reload %s, prepared %.0fs ago and never committed", other, now - t0)
-            since.pop(other)
-            for d in pending:
-                d.pop(other, None)
-    busy = [t for t in since if t != token]
-    if busy:
-        raise ServingError(
-            f"another reload ({busy[0][:8]}) is in progress on this replica; retry when it ends"
-        )
-    since[token] = now
 
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+        self._ready: dict[str, Any] = {}
 
-def _still_wanted(since: dict[str, float], token: str) -> None:
-    """After a prepare's load: refuse to keep it if the reload was aborted meanwhile.
+    def claim(self, token: str) -> None:
+        """Start preparing ``token``.
 
-    An abort can overtake a prepare that is still loading (the caller was cancelled, or
-    another replica failed first); keeping the result would hold a bundle nobody commits.
+        Raises:
+            ServingError: another reload is in progress on this replica.
+        """
+        now = time.monotonic()
+        for other, t0 in list(self._since.items()):
+            if other != token and now - t0 > _RELOAD_STALE_S:
+                log.warning("dropping reload %s, prepared %.0fs ago and never committed", other, now - t0)
+                self.drop(other)
+        busy = [t for t in self._since if t != token]
+        if busy:
+            raise ServingError(
+                f"another reload ({busy[0][:8]}) is in progress on this replica; retry when it ends"
+            )
+        self._since[token] = now
 
-    Raises:
-        ServingError: ``token`` was aborted while it loaded.
-    """
-    if token not in since:
-        raise ServingError(f"reload {token[:8]} was aborted while this replica prepared it")
+    def keep(self, token: str, prepared: Any) -> None:
+        """Hold what ``token``'s prepare loaded.
+
+        Raises:
+            ServingError: ``token`` was aborted while it loaded (nothing is kept).
+        """
+        if token not in self._since:
+            raise ServingError(f"reload {token[:8]} was aborted while this replica prepared it")
+        self._ready[token] = prepared
+
+    def take(self, token: str) -> Any:
+        """End ``token``: what its prepare loaded (None if nothing)."""
+        self._since.pop(token, None)
+        return self._ready.pop(token, None)
+
+    def drop(self, token: str) -> None:
+        """End ``token`` without using what it loaded (an abort, or a failed prepare)."""
+        self.take(token)
 
 
 class _StageHost:
@@ -111,8 +124,7 @@ class _StageHost:
     def _init_host(self, args: dict[str, Any]) -> None:
         self._args = ServeArgs.parse(args)
         self._loaded = load_stages(self._args)
-        self._pending: dict[str, LoadedStages] = {}
-        self._pending_since: dict[str, float] = {}
+        self._pending = _PendingReloads()
         settle_heap()
 
     @property
@@ -134,20 +146,18 @@ class _StageHost:
             ServingError: another reload is in progress on this replica (one at a time: each
                 holds a whole bundle in memory until it commits or aborts).
         """
-        _claim_reload(self._pending_since, token, self._pending)
+        self._pending.claim(token)
         try:
             loaded = await asyncio.to_thread(load_stages, self._reload_args(), version)
         except BaseException:
-            self._pending_since.pop(token, None)
+            self._pending.drop(token)
             raise
-        _still_wanted(self._pending_since, token)
-        self._pending[token] = loaded
+        self._pending.keep(token, loaded)
         return loaded.describe()
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2: swap the pending stages in (one attribute assignment)."""
-        self._pending_since.pop(token, None)
-        loaded = self._pending.pop(token, None)
+        loaded = self._pending.take(token)
         if loaded is not None:
             self._loaded = loaded
             settle_heap()
@@ -155,8 +165,7 @@ class _StageHost:
 
     async def abort_reload(self, token: str) -> None:
         """Drop the pending stages of ``token``."""
-        self._pending_since.pop(token, None)
-        self._pending.pop(token, None)
+        self._pending.drop(token)
 
     async def describe(self) -> dict[str, Any]:
         """The current stages' facts."""
@@ -310,9 +319,7 @@ class Gateway:
         self._features, self._retriever, self._ranker, self._reranker = features, retriever, ranker, reranker
         self._local: LoadedStages | None = None
         self._source_names: tuple[str, ...] | None = None
-        self._pending: dict[str, tuple[LoadedStages | None, LoadedStages | None]] = {}
-        self._pending_ids: dict[str, tuple[Any, Any]] = {}
-        self._pending_since: dict[str, float] = {}
+        self._pending = _PendingReloads()  # (local stages, fallback, catalogue ids) by token
         self._reload_lock = asyncio.Lock()  # the watcher and POST /v1/admin/reload take turns
         self._events: Any = None
         self._sources = SourceThreads(self._args.source_threads)  # used by the fused path only
@@ -414,13 +421,12 @@ class Gateway:
         else:
             names = ("features", "retriever", "ranker", "reranker")
             handles = (self._features, self._retriever, self._ranker, self._reranker)
-            described = await asyncio.gather(*(h.describe.remote() for h in handles if h is not None))
-            out["stages"] = dict(zip(names, described, strict=True))
-            # Every replica's version: replicas out of step (an autoscaled or restarted one on
-            # another version) show here, and their requests go to the fallback.
+            # Every replica's facts: replicas out of step (an autoscaled or restarted one on
+            # another version) show in stage_versions, and their requests go to the fallback.
             every = await asyncio.gather(
                 *(h.broadcast("describe").results_async() for h in handles if h is not None)
             )
+            out["stages"] = {n: ds[0] for n, ds in zip(names, every, strict=True)}
             out["stage_versions"] = {
                 n: sorted({str(d.get("model_version")) for d in ds})
                 for n, ds in zip(names, every, strict=True)
@@ -435,7 +441,7 @@ class Gateway:
         Raises:
             ServingError: another reload is in progress on this replica.
         """
-        _claim_reload(self._pending_since, token, self._pending, self._pending_ids)
+        self._pending.claim(token)
         try:
             local = None
             if self._local is not None:
@@ -444,21 +450,17 @@ class Gateway:
                     reload_args = self._args.model_copy(update={"stages": "recommender"})
                 local = await asyncio.to_thread(load_stages, reload_args, version)
             fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
-            ids = await asyncio.to_thread(self._catalogue_ids)
+            ids = await asyncio.to_thread(self._events.read_catalogue) if self._events is not None else None
         except BaseException:
-            self._pending_since.pop(token, None)
+            self._pending.drop(token)
             raise
-        _still_wanted(self._pending_since, token)
-        self._pending_ids[token] = ids
-        self._pending[token] = (local, fallback)
+        self._pending.keep(token, (local, fallback, ids))
         return local.describe() if local else {"fallback": fallback.describe() if fallback else None}
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2 on this gateway replica: swap (attribute assignments only)."""
-        self._pending_since.pop(token, None)
-        local, fallback = self._pending.pop(token, (None, None))
-        ids = self._pending_ids.pop(token, None)
-        if ids is not None and getattr(self, "_events", None) is not None:
+        local, fallback, ids = self._pending.take(token) or (None, None, None)
+        if ids is not None and self._events is not None:
             self._events.refresh_known_ids(*ids)  # new users/items may post events from now on
         if local is not None:
             self._local = local
@@ -471,13 +473,7 @@ class Gateway:
 
     async def abort_reload(self, token: str) -> None:
         """Drop what phase 1 prepared under ``token``."""
-        self._pending_since.pop(token, None)
-        self._pending.pop(token, None)
-        self._pending_ids.pop(token, None)
-
-    def _catalogue_ids(self) -> tuple[Any, Any]:
-        store = DataStore(self._args.data_dir)
-        return store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy()
+        self._pending.drop(token)
 
     async def _watch_champion(self) -> None:
         """Hot-reload when the registry's champion alias moves (promotion or rollback).

@@ -596,21 +596,28 @@ class EventLog:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _refresh_catalogue(self) -> bool:
-        """Re-read the known ids unless that was done recently; True when it was re-read now."""
+    def read_catalogue(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The catalogue's current ``(user ids, item ids)`` (None when the log has no catalogue).
+
+        For :meth:`refresh_known_ids` after a catalogue update (a hot reload reads it while it
+        prepares, and swaps it in at commit).
+        """
+        return None if self._catalogue is None else self._catalogue()
+
+    def _refresh_catalogue(self) -> None:
+        """Re-read the known ids, unless that was done in the last ``catalogue_refresh_s``."""
         if self._catalogue is None:
-            return False
+            return
         with self._catalogue_lock:  # one re-read at a time; the others wait for its result
             if time.monotonic() - self._catalogue_read_at < self._catalogue_refresh_s:
-                return False
+                return
             self._catalogue_read_at = time.monotonic()
             try:
                 users, items = self._catalogue()
             except Exception as err:  # the fixed sets keep working; the batch gets its 422
                 log.warning("re-reading the catalogue for unknown ids failed: %s", err)
-                return False
+                return
             self.refresh_known_ids(users, items)
-            return True
 
     def refresh_known_ids(
         self, known_users: Iterable[int] | np.ndarray | None, known_items: Iterable[int] | np.ndarray | None

@@ -25,7 +25,7 @@ import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
-from streamrec.errors import CorruptCheckpointError, ModelError, OnlineStoreUnavailableError, StreamRecError
+from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
 from streamrec.reranking.config import ReRankConfig
 from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
 from streamrec.serving.stages import Candidates, UserContext, check_context_version
@@ -98,10 +98,8 @@ class RecommenderStages:
                 ctx = self.user_context(request)
                 parts = {s: self.retrieve(s, ctx) for s in self.source_names}
                 out = self.rerank(ctx, self.rank(ctx, self.merge(ctx, parts)))
-            except (ModelError, CorruptCheckpointError):
-                raise
             except (StreamRecError, OSError, MemoryError):
-                raise  # the environment (a store, the disk, memory), not the bundle: retry later
+                raise  # ours already say what failed; the environment's can be retried later
             except Exception as err:  # the model's own code failed on a real request: the bundle
                 raise ModelError(
                     f"model {self.model_version} failed a test request for user {user_id}: {err}"

@@ -804,16 +804,15 @@ def test_one_reload_at_a_time_per_replica_and_abandoned_ones_expire(monkeypatch:
 
     clock = [1000.0]
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    since: dict[str, float] = {}
-    pending: dict[str, object] = {}
-    app._claim_reload(since, "a", pending)
-    pending["a"] = object()  # a prepared bundle
-    app._claim_reload(since, "a", pending)  # the same reload again: fine
+    pending = app._PendingReloads()
+    pending.claim("a")
+    pending.keep("a", object())  # a prepared bundle
+    pending.claim("a")  # the same reload again: fine
     with pytest.raises(ServingError, match="another reload"):
-        app._claim_reload(since, "b", pending)
+        pending.claim("b")
     clock[0] += app._RELOAD_STALE_S + 1  # "a"'s gateway died between prepare and commit
-    app._claim_reload(since, "b", pending)
-    assert set(since) == {"b"} and "a" not in pending
+    pending.claim("b")
+    assert set(pending._since) == {"b"} and pending.take("a") is None
 
 
 def test_the_events_answer_says_how_many_the_streaming_push_missed(world: Path, tmp_path: Path) -> None:
@@ -847,12 +846,15 @@ def test_the_events_answer_says_how_many_the_streaming_push_missed(world: Path, 
 def test_a_prepare_overtaken_by_its_abort_keeps_nothing() -> None:
     import deployments.app as app
 
-    since: dict[str, float] = {}
-    app._claim_reload(since, "t", {})
-    app._still_wanted(since, "t")  # not aborted: fine
-    since.pop("t")  # the abort arrived while the bundle loaded
+    pending = app._PendingReloads()
+    pending.claim("t")
+    pending.keep("t", "bundle")  # not aborted: kept
+    assert pending.take("t") == "bundle"
+    pending.claim("t")
+    pending.drop("t")  # the abort arrived while the bundle loaded
     with pytest.raises(ServingError, match="aborted"):
-        app._still_wanted(since, "t")
+        pending.keep("t", "bundle")
+    assert pending.take("t") is None
 
 
 def test_a_version_mismatch_fails_the_request_not_one_source(world: Path) -> None:

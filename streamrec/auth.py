@@ -2,7 +2,9 @@
 
 Plain Python (no FastAPI): the gateway calls :meth:`ApiKeyAuth.authenticate` /
 :meth:`ApiKeyAuth.require` with the presented key and the scope an endpoint needs, then
-:meth:`RateLimiter.check` with the principal's name.
+:meth:`RateLimiter.check` with the principal's name. A request whose key is missing or unknown
+is charged instead to its client address (:func:`client_address`) in a limiter of its own, so
+guessing keys is rate-limited too without touching the buckets of real keys.
 
 Scopes: ``read`` (``POST /recommend``), ``write`` (``POST /events``), ``admin`` (operations;
 implies every scope).
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -315,6 +318,58 @@ class ApiKeyAuth:
 # Rate limiting
 # --------------------------------------------------------------------------------------------
 
+#: Bucket of requests whose client address is unknown (no peer in the ASGI scope).
+UNKNOWN_ADDRESS = "unknown"
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str] = (), *, trust_forwarded_for: bool = False
+) -> str:
+    """The rate-limit bucket of an unauthenticated request: its client's address.
+
+    IPv6 addresses are grouped by their /64 network (one host usually holds a whole /64, so
+    per-address buckets would be free to multiply); IPv4-mapped IPv6 addresses count as IPv4.
+
+    Args:
+        peer: The TCP peer's host (``scope["client"][0]``), or None when unknown.
+        forwarded_for: The values of every ``X-Forwarded-For`` header, in order.
+        trust_forwarded_for: Use the *last* ``X-Forwarded-For`` entry (the one the proxy right
+            in front of the gateway appended) instead of the peer, when it is an IP address.
+            Only behind such a proxy: otherwise a client picks its own bucket with the header.
+
+    Returns:
+        A normalised address (``"203.0.113.7"``, ``"2001:db8:1:2::/64"``), the peer as given
+        when it is not an IP address (e.g. ``"testclient"``), or :data:`UNKNOWN_ADDRESS`.
+    """
+    ip = None
+    if trust_forwarded_for:
+        entries = [e.strip() for v in forwarded_for for e in v.split(",") if e.strip()]
+        ip = _parse_ip(entries[-1]) if entries else None
+    if ip is None:
+        if not peer:
+            return UNKNOWN_ADDRESS
+        ip = _parse_ip(peer)
+        if ip is None:
+            return peer[:255]  # not an IP (a test client's name, a unix socket): keep, bounded
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address from ``a.b.c.d``, ``a.b.c.d:port``, an IPv6 address or ``[v6]:port``."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
 
 @dataclass(frozen=True)
 class RateDecision:
@@ -468,5 +523,7 @@ __all__ = [
     "RateLimitedError",
     "RateLimiter",
     "Scope",
+    "UNKNOWN_ADDRESS",
+    "client_address",
     "hash_key",
 ]

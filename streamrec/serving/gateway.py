@@ -19,7 +19,8 @@ Endpoints:
 
 Request handling, in order: request id (``X-Request-ID``: the client's if sane, else a new one;
 echoed on every response and in the log line), API key from ``X-API-Key`` (401 missing or
-unknown, 403 wrong scope), per-key rate limit (429 with ``Retry-After``), body size (413),
+unknown, or 429 once the client address has sent too many such requests; 403 wrong scope),
+per-key rate limit (429 with ``Retry-After``; admin reloads have a limit of their own), body size (413),
 JSON (400 ``malformed_json``; parsed as JSON whatever the ``Content-Type``), schema (422 with one
 entry per bad field), then for events the batch's cost (413 ``batch_too_large`` above the key's
 burst). Every error body is an :class:`~streamrec.api_models.ErrorBody`. A client's mistake is
@@ -60,7 +61,16 @@ from streamrec.api_models import (
     RecommendResponse,
     error_from_validation,
 )
-from streamrec.auth import ApiKeyAuth, AuthError, Principal, RateLimitConfig, RateLimiter
+from streamrec.auth import (
+    ApiKeyAuth,
+    AuthenticationError,
+    AuthError,
+    Principal,
+    RateDecision,
+    RateLimitConfig,
+    RateLimiter,
+    client_address,
+)
 from streamrec.auth import Scope as AuthScope
 from streamrec.config import StrictModel
 from streamrec.errors import StreamRecError
@@ -90,11 +100,29 @@ class GatewayLimits(StrictModel):
         max_body_bytes: Largest request body accepted (413 beyond).
         rate_limit: Default per-key token bucket (a key's own ``rate_limit`` overrides it).
         events_per_token: ``POST /v1/events`` costs one token per this many events (at least 1).
+        unauthenticated_rate_limit: Token bucket per client address for requests with a
+            missing or unknown API key: each such request takes a token, and once the bucket is
+            empty they are answered 429 (with ``Retry-After``) instead of 401. Requests with a
+            valid key never touch it.
+        max_client_addresses: Most per-address buckets kept (least recently used dropped).
+        trust_x_forwarded_for: Take the client address from the last ``X-Forwarded-For``
+            entry instead of the TCP peer. Only behind a proxy that appends it; else clients
+            choose their own bucket.
+        admin_reload_rate_limit: Token bucket of ``POST /v1/admin/reload`` (one per replica,
+            shared by every admin key): 429 with ``Retry-After`` beyond it.
     """
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     events_per_token: int = Field(default=100, ge=1)
+    unauthenticated_rate_limit: RateLimitConfig = Field(
+        default_factory=lambda: RateLimitConfig(rate_per_s=5.0, burst=20)
+    )
+    max_client_addresses: int = Field(default=10_000, ge=1)
+    trust_x_forwarded_for: bool = False
+    admin_reload_rate_limit: RateLimitConfig = Field(
+        default_factory=lambda: RateLimitConfig(rate_per_s=0.1, burst=2)
+    )
 
 
 class _ClientError(Exception):
@@ -195,6 +223,7 @@ def create_app(
     rate_limiter: RateLimiter | None = None,
     title: str = "StreamRec",
     echo_request_id: bool = True,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
     """Build the gateway app.
 
@@ -217,12 +246,18 @@ def create_app(
         title: OpenAPI title.
         echo_request_id: Assign and echo ``X-Request-ID`` here; False behind Ray Serve's proxy,
             which does both itself (see :class:`RequestIdMiddleware`).
+        clock: Monotonic clock of the per-address and admin-reload limiters (tests inject one).
 
     Returns:
         The FastAPI app (an ASGI callable).
     """
     limits = limits or GatewayLimits()
     limiter = rate_limiter or RateLimiter.from_config(limits.rate_limit)
+    anon = limits.unauthenticated_rate_limit
+    address_limiter = RateLimiter(
+        anon.rate_per_s, anon.burst, clock=clock, max_keys=limits.max_client_addresses
+    )
+    reload_limiter = RateLimiter.from_config(limits.admin_reload_rate_limit, clock=clock)
     max_body = limits.max_body_bytes
 
     app = FastAPI(
@@ -235,10 +270,36 @@ def create_app(
     def authorize(request: Request, scope: AuthScope) -> Principal:
         try:
             principal = auth.require(request.headers.get(API_KEY_HEADER), scope)
+        except AuthenticationError as err:
+            # Missing or unknown key: charge the client's address, so guessing keys is limited
+            # without touching any real key's bucket (nor other addresses').
+            peer = request.client.host if request.client else None
+            addr = client_address(
+                peer,
+                request.headers.getlist("x-forwarded-for"),
+                trust_forwarded_for=limits.trust_x_forwarded_for,
+            )
+            decision = address_limiter.acquire(addr)
+            if not decision.allowed:
+                raise _throttled(
+                    decision,
+                    f"too many requests without a valid API key from {addr}; retry after "
+                    f"{decision.retry_after_s:.2f}s with a valid key in the '{API_KEY_HEADER}' header",
+                ) from None
+            raise _ClientError(err.status_code, ErrorBody(error=err.code, detail=str(err))) from None
         except AuthError as err:
             raise _ClientError(err.status_code, ErrorBody(error=err.code, detail=str(err))) from None
         request.state.principal = principal.name
         return principal
+
+    def _throttled(decision: RateDecision, detail: str) -> _ClientError:
+        """A 429 for a refused ``decision`` (``Retry-After`` in whole seconds, at least 1)."""
+        headers = {
+            "X-RateLimit-Limit": str(decision.limit),
+            "X-RateLimit-Remaining": str(decision.remaining),
+            "Retry-After": str(max(1, math.ceil(decision.retry_after_s))),
+        }
+        return _ClientError(429, ErrorBody(error="rate_limited", detail=detail), headers)
 
     def charge(principal: Principal, cost: float, *, paid: float = 0.0) -> int:
         """Take ``cost`` tokens, else refuse with 429 and ``Retry-After``.
@@ -436,11 +497,22 @@ def create_app(
         """Ask the stages factory for a fresh stages object and swap it in (scope ``admin``).
 
         In-flight requests finish on the stages they started with. A bundle that fails to load
-        is refused (409) and the current one keeps serving.
+        is refused (409) and the current one keeps serving. Reloads are rate-limited per replica
+        (``limits.admin_reload_rate_limit``; 429 with ``Retry-After`` beyond it).
         """
         rid = _rid(request)
         try:
             authorize(request, "admin")
+            if reload is not None:
+                decision = reload_limiter.acquire("admin-reload")
+                if not decision.allowed:
+                    cfg = limits.admin_reload_rate_limit
+                    raise _throttled(
+                        decision,
+                        f"admin reloads are limited to {cfg.burst} at once, then one every "
+                        f"{1 / cfg.rate_per_s:g}s; retry after {decision.retry_after_s:.2f}s "
+                        "(or raise limits.admin_reload_rate_limit in the serve config)",
+                    )
         except _ClientError as err:
             return fail(err, rid)
         if reload is None:

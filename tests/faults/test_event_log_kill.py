@@ -251,10 +251,10 @@ def test_writer_sigkilled_50_times_keeps_every_acknowledged_event_exactly_once(t
             # Still due: the retries this writer did not get to, the batch it did not answer.
             retry = [ids for j, ids in enumerate(retry) if j not in sends]
             retry += [sends[j]["ids"] for j in unanswered]
-            if rng.random() < TEARS and (torn := tear(segments_dir, pid, run, timestamp, rng)):
+            if rng.random() < TEARS and (cut := tear(segments_dir, pid, run, timestamp, rng)):
                 tears += 1
-                sent.update(torn)
-                retry.append(torn)
+                sent.update(cut)
+                retry.append(cut)
     finally:
         if live is not None:
             with contextlib.suppress(ProcessLookupError):

@@ -5,7 +5,7 @@
     applications:
       - name: streamrec
         import_path: deployments.app:build_app
-        args: {data_dir: ..., composition: fused}      # see deployments.runtime.ServeArgs
+        args: {data_dir: ..., composition: fused}      # see streamrec.service.args.ServeArgs
 
 Compositions (the same :func:`~streamrec.serving.stages.run_funnel` in both):
 
@@ -16,14 +16,12 @@ Compositions (the same :func:`~streamrec.serving.stages.run_funnel` in both):
   ``Reranker``, each its own deployment scaled independently through the config's
   ``autoscaling_config``; the gateway's ``call`` goes through deployment handles.
 
-Both keep an in-process popularity level in the gateway as the last fallback (see
-:class:`deployments.runtime.FunnelService`).
+Every replica holding stages runs them through a :class:`~streamrec.service.runner.StageRunner`
+(blocking work off the event loop, each dependency under its budget and breaker); the gateway
+answers through :class:`~streamrec.service.policy.FunnelService` (the whole degradation chain).
 
-Hot reload: ``POST /v1/admin/reload`` (scope ``admin``) runs a two-phase swap over every replica
-that holds stages: *prepare* (each replica asks the factory for a fresh stages object, off the
-event loop) on all of them, then *commit* (an attribute swap) only if every prepare succeeded,
-else *abort*: a bad bundle is refused everywhere and the old one keeps serving. In-flight
-requests finish on the stages object they started with.
+Hot reload (:mod:`streamrec.service.reload`): ``POST /v1/admin/reload`` (scope ``admin``) and
+the champion watcher broadcast *prepare* / *commit* / *abort* over every replica that holds stages.
 """
 
 from __future__ import annotations
@@ -38,81 +36,21 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from deployments.runtime import (
-    Call,
-    FunnelService,
-    LoadedStages,
-    ServeArgs,
-    SourceThreads,
-    build_gateway,
-    champion_version,
-    load_stages,
-    local_call,
-    settle_heap,
-)
 from streamrec.api_models import RecommendRequest
-from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError, ServingError
+from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError
+from streamrec.service.args import ServeArgs
+from streamrec.service.http import build_gateway
+from streamrec.service.loading import LoadedStages, load_stages, settle_heap
+from streamrec.service.policy import FunnelService
+from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
+from streamrec.service.runner import Call, StageRunner
+from streamrec.serving.fallback import BatchTopN
 from streamrec.serving.gateway import merge_replica_status
 from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger("streamrec.deployments")
 
 _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}
-
-
-#: A prepared reload older than this is abandoned: its gateway died between the two phases.
-_RELOAD_STALE_S = 600.0
-
-
-class _PendingReloads:
-    """What phase 1 prepared on this replica, by reload token: one reload at a time.
-
-    A prepared reload holds a whole bundle in memory until its commit or abort, so a second
-    one is refused while one is pending; one older than :data:`_RELOAD_STALE_S` (its gateway
-    died between the phases) is dropped first. An abort can overtake a prepare that is still
-    loading: what that prepare loaded is then not kept.
-    """
-
-    def __init__(self) -> None:
-        self._since: dict[str, float] = {}
-        self._ready: dict[str, Any] = {}
-
-    def claim(self, token: str) -> None:
-        """Start preparing ``token``.
-
-        Raises:
-            ServingError: another reload is in progress on this replica.
-        """
-        now = time.monotonic()
-        for other, t0 in list(self._since.items()):
-            if other != token and now - t0 > _RELOAD_STALE_S:
-                log.warning("dropping reload %s, prepared %.0fs ago and never committed", other, now - t0)
-                self.drop(other)
-        busy = [t for t in self._since if t != token]
-        if busy:
-            raise ServingError(
-                f"another reload ({busy[0][:8]}) is in progress on this replica; retry when it ends"
-            )
-        self._since[token] = now
-
-    def keep(self, token: str, prepared: Any) -> None:
-        """Hold what ``token``'s prepare loaded.
-
-        Raises:
-            ServingError: ``token`` was aborted while it loaded (nothing is kept).
-        """
-        if token not in self._since:
-            raise ServingError(f"reload {token[:8]} was aborted while this replica prepared it")
-        self._ready[token] = prepared
-
-    def take(self, token: str) -> Any:
-        """End ``token``: what its prepare loaded (None if nothing)."""
-        self._since.pop(token, None)
-        return self._ready.pop(token, None)
-
-    def drop(self, token: str) -> None:
-        """End ``token`` without using what it loaded (an abort, or a failed prepare)."""
-        self.take(token)
 
 
 class _StageHost:
@@ -124,7 +62,9 @@ class _StageHost:
     def _init_host(self, args: dict[str, Any]) -> None:
         self._args = ServeArgs.parse(args)
         self._loaded = load_stages(self._args)
-        self._pending = _PendingReloads()
+        self._pending = PendingReloads()
+        a = self._args
+        self._runner = StageRunner(a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults)
         settle_heap()
 
     @property
@@ -168,8 +108,8 @@ class _StageHost:
         self._pending.drop(token)
 
     async def describe(self) -> dict[str, Any]:
-        """The current stages' facts."""
-        return self._loaded.describe()
+        """The current stages' facts and this replica's breakers."""
+        return {**self._loaded.describe(), "breakers": self._runner.snapshot()}
 
 
 @serve.deployment(name="Features", **_STAGE_OPTS)
@@ -180,8 +120,8 @@ class Features(_StageHost):
         self._init_host(args)
 
     async def user_context(self, request: RecommendRequest) -> UserContext:
-        """:meth:`Stages.user_context`."""
-        return self.stages.user_context(request)
+        """:meth:`StageRunner.user_context` (guarded online-store read, context off the loop)."""
+        return await self._runner.user_context(self.stages, request)
 
     async def source_names(self) -> tuple[str, ...]:
         """The retrieval sources of the current stages."""
@@ -194,13 +134,10 @@ class Retriever(_StageHost):
 
     def __init__(self, args: dict[str, Any]) -> None:
         self._init_host(args)
-        # The gateway sends a request's sources together: in threads they overlap on the cores.
-        self._sources = SourceThreads(self._args.source_threads)
 
     async def retrieve(self, source: str, ctx: UserContext) -> Candidates:
-        """:meth:`Stages.retrieve` (in a worker thread when ``source_threads`` > 0)."""
-        result: Candidates = await self._sources.retrieve(self.stages, source, ctx)
-        return result
+        """:meth:`StageRunner.retrieve` (in a worker thread, under the source's budget and breaker)."""
+        return await self._runner.retrieve(self.stages, source, ctx)
 
 
 @serve.deployment(name="Ranker", **_STAGE_OPTS)
@@ -222,32 +159,24 @@ class Ranker(_StageHost):
         self, ctxs: list[UserContext], parts: list[dict[str, Candidates]]
     ) -> list[Candidates | BaseException]:
         stages = self.stages
-        out: list[Candidates | BaseException] = []
         merged: list[Candidates | BaseException] = []
         for c, p in zip(ctxs, parts, strict=True):
             try:
                 merged.append(stages.merge(c, p))
             except Exception as err:  # one bad request must not fail the whole batch
                 merged.append(err)
-        rank_batch = getattr(stages, "rank_batch", None)
-        ok = [i for i, m in enumerate(merged) if not isinstance(m, BaseException)]
-        ranked: dict[int, Candidates | BaseException] = {}
-        if rank_batch is not None and ok:
+        ok = [i for i, m in enumerate(merged) if isinstance(m, Candidates)]
+        out: list[Candidates | BaseException] = list(merged)
+        if ok:
             try:
-                results = rank_batch([ctxs[i] for i in ok], [merged[i] for i in ok])
-                ranked = dict(zip(ok, results, strict=True))
-            except Exception as err:
-                ranked = {i: err for i in ok}
-        else:
-            for i in ok:
-                m = merged[i]
-                assert isinstance(m, Candidates)
-                try:
-                    ranked[i] = stages.rank(ctxs[i], m)
-                except Exception as err:
-                    ranked[i] = err
-        for i, m in enumerate(merged):
-            out.append(ranked.get(i, m))
+                ranked = await self._runner.rank_batch(
+                    stages, [ctxs[i] for i in ok], [merged[i] for i in ok]  # type: ignore[misc]
+                )
+                for i, r in zip(ok, ranked, strict=True):
+                    out[i] = r
+            except Exception as err:  # (a version mismatch): each request goes to the fallback
+                for i in ok:
+                    out[i] = err
         return out
 
     async def merge_rank(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
@@ -259,11 +188,11 @@ class Ranker(_StageHost):
 
     async def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
         """:meth:`Stages.merge` alone (unbatched)."""
-        return self.stages.merge(ctx, parts)
+        return self._runner.merge(self.stages, ctx, parts)
 
     async def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
-        """:meth:`Stages.rank` alone (unbatched)."""
-        return self.stages.rank(ctx, candidates)
+        """:meth:`StageRunner.rank` alone (unbatched)."""
+        return await self._runner.rank(self.stages, ctx, candidates)
 
 
 @serve.deployment(name="Reranker", **_STAGE_OPTS)
@@ -275,7 +204,7 @@ class Reranker(_StageHost):
 
     async def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:
         """:meth:`Stages.rerank`."""
-        return self.stages.rerank(ctx, ranked)
+        return self._runner.rerank(self.stages, ctx, ranked)
 
 
 class _Deferred:
@@ -301,7 +230,7 @@ class Gateway:
     """The HTTP ingress (both compositions): auth, limits, events, the funnel with fallbacks.
 
     Args:
-        args: Builder arguments (:class:`~deployments.runtime.ServeArgs` as a dict).
+        args: Builder arguments (:class:`~streamrec.service.args.ServeArgs` as a dict).
         features, retriever, ranker, reranker: Handles of the stage deployments (cluster
             composition); all None in the fused composition.
     """
@@ -319,12 +248,17 @@ class Gateway:
         self._features, self._retriever, self._ranker, self._reranker = features, retriever, ranker, reranker
         self._local: LoadedStages | None = None
         self._source_names: tuple[str, ...] | None = None
-        self._pending = _PendingReloads()  # (local stages, fallback, catalogue ids) by token
+        self._pending = PendingReloads()  # (local stages, fallback, catalogue ids) by token
         self._reload_lock = asyncio.Lock()  # the watcher and POST /v1/admin/reload take turns
         self._events: Any = None
-        self._sources = SourceThreads(self._args.source_threads)  # used by the fused path only
+        a = self._args
+        self._runner = StageRunner(a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults)
+        self._history = ReloadHistory()
+        self._batch = BatchTopN.empty()  # the cluster's batch level (fused: the local stages' own)
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
+        else:
+            self._batch = await asyncio.to_thread(self._load_batch, None)
         self._fallback = await asyncio.to_thread(self._load_fallback)
         settle_heap()
         self._service = FunnelService(
@@ -332,6 +266,7 @@ class Gateway:
             self._fallback.stages if self._fallback else None,
             self._args.resilience,
             self._args.source_timeout_ms / 1000.0,
+            batch=self._current_batch,
         )
         self._started = time.time()
         self._watcher: asyncio.Task[None] | None = None
@@ -340,7 +275,9 @@ class Gateway:
             and self._args.stages in ("auto", "recommender")
             and not self._args.factory
         ):  # on every replica; only the one ranked 0 at each poll acts (one reload reaches all)
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_champion())
+            self._watcher = asyncio.get_running_loop().create_task(
+                watch_champion(a.data_dir, a.watch_champion_s, self._reload, lambda: _replica_rank() == 0)
+            )
 
     def __serve_build_asgi_app__(self) -> Any:
         app, self._events = build_gateway(
@@ -365,10 +302,30 @@ class Gateway:
         # promotion's reload, which must find its fallback level (and deadline, breaker) in place.
         return load_stages(self._args.model_copy(update={"stages": "popularity", "factory": None}))
 
+    def _load_batch(self, version: int | None) -> BatchTopN:
+        """The batch level of the cluster gateway: the champion's (or ``version``'s) top-50 lists."""
+        if self._args.stages not in ("auto", "recommender") or self._args.factory:
+            return BatchTopN.empty()
+        from streamrec.paths import resolve_data_dir
+
+        try:
+            version = champion_version(self._args.data_dir) if version is None else version
+        except Exception as err:  # no registry yet: no batch level until a model is promoted
+            log.info("no batch fallback yet (%s)", err)
+            return BatchTopN.empty()
+        if version is None:
+            return BatchTopN.empty()
+        return BatchTopN.load(resolve_data_dir(self._args.data_dir), f"v{version}")
+
+    def _current_batch(self) -> BatchTopN | None:
+        if self._local is not None:
+            return getattr(self._local.stages, "batch", None)
+        return self._batch
+
     async def _primary(self) -> tuple[Call, tuple[str, ...]]:
         if self._local is not None:
             stages = self._local.stages  # captured once: a reload never splits a request
-            return local_call(stages, self._sources), tuple(stages.source_names)
+            return self._runner.call_for(stages), tuple(stages.source_names)
         if self._source_names is None:
             assert self._features is not None
             self._source_names = tuple(await self._features.source_names.remote())
@@ -397,7 +354,25 @@ class Gateway:
             _, sources = await asyncio.wait_for(self._primary(), timeout=5.0)
         except Exception as err:
             return False, {"reason": f"stages not reachable: {type(err).__name__}: {err}"}
-        return True, {"composition": self._args.composition, "source_names": list(sources)}
+        breakers = self._breakers()
+        out: dict[str, Any] = {"composition": self._args.composition, "source_names": list(sources)}
+        out["breakers"] = {name: b["state"] for name, b in breakers.items()}
+        warnings = [f"circuit '{name}' is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
+        refused = self._history.snapshot()["last_refused"]
+        if refused is not None:
+            warnings.append(f"reload to v{refused['version']} was refused: {refused.get('detail', '')}")
+        if warnings:  # still ready: a degraded answer is an answer
+            out["warnings"] = warnings
+        return True, out
+
+    def _breakers(self) -> dict[str, dict[str, Any]]:
+        """The breakers of this replica: the funnel, and the stage runner when the stages are local."""
+        out = {"funnel": self._service.breaker.snapshot()}
+        if self._local is not None:
+            out.update({k: v for k, v in self._runner.snapshot().items() if k != "faults"})
+        if self._events is not None and self._events.sink is not None:
+            out["event_sink"] = self._events.sink_breaker.snapshot()
+        return out
 
     async def local_status(self) -> dict[str, Any]:
         """The part of ``/v1/admin/status`` this replica knows: its stages and event-log counters."""
@@ -416,6 +391,8 @@ class Gateway:
 
     async def _info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"composition": self._args.composition, "funnel": self._service.snapshot()}
+        out["breakers"] = self._breakers()
+        out["reloads"] = self._history.snapshot()
         if self._local is not None:
             out["stages"] = self._local.describe()
         else:
@@ -451,15 +428,18 @@ class Gateway:
                 local = await asyncio.to_thread(load_stages, reload_args, version)
             fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
             ids = await asyncio.to_thread(self._events.read_catalogue) if self._events is not None else None
+            batch = await asyncio.to_thread(self._load_batch, version) if self._cluster else None
         except BaseException:
             self._pending.drop(token)
             raise
-        self._pending.keep(token, (local, fallback, ids))
+        self._pending.keep(token, (local, fallback, ids, batch))
         return local.describe() if local else {"fallback": fallback.describe() if fallback else None}
 
     async def commit_reload(self, token: str) -> dict[str, Any]:
         """Phase 2 on this gateway replica: swap (attribute assignments only)."""
-        local, fallback, ids = self._pending.take(token) or (None, None, None)
+        local, fallback, ids, batch = self._pending.take(token) or (None, None, None, None)
+        if batch is not None:
+            self._batch = batch
         if ids is not None and self._events is not None:
             self._events.refresh_known_ids(*ids)  # new users/items may post events from now on
         if local is not None:
@@ -475,49 +455,6 @@ class Gateway:
         """Drop what phase 1 prepared under ``token``."""
         self._pending.drop(token)
 
-    async def _watch_champion(self) -> None:
-        """Hot-reload when the registry's champion alias moves (promotion or rollback).
-
-        Every gateway replica runs the loop, but only the one ranked 0 *now* acts (Serve
-        re-ranks replicas after a scale-down). A version whose bundle is refused is not tried
-        again until the alias moves; any other failure (registry unreachable, another reload in
-        progress) is retried with a growing pause.
-        """
-        seen: int | None = None
-        try:
-            seen = await asyncio.to_thread(champion_version, self._args.data_dir)
-        except Exception as err:  # no registry yet: the first promotion will be picked up
-            log.info("champion watcher: registry not readable yet (%s)", err)
-        retry_at, failures = 0.0, 0
-        while True:
-            await asyncio.sleep(self._args.watch_champion_s)
-            if time.monotonic() < retry_at:
-                continue
-            try:
-                latest = await asyncio.to_thread(champion_version, self._args.data_dir)
-            except Exception as err:
-                log.warning("champion watcher: registry unreadable (%s); will retry", err)
-                continue
-            if _replica_rank() != 0:  # another replica acts; follow the alias so as not to redo it
-                seen = latest  # when this one becomes rank 0 (after a scale-down)
-                continue
-            if latest is None or latest == seen:
-                continue
-            log.info("champion moved from %s to %s: hot reload", seen, latest)
-            try:
-                await self._reload(latest)
-            except (CorruptCheckpointError, ModelError, ConfigError) as err:
-                log.error(
-                    "hot reload to champion v%s refused, the current model keeps serving: %s", latest, err
-                )
-            except Exception as err:
-                failures = min(failures + 1, 16)  # (2**16 polls is far past the 30 min cap)
-                pause = min(self._args.watch_champion_s * 2**failures, 1800.0)
-                retry_at = time.monotonic() + pause
-                log.warning("hot reload to champion v%s failed (%s); retrying in %.0fs", latest, err, pause)
-                continue
-            seen, failures = latest, 0  # done, or refused for good: never retried on every poll
-
     async def _reload(self, version: int | None = None) -> dict[str, Any]:
         """Two-phase reload of every replica holding stages, all to one registry version.
 
@@ -527,7 +464,30 @@ class Gateway:
         async with self._reload_lock:
             if version is None and self._args.stages in ("auto", "recommender") and not self._args.factory:
                 version = await asyncio.to_thread(champion_version, self._args.data_dir)
-            return await self._two_phase(version)
+            try:
+                result = await self._two_phase(version)
+            except (CorruptCheckpointError, ModelError, ConfigError) as err:
+                await self._record_reload(version, "refused", f"{type(err).__name__}: {err}")
+                raise
+            except Exception as err:
+                await self._record_reload(version, "failed", f"{type(err).__name__}: {err}")
+                raise
+            await self._record_reload(version, "committed")
+            return result
+
+    async def _record_reload(self, version: int | None, outcome: str, detail: str = "") -> None:
+        """Every gateway replica remembers the outcome, so the status shows it whichever answers."""
+        ctx = serve.get_replica_context()
+        own = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+        try:
+            await own.broadcast("note_reload", version, outcome, detail).results_async()
+        except Exception as err:  # the outcome is still in this replica's log
+            log.warning("could not record the reload outcome on every replica: %s", err)
+            self.note_reload(version, outcome, detail)
+
+    def note_reload(self, version: int | None, outcome: str, detail: str = "") -> None:
+        """Record one reload outcome on this replica (``committed``, ``refused``, ``failed``)."""
+        self._history.record(version, outcome, detail)
 
     async def _two_phase(self, version: int | None) -> dict[str, Any]:
         ctx = serve.get_replica_context()

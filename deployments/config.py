@@ -54,7 +54,7 @@ def validate(cfg: dict[str, Any], source: str = "<serve config>") -> Any:
     """
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.runtime import ServeArgs
+    from streamrec.service.args import ServeArgs
 
     try:
         schema = ServeDeploySchema.model_validate(cfg)

@@ -161,6 +161,8 @@ class ResponseMetadata(ApiModel):
     Attributes:
         model_version: Ranker model version that served (or the fallback's name).
         degradation_level: Which level of the fallback chain served the request.
+        degradation_reason: Why the request was not served at ``full`` (each failed dependency
+            or level and what was served instead); None at ``full``.
         experiment_variant: A/B or canary variant, when the user is in an experiment.
         timings_ms: Milliseconds per stage (e.g. ``features``, ``retrieval``, ``ranking``, ``total``).
         unknown_exclude_ids: How many ``exclude`` ids are not in the catalog.
@@ -169,6 +171,7 @@ class ResponseMetadata(ApiModel):
 
     model_version: str
     degradation_level: DegradationLevel
+    degradation_reason: str | None = None
     experiment_variant: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     unknown_exclude_ids: int = Field(default=0, ge=0)

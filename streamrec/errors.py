@@ -84,3 +84,7 @@ class StageVersionMismatchError(ServingError):
 
     Never a missing retrieval source: the whole request goes to the fallback level.
     """
+
+
+class InjectedFaultError(ServingError):
+    """A fault switched on in the Serve config's ``faults`` block (fault tests); turn it off there."""

@@ -122,24 +122,39 @@ _DEFAULT_TIMEOUTS_MS: dict[DegradationLevel, float] = {
 
 
 class ResilienceConfig(StrictModel):
-    """Request budget and per-level timeouts for the serving fallback chain.
+    """Request budget, stage budgets, per-level timeouts and breakers of the serving chain.
 
     Attributes:
         request_budget_ms: Total time budget of one request (the p95 target is 200 ms).
         level_timeouts_ms: Per-level timeout; a level missing here is bounded only by the budget.
+        online_store_ms: Budget of the user-feature read; past it the request goes on with the
+            user's last known features (``stale_features``).
+        ranker_ms: Budget of the ranker's forward pass; past it the request is ordered by the
+            merged retrieval score (``simple_ranking``).
         breaker: Default settings for the breakers around remote calls.
+        breakers: Per-dependency overrides of ``breaker``, by dependency name (``online_store``,
+            ``ranker``, ``source:<name>``, ``funnel``).
+        cached_users: Users whose last good response is kept for the ``cached`` level (LRU).
     """
 
-    request_budget_ms: float = Field(default=180.0, gt=0)
+    request_budget_ms: float = Field(default=200.0, gt=0)
     level_timeouts_ms: dict[DegradationLevel, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: dict(_DEFAULT_TIMEOUTS_MS)
     )
+    online_store_ms: float = Field(default=40.0, gt=0)
+    ranker_ms: float = Field(default=60.0, gt=0)
     breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    breakers: dict[str, CircuitBreakerConfig] = Field(default_factory=dict)
+    cached_users: int = Field(default=10_000, ge=0)
 
     def level_timeout_s(self, level: DegradationLevel) -> float | None:
         """The timeout of ``level`` in seconds, or None when only the budget bounds it."""
         ms = self.level_timeouts_ms.get(level)
         return None if ms is None else ms / 1000.0
+
+    def breaker_for(self, name: str) -> CircuitBreakerConfig:
+        """The breaker settings of dependency ``name`` (its override, else the default)."""
+        return self.breakers.get(name, self.breaker)
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,6 +92,8 @@ class PopularityStages:
     """
 
     source_names: tuple[str, ...] = (SOURCE,)
+    #: In-memory numpy only: the runner calls these inline.
+    blocking = False
 
     def __init__(
         self,
@@ -265,7 +267,11 @@ class PopularityStages:
         return _lookup(self.item_ids, item_ids)
 
     # ------------------------------------------------------------------ stages
-    def user_context(self, request: RecommendRequest) -> UserContext:
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        """No online features: these stages use none."""
+        return {}
+
+    def user_context(self, request: RecommendRequest, features: dict[str, Any] | None = None) -> UserContext:
         """Resolve the user (unknown -> ``user_idx = -1``), seen items and ``exclude``."""
         uid = request.user_id
         user_idx = -1
@@ -341,6 +347,14 @@ class PopularityStages:
         keep = max(self.rank_keep, ctx.k)
         o = np.lexsort((candidates.items, -candidates.scores))[:keep]
         return Candidates(candidates.items[o], candidates.scores[o], [candidates.sources[i] for i in o])
+
+    def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
+        """:meth:`rank` per request."""
+        return [self.rank(c, m) for c, m in zip(ctxs, candidates, strict=True)]
+
+    def simple_rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """:meth:`rank` (already a ranking by retrieval score)."""
+        return self.rank(ctx, candidates)
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
         """The top ``k`` as a response at degradation level ``popularity``.

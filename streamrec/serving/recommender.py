@@ -1,22 +1,18 @@
 """The trained recommender as :class:`~streamrec.serving.stages.Stages` (what production serves).
 
 :func:`build_stages` loads the registry's ``champion`` bundle (verified), aligns the in-memory
-item table to it, and wraps a :class:`~streamrec.serving.funnel.Funnel`. Degradation inside the
-stages (the outer fallback to popularity lives in the deployments):
-
-* ``stale_features``: the online store is down -> the last features seen for the user in this
-  replica, else defaults (cold-start path);
-* ``simple_ranking``: the ranker fails -> candidates ordered by their merged retrieval score;
-* ``batch``: retrieval returned nothing -> the batch-precomputed top-50 of this model version.
+item table to it, and wraps a :class:`~streamrec.serving.funnel.Funnel`. The stages only compute;
+the degradation levels live where the failing dependency is called
+(:class:`~streamrec.service.runner.StageRunner`: ``stale_features``, ``simple_ranking``) and in
+the request policy (:class:`~streamrec.service.policy.FunnelService`: ``batch``, ``popularity``,
+``cached``). :meth:`RecommenderStages.simple_rank` is the ``simple_ranking`` order.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
 from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
 from streamrec.reranking.config import ReRankConfig
+from streamrec.serving.fallback import BatchTopN
 from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
 from streamrec.serving.stages import Candidates, UserContext, check_context_version
 
@@ -44,26 +41,27 @@ class RecommenderStages:
         features: Feature client for online user features (``online_user_features``), or None
             to serve every user from defaults.
         model_version: Version string reported in responses.
-        batch: Optional batch-precomputed top-N: ``user_id -> (item_ids, scores)``.
+        batch: The batch-precomputed top-N of this model version (the ``batch`` level).
         titles: Optional item titles by item index.
     """
+
+    #: Torch, FAISS and the online store: the runner calls these methods off the event loop.
+    blocking = True
 
     def __init__(
         self,
         funnel: Funnel,
         features: Any,
         model_version: str,
-        batch: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        batch: BatchTopN | None = None,
         titles: list[str | None] | None = None,
     ) -> None:
         self.funnel = funnel
         self.features = features
         self.model_version = model_version
         self.source_names = funnel.source_names
-        self.batch = batch or {}
+        self.batch = batch or BatchTopN.empty(model_version)
         self.titles = titles
-        self._last: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""
@@ -82,8 +80,8 @@ class RecommenderStages:
         ranker whose inputs do not match, an index of the wrong width. Loading (and every hot
         reload's prepare) runs this first, so such a bundle is refused before it serves.
 
-        ``stale_features`` passes too (the online store may be down at load; that is not the
-        bundle's fault).
+        An online store that is down at load is not the bundle's fault: the check then runs
+        on default features.
 
         Raises:
             ModelError: the model failed on a request, or a request degraded (e.g. to
@@ -95,7 +93,11 @@ class RecommenderStages:
         for user_id in users:
             request = RecommendRequest(user_id=user_id, k=10)
             try:
-                ctx = self.user_context(request)
+                try:
+                    feats = self.read_features(user_id)
+                except OnlineStoreUnavailableError:  # the store may be down at load: not the bundle's fault
+                    feats = {}
+                ctx = self.user_context(request, feats)
                 parts = {s: self.retrieve(s, ctx) for s in self.source_names}
                 out = self.rerank(ctx, self.rank(ctx, self.merge(ctx, parts)))
             except (StreamRecError, OSError, MemoryError):
@@ -112,28 +114,24 @@ class RecommenderStages:
                 )
 
     # ------------------------------------------------------------------ stages
-    def _user_features(self, user_id: int) -> tuple[dict[str, Any], str | None]:
-        if self.features is None:
-            return {}, None
-        try:
-            feats = self.features.online_user_features(user_id)
-        except OnlineStoreUnavailableError as err:
-            with self._lock:
-                cached = self._last.get(user_id)
-            log.warning(
-                "online store unavailable (%s): serving %s features", err, "stale" if cached else "default"
-            )
-            return (cached or {}), "stale_features"
-        with self._lock:
-            self._last[user_id] = feats
-            self._last.move_to_end(user_id)
-            while len(self._last) > 50_000:
-                self._last.popitem(last=False)
-        return feats, None
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        """The user's online features, defaults applied (blocking I/O).
 
-    def user_context(self, request: RecommendRequest) -> UserContext:
-        """Online features, history, query vectors and exclusions for one request."""
-        feats, degraded = self._user_features(request.user_id)
+        Raises:
+            OnlineStoreUnavailableError: the online store cannot be reached.
+        """
+        if self.features is None:
+            return {}
+        feats: dict[str, Any] = self.features.online_user_features(user_id)
+        return feats
+
+    def user_context(self, request: RecommendRequest, features: dict[str, Any] | None = None) -> UserContext:
+        """History, query vectors and exclusions for one request from ``features``.
+
+        ``features`` None reads them here (in-process callers: the self-check, tools);
+        the serving path reads them through the runner's guarded online-store call.
+        """
+        feats = self.read_features(request.user_id) if features is None else features
         ts = request.context.timestamp
         now = ts.timestamp() if ts is not None else time.time()
         fctx = self.funnel.context(
@@ -148,7 +146,6 @@ class RecommenderStages:
             history=fctx.history,
             exclude=fctx.exclude_rows,
             unknown_exclude_ids=fctx.unknown_exclude_ids,
-            degraded=[degraded] if degraded else [],
             state=fctx,
             model_version=self.model_version,
         )
@@ -171,8 +168,7 @@ class RecommenderStages:
         return Candidates(merged.items, merged.scores, merged.provenance(), features=src)
 
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
-        """DCN-V2 over the candidates; ordered by retrieval score if the ranker fails."""
-        self._same_model(ctx)  # (the batched path's merge has checked each request)
+        """DCN-V2 over the candidates, keeping the best (raises when the ranker fails)."""
         return self.rank_batch([ctx], [candidates])[0]
 
     def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
@@ -183,67 +179,64 @@ class RecommenderStages:
         and one kernel launch per layer for the batch). Scores are row-wise, so each request
         gets the scores it would get alone (up to float rounding in the matrix multiply).
 
-        A request whose inputs cannot be built, or every request when the forward pass fails,
-        is ordered by its merged retrieval score instead, and says ``simple_ranking``.
+        Raises:
+            ModelError: no ranker is loaded.
+            Exception: the ranker's inputs or forward pass failed (the runner then serves
+                :meth:`simple_rank`).
         """
         f = self.funnel
+        if f.ranker is None:
+            raise ModelError(f"model {self.model_version} has no ranker loaded")
         n_src = len(f.source_names)
-        scores: list[np.ndarray | None] = [None] * len(candidates)
-        failed: list[bool] = [False] * len(candidates)
-        inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True)):
-            if not len(cands):
-                continue
+        order = [i for i, c in enumerate(candidates) if len(c)]
+        for i in order:
+            self._same_model(ctxs[i])
+        inputs = {}
+        for i in order:
+            cands = candidates[i]
             src = cands.features if cands.features is not None else np.zeros((len(cands), n_src), np.float32)
-            try:
-                if f.ranker is None:
-                    raise ModelError("no ranker loaded")
-                inputs[i] = f.ranker_inputs(ctx.state, cands.items, src)
-            except Exception as err:  # the ranker must never take the request down
-                log.warning("ranker inputs failed (%s): simple ranking by retrieval score", err)
-                failed[i] = True
-        if inputs:
-            order = list(inputs)
-            try:
-                assert f.ranker is not None
-                if len(order) == 1:
-                    flat = f.ranker.score(*inputs[order[0]])
-                else:
-                    flat = f.ranker.score(
-                        np.concatenate([inputs[i][0] for i in order]),
-                        np.concatenate([inputs[i][1] for i in order]),
-                    )
-                bounds = np.cumsum([0] + [len(candidates[i]) for i in order])
-                for j, i in enumerate(order):
-                    scores[i] = flat[bounds[j] : bounds[j + 1]]
-            except Exception as err:
-                log.warning("ranker failed (%s): simple ranking by retrieval score", err)
-                for i in order:
-                    failed[i] = True
+            inputs[i] = f.ranker_inputs(ctxs[i].state, cands.items, src)
+        scores: dict[int, np.ndarray] = {}
+        if len(order) == 1:
+            scores[order[0]] = f.ranker.score(*inputs[order[0]])
+        elif order:
+            flat = f.ranker.score(
+                np.concatenate([inputs[i][0] for i in order]), np.concatenate([inputs[i][1] for i in order])
+            )
+            bounds = np.cumsum([0] + [len(candidates[i]) for i in order])
+            for j, i in enumerate(order):
+                scores[i] = flat[bounds[j] : bounds[j + 1]]
         return [
-            self._keep_best(ctx, cands, cands.scores if failed[i] else scores[i], failed[i])
+            self._keep_best(ctx, cands, scores.get(i), simple=False)
             for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True))
         ]
+
+    def simple_rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """The best candidates by merged retrieval score (the ``simple_ranking`` level)."""
+        return self._keep_best(ctx, candidates, candidates.scores, simple=True)
 
     def _keep_best(
         self, ctx: UserContext, candidates: Candidates, scores: np.ndarray | None, simple: bool
     ) -> Candidates:
         """The best ``settings.ranked`` (at least ``k``) of ``candidates`` by ``scores``."""
+        degraded = [*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded)
         if scores is None or not len(candidates):
-            return candidates
+            return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
         keep = np.argsort(-scores, kind="stable")[: max(self.funnel.settings.ranked, ctx.k)]
         return Candidates(
             candidates.items[keep],
             np.asarray(scores[keep], np.float32),
             [candidates.sources[i] for i in keep],
-            degraded=[*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded),
+            degraded=degraded,
+            reasons=list(candidates.reasons),
         )
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
-        """Business rules, then the response (batch fallback when retrieval found nothing)."""
+        """Business rules, then the response (no items when retrieval found nothing)."""
         f = self.funnel
         fctx = self._same_model(ctx)
         degraded = [*ctx.degraded, *ranked.degraded]
+        items: list[dict[str, Any]] = []
         if len(ranked):
             res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)
             items = [
@@ -256,10 +249,8 @@ class RecommenderStages:
                 }
                 for it in res.items
             ]
-        else:
-            items = self._batch_items(ctx)
-            degraded.append("batch")
         level = max(degraded, key=_LEVELS.index) if degraded else "full"
+        reasons = [*ctx.reasons, *ranked.reasons]
         return RecommendResponse.model_validate(
             {
                 "user_id": ctx.user_id,
@@ -267,6 +258,7 @@ class RecommenderStages:
                 "metadata": {
                     "model_version": self.model_version,
                     "degradation_level": level,
+                    "degradation_reason": "; ".join(reasons) or None,
                     "unknown_exclude_ids": ctx.unknown_exclude_ids,
                     "request_id": "",
                 },
@@ -276,32 +268,12 @@ class RecommenderStages:
     def _title(self, row: int) -> str | None:
         return self.titles[row] if self.titles is not None else None
 
-    def _batch_items(self, ctx: UserContext) -> list[dict[str, Any]]:
-        hit = self.batch.get(ctx.user_id)
-        if hit is None:
-            return []
-        ids, scores = hit
+    def seen_item_ids(self, ctx: UserContext) -> set[int]:
+        """Raw ids the batch level must not return: ``exclude``, and the history when seen items are suppressed."""
         rows = ctx.exclude
         if self.funnel.reranker.config.suppress_seen:  # as the re-ranker treats the history
             rows = np.concatenate([ctx.exclude, ctx.history])
-        drop = set(self.funnel.table.item_ids[rows].tolist())
-        out = [
-            {"item_id": int(i), "score": float(s), "sources": ["batch"]}
-            for i, s in zip(ids, scores, strict=True)
-            if int(i) not in drop
-        ]
-        return out[: ctx.k]
-
-
-def _load_batch(data_dir: Path, version: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    path = data_dir / "fallback" / version
-    if not path.is_dir():
-        return {}
-    frame = pd.read_parquet(path)
-    return {
-        int(u): (np.asarray(i, dtype=np.int64), np.asarray(s, dtype=np.float32))
-        for u, i, s in zip(frame["user_id"], frame["item_ids"], frame["scores"], strict=True)
-    }
+        return set(self.funnel.table.item_ids[rows].tolist())
 
 
 def serving_threads(n: int = 1) -> None:
@@ -383,6 +355,6 @@ def build_stages(
     items = store.items().set_index("item_id")
     titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
     titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None
-    stages = RecommenderStages(funnel, fc, label, _load_batch(root, label), titles)
+    stages = RecommenderStages(funnel, fc, label, BatchTopN.load(root, label), titles)
     log.info("loaded model %s from %s (%d items, %d users)", label, path, len(table), len(models.users))
     return stages

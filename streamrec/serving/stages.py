@@ -47,7 +47,8 @@ class UserContext:
         history: Recent item indices, most recent first (int64, may be empty).
         exclude: Item indices never to return (request ``exclude`` + seen items).
         unknown_exclude_ids: ``exclude`` ids not in the catalogue (ignored, counted).
-        degraded: Reasons the context is degraded (e.g. ``stale_features``), empty when healthy.
+        degraded: Degradation levels that applied to the context (e.g. ``stale_features``).
+        reasons: Why each of them applied (``metadata.degradation_reason``).
         state: Stage-private state computed once by ``user_context`` and carried to the later
             stages (e.g. the trained recommender's query vectors); opaque to compositions.
         model_version: The model version that built ``state`` (its item rows and vectors mean
@@ -64,6 +65,7 @@ class UserContext:
     exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     unknown_exclude_ids: int = 0
     degraded: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
     state: Any = None
     model_version: str = ""
 
@@ -81,6 +83,7 @@ class Candidates:
         degraded: Degradation levels the stage that produced these candidates fell back to
             (e.g. ``simple_ranking``). Carried with the result, not written into the context:
             in the cluster composition each stage holds its own copy of the context.
+        reasons: Why each of them applied (``metadata.degradation_reason``).
     """
 
     items: np.ndarray
@@ -88,18 +91,29 @@ class Candidates:
     sources: list[list[str]]
     features: np.ndarray | None = None
     degraded: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
 
 class Stages(Protocol):
-    """What a composition needs from the funnel's stages (implemented in ``recommender.py``)."""
+    """What a composition needs from the funnel's stages (the trained recommender, popularity, no-op).
+
+    ``blocking`` says whether the methods do blocking work (torch, FAISS, the online store):
+    :class:`~streamrec.service.runner.StageRunner` then runs them in worker threads under their
+    budgets; cheap in-memory stages run inline.
+    """
 
     source_names: tuple[str, ...]
+    blocking: bool
 
-    def user_context(self, request: Any) -> UserContext:
-        """Resolve the user, fetch online features and history, resolve ``exclude``."""
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        """The user's online features (blocking I/O; raises when the store is unavailable)."""
+        ...
+
+    def user_context(self, request: Any, features: dict[str, Any] | None = None) -> UserContext:
+        """Resolve the user, history and ``exclude`` from ``features`` (read them when None)."""
         ...
 
     def retrieve(self, source: str, ctx: UserContext) -> Candidates:
@@ -111,7 +125,15 @@ class Stages(Protocol):
         ...
 
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
-        """Score candidates with the ranker; keep the best ones."""
+        """Score candidates with the ranker; keep the best ones (raises when the ranker fails)."""
+        ...
+
+    def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
+        """:meth:`rank` for several requests at once."""
+        ...
+
+    def simple_rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """The best candidates by merged retrieval score (the ``simple_ranking`` level)."""
         ...
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:

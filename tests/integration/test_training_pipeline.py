@@ -270,9 +270,10 @@ def test_a_bundle_that_loads_but_cannot_answer_is_refused(
     trained: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Loading (at start and in every reload's prepare) serves a test request first."""
-    from deployments.runtime import ServeArgs, load_stages
     from streamrec.errors import ModelError
     from streamrec.models.scoring import RankerScorer
+    from streamrec.service.args import ServeArgs
+    from streamrec.service.loading import load_stages
 
     d = str(trained[0])
     assert load_stages(ServeArgs.parse({"data_dir": d, "stages": "recommender"})).kind == "recommender"

@@ -1,6 +1,6 @@
 """The HTTP gateway in-process (ASGI, no Ray): auth, limits, validation bodies, events, OpenAPI.
 
-The gateway runs here exactly as inside the Ray Serve ingress: ``deployments.runtime`` wires it to
+The gateway runs here exactly as inside the Ray Serve ingress: ``streamrec.service`` wires it to
 a FunnelService over real PopularityStages on a tiny stored world.
 """
 
@@ -20,24 +20,24 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.runtime import (
-    FunnelService,
-    ServeArgs,
-    SourceThreads,
-    build_gateway,
-    load_stages,
-    local_call,
-    local_primary,
-)
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth, AuthConfig, RateLimiter, hash_key
 from streamrec.data.store import DataStore
 from streamrec.errors import ServingError
 from streamrec.resilience import ResilienceConfig
+from streamrec.service.args import ServeArgs
+from streamrec.service.http import build_gateway
+from streamrec.service.loading import load_stages
+from streamrec.service.policy import FunnelService
+from streamrec.service.runner import StageRunner, local_primary
 from streamrec.serving.events import EventLog
 from streamrec.serving.gateway import GatewayLimits, create_app
 from streamrec.serving.popularity import PopularityStages
 from streamrec.serving.stages import run_funnel
+
+
+def _runner(threads: int = 1) -> StageRunner:
+    return StageRunner(ResilienceConfig(), 10.0, threads)
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 USERS = list(range(1, 11))
@@ -99,7 +99,7 @@ def make_client(world: Path, tmp_path: Path, **limits: Any) -> tuple[TestClient,
     """Gateway over PopularityStages with a copy of the event log in tmp_path."""
     stages = PopularityStages.from_data_dir(world)
     holder: dict[str, Any] = {"stages": stages, "reloads": 0, "fail_reload": False}
-    service = FunnelService(local_primary(lambda: holder["stages"]), None, ResilienceConfig(), 0.1)
+    service = FunnelService(local_primary(lambda: holder["stages"], _runner()), None, ResilienceConfig(), 0.1)
 
     async def reload() -> dict[str, Any]:
         if holder["fail_reload"]:
@@ -552,7 +552,7 @@ def test_funnel_falls_back_to_popularity_when_primary_fails(world: Path) -> None
             raise RuntimeError("ranker crashed")
 
     broken = Broken.from_data_dir(world)
-    service = FunnelService(local_primary(lambda: broken), pop, ResilienceConfig(), 0.1)
+    service = FunnelService(local_primary(lambda: broken, _runner()), pop, ResilienceConfig(), 0.1)
     resp = asyncio.run(service(RecommendRequest(user_id=1, k=3)))
     assert resp.metadata.degradation_level == "popularity" and "failed:full" in resp.metadata.timings_ms
     assert [i.item_id for i in resp.items] == [102, 103, 104]
@@ -583,7 +583,7 @@ def test_load_stages_auto_falls_back_to_popularity(world: Path) -> None:
 def test_serve_args_rerank_rules_reach_the_recommender_factory(
     world: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import deployments.runtime as runtime
+    import streamrec.service.loading as runtime
     from streamrec.errors import ConfigError
 
     got: dict[str, Any] = {}
@@ -606,7 +606,7 @@ def test_serve_args_rerank_rules_reach_the_recommender_factory(
 def test_in_process_funnel_matches_direct_stage_calls(world: Path) -> None:
     stages = PopularityStages.from_data_dir(world)
     req = RecommendRequest(user_id=3, k=7, exclude=[100])
-    *_, out, timings = asyncio.run(run_funnel(local_call(stages), req, stages.source_names, 0.1))
+    *_, out, timings = asyncio.run(run_funnel(_runner().call_for(stages), req, stages.source_names, 0.1))
     ctx = stages.user_context(req)
     direct = stages.rerank(
         ctx, stages.rank(ctx, stages.merge(ctx, {"popularity": stages.retrieve("popularity", ctx)}))
@@ -618,6 +618,8 @@ def test_in_process_funnel_matches_direct_stage_calls(world: Path) -> None:
 class _MeetingSources:
     """Popularity stages under the given source names whose ``retrieve`` returns only once all
     of them are running at the same time (a barrier), or blocks on ``stuck`` for source ``slow``."""
+
+    blocking = True  # run by the StageRunner in its worker threads, as the trained stages are
 
     def __init__(self, world: Path, names: tuple[str, ...], wait_s: float) -> None:
         self._inner = PopularityStages.from_data_dir(world)
@@ -643,13 +645,12 @@ def test_source_threads_run_a_requests_sources_together(world: Path) -> None:
     names = ("a", "b", "c", "d")
     req = RecommendRequest(user_id=3, k=5)
     threaded = _MeetingSources(world, names, wait_s=5.0)
-    pool = SourceThreads(4)
-    _, parts, _, _, out, timings = asyncio.run(run_funnel(local_call(threaded, pool), req, names, 10.0))
+    _, parts, _, _, out, timings = asyncio.run(run_funnel(_runner(4).call_for(threaded), req, names, 10.0))
     assert sorted(parts) == list(names) and not [k for k in timings if k.startswith("missing:")]
     assert len(out.items) == 5
-    # Inline (0 threads) the sources run one after the other: the barrier can never fill.
-    inline = _MeetingSources(world, names, wait_s=0.05)
-    _, parts, *_ = asyncio.run(run_funnel(local_call(inline, SourceThreads(0)), req, names, 10.0))
+    # On one thread the sources run one after the other: the barrier can never fill.
+    serial = _MeetingSources(world, names, wait_s=0.05)
+    _, parts, *_ = asyncio.run(run_funnel(_runner(1).call_for(serial), req, names, 10.0))
     assert parts == {}
 
 
@@ -659,7 +660,7 @@ def test_source_threads_leave_a_late_source_behind(world: Path) -> None:
     req = RecommendRequest(user_id=3, k=5)
     try:
         _, parts, _, _, out, timings = asyncio.run(
-            run_funnel(local_call(stages, SourceThreads(2)), req, names, 0.05)
+            run_funnel(StageRunner(ResilienceConfig(), 0.05, 2).call_for(stages), req, names, 0.05)
         )
     finally:
         stages.stuck.set()  # release the worker thread
@@ -672,7 +673,7 @@ def test_build_gateway_reads_keys_and_opens_the_log(world: Path) -> None:
         {"data_dir": str(world), "auth": {"keys": [], "use_env_key": True}, "event_log_fsync": False}
     )
     service = FunnelService(
-        local_primary(lambda: PopularityStages.from_data_dir(world)), None, ResilienceConfig(), 0.1
+        local_primary(lambda: PopularityStages.from_data_dir(world), _runner()), None, ResilienceConfig(), 0.1
     )
     app, log = build_gateway(args, service, environ={"STREAMREC_API_KEY": "env-key-0123456789abcdef"})
     assert log is not None and log.root == DataStore(world).layout.event_log
@@ -755,7 +756,7 @@ def test_settle_heap_freezes_live_objects_and_releases_replaced_ones() -> None:
     import gc
     import weakref
 
-    from deployments.runtime import settle_heap
+    from streamrec.service.loading import settle_heap
 
     class Stage:
         pass
@@ -800,11 +801,11 @@ def test_admin_status_merges_replicas_counters_summed_flags_all_others_listed() 
 
 
 def test_one_reload_at_a_time_per_replica_and_abandoned_ones_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    import deployments.app as app
+    import streamrec.service.reload as app
 
     clock = [1000.0]
     monkeypatch.setattr(app.time, "monotonic", lambda: clock[0])
-    pending = app._PendingReloads()
+    pending = app.PendingReloads()
     pending.claim("a")
     pending.keep("a", object())  # a prepared bundle
     pending.claim("a")  # the same reload again: fine
@@ -844,9 +845,9 @@ def test_the_events_answer_says_how_many_the_streaming_push_missed(world: Path, 
 
 
 def test_a_prepare_overtaken_by_its_abort_keeps_nothing() -> None:
-    import deployments.app as app
+    import streamrec.service.reload as app
 
-    pending = app._PendingReloads()
+    pending = app.PendingReloads()
     pending.claim("t")
     pending.keep("t", "bundle")  # not aborted: kept
     assert pending.take("t") == "bundle"

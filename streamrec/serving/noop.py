@@ -27,6 +27,7 @@ class NoopStages:
     """
 
     model_version = "noop"
+    blocking = False
 
     def __init__(self, source_names: tuple[str, ...] = ("popularity",)) -> None:
         self.source_names = tuple(source_names)
@@ -36,7 +37,11 @@ class NoopStages:
         """Facts for health endpoints."""
         return {"stages": "NoopStages", "source_names": list(self.source_names)}
 
-    def user_context(self, request: RecommendRequest) -> UserContext:
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        """No online features: these stages use none."""
+        return {}
+
+    def user_context(self, request: RecommendRequest, features: dict[str, Any] | None = None) -> UserContext:
         """A context with nothing looked up."""
         return UserContext(
             user_id=request.user_id, user_idx=-1, k=request.k, now=time.time(), device=request.context.device
@@ -53,6 +58,14 @@ class NoopStages:
     def rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
         """The input, unchanged."""
         return candidates
+
+    def rank_batch(self, ctxs: list[UserContext], candidates: list[Candidates]) -> list[Candidates]:
+        """:meth:`rank` per request."""
+        return [self.rank(c, m) for c, m in zip(ctxs, candidates, strict=True)]
+
+    def simple_rank(self, ctx: UserContext, candidates: Candidates) -> Candidates:
+        """:meth:`rank` (already a ranking by retrieval score)."""
+        return self.rank(ctx, candidates)
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
         """A constant response of ``k`` placeholder items."""

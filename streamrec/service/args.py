@@ -1,0 +1,119 @@
+"""The application builder's arguments (the ``args:`` block of a Serve config), validated strictly."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from streamrec.auth import AuthConfig
+from streamrec.config import StrictModel, parse_config
+from streamrec.reranking.config import ReRankConfig
+from streamrec.resilience import ResilienceConfig
+from streamrec.serving.gateway import GatewayLimits
+
+#: The stages a composition may be asked to serve.
+StagesKind = Literal["auto", "recommender", "popularity", "noop"]
+
+
+
+class RankerBatch(StrictModel):
+    """``@serve.batch`` settings of the cluster ranker.
+
+    Attributes:
+        max_batch_size: Most requests ranked together.
+        batch_wait_timeout_s: Longest wait for a batch to fill.
+    """
+
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+
+
+class FaultInjection(StrictModel):
+    """Faults injected on purpose (fault tests, game days); all off by default.
+
+    Attributes:
+        ranker_error: Every ranker call raises :class:`~streamrec.errors.InjectedFaultError`.
+        ranker_delay_ms: Every ranker call first sleeps this long in its worker thread (a slow
+            or hung ranker; past the ranker budget the request is served at ``simple_ranking``).
+    """
+
+    ranker_error: bool = False
+    ranker_delay_ms: float = Field(default=0.0, ge=0)
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault is switched on."""
+        return self.ranker_error or self.ranker_delay_ms > 0
+
+
+class ServeArgs(StrictModel):
+    """Arguments of :func:`deployments.app.build_app` (the ``args:`` of a Serve config).
+
+    Attributes:
+        data_dir: Data directory (``$STREAMREC_HOME`` / ``./.streamrec`` when omitted).
+        composition: ``fused`` (one ingress deployment, stages in-process) or ``cluster`` (one
+            deployment per stage, called through handles).
+        stages: ``auto`` (trained recommender when available, else popularity), ``recommender``
+            (fail when it cannot load), ``popularity`` or ``noop`` (benchmark floor).
+        factory: ``module:callable`` overriding ``stages``; called as ``f(data_dir, **factory_kwargs)``.
+        factory_kwargs: Keyword arguments of the recommender factory.
+        popularity: Keyword arguments of ``PopularityStages.from_data_dir`` (``window_days``...).
+        noop_sources: Source names of the no-op stages (match the real topology's sources).
+        fallback: Keep an in-process popularity level as the last fallback (ignored when
+            ``stages: popularity`` in the fused composition: nothing to fall back to).
+        source_timeout_ms: Deadline of each retrieval source.
+        resilience: Request budget, per-level timeouts and circuit breaker of the primary level.
+        auth: API keys (``STREAMREC_API_KEY`` is read in the replica).
+        limits: Body size and rate limits.
+        event_log: Serve ``POST /v1/events`` with the durable log under the data directory.
+        event_log_fsync: fsync before acknowledging events (keep on outside benchmarks).
+        events_sink: ``module:callable`` returning the streaming sink: called as
+            ``f(data_dir)`` and must return a callable taking a list of event records
+            (:func:`feature_client_sink`: the feature client's ``push_interactions``).
+        ranker_batch: ``@serve.batch`` settings of the cluster ranker.
+        rerank: The trained recommender's re-ranking rules (per-category cap in the top
+            window, freshness and fairness quotas, content policy, seen-item suppression,
+            promoted boost; :class:`~streamrec.reranking.config.ReRankConfig`). Omitted keys
+            keep their defaults; unknown keys are errors.
+        source_threads: Worker threads that run retrieval-source calls (fused gateway, cluster
+            ``Retriever``); 0 runs them on the replica's event loop, one after the other. With
+            threads the sources of a request overlap (FAISS, numpy and SQLite release the GIL)
+            and a source past its deadline is left behind while the request goes on.
+        watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
+            hot-reload every replica when it moves (0 turns the watcher off).
+        faults: Fault injection (off by default; see :class:`FaultInjection`).
+    """
+
+    data_dir: str | None = None
+    composition: Literal["fused", "cluster"] = "fused"
+    stages: StagesKind = "auto"
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = Field(default_factory=dict)
+    popularity: dict[str, Any] = Field(default_factory=dict)
+    noop_sources: list[str] = Field(default_factory=lambda: ["popularity"], min_length=1)
+    fallback: bool = True
+    source_timeout_ms: float = Field(default=80.0, gt=0)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: GatewayLimits = Field(default_factory=GatewayLimits)
+    event_log: bool = True
+    event_log_fsync: bool = True
+    events_sink: str | None = None
+    ranker_batch: RankerBatch = Field(default_factory=RankerBatch)
+    rerank: ReRankConfig = Field(default_factory=ReRankConfig)
+    source_threads: int = Field(default=0, ge=0, le=64)
+    watch_champion_s: float = Field(default=30.0, ge=0)
+    faults: FaultInjection = Field(default_factory=FaultInjection)
+
+    @classmethod
+    def parse(cls, args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
+        """Validate builder arguments into a :class:`ServeArgs`.
+
+        Raises:
+            ConfigError: naming every unknown or invalid key.
+        """
+        if isinstance(args, ServeArgs):
+            return args
+        return parse_config(args or {}, cls, "Serve application args")
+

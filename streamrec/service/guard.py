@@ -1,0 +1,93 @@
+"""A blocking dependency called off the event loop, under a time budget and a circuit breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from streamrec.resilience import CircuitBreaker, CircuitBreakerConfig, CircuitOpenError, DeadlineExceededError
+
+T = TypeVar("T")
+
+
+class DependencyTimeoutError(DeadlineExceededError):
+    """A dependency gave no answer within its budget (its worker thread is left behind)."""
+
+
+class Dependency:
+    """Runs a blocking callable (online-store read, ranker forward) in a bounded thread pool.
+
+    The caller awaits the result for at most the budget; a call still running then is left
+    behind (its thread finishes in the background, the result is dropped) and counts as a
+    failure of the breaker. Once the breaker opens, calls are refused at once without touching
+    the pool, so a hung dependency costs a request nothing until the breaker's next trial call.
+    The pool is bounded: when every worker is stuck in a hung call, new calls queue and time
+    out (a queued call that times out never starts).
+
+    Args:
+        name: Name in errors, logs and status (``online_store``, ``ranker``...).
+        budget_s: Default budget of one call, seconds.
+        breaker: Breaker settings.
+        workers: Threads of the dependency's own pool.
+        pool: A pool shared with other dependencies instead of an own one (not shut down by
+            :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        budget_s: float,
+        breaker: CircuitBreakerConfig,
+        workers: int = 2,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.name = name
+        self.budget_s = budget_s
+        self.breaker = CircuitBreaker.from_config(name, breaker)
+        self._owns_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix=f"dep-{name}")
+        self.counts = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "refused": 0}
+
+    async def call(self, fn: Callable[..., T], *args: Any, budget_s: float | None = None) -> T:
+        """``fn(*args)`` in the pool, awaited for at most ``budget_s`` (default: the dependency's).
+
+        Raises:
+            CircuitOpenError: the breaker is open (``fn`` was not called).
+            DependencyTimeoutError: no result within the budget.
+            Exception: whatever ``fn`` raised.
+        """
+        budget = self.budget_s if budget_s is None else budget_s
+        self.counts["calls"] += 1
+        if not self.breaker.allow():
+            self.counts["refused"] += 1
+            raise CircuitOpenError(self.name, self.breaker.retry_after())
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        try:
+            result = await asyncio.wait_for(fut, max(budget, 0.0))
+        except TimeoutError:
+            self.breaker.record_failure()
+            self.counts["timeouts"] += 1
+            raise DependencyTimeoutError(f"{self.name} gave no answer within {budget * 1e3:.0f} ms") from None
+        except asyncio.CancelledError:
+            self.breaker.release()
+            raise
+        except Exception:
+            self.breaker.record_failure()
+            self.counts["errors"] += 1
+            raise
+        self.breaker.record_success()
+        self.counts["ok"] += 1
+        return result
+
+    def snapshot(self) -> dict[str, Any]:
+        """The breaker's state and the call counters (for ``/readyz`` and the admin status)."""
+        return {**self.breaker.snapshot(), "budget_ms": round(self.budget_s * 1e3, 3), **self.counts}
+
+    def close(self) -> None:
+        """Stop the own pool (threads stuck in a hung call end when it returns)."""
+        if self._owns_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,264 @@
+"""The request's degradation policy: one chain for both compositions.
+
+``full`` -> ``stale_features`` -> ``simple_ranking`` -> ``batch`` -> ``popularity`` -> ``cached``.
+
+The first three are the funnel (:func:`~streamrec.serving.stages.run_funnel`); the runner that
+calls the failing dependency picks ``stale_features`` or ``simple_ranking``
+(:mod:`streamrec.service.runner`). :class:`FunnelService` bounds the funnel by its level timeout
+and the request budget, guards it with a breaker, and falls through the in-memory levels when it
+fails, times out or finds nothing: the batch job's top-50 of the serving model version, the
+in-process popularity stages, the user's last good response. A response short of ``k`` items is
+filled from the later levels. ``metadata.degradation_reason`` says what failed and what served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from streamrec.api_models import RecommendedItem, RecommendRequest, RecommendResponse
+from streamrec.errors import ServingError
+from streamrec.resilience import (
+    AllLevelsFailedError,
+    CircuitBreaker,
+    Deadline,
+    DegradationLevel,
+    FallbackChain,
+    FallbackStep,
+    LevelFailure,
+    ResilienceConfig,
+)
+from streamrec.service.runner import Call, StageRunner
+from streamrec.serving.fallback import BatchTopN, Item, ResponseCache
+from streamrec.serving.stages import Stages, run_funnel
+
+log = logging.getLogger(__name__)
+
+#: Levels whose answers are kept for the ``cached`` level.
+_GOOD: frozenset[str] = frozenset({"full", "stale_features", "simple_ranking"})
+
+
+class EmptyFunnelError(ServingError):
+    """The funnel answered with no items (every source missed or found nothing)."""
+
+
+def as_response(out: Any) -> RecommendResponse:
+    """The rerank stage's output as a :class:`RecommendResponse` (a dict is validated)."""
+    if isinstance(out, RecommendResponse):
+        return out
+    return RecommendResponse.model_validate(out)
+
+
+def _failure_text(f: LevelFailure) -> str:
+    return f"{f.level}: {f.reason}" + (f" ({f.error})" if f.error else "")
+
+
+class FunnelService:
+    """Serve one request through the whole degradation chain (module docstring).
+
+    Args:
+        primary: ``async () -> (call, source_names)`` for the current stages, looked up per
+            request (a reload swaps it atomically: in-flight requests keep the call they have).
+        fallback: In-process popularity stages, or None (then the funnel runs without a
+            deadline: with no popularity level, slow beats failed).
+        resilience: Budgets, level timeouts and breaker settings.
+        source_timeout_s: Per-retrieval-source deadline.
+        batch: ``() -> BatchTopN`` of the serving model version (None: no batch level).
+    """
+
+    def __init__(
+        self,
+        primary: Callable[[], Awaitable[tuple[Call, tuple[str, ...]]]],
+        fallback: Stages | None,
+        resilience: ResilienceConfig,
+        source_timeout_s: float,
+        batch: Callable[[], BatchTopN | None] | None = None,
+    ) -> None:
+        self._primary = primary
+        self._fallback = fallback
+        self._resilience = resilience
+        self._source_timeout_s = source_timeout_s
+        self._batch = batch or (lambda: None)
+        self._inline = StageRunner(resilience, source_timeout_s)  # popularity: non-blocking, inline
+        cfg = resilience.breaker_for("funnel")
+        self.breaker = CircuitBreaker(
+            "funnel",
+            cfg.failure_threshold,
+            cfg.reset_timeout_s,
+            half_open_max_calls=cfg.half_open_max_calls,
+            success_threshold=cfg.success_threshold,
+            ignore=(EmptyFunnelError,),  # a user with no candidates says nothing of the funnel's health
+        )
+        self.cache = ResponseCache(resilience.cached_users)
+        self.served: dict[str, int] = {}
+        self.fallbacks = 0
+        self.backfilled = 0
+        bounded = fallback is not None
+        steps: list[FallbackStep[RecommendResponse]] = [
+            FallbackStep(
+                "full",
+                self._run_primary,
+                timeout_s=resilience.level_timeout_s("full") if bounded else None,
+                breaker=self.breaker if bounded else None,
+            ),
+            FallbackStep("batch", self._run_batch, run_past_deadline=True),
+        ]
+        if fallback is not None:
+            steps.append(FallbackStep("popularity", self._run_fallback, run_past_deadline=True))
+        steps.append(FallbackStep("cached", self._run_cached, run_past_deadline=True))
+        self._chain: FallbackChain[RecommendResponse] = FallbackChain(steps)
+        self._fill: dict[DegradationLevel, Callable[[RecommendRequest], Awaitable[list[Item]]]] = {
+            "batch": self._batch_items,
+            "popularity": self._popularity_items,
+            "cached": self._cached_items,
+        }
+
+    def set_fallback(self, fallback: Stages | None) -> None:
+        """Replace the in-process fallback stages (after a reload)."""
+        if (fallback is None) != (self._fallback is None):
+            raise ValueError("a FunnelService cannot gain or lose its fallback level")
+        self._fallback = fallback
+
+    # ------------------------------------------------------------------ levels
+    async def _run_primary(self, request: RecommendRequest, empty: list[RecommendResponse]) -> RecommendResponse:
+        call, sources = await self._primary()
+        *_, out, timings = await run_funnel(call, request, sources, self._source_timeout_s)
+        resp = as_response(out)
+        if not resp.items:  # the later levels may have items; if none has, this is the answer
+            empty.append(resp)
+            missing = [k.split(":", 1)[1] for k in timings if k.startswith("missing:")]
+            raise EmptyFunnelError(
+                "the funnel found no candidates" + (f" (sources missing: {', '.join(missing)})" if missing else "")
+            )
+        resp.metadata.timings_ms = {k: round(v, 3) for k, v in timings.items()}
+        return resp
+
+    def _drop(self, request: RecommendRequest) -> set[int]:
+        return {int(i) for i in request.exclude if isinstance(i, int)}
+
+    async def _batch_items(self, request: RecommendRequest) -> list[Item]:
+        batch = self._batch()
+        return [] if batch is None else batch.items(request.user_id, request.k, self._drop(request))
+
+    async def _run_batch(self, request: RecommendRequest, _: Any = None) -> RecommendResponse:
+        items = await self._batch_items(request)
+        if not items:
+            raise LookupError("no precomputed list for this user")
+        batch = self._batch()
+        return self._response(request, items, "batch", batch.version if batch else "batch")
+
+    async def _run_fallback(self, request: RecommendRequest, _: Any = None) -> RecommendResponse:
+        stages = self._fallback
+        if stages is None:  # pragma: no cover - the step exists only with a fallback
+            raise ServingError("no fallback stages configured")
+        *_, out, timings = await run_funnel(
+            self._inline.call_for(stages), request, stages.source_names, self._source_timeout_s
+        )
+        resp = as_response(out)
+        resp.metadata.timings_ms = {k: round(v, 3) for k, v in timings.items()}
+        return resp
+
+    async def _popularity_items(self, request: RecommendRequest) -> list[Item]:
+        if self._fallback is None:
+            return []
+        resp = await self._run_fallback(request)
+        return [it.model_dump(exclude_none=True) for it in resp.items]
+
+    async def _cached_items(self, request: RecommendRequest) -> list[Item]:
+        return self.cache.items(request.user_id, request.k, self._drop(request))
+
+    async def _run_cached(self, request: RecommendRequest, _: Any = None) -> RecommendResponse:
+        items = await self._cached_items(request)
+        if not items:
+            raise LookupError("no earlier answer for this user is cached")
+        return self._response(request, items, "cached", "cached")
+
+    @staticmethod
+    def _response(request: RecommendRequest, items: list[Item], level: str, version: str) -> RecommendResponse:
+        return RecommendResponse.model_validate(
+            {
+                "user_id": request.user_id,
+                "items": items,
+                "metadata": {"model_version": version, "degradation_level": level, "request_id": ""},
+            }
+        )
+
+    # ------------------------------------------------------------------ the request
+    async def __call__(self, request: RecommendRequest) -> RecommendResponse:
+        """The response for ``request``: ``k`` items whenever any level can supply them.
+
+        Raises:
+            ServingError: every level failed (no model, no batch list, no popularity, nothing
+                cached for this user).
+        """
+        deadline = (
+            Deadline.after_ms(self._resilience.request_budget_ms) if self._fallback is not None else None
+        )
+        empty: list[RecommendResponse] = []
+        try:
+            result = await self._chain.arun(request, empty, deadline=deadline)
+        except AllLevelsFailedError as err:
+            if empty:  # the funnel worked and nothing anywhere has items for this user
+                self.served["full"] = self.served.get("full", 0) + 1
+                return empty[0]
+            raise ServingError(str(err)) from err
+        resp = result.value
+        reasons = [_failure_text(f) for f in result.failures]
+        if resp.metadata.degradation_reason:
+            reasons.insert(0, resp.metadata.degradation_reason)
+        if result.failures:
+            self.fallbacks += 1
+            f = result.failures[0]
+            log.warning("primary funnel did not serve (%s: %s); served %s", f.reason, f.error, result.level)
+            resp.metadata.timings_ms[f"failed:{f.level}"] = round(f.elapsed_ms, 3)
+        if len(resp.items) < request.k:
+            reasons += await self._backfill(request, resp, result.level)
+        level = resp.metadata.degradation_level
+        if reasons:
+            resp.metadata.degradation_reason = "; ".join(reasons)
+        if level in _GOOD:
+            self.cache.put(request.user_id, [it.model_dump(exclude_none=True) for it in resp.items])
+        self.served[level] = self.served.get(level, 0) + 1
+        return resp
+
+    async def _backfill(
+        self, request: RecommendRequest, resp: RecommendResponse, served: DegradationLevel
+    ) -> list[str]:
+        """Fill ``resp`` up to ``k`` items from the levels after ``served``; what was added."""
+        have = {it.item_id for it in resp.items} | self._drop(request)
+        notes: list[str] = []
+        for level, fetch in self._fill.items():
+            if len(resp.items) >= request.k:
+                break
+            levels = self._chain.levels
+            if level not in levels or levels.index(level) <= levels.index(served):
+                continue
+            try:
+                extra = await fetch(request)
+            except Exception as err:  # a filler level failing only leaves the answer short
+                log.debug("backfill from %s failed: %s", level, err)
+                continue
+            added = 0
+            for it in extra:
+                if len(resp.items) >= request.k:
+                    break
+                if it["item_id"] in have:
+                    continue
+                have.add(it["item_id"])
+                resp.items.append(RecommendedItem.model_validate(it))
+                added += 1
+            if added:
+                self.backfilled += 1
+                notes.append(f"{added} item(s) backfilled from {level}")
+        return notes
+
+    def snapshot(self) -> dict[str, Any]:
+        """Responses per level, fallbacks, backfills, the funnel breaker and the cache size."""
+        return {
+            "served_by_level": dict(self.served),
+            "fallbacks": self.fallbacks,
+            "backfilled": self.backfilled,
+            "breaker": self.breaker.snapshot(),
+            "cached_users": len(self.cache),
+        }

@@ -1,0 +1,221 @@
+"""Stage calls off the event loop, each blocking dependency under its budget and breaker.
+
+A :class:`StageRunner` is what a replica holding stages runs them through: the fused gateway for
+every stage, and each cluster stage deployment for its own. It implements the inner levels of
+the degradation chain where the failing dependency lives:
+
+* ``stale_features``: the online-store read failed, timed out or its breaker is open -> the
+  user's last known features in this replica, else defaults (the cold-start path);
+* ``simple_ranking``: the ranker failed, timed out or its breaker is open -> the merged
+  candidates ordered by their retrieval score;
+* a retrieval source that fails or times out is left out of the union (its breaker opens when
+  it keeps failing, so a dead source costs nothing).
+
+Stages whose methods are cheap in-memory work (``blocking = False``: popularity, no-op) run
+inline; the trained recommender's (torch, FAISS, the online store) run in worker threads, so
+the event loop keeps answering other requests and ``/healthz`` whatever a dependency does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from cachetools import LRUCache
+
+from streamrec.errors import InjectedFaultError, StageVersionMismatchError
+from streamrec.resilience import ResilienceConfig
+from streamrec.service.args import FaultInjection
+from streamrec.service.guard import Dependency
+from streamrec.serving.stages import Candidates, Stages, UserContext
+
+log = logging.getLogger(__name__)
+
+#: ``call(stage_name, *args)``: how :func:`~streamrec.serving.stages.run_funnel` reaches a stage.
+Call = Callable[..., Awaitable[Any]]
+
+
+def _why(err: BaseException) -> str:
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class StageRunner:
+    """Runs one replica's stage calls with the inner degradation levels (module docstring).
+
+    Args:
+        resilience: Stage budgets and breaker settings.
+        source_timeout_s: Budget of each retrieval source.
+        source_threads: Worker threads for context building and retrieval (at least 1).
+        faults: Fault injection (off by default).
+        known_users: Users whose last good features are kept for ``stale_features``.
+    """
+
+    def __init__(
+        self,
+        resilience: ResilienceConfig,
+        source_timeout_s: float,
+        source_threads: int = 1,
+        faults: FaultInjection | None = None,
+        known_users: int = 50_000,
+    ) -> None:
+        self._resilience = resilience
+        self._source_timeout_s = source_timeout_s
+        self._faults = faults or FaultInjection()
+        self._compute = ThreadPoolExecutor(max(1, source_threads), thread_name_prefix="funnel")
+        self.online = Dependency(
+            "online_store", resilience.online_store_ms / 1e3, resilience.breaker_for("online_store"), workers=2
+        )
+        self.ranker = Dependency("ranker", resilience.ranker_ms / 1e3, resilience.breaker_for("ranker"), 1)
+        self._sources: dict[str, Dependency] = {}
+        self._last: LRUCache[int, dict[str, Any]] = LRUCache(maxsize=max(1, known_users))
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    async def _compute_call(self, stages: Stages, fn: Callable[..., Any], *args: Any) -> Any:
+        if not getattr(stages, "blocking", False):
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
+
+    def _source(self, name: str) -> Dependency:
+        dep = self._sources.get(name)
+        if dep is None:
+            cfg = self._resilience.breaker_for(f"source:{name}")
+            dep = Dependency(f"source:{name}", self._source_timeout_s, cfg, pool=self._compute)
+            dep = self._sources.setdefault(name, dep)
+        return dep
+
+    # ------------------------------------------------------------------ stages
+    async def user_context(self, stages: Stages, request: Any) -> UserContext:
+        """Online features (guarded; stale on failure), then the context built off the loop."""
+        features: dict[str, Any] | None = None
+        reason = ""
+        user_id = int(request.user_id)
+        if getattr(stages, "blocking", False):
+            try:
+                features = await self.online.call(stages.read_features, user_id)
+            except StageVersionMismatchError:
+                raise
+            except Exception as err:
+                with self._lock:
+                    known = self._last.get(user_id)
+                features = dict(known) if known is not None else {}
+                reason = f"online_store: {_why(err)}; " + (
+                    "served the user's last known features" if known is not None else "served default features"
+                )
+                log.debug("stale features for user %s: %s", user_id, reason)
+            else:
+                with self._lock:
+                    self._last[user_id] = features
+        ctx: UserContext = await self._compute_call(stages, stages.user_context, request, features)
+        if reason:
+            ctx.degraded.append("stale_features")
+            ctx.reasons.append(reason)
+        return ctx
+
+    async def retrieve(self, stages: Stages, source: str, ctx: UserContext) -> Candidates:
+        """One source's candidates (raises when it fails or misses its budget)."""
+        if not getattr(stages, "blocking", False):
+            return stages.retrieve(source, ctx)
+        result: Candidates = await self._source(source).call(stages.retrieve, source, ctx)
+        return result
+
+    def merge(self, stages: Stages, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
+        """The merge stage (cheap numpy: runs inline)."""
+        return stages.merge(ctx, parts)
+
+    async def rank(self, stages: Stages, ctx: UserContext, merged: Candidates) -> Candidates:
+        """The ranker (guarded); the merged retrieval order when it fails."""
+        return (await self.rank_batch(stages, [ctx], [merged]))[0]
+
+    async def rank_batch(
+        self, stages: Stages, ctxs: list[UserContext], merged: list[Candidates]
+    ) -> list[Candidates]:
+        """:meth:`rank` for several requests with one ranker call (the cluster's ``@serve.batch``)."""
+        if not getattr(stages, "blocking", False):
+            return [stages.rank(c, m) for c, m in zip(ctxs, merged, strict=True)]
+        try:
+            ranked: list[Candidates] = await self.ranker.call(self._ranker_fn(stages), ctxs, merged)
+            return ranked
+        except StageVersionMismatchError:
+            raise
+        except Exception as err:
+            reason = f"ranker: {_why(err)}; ordered by merged retrieval score"
+            log.debug("simple ranking: %s", reason)
+            out = []
+            for c, m in zip(ctxs, merged, strict=True):
+                simple = stages.simple_rank(c, m)
+                simple.reasons.append(reason)
+                out.append(simple)
+            return out
+
+    def _ranker_fn(self, stages: Stages) -> Callable[[list[UserContext], list[Candidates]], list[Candidates]]:
+        faults = self._faults
+        if not faults.active:
+            return stages.rank_batch
+
+        def faulty(ctxs: list[UserContext], merged: list[Candidates]) -> list[Candidates]:
+            if faults.ranker_delay_ms > 0:
+                time.sleep(faults.ranker_delay_ms / 1e3)
+            if faults.ranker_error:
+                raise InjectedFaultError("injected ranker fault (faults.ranker_error in the Serve config)")
+            return stages.rank_batch(ctxs, merged)
+
+        return faulty
+
+    def rerank(self, stages: Stages, ctx: UserContext, ranked: Candidates) -> Any:
+        """Business rules and the response (pure numpy/Python on at most a few hundred items)."""
+        return stages.rerank(ctx, ranked)
+
+    def call_for(self, stages: Stages) -> Call:
+        """A ``call`` for :func:`~streamrec.serving.stages.run_funnel` over in-process ``stages``."""
+
+        async def call(name: str, *args: Any) -> Any:
+            if name == "user_context":
+                return await self.user_context(stages, *args)
+            if name == "retrieve":
+                return await self.retrieve(stages, *args)
+            if name == "merge":
+                return self.merge(stages, *args)
+            if name == "rank":
+                return await self.rank(stages, *args)
+            if name == "rerank":
+                return self.rerank(stages, *args)
+            raise KeyError(f"unknown stage call '{name}'")
+
+        return call
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every breaker this runner holds, by dependency name."""
+        deps = [self.online, self.ranker, *self._sources.values()]
+        out = {d.name: d.snapshot() for d in deps}
+        if self._faults.active:
+            out["faults"] = self._faults.model_dump()
+        return out
+
+    def close(self) -> None:
+        """Stop the worker pools."""
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        for d in (self.online, self.ranker, *self._sources.values()):
+            d.close()
+
+
+def local_primary(
+    holder: Callable[[], Stages], runner: StageRunner
+) -> Callable[[], Awaitable[tuple[Call, tuple[str, ...]]]]:
+    """A ``primary`` for :class:`~streamrec.service.policy.FunnelService` over in-process stages.
+
+    ``holder()`` is read once per request, so swapping what it returns is an atomic reload.
+    """
+
+    async def primary() -> tuple[Call, tuple[str, ...]]:
+        stages = holder()
+        return runner.call_for(stages), tuple(stages.source_names)
+
+    return primary

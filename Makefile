@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= .streamrec/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean soak
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# Soak: fixed-rate open-loop load on the fused composition (recommends + events), reported per
+# minute with each replica's RSS (bench/soak.py). make soak SOAK_MINUTES=2 SOAK_RPS=20 SOAK_ARGS='--data-dir D'
+soak: $(STAMP)
+	$(PY) bench/soak.py --minutes $(or $(SOAK_MINUTES),10) --rps $(or $(SOAK_RPS),20) $(SOAK_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

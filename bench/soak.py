@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -444,6 +445,8 @@ def render(payload: dict[str, Any]) -> str:
     head = ["min", "recommend / events sent", "2xx", "non-2xx", "timeouts", "dropped / late", "levels",
             "rec p50 ms", "rec p99 ms", "events p99 ms"] + [f"RSS MiB {names[k]}" for k in replicas] + ["load 1m"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if run["interrupted"]:
+        lines = [f"Interrupted after {run['elapsed_s']:g} s: the last minute is partial.", "", *lines]
     loads: dict[int, float] = {}
     for s in run["rss_samples"]:
         loads[min(int(s["t_s"] // 60), len(run["minutes"]) - 1)] = s["load_avg_1m"]
@@ -477,7 +480,12 @@ def render(payload: dict[str, Any]) -> str:
         slope = g["slope_mib_per_min_min2_to_end"]
         lines.append(
             f"- {label} (pid {pid}): {'-' if slope is None else f'{slope:+.2f}'} MiB/min; "
-            f"{g['first_minute_mib']} -> {g['last_minute_mib']} MiB ({g['first_to_last_mib']} MiB)"
+            f"{g['first_minute_mib']} -> {g['last_minute_mib']} MiB "
+            + (
+                f"({g['first_to_last_mib']:+.1f} MiB)"
+                if g["first_to_last_mib"] is not None
+                else "(one minute only)"
+            )
         )
     acked = sum(m["events_acked"] for m in run["minutes"])
     log = payload.get("event_log") or {}
@@ -534,6 +542,15 @@ def _shutdown(ray: Any, serve: Any) -> None:
     ray.shutdown()
 
 
+def _git(*argv: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main() -> None:
     args = parse_args()
 
@@ -571,6 +588,8 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "ray": ray.__version__,
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_paths": len(_git("status", "--porcelain").splitlines()),
         "composition": "fused (configs/serve/local.yaml, popularity fallback on as configured)",
         "data": {"dir": str(data_dir), "world": world, "users": len(users), "items": len(items)},
         "load": {

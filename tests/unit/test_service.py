@@ -1,0 +1,285 @@
+"""The serving service's degradation machinery in-process: dependencies, the stage runner, the policy.
+
+Blocking dependencies are real threads blocked on real events (a "hung" store is a read that
+waits until released); only the stages are small stand-ins built on the real PopularityStages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamrec.api_models import RecommendRequest
+from streamrec.errors import OnlineStoreUnavailableError
+from streamrec.resilience import CircuitBreakerConfig, CircuitOpenError, ResilienceConfig
+from streamrec.service.args import FaultInjection
+from streamrec.service.guard import Dependency, DependencyTimeoutError
+from streamrec.service.policy import FunnelService
+from streamrec.service.runner import StageRunner, local_primary
+from streamrec.serving.fallback import BatchTopN, ResponseCache
+from streamrec.serving.popularity import PopularityStages
+from streamrec.serving.stages import Candidates, UserContext
+from tests.unit.test_gateway import ITEMS, make_world
+
+BREAKER = CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_world(tmp_path_factory.mktemp("svc") / "data")
+
+
+class Blocking:
+    """PopularityStages run as a trained model's would (``blocking``), with switchable faults."""
+
+    blocking = True
+
+    def __init__(self, world: Path) -> None:
+        self._inner = PopularityStages.from_data_dir(world)
+        self.source_names = self._inner.source_names
+        self.model_version = self._inner.model_version
+        self.release = threading.Event()
+        self.store = "ok"  # ok | hang | down
+        self.ranker = "ok"  # ok | hang | raise
+        self.reads = 0
+
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        self.reads += 1
+        if self.store == "hang":
+            self.release.wait(10)
+        if self.store == "down":
+            raise OnlineStoreUnavailableError("online store (sqlite) unavailable during read: locked")
+        return {"marker": user_id}
+
+    def user_context(self, request: Any, features: dict[str, Any] | None = None) -> UserContext:
+        ctx = self._inner.user_context(request)
+        ctx.state = features
+        return ctx
+
+    def rank_batch(self, ctxs: list[UserContext], cands: list[Candidates]) -> list[Candidates]:
+        if self.ranker == "hang":
+            self.release.wait(10)
+        if self.ranker == "raise":
+            raise RuntimeError("ranker exploded")
+        return [self._inner.rank(c, m) for c, m in zip(ctxs, cands, strict=True)]
+
+    def simple_rank(self, ctx: UserContext, cands: Candidates) -> Candidates:
+        out = self._inner.rank(ctx, cands)
+        out.degraded.append("simple_ranking")
+        return out
+
+    def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:
+        out = self._inner.rerank(ctx, ranked)  # says "popularity": report what applied, as a model does
+        levels = ("full", "stale_features", "simple_ranking")
+        out.metadata.degradation_level = max(["full", *ctx.degraded, *ranked.degraded], key=levels.index)
+        out.metadata.degradation_reason = "; ".join([*ctx.reasons, *ranked.reasons]) or None
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _res(**kw: Any) -> ResilienceConfig:
+    return ResilienceConfig(online_store_ms=30, ranker_ms=30, breaker=BREAKER, **kw)
+
+
+# ------------------------------------------------------------------------------------ Dependency
+
+
+def test_a_hung_call_costs_its_budget_then_the_breaker_refuses_without_calling() -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hung(i: int) -> int:
+        calls.append(i)
+        release.wait(10)
+        return i
+
+    dep = Dependency("store", 0.03, BREAKER, workers=1)
+
+    async def go() -> list[BaseException | int]:
+        out: list[BaseException | int] = []
+        for i in range(4):
+            t0 = time.perf_counter()
+            try:
+                out.append(await dep.call(hung, i))
+            except Exception as err:
+                out.append(err)
+            assert time.perf_counter() - t0 < 0.5  # never the 10 s of the hung call
+        return out
+
+    try:
+        out = asyncio.run(go())
+    finally:
+        release.set()
+    assert [type(e) for e in out] == [DependencyTimeoutError, DependencyTimeoutError, CircuitOpenError, CircuitOpenError]
+    assert calls == [0]  # one worker, stuck: the second call queued, timed out and never started
+    snap = dep.snapshot()
+    assert snap["state"] == "open" and snap["timeouts"] == 2 and snap["refused"] == 2
+    dep.close()
+
+
+def test_the_event_loop_keeps_serving_while_a_dependency_hangs() -> None:
+    release = threading.Event()
+    dep = Dependency("store", 5.0, BREAKER, workers=1)
+
+    async def go() -> int:
+        slow = asyncio.create_task(dep.call(release.wait, 10))
+        ticks = 0
+        for _ in range(10):  # the loop is free: other coroutines (other requests, /healthz) run
+            await asyncio.sleep(0.005)
+            ticks += 1
+        release.set()
+        await slow
+        return ticks
+
+    assert asyncio.run(go()) == 10
+    dep.close()
+
+
+# ----------------------------------------------------------------------------------- StageRunner
+
+
+def test_online_store_down_serves_last_known_features_then_defaults(world: Path) -> None:
+    stages = Blocking(world)
+    runner = StageRunner(_res(), 1.0)
+    req = RecommendRequest(user_id=3, k=5)
+    ok = asyncio.run(runner.user_context(stages, req))
+    assert ok.state == {"marker": 3} and ok.degraded == []
+    stages.store = "down"
+    stale = asyncio.run(runner.user_context(stages, req))
+    assert stale.degraded == ["stale_features"] and stale.state == {"marker": 3}
+    assert "last known features" in stale.reasons[0] and "OnlineStoreUnavailableError" in stale.reasons[0]
+    other = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=4, k=5)))
+    assert other.state == {} and "default features" in other.reasons[0]
+    assert runner.snapshot()["online_store"]["state"] == "open"  # two failures: threshold 2
+
+
+def test_a_hung_online_store_is_cut_at_its_budget(world: Path) -> None:
+    stages = Blocking(world)
+    stages.store = "hang"
+    runner = StageRunner(_res(), 1.0)
+    try:
+        t0 = time.perf_counter()
+        ctx = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=3, k=5)))
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        stages.release.set()
+    assert ctx.degraded == ["stale_features"] and "within 30 ms" in ctx.reasons[0]
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang"])
+def test_a_failing_or_hung_ranker_gives_simple_ranking(world: Path, fault: str) -> None:
+    stages = Blocking(world)
+    stages.ranker = fault
+    runner = StageRunner(_res(), 1.0)
+    req = RecommendRequest(user_id=3, k=5)
+    try:
+        ctx = asyncio.run(runner.user_context(stages, req))
+        merged = stages.merge(ctx, {"popularity": stages.retrieve("popularity", ctx)})
+        ranked = asyncio.run(runner.rank(stages, ctx, merged))
+    finally:
+        stages.release.set()
+    assert "simple_ranking" in ranked.degraded and ranked.reasons[0].startswith("ranker: ")
+    assert len(ranked) > 0
+
+
+def test_fault_injection_switch_makes_the_ranker_fail(world: Path) -> None:
+    stages = Blocking(world)
+    runner = StageRunner(_res(), 1.0, faults=FaultInjection(ranker_error=True))
+    req = RecommendRequest(user_id=3, k=5)
+    ctx = asyncio.run(runner.user_context(stages, req))
+    merged = stages.merge(ctx, {"popularity": stages.retrieve("popularity", ctx)})
+    ranked = asyncio.run(runner.rank(stages, ctx, merged))
+    assert "InjectedFaultError" in ranked.reasons[0] and runner.snapshot()["faults"]["ranker_error"]
+    assert FaultInjection().active is False
+
+
+# -------------------------------------------------------------------------------- FunnelService
+
+
+def _service(world: Path, stages: Any, *, batch: BatchTopN | None = None, fallback: bool = True) -> FunnelService:
+    res = _res()
+    pop = PopularityStages.from_data_dir(world) if fallback else None
+    return FunnelService(local_primary(lambda: stages, StageRunner(res, 1.0)), pop, res, 1.0, batch=lambda: batch)
+
+
+def test_full_chain_names_the_level_and_why(world: Path) -> None:
+    stages = Blocking(world)
+    service = _service(world, stages)
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    assert resp.metadata.degradation_level == "full" and resp.metadata.degradation_reason is None
+    stages.store = "down"
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    assert resp.metadata.degradation_level == "stale_features" and len(resp.items) == 5
+    assert "online_store" in (resp.metadata.degradation_reason or "")
+    stages.ranker = "raise"
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    assert resp.metadata.degradation_level == "simple_ranking"
+    assert "ranker" in (resp.metadata.degradation_reason or "")
+
+
+def test_funnel_failure_serves_the_batch_list_then_popularity_then_cached(world: Path) -> None:
+    stages = Blocking(world)
+    batch = BatchTopN("v9", {3: (np.asarray(ITEMS[10:25], np.int64), np.linspace(1, 0, 15, dtype=np.float32))})
+    service = _service(world, stages, batch=batch)
+    good = asyncio.run(service(RecommendRequest(user_id=5, k=5)))  # cached for user 5
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("retrieval index corrupt")
+
+    stages.user_context = broken  # type: ignore[method-assign]  # the funnel itself fails
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5, exclude=[ITEMS[10]])))
+    assert resp.metadata.degradation_level == "batch" and resp.metadata.model_version == "v9"
+    assert [i.item_id for i in resp.items] == ITEMS[11:16]  # excluded id skipped
+    assert "full: error (RuntimeError: retrieval index corrupt)" in (resp.metadata.degradation_reason or "")
+    resp = asyncio.run(service(RecommendRequest(user_id=4, k=5)))  # no batch list for user 4
+    assert resp.metadata.degradation_level == "popularity" and len(resp.items) == 5
+    # Without popularity, the user's last good answer is the last resort.
+    service._fallback = None
+    resp = asyncio.run(service._run_cached(RecommendRequest(user_id=5, k=5)))
+    assert resp.metadata.degradation_level == "cached"
+    assert [i.item_id for i in resp.items] == [i.item_id for i in good.items]
+
+
+def test_a_short_answer_is_filled_to_k_from_later_levels(world: Path) -> None:
+    stages = Blocking(world)
+    batch = BatchTopN("v1", {3: (np.asarray(ITEMS[30:33], np.int64), np.ones(3, np.float32))})
+    service = _service(world, stages, batch=batch)
+
+    full_rerank = stages.rerank
+
+    def one_item(ctx: UserContext, ranked: Candidates) -> Any:
+        out = full_rerank(ctx, ranked)
+        out.items = out.items[:1]
+        return out
+
+    stages.rerank = one_item  # type: ignore[method-assign]
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=8)))
+    assert len(resp.items) == 8 and len({i.item_id for i in resp.items}) == 8
+    assert resp.metadata.degradation_level == "full"
+    reason = resp.metadata.degradation_reason or ""
+    assert "3 item(s) backfilled from batch" in reason and "backfilled from popularity" in reason
+    assert [i.sources for i in resp.items[1:4]] == [["batch"]] * 3
+
+
+def test_no_candidates_anywhere_is_an_empty_answer_not_an_error(world: Path) -> None:
+    stages = Blocking(world)
+    service = _service(world, stages, fallback=False)
+    resp = asyncio.run(service(RecommendRequest(user_id=9, k=5)))  # user 9 has seen everything
+    assert resp.items == [] and resp.metadata.degradation_level == "full"
+
+
+def test_response_cache_is_bounded() -> None:
+    cache = ResponseCache(2)
+    for u in (1, 2, 3):
+        cache.put(u, [{"item_id": u, "score": 1.0, "sources": ["two_tower"]}])
+    assert len(cache) == 2 and cache.items(1, 5) == []
+    assert cache.items(3, 5) == [{"item_id": 3, "score": 1.0, "sources": ["cached"]}]
+    assert ResponseCache(0).items(3, 5) == []

@@ -24,11 +24,12 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
 
 # Each tier in its own process: every tier starts its own Ray, so deployments left by one tier
-# never hold the CPUs another tier's Ray Train or Serve needs.
+# never hold the CPUs another tier's Ray Train or Serve needs. tests/faults: real faults under load.
 test: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 # Soak: fixed-rate open-loop load on the fused composition (recommends + events), reported per
 # minute with each replica's RSS (bench/soak.py). make soak SOAK_MINUTES=2 SOAK_RPS=20 SOAK_ARGS='--data-dir D'

@@ -358,7 +358,7 @@ class Gateway:
         out: dict[str, Any] = {"composition": self._args.composition, "source_names": list(sources)}
         out["breakers"] = {name: b["state"] for name, b in breakers.items()}
         warnings = [f"circuit '{name}' is {b['state']}" for name, b in breakers.items() if b["state"] != "closed"]
-        refused = self._history.snapshot()["last_refused"]
+        refused = self._history.refused_now
         if refused is not None:
             warnings.append(f"reload to v{refused['version']} was refused: {refused.get('detail', '')}")
         if warnings:  # still ready: a degraded answer is an answer

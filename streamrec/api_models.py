@@ -31,6 +31,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -68,6 +69,21 @@ MAX_EVENTS = 1000
 
 Id = Annotated[StrictInt, Field(ge=0, description="A non-negative integer id.")]
 ShortStr = Annotated[str, Field(min_length=1, max_length=128)]
+#: A point in time as the API reads it. The published schema says what is accepted (pydantic's
+#: default, a ``date-time`` string, would call valid Unix times and date-only strings invalid).
+Timestamp = Annotated[
+    datetime,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string"}, {"type": "number"}],
+            "description": (
+                "ISO 8601 (2026-11-27T10:00:00Z, 2026-11-27T11:00:00+01:00, 2026-11-27; without an "
+                "offset: UTC) or Unix time as a number or numeric string (seconds, fractions allowed; "
+                "above 2e10: milliseconds). Converted to UTC."
+            ),
+        }
+    ),
+]
 
 
 class ApiModel(BaseModel):
@@ -112,7 +128,7 @@ class RequestContext(ApiModel):
     """
 
     device: Device = "unknown"
-    timestamp: datetime | None = None
+    timestamp: Timestamp | None = None
 
     @field_validator("timestamp")
     @classmethod
@@ -216,7 +232,7 @@ class EventIn(ApiModel):
     user_id: Id
     item_id: Id
     event_type: ApiEventType
-    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    timestamp: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
     session_id: ShortStr | None = None
     device: Device | None = None
     watch_fraction: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None

@@ -100,6 +100,11 @@ class ReloadHistory:
         )
         del self.outcomes[: -self._keep]
 
+    @property
+    def refused_now(self) -> dict[str, Any] | None:
+        """The latest outcome when it is a refusal (a champion this replica will not serve)."""
+        return self.outcomes[-1] if self.outcomes and self.outcomes[-1]["outcome"] == "refused" else None
+
     def snapshot(self) -> dict[str, Any]:
         """The outcomes, latest last, and the latest refusal if any."""
         refused = [o for o in self.outcomes if o["outcome"] == "refused"]

@@ -10,62 +10,26 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+from tests.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL ``redis://127.0.0.1:<port>`` of a private redis-server, stopped after the session."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does it)")
-    workdir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    log = open(workdir / "redis.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--databases", "64"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while not _ping(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"redis-server did not start: {(workdir / 'redis.log').read_text()[-500:]}"
-                )
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}"
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    server.start()
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,120 @@
+"""Real faults under load on the fused composition: a hung or dead online store, a failing ranker.
+
+Each test drives 20 requests/s open loop (``tests/faults/conftest.py``) while the fault holds and
+checks what the issue asks of the degradation chain: no error reaches the client, the tail stays
+inside the budget, the answers say ``stale_features`` / ``simple_ranking`` and carry ``k`` items,
+and the service is back at ``full`` soon after the fault ends. The numbers of the last run are in
+``docs/operations.md`` ("What each fault costs").
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.faults.conftest import FaultApps, level_share, open_loop, p99, summary, wait_full
+
+pytestmark = [pytest.mark.slow]
+
+RPS = 20.0
+HOLD_S = 15.0
+USERS = range(1, 301)
+
+_LOCKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _warm(apps: FaultApps, app: str) -> None:
+    outcomes = open_loop(apps, app, 10, 2, USERS)
+    assert all(o.status == 200 and o.level == "full" for o in outcomes), summary(outcomes)
+
+
+def _check_hung_store(apps: FaultApps, app: str, outcomes: list) -> None:  # type: ignore[type-arg]
+    assert all(o.status == 200 for o in outcomes), summary(outcomes)
+    assert all(o.items == 10 for o in outcomes), summary(outcomes)
+    assert p99(outcomes) <= 250.0, summary(outcomes)
+    assert level_share(outcomes, "stale_features") >= 0.9, summary(outcomes)
+    assert any("online_store" in o.reason for o in outcomes), summary(outcomes)
+
+
+def test_sqlite_online_store_locked_by_another_process(fault_apps: FaultApps) -> None:
+    """(a) An exclusive lock held by another process for 15 s: stale features, then full again."""
+    _warm(fault_apps, "sqlite")
+    db = fault_apps.world.data_dir / "features" / "online_store.db"
+    assert db.is_file()
+    locker = subprocess.Popen(
+        [sys.executable, "-c", _LOCKER, str(db), str(HOLD_S + 1)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        outcomes = open_loop(fault_apps, "sqlite", RPS, HOLD_S, USERS)
+    finally:
+        locker.kill()
+        locker.wait()
+    _check_hung_store(fault_apps, "sqlite", outcomes)
+    with sqlite3.connect(db, timeout=1) as con:  # the lock is gone
+        con.execute("SELECT 1").fetchone()
+    wait_full(fault_apps, "sqlite", 60.0)
+
+
+def test_redis_online_store_paused(fault_apps: FaultApps) -> None:
+    """(a) Redis ``SIGSTOP``ped for 15 s (a hung store: connections open, no answer)."""
+    _warm(fault_apps, "redis")
+    redis = fault_apps.world.redis
+    redis.signal(signal.SIGSTOP)
+    try:
+        outcomes = open_loop(fault_apps, "redis", RPS, HOLD_S, USERS)
+    finally:
+        redis.signal(signal.SIGCONT)
+    _check_hung_store(fault_apps, "redis", outcomes)
+    wait_full(fault_apps, "redis", 60.0)
+
+
+def test_redis_killed_and_restarted_mid_load(fault_apps: FaultApps) -> None:
+    """(b) Redis ``SIGKILL``ed under load and restarted 5 s later (durable: its data comes back)."""
+    _warm(fault_apps, "redis")
+    redis = fault_apps.world.redis
+    import threading
+
+    def chaos() -> None:
+        time.sleep(2.0)
+        redis.kill()
+        time.sleep(5.0)
+        redis.start()
+
+    t = threading.Thread(target=chaos)
+    t.start()
+    try:
+        outcomes = open_loop(fault_apps, "redis", RPS, 12.0, USERS)
+    finally:
+        t.join()
+    assert all(o.status == 200 and o.items == 10 for o in outcomes), summary(outcomes)
+    assert p99(outcomes) <= 250.0, summary(outcomes)
+    assert level_share(outcomes, "stale_features") > 0, summary(outcomes)
+    wait_full(fault_apps, "redis", 60.0)
+
+
+def test_ranker_raising_serves_simple_ranking(fault_apps: FaultApps) -> None:
+    """(d) ``faults.ranker_error``: every answer is ordered by retrieval score, with k items."""
+    outcomes = open_loop(fault_apps, "ranker-error", RPS, 5.0, USERS)
+    assert all(o.status == 200 and o.items == 10 for o in outcomes), summary(outcomes)
+    assert level_share(outcomes, "simple_ranking") == 1.0, summary(outcomes)
+    assert any("ranker" in o.reason for o in outcomes), summary(outcomes)
+
+
+def test_ranker_timing_out_serves_simple_ranking_within_budget(fault_apps: FaultApps) -> None:
+    """(d) ``faults.ranker_delay_ms: 400`` (past the 60 ms ranker budget): simple ranking, in time."""
+    outcomes = open_loop(fault_apps, "ranker-slow", RPS, 8.0, USERS)
+    assert all(o.status == 200 and o.items == 10 for o in outcomes), summary(outcomes)
+    assert level_share(outcomes, "simple_ranking") >= 0.95, summary(outcomes)
+    assert p99(outcomes) <= 250.0, summary(outcomes)

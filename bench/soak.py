@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ HOST = "127.0.0.1"  # the only address this script sends to
 APP = "soak"
 MIB = 1024.0 * 1024.0
 MAX_MINUTES = 24 * 60
+_DURATION = re.compile(r"\b\d+\.\d+ ?s\b")  # "refused for another 29.787s"
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,8 +331,9 @@ async def soak(args: argparse.Namespace, port: int, users: np.ndarray, items: np
         if kind == "recommend":
             meta = data.get("metadata") or {}
             m.levels[str(meta.get("degradation_level"))] += 1
-            if meta.get("degradation_reason"):
-                m.reasons[str(meta["degradation_reason"])] += 1
+            if meta.get("degradation_reason"):  # by level; durations that vary per request made alike
+                reason = _DURATION.sub("N s", str(meta["degradation_reason"]))
+                m.reasons[f"{meta.get('degradation_level')}: {reason}"] += 1
             if len(data.get("items") or []) < body["k"]:
                 m.short += 1
         else:
@@ -487,6 +490,13 @@ def render(payload: dict[str, Any]) -> str:
                 else "(one minute only)"
             )
         )
+    reasons: Counter[str] = Counter()
+    for m in run["minutes"]:
+        for r, n in m["reasons"].items():
+            reasons[_DURATION.sub("N s", r)] += n
+    if reasons:
+        lines += ["", "Most frequent degradation reasons (`metadata.degradation_reason`) over the run:", ""]
+        lines += [f"- {n} x {r}" for r, n in reasons.most_common(6)]
     acked = sum(m["events_acked"] for m in run["minutes"])
     log = payload.get("event_log") or {}
     if log:

@@ -38,7 +38,6 @@ from streamrec.auth import hash_key
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FUZZ_KEY = "fuzz-read-write-key-0123456789"
-READ_ONLY_KEY = "fuzz-read-only-key-0123456789"
 SEED = 14
 #: Generated cases per operation and generation mode in the fuzzing phase (the coverage and
 #: examples phases add their own deterministic boundary cases).
@@ -108,7 +107,6 @@ def trained_app(trained_dir: Path) -> Iterator[FastAPI]:
                 "use_env_key": False,
                 "keys": [
                     {"name": "fuzzer", "key": hash_key(FUZZ_KEY), "scopes": ["read", "write"]},
-                    {"name": "reader", "key": hash_key(READ_ONLY_KEY), "scopes": ["read"]},
                 ],
             },
             "limits": {

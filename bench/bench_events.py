@@ -101,7 +101,7 @@ def event_bodies(users: np.ndarray, items: np.ndarray, n: int, batch: int, seed:
 def in_process(users: np.ndarray, items: np.ndarray, appends: int) -> list[dict[str, Any]]:
     """EventLog.append alone, per batch size and fsync setting."""
     from streamrec.api_models import EventIn
-    from streamrec.serving.events import EventLog
+    from streamrec.data.event_log import EventLog
 
     rows = []
     for fsync in (True, False):

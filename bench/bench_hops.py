@@ -9,7 +9,7 @@ plain Ray actors, one actor per stage. Variants, all in one Ray instance, altern
 * ``bytes``: each stage pickles its result and the caller forwards the bytes unopened (the
   stage that receives them unpickles);
 * ``in_band``: the payloads pickled in-band through ``__reduce__``, opened by the caller;
-* ``noop_objects``: the no-op floor's payloads (streamrec/serving/noop.py), as today.
+* ``noop_objects``: the no-op floor's payloads (streamrec/funnel/noop.py), as today.
 
 Prints and writes milliseconds per chain (median of each round). Not part of the test suite.
 
@@ -45,10 +45,10 @@ class InBand:
 
 def payloads(data_dir: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """The real and the no-op payloads of one request of a known user."""
-    from streamrec.serving.noop import NoopStages
     from streamrec.api_models import RecommendRequest
     from streamrec.data.store import DataStore
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.noop import NoopStages
+    from streamrec.funnel.recommender import build_stages
 
     stages = build_stages(data_dir)
     users = DataStore(data_dir).users()["user_id"].to_numpy()

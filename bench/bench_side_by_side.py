@@ -65,7 +65,7 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
     # The floor pretends to have the real stages' sources, so that it makes the same calls.
-    from streamrec.serving.funnel import SOURCE_NAMES
+    from streamrec.funnel.core import SOURCE_NAMES
 
     sources = list(SOURCE_NAMES)
     ns = argparse.Namespace(

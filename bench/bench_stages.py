@@ -102,7 +102,7 @@ def main() -> None:
 
     from streamrec.api_models import RecommendRequest
     from streamrec.data.store import DataStore
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     t0 = time.perf_counter()
     stages = build_stages(args.data_dir)

@@ -7,7 +7,7 @@
         import_path: deployments.app:build_app
         args: {data_dir: ..., composition: fused}      # see streamrec.service.args.ServeArgs
 
-Compositions (the same :func:`~streamrec.serving.stages.run_funnel` in both):
+Compositions (the same :func:`~streamrec.funnel.stages.run_funnel` in both):
 
 * **fused**: one deployment, ``Gateway`` (FastAPI ingress), holds the stages in-process and calls
   them directly. No actor hops: the composition for small machines.
@@ -38,15 +38,15 @@ from ray.serve.handle import DeploymentHandle
 
 from streamrec.api_models import RecommendRequest
 from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError
+from streamrec.funnel.fallback import BatchTopN
+from streamrec.funnel.stages import Candidates, Stages, UserContext
 from streamrec.service.args import ServeArgs
 from streamrec.service.http import build_gateway
 from streamrec.service.loading import LoadedStages, load_stages, settle_heap
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
 from streamrec.service.runner import Call, StageRunner
-from streamrec.serving.fallback import BatchTopN
 from streamrec.serving.gateway import merge_replica_status
-from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger("streamrec.deployments")
 

@@ -30,16 +30,16 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from torch import nn
 
+from streamrec.data.ids import IdMap
 from streamrec.errors import CorruptCheckpointError
 from streamrec.evaluation.baselines import ALS, ALSConfig
-from streamrec.evaluation.split import IdMap
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.models.io import load_model, save_model
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import TwoTowerModel
-from streamrec.pipeline.config import RetrievalSettings
 from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.cf import CFSource
+from streamrec.retrieval.config import RetrievalSettings
 from streamrec.retrieval.index import load_index, save_index
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
 
@@ -163,7 +163,7 @@ class LoadedBundle:
     """A bundle loaded for serving: the retrieval models, the ranker and the settings."""
 
     def __init__(self, path: str | os.PathLike[str], *, device: str = "cpu") -> None:
-        from streamrec.serving.funnel import RetrievalModels
+        from streamrec.funnel.core import RetrievalModels
 
         d = Path(path)
         missing = [p for p in ROLES.values() if not (d / p).exists()]

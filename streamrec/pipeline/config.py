@@ -9,6 +9,7 @@ from pydantic import Field
 
 from streamrec.config import StrictModel, load_config
 from streamrec.models.config import RankerConfig, TwoTowerConfig
+from streamrec.retrieval.config import RetrievalSettings
 
 
 class ScalingSettings(StrictModel):
@@ -40,33 +41,6 @@ class SplitSettings(StrictModel):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     ranker_fraction: float = Field(0.25, gt=0, lt=1)
     min_train_events: int = Field(200, ge=1)
-
-
-class RetrievalSettings(StrictModel):
-    """Candidate generation.
-
-    Attributes:
-        per_source: Candidates each source returns.
-        merged: Candidates kept after the merge (ranker input).
-        agreement_bonus: Score bonus per additional source agreeing on an item.
-        normalisation: How each source's scores are made comparable before the merge
-            (``rank`` measured best on ML-100K and the synthetic world; see docs/benchmarks.md).
-        ranked: Items the ranker passes to the re-ranker.
-        history_length: Recent interactions fed to the user tower.
-        cf_factors: Latent factors of the CF model (ALS).
-        cf_iterations: ALS iterations.
-        trending_half_life_hours: Half-life of the trending score's decay.
-    """
-
-    per_source: int = Field(150, ge=1)
-    merged: int = Field(500, ge=1)
-    agreement_bonus: float = Field(0.3, ge=0)
-    normalisation: Literal["minmax", "rank"] = "rank"
-    ranked: int = Field(50, ge=1)
-    history_length: int = Field(20, ge=1)
-    cf_factors: int = Field(64, ge=1)
-    cf_iterations: int = Field(15, ge=1)
-    trending_half_life_hours: float = Field(72.0, gt=0)
 
 
 class RankerSampling(StrictModel):

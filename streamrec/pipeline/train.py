@@ -37,16 +37,17 @@ import scipy.sparse as sp
 import torch
 
 from streamrec.config import record_config, utc_stamp
+from streamrec.data.ids import IdMap
 from streamrec.data.store import DataStore
 from streamrec.errors import TrainingDataError
 from streamrec.evaluation.baselines import ALS, BPR, ALSConfig, ItemKNN, MostPopular, compare
 from streamrec.evaluation.metrics import candidate_recall, ranking_metrics
-from streamrec.evaluation.split import IdMap
 from streamrec.features import offline
 from streamrec.features.client import FeatureClient
 from streamrec.features.defaults import apply_defaults
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.spec import CREATED_FIELD, TIMESTAMP_FIELD, views_for
+from streamrec.funnel.core import SOURCE_NAMES, Funnel, RetrievalModels
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.train_loop import RankerData, TwoTowerData
 from streamrec.models.two_tower import HISTORY_PAD
@@ -64,7 +65,6 @@ from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.index import build_index, measure_recall
 from streamrec.retrieval.merge import merge_candidates
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
-from streamrec.serving.funnel import SOURCE_NAMES, Funnel, RetrievalModels
 
 logger = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]

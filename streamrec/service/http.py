@@ -11,9 +11,9 @@ from fastapi import FastAPI
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth
+from streamrec.data.event_log import EventLog, Sink
 from streamrec.service.args import ServeArgs
 from streamrec.service.loading import import_object
-from streamrec.serving.events import EventLog, Sink
 from streamrec.serving.gateway import create_app
 
 log = logging.getLogger(__name__)

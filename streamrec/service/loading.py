@@ -9,13 +9,13 @@ import time
 from typing import Any
 
 from streamrec.errors import ConfigError
+from streamrec.funnel.stages import Stages
 from streamrec.service.args import ServeArgs
-from streamrec.serving.stages import Stages
 
 log = logging.getLogger(__name__)
 
 #: Import path of the trained recommender's factory.
-RECOMMENDER_FACTORY = "streamrec.serving.recommender:build_stages"
+RECOMMENDER_FACTORY = "streamrec.funnel.recommender:build_stages"
 
 
 def import_object(path: str) -> Any:
@@ -37,7 +37,7 @@ class LoadedStages:
     """A stages object and how it came to be.
 
     Attributes:
-        stages: The object implementing :class:`~streamrec.serving.stages.Stages`.
+        stages: The object implementing :class:`~streamrec.funnel.stages.Stages`.
         kind: ``recommender``, ``popularity``, ``noop`` or ``custom``.
         version: Model version (``model_version`` of the stages when they have one).
         note: Why a fallback was chosen, when one was.
@@ -71,7 +71,7 @@ class LoadedStages:
 
 
 def _popularity(args: ServeArgs) -> Stages:
-    from streamrec.serving.popularity import PopularityStages
+    from streamrec.funnel.popularity import PopularityStages
 
     return PopularityStages.from_data_dir(args.data_dir, **args.popularity)
 
@@ -94,7 +94,7 @@ def load_stages(args: ServeArgs, version: int | None = None) -> LoadedStages:
         stages = import_object(args.factory)(args.data_dir, **args.factory_kwargs)
         return LoadedStages(stages, "custom", load_seconds=time.perf_counter() - t0)
     if args.stages == "noop":
-        from streamrec.serving.noop import NoopStages
+        from streamrec.funnel.noop import NoopStages
 
         return LoadedStages(NoopStages(tuple(args.noop_sources)), "noop")
     if args.stages == "popularity":

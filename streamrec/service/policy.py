@@ -2,7 +2,7 @@
 
 ``full`` -> ``stale_features`` -> ``simple_ranking`` -> ``batch`` -> ``popularity`` -> ``cached``.
 
-The first three are the funnel (:func:`~streamrec.serving.stages.run_funnel`); the runner that
+The first three are the funnel (:func:`~streamrec.funnel.stages.run_funnel`); the runner that
 calls the failing dependency picks ``stale_features`` or ``simple_ranking``
 (:mod:`streamrec.service.runner`). :class:`FunnelService` bounds the funnel by its level timeout
 and the request budget, guards it with a breaker, and falls through the in-memory levels when it
@@ -19,6 +19,8 @@ from typing import Any
 
 from streamrec.api_models import RecommendedItem, RecommendRequest, RecommendResponse
 from streamrec.errors import ServingError
+from streamrec.funnel.fallback import BatchTopN, Item, ResponseCache
+from streamrec.funnel.stages import Stages, run_funnel
 from streamrec.resilience import (
     AllLevelsFailedError,
     CircuitBreaker,
@@ -30,8 +32,6 @@ from streamrec.resilience import (
     ResilienceConfig,
 )
 from streamrec.service.runner import Call, StageRunner
-from streamrec.serving.fallback import BatchTopN, Item, ResponseCache
-from streamrec.serving.stages import Stages, run_funnel
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from typing import Any
 from cachetools import LRUCache
 
 from streamrec.errors import InjectedFaultError, StageVersionMismatchError
+from streamrec.funnel.stages import Candidates, Stages, UserContext
 from streamrec.resilience import ResilienceConfig
 from streamrec.service.args import FaultInjection
 from streamrec.service.guard import Dependency
-from streamrec.serving.stages import Candidates, Stages, UserContext
 
 log = logging.getLogger(__name__)
 
-#: ``call(stage_name, *args)``: how :func:`~streamrec.serving.stages.run_funnel` reaches a stage.
+#: ``call(stage_name, *args)``: how :func:`~streamrec.funnel.stages.run_funnel` reaches a stage.
 Call = Callable[..., Awaitable[Any]]
 
 
@@ -174,7 +174,7 @@ class StageRunner:
         return stages.rerank(ctx, ranked)
 
     def call_for(self, stages: Stages) -> Call:
-        """A ``call`` for :func:`~streamrec.serving.stages.run_funnel` over in-process ``stages``."""
+        """A ``call`` for :func:`~streamrec.funnel.stages.run_funnel` over in-process ``stages``."""
 
         async def call(name: str, *args: Any) -> Any:
             if name == "user_context":

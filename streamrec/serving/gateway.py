@@ -73,8 +73,8 @@ from streamrec.auth import (
 )
 from streamrec.auth import Scope as AuthScope
 from streamrec.config import StrictModel
+from streamrec.data.event_log import EventLog
 from streamrec.errors import StreamRecError
-from streamrec.serving.events import EventLog
 
 log = logging.getLogger("streamrec.gateway")
 

@@ -26,7 +26,7 @@ def test_corrupt_champion_is_refused_and_the_old_version_keeps_serving(
     (copy / "manifest.json").write_text(json.dumps(manifest))
     v2 = reg.register(copy)
     assert v2.version == 2
-    stored = Path(v2.source.removeprefix("file://")) / "ranker.pt"
+    stored = Path(v2.source.removeprefix("file://")) / "ranker" / "weights.pt"
     rotten = bytearray(stored.read_bytes())
     rotten[len(rotten) // 2] ^= 0xFF  # bit rot in the artifact store, after registration
     stored.write_bytes(bytes(rotten))

@@ -39,8 +39,8 @@ import pandas as pd
 import pytest
 
 from streamrec.api_models import EventsRequest
+from streamrec.data.event_log import event_record
 from streamrec.data.store import DataStore
-from streamrec.serving.events import event_record
 
 pytestmark = pytest.mark.slow
 

@@ -68,8 +68,8 @@ def test_pipeline_report_and_registry(trained: tuple[Path, dict[str, Any]]) -> N
 def test_serving_stages_from_champion(trained: tuple[Path, dict[str, Any]]) -> None:
     import asyncio
 
-    from streamrec.serving.recommender import build_stages
-    from streamrec.serving.stages import run_funnel
+    from streamrec.funnel.recommender import build_stages
+    from streamrec.funnel.stages import run_funnel
 
     d, _ = trained
     stages = build_stages(d)
@@ -133,7 +133,7 @@ def test_unreachable_tracking_server_registers_nothing(
 
 
 def test_ranker_features_identical_single_and_batch(trained: tuple[Path, dict[str, Any]]) -> None:
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     stages = build_stages(trained[0])
     f = stages.funnel
@@ -153,7 +153,7 @@ def _funnel(stages: Any, req: RecommendRequest, *, across_processes: bool) -> An
     import asyncio
     import pickle
 
-    from streamrec.serving.stages import run_funnel
+    from streamrec.funnel.stages import run_funnel
 
     async def call(name: str, *args: Any) -> Any:
         if across_processes:
@@ -170,7 +170,7 @@ def test_in_stage_degradation_levels(
 ) -> None:
     """Each in-stage fallback answers, and its level reaches the response in both compositions."""
     from streamrec.errors import OnlineStoreUnavailableError
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     stages = build_stages(trained[0])
     users = stages.funnel.models.users.raw_ids
@@ -210,7 +210,7 @@ def test_rank_batch_scores_several_requests_in_one_pass(
 ) -> None:
     """The cluster Ranker's batched call: one forward pass, the same answer as one request at a
     time; a request whose inputs fail degrades alone."""
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     stages = build_stages(trained[0])
     reqs = [RecommendRequest(user_id=int(u), k=10) for u in stages.funnel.models.users.raw_ids[:5]]
@@ -247,7 +247,7 @@ def test_stages_of_another_model_version_refuse_the_context(trained: tuple[Path,
     a later stage refuses the other version's context (the gateway falls back) instead of
     reading its item rows as its own."""
     from streamrec.errors import ServingError
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     old = build_stages(trained[0])
     new = build_stages(trained[0])
@@ -292,7 +292,7 @@ def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, 
     """The API takes any non-negative integer id; one beyond int64 is an unknown user (cold start)
     or an unknown exclude id (ignored, counted), never a failure that sends the request to the
     popularity fallback."""
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.recommender import build_stages
 
     stages = build_stages(trained[0])
     cold = _funnel(stages, RecommendRequest(user_id=2**70, k=10), across_processes=False)
@@ -315,8 +315,8 @@ def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, 
 def test_rerank_rules_come_from_the_serve_args(trained: tuple[Path, dict[str, Any]]) -> None:
     """``args.rerank`` of the Serve config reaches the re-ranker; seen items are the seen rule's."""
     from streamrec.errors import ConfigError
-    from streamrec.serving.funnel import Ranked
-    from streamrec.serving.recommender import build_stages
+    from streamrec.funnel.core import Ranked
+    from streamrec.funnel.recommender import build_stages
 
     d = trained[0]
     with pytest.raises(ConfigError, match="max_per_cat"):
@@ -352,9 +352,9 @@ def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
     from streamrec.api_models import EventIn
+    from streamrec.data.event_log import EventLog
     from streamrec.data.store import DataStore
     from streamrec.pipeline.retrain import retrain
-    from streamrec.serving.events import EventLog
 
     synthesize(SynthConfig(users=300, items=150, days=7, seed=5), tmp_path, progress=False)
     store = DataStore(tmp_path)

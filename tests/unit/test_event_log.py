@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from streamrec.api_models import EventIn
+from streamrec.data.event_log import SEGMENT_MAX_AGE_S, AppendOutcome, EventLog, export_event_log
 from streamrec.data.store import DataStore
 from streamrec.errors import ConfigError
-from streamrec.serving.events import SEGMENT_MAX_AGE_S, AppendOutcome, EventLog, export_event_log
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 USERS = list(range(1, 11))

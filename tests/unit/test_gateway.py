@@ -22,18 +22,18 @@ from fastapi.testclient import TestClient
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth, AuthConfig, RateLimiter, hash_key
+from streamrec.data.event_log import EventLog
 from streamrec.data.store import DataStore
 from streamrec.errors import ServingError
+from streamrec.funnel.popularity import PopularityStages
+from streamrec.funnel.stages import run_funnel
 from streamrec.resilience import ResilienceConfig
 from streamrec.service.args import ServeArgs
 from streamrec.service.http import build_gateway
 from streamrec.service.loading import load_stages
 from streamrec.service.policy import FunnelService
 from streamrec.service.runner import StageRunner, local_primary
-from streamrec.serving.events import EventLog
 from streamrec.serving.gateway import GatewayLimits, create_app
-from streamrec.serving.popularity import PopularityStages
-from streamrec.serving.stages import run_funnel
 
 
 def _runner(threads: int = 1) -> StageRunner:

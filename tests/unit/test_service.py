@@ -17,14 +17,14 @@ import pytest
 
 from streamrec.api_models import RecommendRequest
 from streamrec.errors import OnlineStoreUnavailableError
+from streamrec.funnel.fallback import BatchTopN, ResponseCache
+from streamrec.funnel.popularity import PopularityStages
+from streamrec.funnel.stages import Candidates, UserContext
 from streamrec.resilience import CircuitBreakerConfig, CircuitOpenError, ResilienceConfig
 from streamrec.service.args import FaultInjection
 from streamrec.service.guard import Dependency, DependencyTimeoutError
 from streamrec.service.policy import FunnelService
 from streamrec.service.runner import StageRunner, local_primary
-from streamrec.serving.fallback import BatchTopN, ResponseCache
-from streamrec.serving.popularity import PopularityStages
-from streamrec.serving.stages import Candidates, UserContext
 from tests.unit.test_gateway import ITEMS, make_world
 
 BREAKER = CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=60.0)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
-from streamrec.serving.stages import Candidates, UserContext
+from streamrec.funnel.stages import Candidates, UserContext
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float32)

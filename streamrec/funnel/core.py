@@ -2,7 +2,7 @@
 
 :class:`Funnel` is plain Python (numpy, torch, FAISS). It is used
 
-* online, by :mod:`streamrec.serving.recommender` (one request at a time, user features from the
+* online, by :mod:`streamrec.funnel.recommender` (one request at a time, user features from the
   online store, item features from the in-memory item table), and
 * offline, by the training pipeline's evaluation (every test user, features as of the cutoff),
 
@@ -19,17 +19,18 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
+from streamrec.data.ids import IdMap
 from streamrec.data.schema import storable_id
-from streamrec.evaluation.split import IdMap
+from streamrec.errors import ModelError
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
-from streamrec.pipeline.config import RetrievalSettings
 from streamrec.ranking.features import DEVICE_INDEX, RankerFeatures, category_pref_matrix, user_dense_matrix
 from streamrec.reranking import ItemMetadata, ReRankConfig, ReRanker, ReRankResult
 from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.base import UserContext as RetrievalContext
 from streamrec.retrieval.cf import CFSource
+from streamrec.retrieval.config import RetrievalSettings
 from streamrec.retrieval.index import AnnSource, VectorIndex
 from streamrec.retrieval.merge import MergedCandidates, merge_candidates
 from streamrec.retrieval.trending import TrendingSource
@@ -280,6 +281,36 @@ class Funnel:
             source_scores=source_scores,
         )
 
+    def score_many(self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]) -> list[F32]:
+        """Ranker scores of several requests' candidates in ONE forward pass.
+
+        Scores are row-wise, so each request gets the scores it would get alone (up to float
+        rounding in the matrix multiply); batching trades several small matrix multiplies (and,
+        on a GPU, transfers and kernel launches) for one larger one.
+
+        Raises:
+            ModelError: no ranker is loaded.
+        """
+        if self.ranker is None:
+            raise ModelError("no ranker is loaded")
+        out: list[F32] = [np.empty(0, np.float32) for _ in items]
+        order = [i for i, it in enumerate(items) if it.size]
+        inputs = {i: self.ranker_inputs(ctxs[i], items[i], source_scores[i]) for i in order}
+        if len(order) == 1:
+            out[order[0]] = self.ranker.score(*inputs[order[0]])
+        elif order:
+            flat = self.ranker.score(
+                np.concatenate([inputs[i][0] for i in order]), np.concatenate([inputs[i][1] for i in order])
+            )
+            bounds = np.cumsum([0] + [items[i].size for i in order])
+            for j, i in enumerate(order):
+                out[i] = flat[bounds[j] : bounds[j + 1]]
+        return out
+
+    def keep_best(self, scores: npt.NDArray[np.floating[Any]], k: int = 0) -> I64:
+        """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""
+        return np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)].astype(np.int64)
+
     def rank(self, ctx: FunnelContext, merged: MergedCandidates, source_scores: F32, k: int = 0) -> Ranked:
         """Score the merged candidates with the ranker and keep the best of them.
 
@@ -288,12 +319,8 @@ class Funnel:
         items = merged.items
         if items.size == 0:
             return Ranked(items, np.empty(0, np.float32), [])
-        if self.ranker is None:
-            scores = merged.scores
-        else:
-            dense, sparse = self.ranker_inputs(ctx, items, source_scores)
-            scores = self.ranker.score(dense, sparse)
-        keep = np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)]
+        scores = merged.scores if self.ranker is None else self.score_many([ctx], [items], [source_scores])[0]
+        keep = self.keep_best(scores, k)
         prov = merged.provenance()
         return Ranked(items[keep], scores[keep].astype(np.float32), [prov[i] for i in keep])
 

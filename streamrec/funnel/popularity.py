@@ -1,4 +1,4 @@
-"""The ``popularity`` degradation level as a complete :class:`~streamrec.serving.stages.Stages`.
+"""The ``popularity`` degradation level as a complete :class:`~streamrec.funnel.stages.Stages`.
 
 :class:`PopularityStages` serves the most-engaged items of a recent window of the stored events,
 minus the request's ``exclude`` list and the items the user has already interacted with. It needs
@@ -39,7 +39,7 @@ from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.data.schema import storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import DataNotFoundError
-from streamrec.serving.stages import Candidates, UserContext, check_context_version
+from streamrec.funnel.stages import Candidates, UserContext, check_context_version
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The trained recommender as :class:`~streamrec.serving.stages.Stages` (what production serves).
+"""The trained recommender as :class:`~streamrec.funnel.stages.Stages` (what production serves).
 
 :func:`build_stages` loads the registry's ``champion`` bundle (verified), aligns the in-memory
-item table to it, and wraps a :class:`~streamrec.serving.funnel.Funnel`. The stages only compute;
+item table to it, and wraps a :class:`~streamrec.funnel.core.Funnel`. The stages only compute;
 the degradation levels live where the failing dependency is called
 (:class:`~streamrec.service.runner.StageRunner`: ``stale_features``, ``simple_ranking``) and in
 the request policy (:class:`~streamrec.service.policy.FunnelService`: ``batch``, ``popularity``,
@@ -22,10 +22,10 @@ import pandas as pd
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
 from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
+from streamrec.funnel.core import Funnel, FunnelContext, Ranked
+from streamrec.funnel.fallback import BatchTopN
+from streamrec.funnel.stages import Candidates, UserContext, check_context_version
 from streamrec.reranking.config import ReRankConfig
-from streamrec.serving.fallback import BatchTopN
-from streamrec.serving.funnel import Funnel, FunnelContext, Ranked
-from streamrec.serving.stages import Candidates, UserContext, check_context_version
 
 log = logging.getLogger(__name__)
 
@@ -188,26 +188,13 @@ class RecommenderStages:
         if f.ranker is None:
             raise ModelError(f"model {self.model_version} has no ranker loaded")
         n_src = len(f.source_names)
-        order = [i for i, c in enumerate(candidates) if len(c)]
-        for i in order:
-            self._same_model(ctxs[i])
-        inputs = {}
-        for i in order:
-            cands = candidates[i]
-            src = cands.features if cands.features is not None else np.zeros((len(cands), n_src), np.float32)
-            inputs[i] = f.ranker_inputs(ctxs[i].state, cands.items, src)
-        scores: dict[int, np.ndarray] = {}
-        if len(order) == 1:
-            scores[order[0]] = f.ranker.score(*inputs[order[0]])
-        elif order:
-            flat = f.ranker.score(
-                np.concatenate([inputs[i][0] for i in order]), np.concatenate([inputs[i][1] for i in order])
-            )
-            bounds = np.cumsum([0] + [len(candidates[i]) for i in order])
-            for j, i in enumerate(order):
-                scores[i] = flat[bounds[j] : bounds[j + 1]]
+        states = [self._same_model(c) for c in ctxs]
+        srcs = [
+            c.features if c.features is not None else np.zeros((len(c), n_src), np.float32) for c in candidates
+        ]
+        scores = f.score_many(states, [c.items for c in candidates], srcs)
         return [
-            self._keep_best(ctx, cands, scores.get(i), simple=False)
+            self._keep_best(ctx, cands, scores[i] if len(cands) else None, simple=False)
             for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True))
         ]
 
@@ -222,7 +209,7 @@ class RecommenderStages:
         degraded = [*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded)
         if scores is None or not len(candidates):
             return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
-        keep = np.argsort(-scores, kind="stable")[: max(self.funnel.settings.ranked, ctx.k)]
+        keep = self.funnel.keep_best(scores, ctx.k)
         return Candidates(
             candidates.items[keep],
             np.asarray(scores[keep], np.float32),

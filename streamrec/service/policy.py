@@ -51,7 +51,9 @@ def as_response(out: Any) -> RecommendResponse:
 
 
 def _failure_text(f: LevelFailure) -> str:
-    return f"{f.level}: {f.reason}" + (f" ({f.error})" if f.error else "")
+    """``level: reason (ExceptionType)``: stable text (reasons are counted; details go to the log)."""
+    kind = f.error.split(":", 1)[0] if f.reason == "error" and f.error else ""
+    return f"{f.level}: {f.reason}" + (f" ({kind})" if kind else "")
 
 
 class FunnelService:

@@ -31,9 +31,9 @@ from cachetools import LRUCache
 
 from streamrec.errors import InjectedFaultError, StageVersionMismatchError
 from streamrec.funnel.stages import Candidates, Stages, UserContext
-from streamrec.resilience import ResilienceConfig
+from streamrec.resilience import CircuitOpenError, ResilienceConfig
 from streamrec.service.args import FaultInjection
-from streamrec.service.guard import Dependency
+from streamrec.service.guard import Dependency, DependencyTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ Call = Callable[..., Awaitable[Any]]
 
 
 def _why(err: BaseException) -> str:
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    """A short, stable description (no varying numbers: reasons are counted and grouped)."""
+    if isinstance(err, CircuitOpenError):
+        return "circuit open"
+    if isinstance(err, DependencyTimeoutError):
+        return "timeout"
+    return f"error ({type(err).__name__})"
 
 
 class StageRunner:
@@ -109,7 +113,7 @@ class StageRunner:
                 reason = f"online_store: {_why(err)}; " + (
                     "served the user's last known features" if known is not None else "served default features"
                 )
-                log.debug("stale features for user %s: %s", user_id, reason)
+                log.debug("stale features for user %s: %s (%s)", user_id, reason, err)
             else:
                 with self._lock:
                     self._last[user_id] = features
@@ -147,7 +151,7 @@ class StageRunner:
             raise
         except Exception as err:
             reason = f"ranker: {_why(err)}; ordered by merged retrieval score"
-            log.debug("simple ranking: %s", reason)
+            log.debug("simple ranking: %s (%s)", reason, err)
             out = []
             for c, m in zip(ctxs, merged, strict=True):
                 simple = stages.simple_rank(c, m)

@@ -155,7 +155,7 @@ def test_online_store_down_serves_last_known_features_then_defaults(world: Path)
     stages.store = "down"
     stale = asyncio.run(runner.user_context(stages, req))
     assert stale.degraded == ["stale_features"] and stale.state == {"marker": 3}
-    assert "last known features" in stale.reasons[0] and "OnlineStoreUnavailableError" in stale.reasons[0]
+    assert stale.reasons[0] == "online_store: error (OnlineStoreUnavailableError); served the user's last known features"
     other = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=4, k=5)))
     assert other.state == {} and "default features" in other.reasons[0]
     assert runner.snapshot()["online_store"]["state"] == "open"  # two failures: threshold 2
@@ -171,7 +171,7 @@ def test_a_hung_online_store_is_cut_at_its_budget(world: Path) -> None:
         assert time.perf_counter() - t0 < 1.0
     finally:
         stages.release.set()
-    assert ctx.degraded == ["stale_features"] and "within 30 ms" in ctx.reasons[0]
+    assert ctx.degraded == ["stale_features"] and ctx.reasons[0] == "online_store: timeout; served default features"
 
 
 @pytest.mark.parametrize("fault", ["raise", "hang"])
@@ -197,7 +197,8 @@ def test_fault_injection_switch_makes_the_ranker_fail(world: Path) -> None:
     ctx = asyncio.run(runner.user_context(stages, req))
     merged = stages.merge(ctx, {"popularity": stages.retrieve("popularity", ctx)})
     ranked = asyncio.run(runner.rank(stages, ctx, merged))
-    assert "InjectedFaultError" in ranked.reasons[0] and runner.snapshot()["faults"]["ranker_error"]
+    assert ranked.reasons[0] == "ranker: error (InjectedFaultError); ordered by merged retrieval score"
+    assert runner.snapshot()["faults"]["ranker_error"]
     assert FaultInjection().active is False
 
 
@@ -238,7 +239,7 @@ def test_funnel_failure_serves_the_batch_list_then_popularity_then_cached(world:
     resp = asyncio.run(service(RecommendRequest(user_id=3, k=5, exclude=[ITEMS[10]])))
     assert resp.metadata.degradation_level == "batch" and resp.metadata.model_version == "v9"
     assert [i.item_id for i in resp.items] == ITEMS[11:16]  # excluded id skipped
-    assert "full: error (RuntimeError: retrieval index corrupt)" in (resp.metadata.degradation_reason or "")
+    assert "full: error (RuntimeError)" in (resp.metadata.degradation_reason or "")
     resp = asyncio.run(service(RecommendRequest(user_id=4, k=5)))  # no batch list for user 4
     assert resp.metadata.degradation_level == "popularity" and len(resp.items) == 5
     # Without popularity, the user's last good answer is the last resort.

@@ -2,7 +2,8 @@
 
 The gateway validates every body against these models before any stage runs; unknown keys are
 rejected (a typo is a 422, not a silently ignored field). Ids and ``k`` are *strict* integers:
-``"5"``, ``5.5`` and ``true`` are refused rather than coerced. Datetimes are ISO 8601 strings or
+``"5"``, ``5.5`` and ``true`` are refused rather than coerced; ``watch_fraction`` is a strict number
+(``"0.5"`` and ``true`` are refused). Datetimes are ISO 8601 strings or
 Unix time (seconds; pydantic reads numbers above 2e10 as milliseconds); without an offset they are
 taken as UTC, and all are normalised to UTC (one that cannot be expressed in UTC is a 422).
 
@@ -28,6 +29,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -225,7 +227,8 @@ class EventIn(ApiModel):
             bounds, so that an accepted event is never quarantined at export).
         session_id: Client session, if any.
         device: One of :data:`streamrec.data.schema.DEVICES`, if known.
-        watch_fraction: Share of the item watched, 0..1, if known.
+        watch_fraction: Share of the item watched, 0..1, if known (a JSON number: ``"0.5"`` and
+            ``true`` are refused, not coerced).
     """
 
     event_id: ShortStr = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -235,7 +238,7 @@ class EventIn(ApiModel):
     timestamp: Timestamp = Field(default_factory=lambda: datetime.now(UTC))
     session_id: ShortStr | None = None
     device: Device | None = None
-    watch_fraction: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    watch_fraction: Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
 
     @field_validator("timestamp")
     @classmethod

@@ -42,3 +42,24 @@ def test_timestamps_of_other_types_are_invalid_in_both_the_schema_and_the_api(ts
         RecommendRequest.model_validate(body)
     with pytest.raises(jsonschema.ValidationError):
         _validator(RecommendRequest).validate(body)
+
+
+def _events_body(watch_fraction: str) -> str:
+    event = '{"user_id": 1, "item_id": 2, "event_type": "complete", "watch_fraction": ' + watch_fraction + "}"
+    return '{"events": [' + event + "]}"
+
+
+# The fuzz sent {"watch_fraction": true} (a boolean where the schema says number) and it was
+# stored as 1.0: pydantic's lax float coerced booleans and numeric strings. Ids were strict
+# already; watch_fraction is now too.
+@pytest.mark.parametrize("raw", ["true", "false", '"0.5"', '"1"'])
+def test_watch_fraction_is_a_strict_number(raw: str) -> None:
+    body = _events_body(raw)
+    with pytest.raises(ValidationError, match="watch_fraction"):
+        EventsRequest.model_validate_json(body)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("0", 0.0), ("1", 1.0), ("0.25", 0.25), ("null", None)])
+def test_watch_fraction_numbers_are_accepted(raw: str, value: float | None) -> None:
+    body = _events_body(raw)
+    assert EventsRequest.model_validate_json(body).events[0].watch_fraction == value

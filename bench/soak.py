@@ -122,11 +122,16 @@ def _serve_processes_proc(app: str) -> dict[int, str]:
 
 def _serve_processes_state(app: str) -> dict[int, str]:
     """pid -> role of the live Serve actors, from Ray's state API (needs the dashboard)."""
+    import ray
     from ray.util.state import list_actors
 
     out: dict[int, str] = {}
     for a in list_actors(
-        filters=[("state", "=", "ALIVE")], limit=10_000, timeout=10, raise_on_missing_output=False
+        address=ray.get_runtime_context().gcs_address,  # this run's Ray: others may run on the machine
+        filters=[("state", "=", "ALIVE")],
+        limit=10_000,
+        timeout=10,
+        raise_on_missing_output=False,
     ):
         cls, pid = a.class_name or "", a.pid
         if not pid:

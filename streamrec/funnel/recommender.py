@@ -43,6 +43,8 @@ class RecommenderStages:
         model_version: Version string reported in responses.
         batch: The batch-precomputed top-N of this model version (the ``batch`` level).
         titles: Optional item titles by item index.
+        snapshot: The users' batch feature snapshot (offline store, indexed by ``user_id``): the
+            features ``stale_features`` serves a user this replica has not seen yet.
     """
 
     #: Torch, FAISS and the online store: the runner calls these methods off the event loop.
@@ -55,6 +57,7 @@ class RecommenderStages:
         model_version: str,
         batch: BatchTopN | None = None,
         titles: list[str | None] | None = None,
+        snapshot: pd.DataFrame | None = None,
     ) -> None:
         self.funnel = funnel
         self.features = features
@@ -62,6 +65,7 @@ class RecommenderStages:
         self.source_names = funnel.source_names
         self.batch = batch or BatchTopN.empty(model_version)
         self.titles = titles
+        self.snapshot = snapshot
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""
@@ -70,6 +74,7 @@ class RecommenderStages:
             "items": len(self.funnel.table),
             "users": len(self.funnel.models.users),
             "batch_fallback_users": len(self.batch),
+            "snapshot_users": 0 if self.snapshot is None else len(self.snapshot),
             "rerank": self.funnel.reranker.config.model_dump(),
         }
 
@@ -124,6 +129,13 @@ class RecommenderStages:
             return {}
         feats: dict[str, Any] = self.features.online_user_features(user_id)
         return feats
+
+    def snapshot_features(self, user_id: int) -> dict[str, Any] | None:
+        """The user's features in the batch snapshot loaded with the model (None when absent)."""
+        snap = self.snapshot
+        if snap is None or user_id not in snap.index:
+            return None
+        return {k: v for k, v in snap.loc[user_id].items()}
 
     def user_context(self, request: RecommendRequest, features: dict[str, Any] | None = None) -> UserContext:
         """History, query vectors and exclusions for one request from ``features``.
@@ -263,6 +275,17 @@ class RecommenderStages:
         return set(self.funnel.table.item_ids[rows].tolist())
 
 
+def _user_snapshot(fc: Any) -> pd.DataFrame | None:
+    """Every user's newest offline features (what the online store was loaded from), by ``user_id``."""
+    from streamrec.features.client import features_as_of
+
+    try:
+        return features_as_of(fc, "user", pd.Timestamp.now(tz="UTC")).set_index("user_id")
+    except Exception as err:  # no offline features yet: stale_features then falls back to defaults
+        log.warning("no user feature snapshot for stale_features (%s: %s)", type(err).__name__, err)
+        return None
+
+
 def serving_threads(n: int = 1) -> None:
     """Cap torch, FAISS (OpenMP) and BLAS at ``n`` threads in this process.
 
@@ -342,6 +365,7 @@ def build_stages(
     items = store.items().set_index("item_id")
     titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
     titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None
-    stages = RecommenderStages(funnel, fc, label, BatchTopN.load(root, label), titles)
+    snapshot = _user_snapshot(fc)
+    stages = RecommenderStages(funnel, fc, label, BatchTopN.load(root, label), titles, snapshot)
     log.info("loaded model %s from %s (%d items, %d users)", label, path, len(table), len(models.users))
     return stages

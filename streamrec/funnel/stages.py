@@ -32,6 +32,9 @@ import numpy as np
 
 from streamrec.errors import StageVersionMismatchError
 
+#: Extra wait past a source's deadline before the orchestration itself gives up on the call.
+_OUTER_GRACE_S = 0.02
+
 
 @dataclass
 class UserContext:
@@ -184,7 +187,11 @@ async def run_funnel(
 
     async def one(name: str) -> Candidates | None:
         try:
-            result: Candidates = await asyncio.wait_for(call("retrieve", name, ctx), source_timeout_s)
+            # The call's own deadline (the stage runner's, which counts a miss on the source's
+            # breaker) fires first; this one bounds calls that have none (a remote handle).
+            result: Candidates = await asyncio.wait_for(
+                call("retrieve", name, ctx), source_timeout_s + _OUTER_GRACE_S
+            )
             return result
         except StageVersionMismatchError:  # not a missing source: this request cannot be served
             raise

@@ -42,11 +42,8 @@ from streamrec.data.store import DataStore
 from streamrec.errors import TrainingDataError
 from streamrec.evaluation.baselines import ALS, BPR, ALSConfig, ItemKNN, MostPopular, compare
 from streamrec.evaluation.metrics import candidate_recall, ranking_metrics
-from streamrec.features import offline
-from streamrec.features.client import FeatureClient
-from streamrec.features.defaults import apply_defaults
+from streamrec.features.client import FeatureClient, features_as_of
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
-from streamrec.features.spec import CREATED_FIELD, TIMESTAMP_FIELD, views_for
 from streamrec.funnel.core import SOURCE_NAMES, Funnel, RetrievalModels
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.train_loop import RankerData, TwoTowerData
@@ -141,34 +138,6 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     as_of = state.end.ceil("D")
     fc.build(as_of=as_of.to_pydatetime(), snapshots=min(days, 120), every=timedelta(days=1))
     fc.apply()
-
-
-def features_as_of(
-    fc: FeatureClient, entity: str, as_of: pd.Timestamp, ids: npt.ArrayLike | None = None
-) -> pd.DataFrame:
-    """Every feature of one entity as the online store would have held it at ``as_of``.
-
-    Args:
-        fc: The feature client.
-        entity: ``user`` or ``item``.
-        as_of: The point in time.
-        ids: When given, exactly these entities in this order (missing ones get defaults).
-    """
-    frame: pd.DataFrame | None = None
-    key = "user_id" if entity == "user" else "item_id"
-    names: list[str] = []
-    for v in views_for(entity):  # type: ignore[arg-type]
-        part = (
-            offline.read_latest(fc.features_dir, v, as_of, bound_direct=True)
-            .drop([TIMESTAMP_FIELD, CREATED_FIELD])
-            .to_pandas()
-        )
-        frame = part if frame is None else frame.merge(part, on=key, how="outer")
-        names += v.feature_names
-    assert frame is not None
-    if ids is not None:
-        frame = frame.set_index(key).reindex(np.asarray(ids, dtype=np.int64)).rename_axis(key).reset_index()
-    return apply_defaults(frame, fc.context, features=names)
 
 
 def item_table_as_of(fc: FeatureClient, as_of: pd.Timestamp) -> ItemFeatureTable:

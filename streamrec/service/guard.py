@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -15,6 +15,10 @@ T = TypeVar("T")
 
 class DependencyTimeoutError(DeadlineExceededError):
     """A dependency gave no answer within its budget (its worker thread is left behind)."""
+
+
+class DependencySaturatedError(DeadlineExceededError):
+    """A dependency has its cap of abandoned calls still holding threads (it is hung)."""
 
 
 class Dependency:
@@ -34,6 +38,11 @@ class Dependency:
         workers: Threads of the dependency's own pool.
         pool: A pool shared with other dependencies instead of an own one (not shut down by
             :meth:`close`).
+        ignore: Exceptions that say nothing of the dependency's health (they pass through
+            without counting as failures, e.g. a request built by another model version).
+        max_abandoned: Calls left behind past their budget that may still hold a thread; once
+            reached, calls are refused at once until one returns (None: only the pool bounds
+            them). On a shared pool this keeps one hung dependency from taking every thread.
     """
 
     def __init__(
@@ -43,10 +52,16 @@ class Dependency:
         breaker: CircuitBreakerConfig,
         workers: int = 2,
         pool: ThreadPoolExecutor | None = None,
+        ignore: tuple[type[BaseException], ...] = (),
+        max_abandoned: int | None = None,
     ) -> None:
         self.name = name
         self.budget_s = budget_s
         self.breaker = CircuitBreaker.from_config(name, breaker)
+        self._ignore = ignore
+        self._max_abandoned = max_abandoned
+        self._abandoned = 0
+        self._lock = threading.Lock()
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix=f"dep-{name}")
         self.counts = {"calls": 0, "ok": 0, "errors": 0, "timeouts": 0, "refused": 0}
@@ -64,15 +79,27 @@ class Dependency:
         if not self.breaker.allow():
             self.counts["refused"] += 1
             raise CircuitOpenError(self.name, self.breaker.retry_after())
+        if self._max_abandoned is not None and self._abandoned >= self._max_abandoned:
+            self.breaker.record_failure()
+            self.counts["timeouts"] += 1
+            raise DependencySaturatedError(f"{self.name} still has {self._abandoned} call(s) past their budget")
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        cfut = self._pool.submit(fn, *args)
+        fut = asyncio.wrap_future(cfut, loop=loop)
         try:
             result = await asyncio.wait_for(fut, max(budget, 0.0))
         except TimeoutError:
             self.breaker.record_failure()
             self.counts["timeouts"] += 1
+            if not cfut.done():  # still running in its thread: it holds that thread until it returns
+                with self._lock:
+                    self._abandoned += 1
+                cfut.add_done_callback(self._returned)
             raise DependencyTimeoutError(f"{self.name} gave no answer within {budget * 1e3:.0f} ms") from None
         except asyncio.CancelledError:
+            self.breaker.release()
+            raise
+        except self._ignore:
             self.breaker.release()
             raise
         except Exception:
@@ -83,9 +110,15 @@ class Dependency:
         self.counts["ok"] += 1
         return result
 
+    def _returned(self, _: Any) -> None:
+        with self._lock:
+            self._abandoned -= 1
+
     def snapshot(self) -> dict[str, Any]:
         """The breaker's state and the call counters (for ``/readyz`` and the admin status)."""
-        return {**self.breaker.snapshot(), "budget_ms": round(self.budget_s * 1e3, 3), **self.counts}
+        out = {**self.breaker.snapshot(), "budget_ms": round(self.budget_s * 1e3, 3), **self.counts}
+        out["abandoned"] = self._abandoned
+        return out
 
     def close(self) -> None:
         """Stop the own pool (threads stuck in a hung call end when it returns)."""

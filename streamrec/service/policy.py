@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streamrec.api_models import RecommendedItem, RecommendRequest, RecommendResponse
-from streamrec.errors import ServingError
+from streamrec.errors import ServingError, StageVersionMismatchError
 from streamrec.funnel.fallback import BatchTopN, Item, ResponseCache
 from streamrec.funnel.stages import Stages, run_funnel
 from streamrec.resilience import (
@@ -90,7 +90,9 @@ class FunnelService:
             cfg.reset_timeout_s,
             half_open_max_calls=cfg.half_open_max_calls,
             success_threshold=cfg.success_threshold,
-            ignore=(EmptyFunnelError,),  # a user with no candidates says nothing of the funnel's health
+            # A user with no candidates, or a request met by two versions mid-reload, says nothing
+            # of the funnel's health.
+            ignore=(EmptyFunnelError, StageVersionMismatchError),
         )
         self.cache = ResponseCache(resilience.cached_users)
         self.served: dict[str, int] = {}
@@ -158,13 +160,18 @@ class FunnelService:
             self._inline.call_for(stages), request, stages.source_names, self._source_timeout_s
         )
         resp = as_response(out)
+        if not resp.items:
+            raise LookupError("popularity has nothing this user has not seen")
         resp.metadata.timings_ms = {k: round(v, 3) for k, v in timings.items()}
         return resp
 
     async def _popularity_items(self, request: RecommendRequest) -> list[Item]:
         if self._fallback is None:
             return []
-        resp = await self._run_fallback(request)
+        try:
+            resp = await self._run_fallback(request)
+        except LookupError:
+            return []
         return [it.model_dump(exclude_none=True) for it in resp.items]
 
     async def _cached_items(self, request: RecommendRequest) -> list[Item]:

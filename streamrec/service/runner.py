@@ -5,7 +5,8 @@ every stage, and each cluster stage deployment for its own. It implements the in
 the degradation chain where the failing dependency lives:
 
 * ``stale_features``: the online-store read failed, timed out or its breaker is open -> the
-  user's last known features in this replica, else defaults (the cold-start path);
+  user's last known features in this replica, else the batch feature snapshot loaded with the
+  model, else defaults (the cold-start path);
 * ``simple_ranking``: the ranker failed, timed out or its breaker is open -> the merged
   candidates ordered by their retrieval score;
 * a retrieval source that fails or times out is left out of the union (its breaker opens when
@@ -56,7 +57,8 @@ class StageRunner:
     Args:
         resilience: Stage budgets and breaker settings.
         source_timeout_s: Budget of each retrieval source.
-        source_threads: Worker threads for context building and retrieval (at least 1).
+        source_threads: Worker threads for retrieval (at least 2, so one hung source never holds
+            them all; context building has its own thread).
         faults: Fault injection (off by default).
         known_users: Users whose last good features are kept for ``stale_features``.
     """
@@ -72,11 +74,17 @@ class StageRunner:
         self._resilience = resilience
         self._source_timeout_s = source_timeout_s
         self._faults = faults or FaultInjection()
-        self._compute = ThreadPoolExecutor(max(1, source_threads), thread_name_prefix="funnel")
+        # Context building (the user tower) and retrieval in separate pools: a hung source holds
+        # one retrieval thread, never the thread every request needs for its context.
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="context")
+        self._retrieval = ThreadPoolExecutor(max(2, source_threads), thread_name_prefix="retrieval")
+        mismatch = (StageVersionMismatchError,)  # a reload in progress, not a sick dependency
         self.online = Dependency(
             "online_store", resilience.online_store_ms / 1e3, resilience.breaker_for("online_store"), workers=2
         )
-        self.ranker = Dependency("ranker", resilience.ranker_ms / 1e3, resilience.breaker_for("ranker"), 1)
+        self.ranker = Dependency(
+            "ranker", resilience.ranker_ms / 1e3, resilience.breaker_for("ranker"), 1, ignore=mismatch
+        )
         self._sources: dict[str, Dependency] = {}
         self._last: LRUCache[int, dict[str, Any]] = LRUCache(maxsize=max(1, known_users))
         self._lock = threading.Lock()
@@ -91,7 +99,14 @@ class StageRunner:
         dep = self._sources.get(name)
         if dep is None:
             cfg = self._resilience.breaker_for(f"source:{name}")
-            dep = Dependency(f"source:{name}", self._source_timeout_s, cfg, pool=self._compute)
+            dep = Dependency(
+                f"source:{name}",
+                self._source_timeout_s,
+                cfg,
+                pool=self._retrieval,
+                ignore=(StageVersionMismatchError,),
+                max_abandoned=1,  # a hung source holds one retrieval thread, never all of them
+            )
             dep = self._sources.setdefault(name, dep)
         return dep
 
@@ -109,10 +124,15 @@ class StageRunner:
             except Exception as err:
                 with self._lock:
                     known = self._last.get(user_id)
+                served = "the user's last known features"
+                if known is None:
+                    snapshot = getattr(stages, "snapshot_features", None)
+                    known = snapshot(user_id) if snapshot is not None else None
+                    served = "the user's batch feature snapshot"
+                if known is None:
+                    served = "default features (the user is in no snapshot)"
                 features = dict(known) if known is not None else {}
-                reason = f"online_store: {_why(err)}; " + (
-                    "served the user's last known features" if known is not None else "served default features"
-                )
+                reason = f"online_store: {_why(err)}; served {served}"
                 log.debug("stale features for user %s: %s (%s)", user_id, reason, err)
             else:
                 with self._lock:
@@ -206,6 +226,7 @@ class StageRunner:
     def close(self) -> None:
         """Stop the worker pools."""
         self._compute.shutdown(wait=False, cancel_futures=True)
+        self._retrieval.shutdown(wait=False, cancel_futures=True)
         for d in (self.online, self.ranker, *self._sources.values()):
             d.close()
 

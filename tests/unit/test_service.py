@@ -158,6 +158,9 @@ def test_online_store_down_serves_last_known_features_then_defaults(world: Path)
     assert stale.reasons[0] == "online_store: error (OnlineStoreUnavailableError); served the user's last known features"
     other = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=4, k=5)))
     assert other.state == {} and "default features" in other.reasons[0]
+    stages.snapshot_features = lambda u: {"marker": -u} if u == 5 else None  # type: ignore[attr-defined]
+    snap = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=5, k=5)))
+    assert snap.state == {"marker": -5} and "batch feature snapshot" in snap.reasons[0]
     assert runner.snapshot()["online_store"]["state"] == "open"  # two failures: threshold 2
 
 
@@ -171,7 +174,32 @@ def test_a_hung_online_store_is_cut_at_its_budget(world: Path) -> None:
         assert time.perf_counter() - t0 < 1.0
     finally:
         stages.release.set()
-    assert ctx.degraded == ["stale_features"] and ctx.reasons[0] == "online_store: timeout; served default features"
+    assert ctx.degraded == ["stale_features"]
+    assert ctx.reasons[0] == "online_store: timeout; served default features (the user is in no snapshot)"
+
+
+def test_a_hung_source_opens_its_breaker_and_the_others_still_serve(world: Path) -> None:
+    from streamrec.funnel.stages import run_funnel
+
+    class TwoSources(Blocking):
+        def retrieve(self, source: str, ctx: UserContext) -> Candidates:
+            if source == "hung":
+                self.release.wait(10)
+            return self._inner.retrieve("popularity", ctx)
+
+    stages = TwoSources(world)
+    stages.source_names = ("hung", "popularity")
+    runner = StageRunner(_res(), 0.05)
+    req = RecommendRequest(user_id=3, k=5)
+    try:
+        outs = [asyncio.run(run_funnel(runner.call_for(stages), req, stages.source_names, 0.05)) for _ in range(4)]
+    finally:
+        stages.release.set()
+    for _, parts, _, _, out, timings in outs:
+        assert list(parts) == ["popularity"] and timings["missing:hung"] == 1.0 and len(out.items) == 5
+    snap = runner.snapshot()["source:hung"]
+    assert snap["state"] == "open" and snap["timeouts"] == 2 and snap["refused"] == 2  # threshold 2
+    assert runner.snapshot()["source:popularity"]["state"] == "closed"
 
 
 @pytest.mark.parametrize("fault", ["raise", "hang"])

@@ -408,6 +408,8 @@ class Gateway:
                 n: sorted({str(d.get("model_version")) for d in ds})
                 for n, ds in zip(names, every, strict=True)
             }
+            # Every replica's breakers: an open one on any replica of a stage shows here.
+            out["stage_breakers"] = {n: [d.get("breakers", {}) for d in ds] for n, ds in zip(names, every, strict=True)}
         out["fallback"] = self._fallback.describe() if self._fallback else None
         return out
 
@@ -529,7 +531,7 @@ class Gateway:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application for ``args`` (see :class:`deployments.runtime.ServeArgs`).
+    """The Serve application for ``args`` (see :class:`streamrec.service.args.ServeArgs`).
 
     Cheap: validates the arguments and binds the deployment graph; stages load in the replicas.
 

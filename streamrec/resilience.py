@@ -127,6 +127,8 @@ class ResilienceConfig(StrictModel):
     Attributes:
         request_budget_ms: Total time budget of one request (the p95 target is 200 ms).
         level_timeouts_ms: Per-level timeout; a level missing here is bounded only by the budget.
+            The serving policy awaits only ``full`` with a timeout: its later levels are
+            in-memory lookups that run even past the deadline (a request always gets an answer).
         online_store_ms: Budget of the user-feature read; past it the request goes on with the
             user's last known features (``stale_features``).
         ranker_ms: Budget of the ranker's forward pass; past it the request is ordered by the

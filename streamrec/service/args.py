@@ -76,10 +76,10 @@ class ServeArgs(StrictModel):
             window, freshness and fairness quotas, content policy, seen-item suppression,
             promoted boost; :class:`~streamrec.reranking.config.ReRankConfig`). Omitted keys
             keep their defaults; unknown keys are errors.
-        source_threads: Worker threads that run retrieval-source calls (fused gateway, cluster
-            ``Retriever``); 0 runs them on the replica's event loop, one after the other. With
-            threads the sources of a request overlap (FAISS, numpy and SQLite release the GIL)
-            and a source past its deadline is left behind while the request goes on.
+        source_threads: Worker threads that run retrieval-source calls of the trained stages
+            (fused gateway, cluster ``Retriever``), at least 2 whatever is set here (one hung
+            source holds one thread at most): never the replica's event loop. More threads let
+            more of a request's sources overlap (FAISS and numpy release the GIL).
         watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
             hot-reload every replica when it moves (0 turns the watcher off).
         faults: Fault injection (off by default; see :class:`FaultInjection`).

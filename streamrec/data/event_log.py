@@ -59,6 +59,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -303,6 +305,9 @@ class EventLog:
             never raised.
         sink_breaker: Circuit breaker around the sink (default: open after 5 consecutive
             failures, retry after 30 s).
+        sink_timeout_s: Budget of one sink call: past it the append stops waiting, the call
+            counts as a breaker failure and its events as ``push_failed`` (they are in the log;
+            the call may still finish in its thread). None waits as long as the sink takes.
         fsync: Flush to stable storage before acknowledging (turn off only in benchmarks of
             other parts).
         segment_max_bytes: Rotate to a new segment file beyond this size.
@@ -322,6 +327,7 @@ class EventLog:
         sink: Sink | None = None,
         *,
         sink_breaker: CircuitBreaker | None = None,
+        sink_timeout_s: float | None = 1.0,
         fsync: bool = True,
         segment_max_bytes: int = DEFAULT_SEGMENT_BYTES,
         load_existing: bool = True,
@@ -338,6 +344,10 @@ class EventLog:
         self.sink_breaker = sink_breaker or CircuitBreaker(
             "event_sink", failure_threshold=5, reset_timeout_s=30.0
         )
+        self.sink_timeout_s = sink_timeout_s
+        # One thread: a hung sink holds it, later pushes queue behind it and miss their budget
+        # until the breaker opens; never more than one thread stuck in a hung store.
+        self._sink_pool = ThreadPoolExecutor(1, thread_name_prefix="event-sink")
         self.fsync = fsync
         self.segment_max_bytes = int(segment_max_bytes)
         self._lock = threading.Lock()
@@ -485,7 +495,23 @@ class EventLog:
             failed = len(records)  # the sink is known to be down: skip it, the log has the events
         else:
             try:
-                sink(records)
+                if self.sink_timeout_s is None:
+                    sink(records)
+                else:
+                    fut = self._sink_pool.submit(sink, records)
+                    try:
+                        fut.result(timeout=self.sink_timeout_s)
+                    except FuturesTimeoutError:
+                        fut.cancel()  # still queued behind a hung push: it never starts
+                        raise
+            except FuturesTimeoutError:
+                self.sink_breaker.record_failure()
+                failed = len(records)
+                log.warning(
+                    "%d event(s) logged but the push to the sink did not finish within %.0f ms",
+                    failed,
+                    self.sink_timeout_s * 1e3 if self.sink_timeout_s else 0.0,
+                )
             except Exception as exc:  # the events are durable already; count and go on
                 self.sink_breaker.record_failure()
                 failed = len(records)

@@ -71,6 +71,8 @@ class ServeArgs(StrictModel):
         events_sink: ``module:callable`` returning the streaming sink: called as
             ``f(data_dir)`` and must return a callable taking a list of event records
             (:func:`feature_client_sink`: the feature client's ``push_interactions``).
+        events_sink_timeout_ms: Budget of one streaming push; past it the events are answered
+            as ``push_failed`` (they are in the log) and the push counts as a sink failure.
         ranker_batch: ``@serve.batch`` settings of the cluster ranker.
         rerank: The trained recommender's re-ranking rules (per-category cap in the top
             window, freshness and fairness quotas, content policy, seen-item suppression,
@@ -100,6 +102,7 @@ class ServeArgs(StrictModel):
     event_log: bool = True
     event_log_fsync: bool = True
     events_sink: str | None = None
+    events_sink_timeout_ms: float = Field(default=1000.0, gt=0)
     ranker_batch: RankerBatch = Field(default_factory=RankerBatch)
     rerank: ReRankConfig = Field(default_factory=ReRankConfig)
     source_threads: int = Field(default=0, ge=0, le=64)

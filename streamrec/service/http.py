@@ -80,7 +80,12 @@ def build_gateway(
     auth = ApiKeyAuth.from_config(args.auth, environ if environ is not None else dict(os.environ))
     events = None
     if args.event_log:
-        events = EventLog.open(args.data_dir, sink=load_sink(args), fsync=args.event_log_fsync)
+        events = EventLog.open(
+            args.data_dir,
+            sink=load_sink(args),
+            fsync=args.event_log_fsync,
+            sink_timeout_s=args.events_sink_timeout_ms / 1e3,
+        )
     app = create_app(
         recommend,
         events,

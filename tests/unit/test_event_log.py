@@ -161,6 +161,34 @@ def test_sink_breaker_skips_a_dead_sink(store: DataStore) -> None:
     assert log.stats.push_failed == 6 and log.stats.stored == 6 and log.snapshot()["sink"]["state"] == "open"
 
 
+def test_a_hung_sink_costs_an_append_its_budget_then_the_breaker_skips_it(store: DataStore) -> None:
+    import threading
+
+    from streamrec.resilience import CircuitBreaker
+
+    release = threading.Event()
+    calls = []
+
+    def hung(records: list[dict[str, object]]) -> None:
+        calls.append(len(records))
+        release.wait(10)
+
+    breaker = CircuitBreaker("sink", failure_threshold=2, reset_timeout_s=60.0)
+    log = EventLog.open(store.layout.root, sink=hung, sink_breaker=breaker, sink_timeout_s=0.05)
+    try:
+        for i in range(4):
+            t0 = time.perf_counter()
+            out = log.append([ev(f"h{i}")])
+            assert out.stored == 1 and out.push_failed == 1  # stored and acknowledged all the same
+            assert time.perf_counter() - t0 < 2.0  # never the 10 s of the hung push
+        assert calls == [1]  # one thread stuck in the hung push; the next call queued, then the breaker
+    finally:
+        release.set()
+    time.sleep(0.1)
+    assert calls == [1]  # the queued push that missed its budget was cancelled, not run late
+    assert log.stats.stored == 4 and log.snapshot()["sink"]["state"] == "open"
+
+
 def test_write_failure_is_raised_not_acknowledged(store: DataStore, monkeypatch: pytest.MonkeyPatch) -> None:
     log = EventLog.open(store.layout.root)
 

@@ -169,15 +169,35 @@ class StageRunner:
             return ranked
         except StageVersionMismatchError:
             raise
+        except (CircuitOpenError, DependencyTimeoutError) as err:  # the ranker is down or slow
+            return self._simple(stages, ctxs, merged, err)
         except Exception as err:
-            reason = f"ranker: {_why(err)}; ordered by merged retrieval score"
-            log.debug("simple ranking: %s (%s)", reason, err)
-            out = []
+            if len(ctxs) == 1:
+                return self._simple(stages, ctxs, merged, err)
+            # One request's inputs may have failed the batch: each on its own, so only it degrades.
+            out: list[Candidates] = []
             for c, m in zip(ctxs, merged, strict=True):
-                simple = stages.simple_rank(c, m)
-                simple.reasons.append(reason)
-                out.append(simple)
+                try:
+                    out += await self.ranker.call(self._ranker_fn(stages), [c], [m])
+                except StageVersionMismatchError:
+                    raise
+                except Exception as one:
+                    out += self._simple(stages, [c], [m], one)
             return out
+
+    @staticmethod
+    def _simple(
+        stages: Stages, ctxs: list[UserContext], merged: list[Candidates], err: BaseException
+    ) -> list[Candidates]:
+        """The ``simple_ranking`` order of each request, saying why."""
+        reason = f"ranker: {_why(err)}; ordered by merged retrieval score"
+        log.debug("simple ranking: %s (%s)", reason, err)
+        out = []
+        for c, m in zip(ctxs, merged, strict=True):
+            simple = stages.simple_rank(c, m)
+            simple.reasons.append(reason)
+            out.append(simple)
+        return out
 
     def _ranker_fn(self, stages: Stages) -> Callable[[list[UserContext], list[Candidates]], list[Candidates]]:
         faults = self._faults

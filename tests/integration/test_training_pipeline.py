@@ -143,25 +143,37 @@ def test_ranker_features_identical_single_and_batch(trained: tuple[Path, dict[st
     dense, sparse = f.ranker_inputs(ctx, items, src)
     for j in (0, 7, items.size - 1):
         d1, s1 = f.ranker_inputs(ctx, items[j : j + 1], src[j : j + 1])
-        np.testing.assert_allclose(d1[0], dense[j], rtol=1e-6)
+        # float32 dot products over a batch of 20 vs 1 may round differently (BLAS kernels)
+        np.testing.assert_allclose(d1[0], dense[j], rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(s1[0], sparse[j])
 
 
 def _funnel(stages: Any, req: RecommendRequest, *, across_processes: bool) -> Any:
-    """The rerank output of one request; ``across_processes`` pickles every argument and result,
-    as the cluster composition's deployment handles do (each stage holds its own copies)."""
+    """The response of one request through the serving policy and stage runner (as a replica
+    runs it); ``across_processes`` pickles every stage call's arguments and result, as the
+    cluster composition's deployment handles do (each stage holds its own copies)."""
     import asyncio
     import pickle
 
-    from streamrec.funnel.stages import run_funnel
+    from streamrec.resilience import ResilienceConfig
+    from streamrec.service.policy import FunnelService
+    from streamrec.service.runner import StageRunner
+
+    res = ResilienceConfig(request_budget_ms=60_000, online_store_ms=30_000, ranker_ms=30_000,
+                           level_timeouts_ms={"full": 60_000})  # fmt: skip
+    local = StageRunner(res, 30.0).call_for(stages)
 
     async def call(name: str, *args: Any) -> Any:
         if across_processes:
             args = pickle.loads(pickle.dumps(args))
-            return pickle.loads(pickle.dumps(getattr(stages, name)(*args)))
-        return getattr(stages, name)(*args)
+            return pickle.loads(pickle.dumps(await local(name, *args)))
+        return await local(name, *args)
 
-    return asyncio.run(run_funnel(call, req, stages.source_names, 1.0))[4]
+    async def primary() -> Any:
+        return call, stages.source_names
+
+    service = FunnelService(primary, None, res, 30.0, batch=lambda: stages.batch)
+    return asyncio.run(service(req))
 
 
 @pytest.mark.parametrize("across_processes", [False, True], ids=["in_process", "across_processes"])
@@ -231,8 +243,17 @@ def test_rank_batch_scores_several_requests_in_one_pass(
 
     calls.clear()
     broken = [*ctxs[:2], ctxs[2].__class__(**{**ctxs[2].__dict__, "state": None}), *ctxs[3:]]
-    out = stages.rank_batch(broken, merged)
-    assert len(calls) == 1 and calls[0] == sum(len(m) for m in merged) - len(merged[2])
+    with pytest.raises(Exception):  # noqa: B017 - the stages raise; the runner degrades
+        stages.rank_batch(broken, merged)
+    import asyncio
+
+    from streamrec.resilience import ResilienceConfig
+    from streamrec.service.runner import StageRunner
+
+    runner = StageRunner(ResilienceConfig(ranker_ms=30_000), 30.0)
+    calls.clear()
+    out = asyncio.run(runner.rank_batch(stages, broken, merged))
+    assert calls == [len(m) for i, m in enumerate(merged) if i != 2]  # the others, one by one
     assert out[2].degraded == ["simple_ranking"]
     np.testing.assert_array_equal(
         out[2].items, merged[2].items[np.argsort(-merged[2].scores, kind="stable")][: len(out[2])]
@@ -282,10 +303,10 @@ def test_a_bundle_that_loads_but_cannot_answer_is_refused(
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (injected)")
 
     monkeypatch.setattr(RankerScorer, "score", broken)
-    with pytest.raises(ModelError, match="simple_ranking"):
+    with pytest.raises(ModelError, match="failed a test request.*injected"):
         load_stages(ServeArgs.parse({"data_dir": d, "stages": "recommender"}))
     auto = load_stages(ServeArgs.parse({"data_dir": d, "stages": "auto"}))
-    assert auto.kind == "popularity" and "simple_ranking" in auto.note
+    assert auto.kind == "popularity" and "injected" in auto.note
 
 
 def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, Any]]) -> None:

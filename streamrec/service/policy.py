@@ -91,8 +91,10 @@ class FunnelService:
             half_open_max_calls=cfg.half_open_max_calls,
             success_threshold=cfg.success_threshold,
             # A user with no candidates, or a request met by two versions mid-reload, says nothing
-            # of the funnel's health.
-            ignore=(EmptyFunnelError, StageVersionMismatchError),
+            # of the funnel's health; nor does a funnel late on a starved CPU (each such request
+            # costs only its level timeout, and a hung dependency has its own breaker inside):
+            # only errors open this breaker, so a short CPU stall is not 10 s of batch answers.
+            ignore=(EmptyFunnelError, StageVersionMismatchError, TimeoutError),
         )
         self.cache = ResponseCache(resilience.cached_users)
         self.served: dict[str, int] = {}

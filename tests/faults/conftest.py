@@ -177,10 +177,15 @@ def open_loop(apps: FaultApps, app: str, rps: float, seconds: float, users: rang
     return asyncio.run(_open_loop(apps.base_url, f"/{app}/v1/recommend", apps.headers, rps, seconds, users))
 
 
+def pct(outcomes: list[Outcome], q: int) -> float:
+    """The ``q``-th percentile latency in ms."""
+    lat = sorted(o.latency_ms for o in outcomes)
+    return statistics.quantiles(lat, n=100)[q - 1] if len(lat) > 1 else lat[0]
+
+
 def p99(outcomes: list[Outcome]) -> float:
     """The 99th percentile latency in ms."""
-    lat = sorted(o.latency_ms for o in outcomes)
-    return statistics.quantiles(lat, n=100)[98] if len(lat) > 1 else lat[0]
+    return pct(outcomes, 99)
 
 
 def level_share(outcomes: list[Outcome], level: str) -> float:
@@ -196,7 +201,12 @@ def summary(outcomes: list[Outcome]) -> str:
         levels[key] = levels.get(key, 0) + 1
     lat = sorted(o.latency_ms for o in outcomes)
     reasons = sorted({o.reason for o in outcomes if o.reason})[:3]
-    return f"n={len(outcomes)} levels={levels} p50={lat[len(lat) // 2]:.1f}ms p99={p99(outcomes):.1f}ms reasons={reasons}"
+    slowest = sorted(range(len(outcomes)), key=lambda i: -outcomes[i].latency_ms)[:5]
+    worst = ", ".join(f"#{i}: {outcomes[i].latency_ms:.0f}ms" for i in sorted(slowest))  # #i: i-th sent
+    return (
+        f"n={len(outcomes)} levels={levels} p50={lat[len(lat) // 2]:.1f}ms p95={pct(outcomes, 95):.1f}ms "
+        f"p99={p99(outcomes):.1f}ms slowest=[{worst}] reasons={reasons}"
+    )
 
 
 def wait_full(apps: FaultApps, app: str, timeout_s: float, first_user: int = 1000) -> float:

@@ -42,7 +42,14 @@ from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Candidates, Stages, UserContext
 from streamrec.service.args import ServeArgs
 from streamrec.service.http import build_gateway
-from streamrec.service.loading import LoadedStages, load_stages, settle_heap
+from streamrec.service.loading import (
+    LoadedStages,
+    load_batch,
+    load_fallback,
+    load_stages,
+    reload_args,
+    settle_heap,
+)
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
 from streamrec.service.runner import Call, StageRunner
@@ -72,13 +79,6 @@ class _StageHost:
         """The current stages object (read once per call: a swap never splits a call)."""
         return self._loaded.stages
 
-    def _reload_args(self) -> ServeArgs:
-        # Once the trained recommender serves, a reload must load it again or be refused:
-        # "auto" would silently fall back to popularity on a bad bundle.
-        if self._loaded.kind == "recommender" and self._args.stages == "auto":
-            return self._args.model_copy(update={"stages": "recommender"})
-        return self._args
-
     async def prepare_reload(self, token: str, version: int | None = None) -> dict[str, Any]:
         """Phase 1: build fresh stages (of ``version``) off the event loop, pending under ``token``.
 
@@ -88,7 +88,7 @@ class _StageHost:
         """
         self._pending.claim(token)
         try:
-            loaded = await asyncio.to_thread(load_stages, self._reload_args(), version)
+            loaded = await asyncio.to_thread(load_stages, reload_args(self._args, self._loaded), version)
         except BaseException:
             self._pending.drop(token)
             raise
@@ -258,8 +258,8 @@ class Gateway:
         if not self._cluster:
             self._local = await asyncio.to_thread(load_stages, self._args)
         else:
-            self._batch = await asyncio.to_thread(self._load_batch, None)
-        self._fallback = await asyncio.to_thread(self._load_fallback)
+            self._batch = await asyncio.to_thread(load_batch, self._args, None)
+        self._fallback = await asyncio.to_thread(load_fallback, self._args, self._local)
         settle_heap()
         self._service = FunnelService(
             self._primary,
@@ -292,31 +292,6 @@ class Gateway:
         return app
 
     # ------------------------------------------------------------------ stages
-    def _load_fallback(self) -> LoadedStages | None:
-        """In-process popularity stages as the last level (None when pointless or disabled)."""
-        if not self._args.fallback or self._args.stages == "noop":
-            return None
-        if self._local is not None and self._local.kind == "popularity" and self._args.stages == "popularity":
-            return None  # the primary is popularity for good, in-process: nothing to fall back to
-        # With ``auto`` a popularity primary (no model yet) becomes the recommender at the first
-        # promotion's reload, which must find its fallback level (and deadline, breaker) in place.
-        return load_stages(self._args.model_copy(update={"stages": "popularity", "factory": None}))
-
-    def _load_batch(self, version: int | None) -> BatchTopN:
-        """The batch level of the cluster gateway: the champion's (or ``version``'s) top-50 lists."""
-        if self._args.stages not in ("auto", "recommender") or self._args.factory:
-            return BatchTopN.empty()
-        from streamrec.paths import resolve_data_dir
-
-        try:
-            version = champion_version(self._args.data_dir) if version is None else version
-        except Exception as err:  # no registry yet: no batch level until a model is promoted
-            log.info("no batch fallback yet (%s)", err)
-            return BatchTopN.empty()
-        if version is None:
-            return BatchTopN.empty()
-        return BatchTopN.load(resolve_data_dir(self._args.data_dir), f"v{version}")
-
     def _current_batch(self) -> BatchTopN | None:
         if self._local is not None:
             return getattr(self._local.stages, "batch", None)
@@ -424,13 +399,12 @@ class Gateway:
         try:
             local = None
             if self._local is not None:
-                reload_args = self._args
-                if self._local.kind == "recommender" and self._args.stages == "auto":
-                    reload_args = self._args.model_copy(update={"stages": "recommender"})
-                local = await asyncio.to_thread(load_stages, reload_args, version)
-            fallback = await asyncio.to_thread(self._load_fallback) if self._fallback is not None else None
+                local = await asyncio.to_thread(load_stages, reload_args(self._args, self._local), version)
+            fallback = (
+                await asyncio.to_thread(load_fallback, self._args, self._local) if self._fallback is not None else None
+            )
             ids = await asyncio.to_thread(self._events.read_catalogue) if self._events is not None else None
-            batch = await asyncio.to_thread(self._load_batch, version) if self._cluster else None
+            batch = await asyncio.to_thread(load_batch, self._args, version) if self._cluster else None
         except BaseException:
             self._pending.drop(token)
             raise

@@ -267,17 +267,11 @@ class RecommenderStages:
     def _title(self, row: int) -> str | None:
         return self.titles[row] if self.titles is not None else None
 
-    def seen_item_ids(self, ctx: UserContext) -> set[int]:
-        """Raw ids the batch level must not return: ``exclude``, and the history when seen items are suppressed."""
-        rows = ctx.exclude
-        if self.funnel.reranker.config.suppress_seen:  # as the re-ranker treats the history
-            rows = np.concatenate([ctx.exclude, ctx.history])
-        return set(self.funnel.table.item_ids[rows].tolist())
 
 
 def _user_snapshot(fc: Any) -> pd.DataFrame | None:
     """Every user's newest offline features (what the online store was loaded from), by ``user_id``."""
-    from streamrec.features.client import features_as_of
+    from streamrec.features.snapshot import features_as_of
 
     try:
         return features_as_of(fc, "user", pd.Timestamp.now(tz="UTC")).set_index("user_id")

@@ -42,8 +42,9 @@ from streamrec.data.store import DataStore
 from streamrec.errors import TrainingDataError
 from streamrec.evaluation.baselines import ALS, BPR, ALSConfig, ItemKNN, MostPopular, compare
 from streamrec.evaluation.metrics import candidate_recall, ranking_metrics
-from streamrec.features.client import FeatureClient, features_as_of
+from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
+from streamrec.features.snapshot import features_as_of
 from streamrec.funnel.core import SOURCE_NAMES, Funnel, RetrievalModels
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.train_loop import RankerData, TwoTowerData

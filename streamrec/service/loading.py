@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from streamrec.errors import ConfigError
+from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Stages
 from streamrec.service.args import ServeArgs
 
@@ -136,3 +137,44 @@ def settle_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def reload_args(args: ServeArgs, loaded: LoadedStages | None) -> ServeArgs:
+    """The arguments a hot reload loads with.
+
+    Once the trained recommender serves, a reload must load it again or be refused: ``auto``
+    would silently fall back to popularity on a bad bundle.
+    """
+    if loaded is not None and loaded.kind == "recommender" and args.stages == "auto":
+        return args.model_copy(update={"stages": "recommender"})
+    return args
+
+
+def load_fallback(args: ServeArgs, local: LoadedStages | None) -> LoadedStages | None:
+    """In-process popularity stages as the gateway's last funnel level (None when pointless or off).
+
+    With ``auto`` a popularity primary (no model yet) becomes the recommender at the first
+    promotion's reload, which must find its fallback level (and deadline, breaker) in place.
+    """
+    if not args.fallback or args.stages == "noop":
+        return None
+    if local is not None and local.kind == "popularity" and args.stages == "popularity":
+        return None  # the primary is popularity for good, in-process: nothing to fall back to
+    return load_stages(args.model_copy(update={"stages": "popularity", "factory": None}))
+
+
+def load_batch(args: ServeArgs, version: int | None) -> BatchTopN:
+    """The batch level of a gateway without local stages: ``version``'s (else the champion's) lists."""
+    if args.stages not in ("auto", "recommender") or args.factory:
+        return BatchTopN.empty()
+    from streamrec.paths import resolve_data_dir
+    from streamrec.service.reload import champion_version
+
+    try:
+        version = champion_version(args.data_dir) if version is None else version
+    except Exception as err:  # no registry yet: no batch level until a model is promoted
+        log.info("no batch fallback yet (%s)", err)
+        return BatchTopN.empty()
+    if version is None:
+        return BatchTopN.empty()
+    return BatchTopN.load(resolve_data_dir(args.data_dir), f"v{version}")

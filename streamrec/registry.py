@@ -25,6 +25,7 @@ the champion is untouched. See ``docs/adr/ADR-003-model-registry.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ from streamrec.errors import (
     PromotionRefusedError,
     RegistryError,
 )
-from streamrec.paths import DataLayout
+from streamrec.paths import DataLayout, exclusive_file_lock
 
 if TYPE_CHECKING:  # mlflow is imported lazily: building a manifest must stay cheap.
     from mlflow import MlflowClient
@@ -671,11 +672,15 @@ class ModelRegistry:
         self._probe()
         from mlflow import MlflowClient
 
-        self._client: MlflowClient = MlflowClient(
-            tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
-        )
         try:
-            self._client.search_registered_models(max_results=1)
+            # MLflow creates and migrates an empty SQLite database on first use; two processes doing
+            # it at once (replicas reloading together) collide on alembic's temporary tables.
+            with self._init_lock():
+                self._client: MlflowClient = MlflowClient(
+                    tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+                )
+                self._client.search_registered_models(max_results=1)
+                self._client.search_experiments(max_results=1)
         except Exception as err:
             raise self._unreachable(err) from None
         self._experiment_id: str | None = None
@@ -707,13 +712,24 @@ class ModelRegistry:
                 raise self._unreachable(f"{type(err).__name__}: {err}") from None
             if resp.status_code >= 500:
                 raise self._unreachable(f"GET /health answered HTTP {resp.status_code}")
-        elif parsed.scheme == "sqlite":
-            db = self.tracking_uri[len("sqlite:///") :]
-            if db and db != ":memory:":
-                try:
-                    Path(db).parent.mkdir(parents=True, exist_ok=True)
-                except OSError as err:
-                    raise self._unreachable(err) from None
+        elif (db := self._sqlite_path()) is not None:
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise self._unreachable(err) from None
+
+    def _init_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Serialise first use of a local SQLite database across processes (no-op for servers)."""
+        db = self._sqlite_path()
+        if db is None:
+            return contextlib.nullcontext()
+        return exclusive_file_lock(f"{db}.init.lock")
+
+    def _sqlite_path(self) -> Path | None:
+        if urlparse(self.tracking_uri).scheme != "sqlite":
+            return None
+        db = self.tracking_uri[len("sqlite:///") :]
+        return Path(db) if db and db != ":memory:" else None
 
     # ---- internals ------------------------------------------------------------------------
 

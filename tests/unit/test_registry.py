@@ -362,3 +362,22 @@ def test_unusable_sqlite_location_is_a_registry_error(
     blocker.write_text("not a directory")
     with pytest.raises(RegistryError, match=r"sqlite:///.*a-file.*unreachable.*writable"):
         ModelRegistry(data_dir=blocker / "data")
+
+
+def _open_registry(data_dir: str) -> str:
+    try:
+        ModelRegistry(data_dir=data_dir).get("champion")
+    except Exception as err:  # reported to the parent, which names it
+        return f"{type(err).__name__}: {err}"
+    return "ok"
+
+
+def test_processes_opening_a_fresh_registry_together_all_succeed(tmp_path: Path) -> None:
+    """Replicas reloading at once each open the registry; MLflow's first-use migration of the
+    empty SQLite database must run once, not race (alembic's ``_alembic_tmp_*`` tables)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        outcomes = pool.map(_open_registry, [str(tmp_path)] * 4)
+    assert outcomes == ["ok"] * 4, outcomes

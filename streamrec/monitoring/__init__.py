@@ -1,0 +1,1 @@
+"""Monitoring: serving metrics, the sampled request/impression log, skew and drift checks, health alerts."""

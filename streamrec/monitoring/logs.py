@@ -1,0 +1,283 @@
+"""The sampled request and impression log: what serving did, for skew, drift and experiments.
+
+A sampled request writes one row to ``requests`` (who, when, which model and variant, the level
+that served, why, latency) and one row per served item to ``impressions`` (position, score,
+sources, and the ranker's input features of that item as ``f_<feature>`` columns; absent when
+no ranker scored it, e.g. at the ``batch`` level). Files are parquet under
+``<data_dir>/monitoring/{requests,impressions}/date=YYYY-MM-DD/``, one per flush per replica.
+
+The request path only appends to a bounded in-memory queue (:meth:`RequestLog.record`); a
+writer thread flushes it every few seconds. When the writer falls behind, new rows are dropped
+and counted (``streamrec_request_log_dropped_total``): the log never slows a request down.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from streamrec.config import StrictModel
+from streamrec.paths import DataLayout
+
+log = logging.getLogger(__name__)
+
+#: Request id of the request being served (set by the gateway, read by the request log).
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("streamrec_request_id", default="")
+
+#: Prefix of the ranker-input feature columns of the impressions table.
+FEATURE_PREFIX = "f_"
+
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "ts",
+    "user_id",
+    "variant",
+    "model_version",
+    "level",
+    "reason",
+    "latency_ms",
+    "k",
+    "n_items",
+)
+IMPRESSION_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "ts",
+    "user_id",
+    "variant",
+    "model_version",
+    "level",
+    "item_id",
+    "position",
+    "score",
+    "sources",
+)
+
+
+class RequestLogConfig(StrictModel):
+    """Sampling and buffering of the request / impression log (``args.request_log``).
+
+    Attributes:
+        sample_rate: Fraction of recommend requests logged (0 turns the log off).
+        flush_interval_s: Seconds between the writer's flushes.
+        max_pending: Requests buffered in memory at most; beyond it new ones are dropped and counted.
+    """
+
+    sample_rate: float = 0.1
+    flush_interval_s: float = 5.0
+    max_pending: int = 20_000
+
+
+@dataclass
+class ServedRecord:
+    """One sampled response as the log keeps it.
+
+    Attributes:
+        items: ``(item_id, score, sources)`` per served item, in served order.
+        features: Ranker inputs by item id (rows of ``feature_names``), for the items a ranker scored.
+    """
+
+    request_id: str
+    ts: float
+    user_id: int
+    variant: str | None
+    model_version: str
+    level: str
+    reason: str | None
+    latency_ms: float
+    k: int
+    items: list[tuple[int, float, Sequence[str]]]
+    feature_names: tuple[str, ...] = ()
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def log_dir(data_dir: str | os.PathLike[str] | None, table: str) -> Path:
+    """``<data_dir>/monitoring/<table>`` (``requests`` or ``impressions``)."""
+    return DataLayout.at(data_dir).root / "monitoring" / table
+
+
+class RequestLog:
+    """Samples responses into a bounded queue; a writer thread writes them as parquet.
+
+    Args:
+        data_dir: StreamRec data directory.
+        config: Sampling and buffering.
+        on_drop: Called with the number of rows dropped (e.g. ``ServingMetrics.log_dropped``).
+        start: Start the writer thread (tests flush by hand with ``start=False``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None,
+        config: RequestLogConfig | None = None,
+        *,
+        on_drop: Any = None,
+        start: bool = True,
+    ) -> None:
+        self.config = config or RequestLogConfig()
+        self.root = DataLayout.at(data_dir).root / "monitoring"
+        self._pending: deque[ServedRecord] = deque()
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+        self.logged = 0
+        self.dropped = 0
+        self.written = 0
+        self._thread: threading.Thread | None = None
+        if start and self.config.sample_rate > 0:
+            self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+            self._thread.start()
+
+    def sampled(self) -> bool:
+        """Whether to log the current request (a Bernoulli draw at ``sample_rate``)."""
+        rate = self.config.sample_rate
+        return rate >= 1.0 or (rate > 0 and random.random() < rate)
+
+    def record(self, rec: ServedRecord) -> None:
+        """Queue one response (never blocks; dropped and counted when the queue is full)."""
+        with self._lock:
+            if len(self._pending) >= self.config.max_pending:
+                self.dropped += 1
+                dropped = True
+            else:
+                self._pending.append(rec)
+                self.logged += 1
+                dropped = False
+        if dropped and self._on_drop is not None:
+            self._on_drop(1)
+
+    # ------------------------------------------------------------------ writer
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.flush_interval_s):
+            try:
+                self.flush()
+            except Exception as err:  # a full disk must not kill the writer; rows stay queued
+                log.warning("request log flush failed (%s: %s); retrying", type(err).__name__, err)
+
+    def flush(self) -> int:
+        """Write everything queued now; the number of requests written."""
+        with self._flush_lock:
+            with self._lock:
+                batch = list(self._pending)
+            if not batch:
+                return 0
+            requests, impressions = to_frames(batch)
+            day = datetime.fromtimestamp(batch[-1].ts, UTC).strftime("%Y-%m-%d")
+            self._seq += 1
+            name = f"{self._name}-{int(time.time() * 1e3)}-{self._seq:06d}.parquet"
+            for table, frame in (("requests", requests), ("impressions", impressions)):
+                if frame.empty:
+                    continue
+                d = self.root / table / f"date={day}"
+                d.mkdir(parents=True, exist_ok=True)
+                tmp = d / f".{name}.tmp"
+                frame.to_parquet(tmp, index=False)
+                os.replace(tmp, d / name)  # readers never see a half-written file
+            with self._lock:  # only now: a failed write leaves the rows queued for the next try
+                for _ in batch:
+                    self._pending.popleft()
+            self.written += len(batch)
+            return len(batch)
+
+    def close(self) -> None:
+        """Stop the writer and write what is queued."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            self.flush()
+        except Exception as err:
+            log.warning("request log: last flush failed (%s: %s)", type(err).__name__, err)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for the admin status."""
+        with self._lock:
+            pending = len(self._pending)
+        return {
+            "sample_rate": self.config.sample_rate,
+            "logged": self.logged,
+            "written": self.written,
+            "pending": pending,
+            "dropped": self.dropped,
+            "dir": str(self.root),
+        }
+
+
+def to_frames(records: Sequence[ServedRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``requests`` and ``impressions`` rows of ``records``."""
+    req_rows: list[dict[str, Any]] = []
+    imp_rows: list[dict[str, Any]] = []
+    for r in records:
+        ts = pd.Timestamp(r.ts, unit="s", tz="UTC")
+        common = {
+            "request_id": r.request_id,
+            "ts": ts,
+            "user_id": int(r.user_id),
+            "variant": r.variant,
+            "model_version": r.model_version,
+            "level": r.level,
+        }
+        req_rows.append(
+            {**common, "reason": r.reason, "latency_ms": float(r.latency_ms), "k": r.k, "n_items": len(r.items)}
+        )
+        for pos, (item_id, score, sources) in enumerate(r.items):
+            row: dict[str, Any] = {
+                **common,
+                "item_id": int(item_id),
+                "position": pos,
+                "score": float(score),
+                "sources": ",".join(sources),
+            }
+            feats = r.features.get(int(item_id))
+            if feats is not None:
+                row.update({FEATURE_PREFIX + n: float(v) for n, v in zip(r.feature_names, feats, strict=True)})
+            imp_rows.append(row)
+    requests = pd.DataFrame(req_rows, columns=list(REQUEST_COLUMNS))
+    impressions = pd.DataFrame(imp_rows)
+    if impressions.empty:
+        impressions = pd.DataFrame(columns=list(IMPRESSION_COLUMNS))
+    return requests, impressions
+
+
+def _read(table: str, data_dir: str | os.PathLike[str] | None, columns: tuple[str, ...]) -> pd.DataFrame:
+    files = sorted(log_dir(data_dir, table).glob("date=*/*.parquet"))
+    frames = [pd.read_parquet(f) for f in files]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        out = pd.DataFrame(columns=list(columns))
+        out["ts"] = pd.to_datetime(out["ts"], utc=True)
+        return out
+    out = pd.concat(frames, ignore_index=True, sort=False)
+    out["ts"] = pd.to_datetime(out["ts"], utc=True)
+    return out.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+def read_requests(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
+    """Every logged request (columns :data:`REQUEST_COLUMNS`; empty when nothing was logged)."""
+    return _read("requests", data_dir, REQUEST_COLUMNS)
+
+
+def read_impressions(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
+    """Every logged impression: :data:`IMPRESSION_COLUMNS` plus ``f_<feature>`` columns."""
+    return _read("impressions", data_dir, IMPRESSION_COLUMNS)
+
+
+def feature_columns(frame: pd.DataFrame) -> list[str]:
+    """The ranker-input feature names present in an impressions frame (prefix removed)."""
+    return [c[len(FEATURE_PREFIX) :] for c in frame.columns if c.startswith(FEATURE_PREFIX)]

@@ -40,7 +40,11 @@ class IngestConfig(StrictModel):
 
 @dataclass
 class IngestReport:
-    """What one ingest run did. ``valid + quarantined == input_rows`` (event rows)."""
+    """What one ingest run did. ``valid + quarantined == input_rows`` (event rows).
+
+    ``dropped_index_columns`` names, per source file, the leading unnamed index columns (as
+    pandas' ``to_csv`` writes) that were recognised and not ingested; empty when there were none.
+    """
 
     source: str
     format: str
@@ -56,6 +60,7 @@ class IngestReport:
     invalid_fraction: float = 0.0
     skipped_same_file: bool = False
     rules: dict[str, int] = field(default_factory=dict)
+    dropped_index_columns: dict[str, list[str]] = field(default_factory=dict)
     quarantine_path: str | None = None
     report_path: str | None = None
 
@@ -82,7 +87,7 @@ def ingest_loaded(
 ) -> IngestReport:
     """Validate and store already-loaded frames. See the module docstring for semantics."""
     run = f"ingest-{utc_stamp()}-{os.getpid()}"
-    report = IngestReport(source=source, format=fmt)
+    report = IngestReport(source=source, format=fmt, dropped_index_columns=dict(loaded.dropped_index_columns))
 
     users_v = validate_dimension(
         _user_range_rules(loaded.users), "user_id", "users", ["user_id", "signup_at"], source=source
@@ -166,7 +171,12 @@ def ingest(cfg: IngestConfig, now: datetime | None = None) -> IngestReport:
     loaded = LOADERS[cfg.format](cfg.path)
     digest = file_digest(loaded.source_files)
     if digest in store.manifest():
-        report = IngestReport(source=cfg.path, format=cfg.format, skipped_same_file=True)
+        report = IngestReport(
+            source=cfg.path,
+            format=cfg.format,
+            skipped_same_file=True,
+            dropped_index_columns=dict(loaded.dropped_index_columns),
+        )
         report.input_rows = loaded.input_event_rows
         report.users, report.items = len(store.users()), len(store.items())
         report.already_present = report.input_rows

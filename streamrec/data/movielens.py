@@ -6,6 +6,9 @@ Two formats:
   with 19 genre flags; ``u.user`` pipe-separated ``id|age|gender|occupation|zip``);
 * **current MovieLens CSV** (``ratings.csv`` ``userId,movieId,rating,timestamp``; ``movies.csv``
   ``movieId,title,genres`` with pipe-separated genres). Users are derived from the ratings.
+  ``tags.csv`` and ``links.csv`` may be present or absent: they are not read. A leading unnamed
+  integer column (the row index pandas' ``DataFrame.to_csv`` writes by default) is dropped and
+  named in :attr:`LoadedData.dropped_index_columns`; see :func:`_index_columns`.
 
 Mapping: genres become categories; the release date (or the year in the title) becomes
 ``published_at``; every rating becomes one ``rating`` event with ``label = rating >= 4``.
@@ -51,6 +54,8 @@ class LoadedData:
     parse_quarantine: pd.DataFrame
     parse_counts: dict[str, int] = field(default_factory=dict)
     source_files: list[Path] = field(default_factory=list)
+    dropped_index_columns: dict[str, list[str]] = field(default_factory=dict)
+    """File name -> leading index columns dropped, by header name (``(unnamed)`` for an empty one)."""
 
     @property
     def input_event_rows(self) -> int:
@@ -79,7 +84,10 @@ def _split_fields(
     skip_header: bool = False,
     min_fields: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    """Split lines into fields; quarantine wrong field counts and non-numeric numeric fields."""
+    """Split lines into fields; quarantine wrong field counts and non-numeric numeric fields.
+
+    ``n_fields`` and ``names`` describe every field of a line; ``numeric`` indexes into ``names``.
+    """
     start = 1 if skip_header else 0
     s = pd.Series(lines[start:], dtype=object)
     line_no = np.arange(start + 1, len(lines) + 1)
@@ -121,6 +129,97 @@ def _split_csv_line(line: str) -> list[str]:
     import csv
 
     return next(csv.reader([line]))
+
+
+RATINGS_COLUMNS = ("userId", "movieId", "rating", "timestamp")
+MOVIES_COLUMNS = ("movieId", "title", "genres")
+_UNNAMED = re.compile(r"Unnamed: \d+")
+_INTEGER = r"-?\d+"
+
+
+def _is_unnamed(name: str) -> bool:
+    """An empty header name, or the ``Unnamed: <n>`` pandas gives one on read (then writes back)."""
+    return name == "" or _UNNAMED.fullmatch(name) is not None
+
+
+def _show_columns(columns: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(c[:40]) for c in columns[:limit])
+    return f"[{shown}{', ...' if len(columns) > limit else ''}]"
+
+
+def _index_columns(path: Path, header: list[str], expected: tuple[str, ...]) -> int:
+    """How many leading index columns precede the expected columns of ``path``'s header.
+
+    pandas' ``DataFrame.to_csv`` writes the row index as an extra first column with an empty
+    name by default (and a file read back with ``read_csv`` and written again carries it as
+    ``Unnamed: 0``). Such columns are recognised only when they are *unnamed* and the remaining
+    names are exactly the expected ones: a named first column is data the user chose to write,
+    so dropping it silently could lose information, and an unnamed column that replaces an
+    expected one (``,movieId,rating,timestamp``) is a broken header, not an index. The caller
+    also checks that the values are integers (:func:`_split_csv_table`). Names compare
+    case-insensitively, ignoring surrounding spaces.
+
+    Raises:
+        DataError: the header is not the expected columns, optionally after unnamed columns.
+    """
+    k = len(header) - len(expected)
+    lowered = [c.lower() for c in header]
+    if k >= 0 and lowered[k:] == [c.lower() for c in expected] and all(_is_unnamed(c) for c in header[:k]):
+        return k
+    raise DataError(
+        f"{path} has columns {_show_columns(header)}, expected '{','.join(expected)}' (optionally "
+        "after an unnamed integer index column, as pandas' to_csv writes): fix the header line, or "
+        "pass the --format that matches these files"
+    )
+
+
+def _split_csv_table(
+    path: Path,
+    expected: tuple[str, ...],
+    table: str,
+    names: list[str],
+    numeric: list[int],
+    dropped: dict[str, list[str]],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Read a headed CSV file, check its header, drop leading index columns, split the rows.
+
+    A leading unnamed column is dropped only if every row that parses holds an integer there
+    (what a pandas index looks like). Its values need not form a ``0..n-1`` or monotone range:
+    a frame that was filtered or sorted before ``to_csv`` keeps its original row labels. The
+    dropped columns are recorded in ``dropped`` under the file name.
+
+    Raises:
+        DataError: the file is empty, the header does not match (see :func:`_index_columns`),
+            or an unnamed leading column holds something other than integers.
+    """
+    lines = _read_lines(path)
+    header = [c.strip() for c in _split_csv_line(lines[0])]
+    k = _index_columns(path, header, expected)
+    index_names = [f"_index{j}" for j in range(k)]
+    frame, q, counts = _split_fields(
+        lines,
+        ",",
+        k + len(names),
+        table,
+        path.name,
+        [k + j for j in numeric],
+        index_names + names,
+        skip_header=True,
+    )
+    for j, col in enumerate(index_names):
+        values = frame[col].fillna("").str.strip()
+        not_int = ~values.str.fullmatch(_INTEGER)
+        if not_int.any():
+            row = int(np.flatnonzero(not_int.to_numpy())[0])
+            raise DataError(
+                f"{path}: unnamed column {j + 1} ({header[j]!r}) is not a row index: line "
+                f"{int(frame['_line'].iloc[row])} holds {values.iloc[row][:40]!r}, not an integer. "
+                f"Remove that column (or write the file with to_csv(index=False)) so the header "
+                f"is '{','.join(expected)}'"
+            )
+    if k:
+        dropped[path.name] = [c or "(unnamed)" for c in header[:k]]
+    return frame.drop(columns=index_names), q, counts
 
 
 def _events_from_ratings(r: pd.DataFrame) -> pd.DataFrame:
@@ -259,10 +358,14 @@ def load_movielens_csv(path: str | Path) -> LoadedData:
     """Load a current-format MovieLens directory (``ratings.csv``, ``movies.csv``).
 
     Users are derived from the ratings (``signup_at`` = first rating, demographics unknown).
+    ``tags.csv`` and ``links.csv`` are optional (not read). A file written with pandas' default
+    ``to_csv`` (a leading unnamed integer index column) is accepted: the column is dropped and
+    named in ``dropped_index_columns``.
 
     Raises:
         DataNotFoundError: the directory or a required file is missing.
-        DataError: a required file is empty or lacks the expected header.
+        DataError: a required file is empty, its header is not the expected columns (optionally
+            after unnamed index columns), or an unnamed leading column does not hold integers.
     """
     root = Path(path)
     if not root.is_dir():
@@ -271,18 +374,13 @@ def load_movielens_csv(path: str | Path) -> LoadedData:
     for p in (ratings_p, movies_p):
         if not p.is_file():
             raise DataNotFoundError(f"{p.name} not found in {root}: is this a MovieLens CSV directory?")
-    rl = _read_lines(ratings_p)
-    ml = _read_lines(movies_p)
-    if not rl[0].lower().startswith("userid,movieid,rating,timestamp"):
-        raise DataError(f"{ratings_p} has header '{rl[0][:60]}', expected 'userId,movieId,rating,timestamp'")
-    if not ml[0].lower().startswith("movieid,title,genres"):
-        raise DataError(f"{movies_p} has header '{ml[0][:60]}', expected 'movieId,title,genres'")
-    ratings, q_ev, c_ev = _split_fields(
-        rl, ",", 4, "events", ratings_p.name, [0, 1, 2, 3], ["user", "item", "rating", "ts"], skip_header=True
+    dropped: dict[str, list[str]] = {}
+    ratings, q_ev, c_ev = _split_csv_table(
+        ratings_p, RATINGS_COLUMNS, "events", ["user", "item", "rating", "ts"], [0, 1, 2, 3], dropped
     )
     events = _events_from_ratings(ratings)
-    raw_items, q_it, c_it = _split_fields(
-        ml, ",", 3, "items", movies_p.name, [0], ["item_id", "title", "genres"], skip_header=True
+    raw_items, q_it, c_it = _split_csv_table(
+        movies_p, MOVIES_COLUMNS, "items", ["item_id", "title", "genres"], [0], dropped
     )
     genres = (
         raw_items["genres"]
@@ -322,6 +420,7 @@ def load_movielens_csv(path: str | Path) -> LoadedData:
         parse_quarantine=pd.concat([q_ev, q_it], ignore_index=True),
         parse_counts=_merge_counts(c_ev, c_it),
         source_files=[ratings_p, movies_p],
+        dropped_index_columns=dropped,
     )
 
 

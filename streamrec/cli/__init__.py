@@ -28,6 +28,7 @@ _SUBCOMMANDS: list[tuple[str, str | None]] = [
     ("features", "features"),
     ("train", None),
     ("serve", None),
+    ("monitor", "monitor"),
 ]
 
 

@@ -34,12 +34,16 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle
 
 from streamrec.api_models import RecommendRequest
 from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError
 from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Candidates, Stages, UserContext
+from streamrec.monitoring.health import HealthMonitor, read_skew
+from streamrec.monitoring.logs import RequestLog
+from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
 from streamrec.service.http import build_gateway
 from streamrec.service.loading import (
@@ -50,6 +54,7 @@ from streamrec.service.loading import (
     reload_args,
     settle_heap,
 )
+from streamrec.service.observe import every, health_facts
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
 from streamrec.service.runner import Call, StageRunner
@@ -71,8 +76,23 @@ class _StageHost:
         self._loaded = load_stages(self._args)
         self._pending = PendingReloads()
         a = self._args
-        self._runner = StageRunner(a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults)
+        self._metrics = ServingMetrics(serve_metrics if a.metrics else None)
+        self._runner = StageRunner(
+            a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults, metrics=self._metrics
+        )
+        self._exporter: asyncio.Task[None] | None = None
         settle_heap()
+
+    def _export_breakers(self) -> None:
+        """Start exporting this replica's breaker states (first call on the replica's loop)."""
+        if self._exporter is None and self._metrics.enabled:
+
+            async def export() -> None:
+                self._metrics.breakers(self._runner.snapshot())
+
+            self._exporter = asyncio.get_running_loop().create_task(
+                every(self._args.health.interval_s, export, "breaker export")
+            )
 
     @property
     def stages(self) -> Stages:
@@ -109,6 +129,7 @@ class _StageHost:
 
     async def describe(self) -> dict[str, Any]:
         """The current stages' facts and this replica's breakers."""
+        self._export_breakers()
         return {**self._loaded.describe(), "breakers": self._runner.snapshot()}
 
 
@@ -252,7 +273,16 @@ class Gateway:
         self._reload_lock = asyncio.Lock()  # the watcher and POST /v1/admin/reload take turns
         self._events: Any = None
         a = self._args
-        self._runner = StageRunner(a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults)
+        self._metrics = ServingMetrics(serve_metrics if a.metrics else None)
+        self._runner = StageRunner(
+            a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults, metrics=self._metrics
+        )
+        self._request_log = (
+            RequestLog(a.data_dir, a.request_log, on_drop=self._metrics.log_dropped)
+            if a.request_log.sample_rate > 0
+            else None
+        )
+        self._health = HealthMonitor(a.health, self._metrics)
         self._history = ReloadHistory()
         self._batch = BatchTopN.empty()  # the cluster's batch level (fused: the local stages' own)
         if not self._cluster:
@@ -267,8 +297,13 @@ class Gateway:
             self._args.resilience,
             self._args.source_timeout_ms / 1000.0,
             batch=self._current_batch,
+            metrics=self._metrics,
+            request_log=self._request_log,
         )
         self._started = time.time()
+        self._health_task = asyncio.get_running_loop().create_task(
+            every(a.health.interval_s, self._check_health, "health check")
+        )
         self._watcher: asyncio.Task[None] | None = None
         if (
             self._args.watch_champion_s > 0
@@ -288,8 +323,29 @@ class Gateway:
             info=self._info,
             status=self._status,
             behind_ray_proxy=True,
+            metrics=self._metrics,
         )
         return app
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful replica shutdown: write the sampled requests still queued.
+        request_log = getattr(self, "_request_log", None)
+        if request_log is not None:
+            request_log.close()
+
+    # ------------------------------------------------------------------ health
+    async def _check_health(self) -> None:
+        """Alerts and state gauges of this replica (every ``health.interval_s``)."""
+        if self._local is not None:
+            details = self._local.describe().get("details")
+        else:
+            assert self._features is not None
+            details = (await self._features.describe.remote()).get("details")
+        skew = await asyncio.to_thread(read_skew, self._args.data_dir)
+        facts = health_facts(details, self._current_batch(), self._service.served, self._breakers(), skew)
+        self._health.check(facts)
+        if self._events is not None:
+            self._metrics.events(self._events.snapshot())
 
     # ------------------------------------------------------------------ stages
     def _current_batch(self) -> BatchTopN | None:
@@ -336,6 +392,7 @@ class Gateway:
         refused = self._history.refused_now
         if refused is not None:
             warnings.append(f"reload to v{refused['version']} was refused: {refused.get('detail', '')}")
+        warnings += self._health.warnings
         if warnings:  # still ready: a degraded answer is an answer
             out["warnings"] = warnings
         return True, out
@@ -368,6 +425,8 @@ class Gateway:
         out: dict[str, Any] = {"composition": self._args.composition, "funnel": self._service.snapshot()}
         out["breakers"] = self._breakers()
         out["reloads"] = self._history.snapshot()
+        out["health_alerts"] = self._health.warnings
+        out["request_log"] = self._request_log.snapshot() if self._request_log is not None else None
         if self._local is not None:
             out["stages"] = self._local.describe()
         else:

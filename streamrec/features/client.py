@@ -217,6 +217,11 @@ class FeatureClient:
         """``features/meta.json``: category vocabulary, data-dependent defaults, last build."""
         return self.features_dir / "meta.json"
 
+    def built_at(self) -> float | None:
+        """When the offline features were last built (epoch seconds; None before the first build)."""
+        at = self._meta().get("last_build", {}).get("built_at")
+        return pd.Timestamp(at).timestamp() if at else None
+
     def _meta(self) -> dict[str, Any]:
         p = self.features_dir / "meta.json"
         return json.loads(p.read_text()) if p.is_file() else {}

@@ -291,11 +291,25 @@ class Funnel:
         Raises:
             ModelError: no ranker is loaded.
         """
+        return self.score_with_inputs(ctxs, items, source_scores)[0]
+
+    def score_with_inputs(
+        self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]
+    ) -> tuple[list[F32], list[F32]]:
+        """:meth:`score_many` plus each request's dense ranker inputs (rows aligned with its items).
+
+        Raises:
+            ModelError: no ranker is loaded.
+        """
         if self.ranker is None:
             raise ModelError("no ranker is loaded")
+        width = len(self.features.layout.dense)
         out: list[F32] = [np.empty(0, np.float32) for _ in items]
+        dense: list[F32] = [np.empty((0, width), np.float32) for _ in items]
         order = [i for i, it in enumerate(items) if it.size]
         inputs = {i: self.ranker_inputs(ctxs[i], items[i], source_scores[i]) for i in order}
+        for i in order:
+            dense[i] = inputs[i][0]
         if len(order) == 1:
             out[order[0]] = self.ranker.score(*inputs[order[0]])
         elif order:
@@ -305,7 +319,7 @@ class Funnel:
             bounds = np.cumsum([0] + [items[i].size for i in order])
             for j, i in enumerate(order):
                 out[i] = flat[bounds[j] : bounds[j + 1]]
-        return out
+        return out, dense
 
     def keep_best(self, scores: npt.NDArray[np.floating[Any]], k: int = 0) -> I64:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""

@@ -30,9 +30,12 @@ class BatchTopN:
         lists: ``user_id -> (item_ids, scores)``.
     """
 
-    def __init__(self, version: str, lists: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(
+        self, version: str, lists: dict[int, tuple[np.ndarray, np.ndarray]], computed_at: float | None = None
+    ) -> None:
         self.version = version
         self._lists = lists
+        self.computed_at = computed_at  # epoch seconds the batch job wrote the lists (None: unknown)
 
     @classmethod
     def empty(cls, version: str = "") -> BatchTopN:
@@ -55,7 +58,8 @@ class BatchTopN:
             int(u): (np.asarray(i, dtype=np.int64), np.asarray(s, dtype=np.float32))
             for u, i, s in zip(frame["user_id"], frame["item_ids"], frame["scores"], strict=True)
         }
-        return cls(version, lists)
+        written = [f.stat().st_mtime for f in path.rglob("*.parquet")]
+        return cls(version, lists, max(written) if written else None)
 
     def __len__(self) -> int:
         return len(self._lists)

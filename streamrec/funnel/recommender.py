@@ -58,7 +58,11 @@ class RecommenderStages:
         batch: BatchTopN | None = None,
         titles: list[str | None] | None = None,
         snapshot: pd.DataFrame | None = None,
+        trained_at: float | None = None,
+        features_built_at: float | None = None,
     ) -> None:
+        self.trained_at = trained_at
+        self.features_built_at = features_built_at
         self.funnel = funnel
         self.features = features
         self.model_version = model_version
@@ -75,6 +79,9 @@ class RecommenderStages:
             "users": len(self.funnel.models.users),
             "batch_fallback_users": len(self.batch),
             "snapshot_users": 0 if self.snapshot is None else len(self.snapshot),
+            "trained_at": self.trained_at,
+            "features_built_at": self.features_built_at,
+            "batch_computed_at": self.batch.computed_at,
             "rerank": self.funnel.reranker.config.model_dump(),
         }
 
@@ -204,9 +211,9 @@ class RecommenderStages:
         srcs = [
             c.features if c.features is not None else np.zeros((len(c), n_src), np.float32) for c in candidates
         ]
-        scores = f.score_many(states, [c.items for c in candidates], srcs)
+        scores, dense = f.score_with_inputs(states, [c.items for c in candidates], srcs)
         return [
-            self._keep_best(ctx, cands, scores[i] if len(cands) else None, simple=False)
+            self._keep_best(ctx, cands, scores[i] if len(cands) else None, simple=False, inputs=dense[i])
             for i, (ctx, cands) in enumerate(zip(ctxs, candidates, strict=True))
         ]
 
@@ -215,19 +222,32 @@ class RecommenderStages:
         return self._keep_best(ctx, candidates, candidates.scores, simple=True)
 
     def _keep_best(
-        self, ctx: UserContext, candidates: Candidates, scores: np.ndarray | None, simple: bool
+        self,
+        ctx: UserContext,
+        candidates: Candidates,
+        scores: np.ndarray | None,
+        simple: bool,
+        inputs: np.ndarray | None = None,
     ) -> Candidates:
-        """The best ``settings.ranked`` (at least ``k``) of ``candidates`` by ``scores``."""
+        """The best ``settings.ranked`` (at least ``k``) of ``candidates`` by ``scores``.
+
+        ``inputs``: the ranker's dense inputs of ``candidates``; the kept rows travel with the
+        result (the request log records them), named by the ranker's layout.
+        """
         degraded = [*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded)
         if scores is None or not len(candidates):
             return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
         keep = self.funnel.keep_best(scores, ctx.k)
+        items = candidates.items[keep]
         return Candidates(
-            candidates.items[keep],
+            items,
             np.asarray(scores[keep], np.float32),
             [candidates.sources[i] for i in keep],
+            features=None if inputs is None else inputs[keep],
             degraded=degraded,
             reasons=list(candidates.reasons),
+            feature_names=() if inputs is None else self.funnel.features.layout.dense,
+            ids=self.funnel.table.item_ids[items],
         )
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:
@@ -267,6 +287,19 @@ class RecommenderStages:
     def _title(self, row: int) -> str | None:
         return self.titles[row] if self.titles is not None else None
 
+
+
+def _trained_at(bundle: Path) -> float | None:
+    """When the bundle was written (its manifest's ``created_at``), epoch seconds; None without one."""
+    from streamrec.registry import MANIFEST_FILE, read_manifest
+
+    if not (bundle / MANIFEST_FILE).is_file():
+        return None
+    try:
+        return read_manifest(bundle).created_at.timestamp()
+    except Exception as err:  # the bundle verified; an unreadable date only hides the model's age
+        log.warning("cannot read the manifest date of %s: %s", bundle, err)
+        return None
 
 
 def _user_snapshot(fc: Any) -> pd.DataFrame | None:
@@ -360,6 +393,15 @@ def build_stages(
     titles = items["title"].reindex(table.item_ids).tolist() if "title" in items else None
     titles = [t if isinstance(t, str) else None for t in titles] if titles is not None else None
     snapshot = _user_snapshot(fc)
-    stages = RecommenderStages(funnel, fc, label, BatchTopN.load(root, label), titles, snapshot)
+    stages = RecommenderStages(
+        funnel,
+        fc,
+        label,
+        BatchTopN.load(root, label),
+        titles,
+        snapshot,
+        trained_at=_trained_at(path),
+        features_built_at=fc.built_at(),
+    )
     log.info("loaded model %s from %s (%d items, %d users)", label, path, len(table), len(models.users))
     return stages

@@ -81,8 +81,11 @@ class Candidates:
         items: Item indices (int64).
         scores: Scores, higher is better (float32).
         sources: Per item, the retrieval sources that produced it.
-        features: Optional per-item features a later stage needs (the merge's per-source
-            normalised scores for the ranker), rows aligned with ``items``.
+        features: Optional per-item features, rows aligned with ``items``: after the merge, the
+            per-source normalised scores the ranker needs; after the ranker, its dense inputs
+            of the kept items (what the request log records), named by ``feature_names``.
+        feature_names: Names of the ``features`` columns when they are the ranker's inputs.
+        ids: Raw item ids of ``items`` (set by the ranker, for the request log).
         degraded: Degradation levels the stage that produced these candidates fell back to
             (e.g. ``simple_ranking``). Carried with the result, not written into the context:
             in the cluster composition each stage holds its own copy of the context.
@@ -95,6 +98,8 @@ class Candidates:
     features: np.ndarray | None = None
     degraded: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    feature_names: tuple[str, ...] = ()
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.items.shape[0])

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from streamrec.config import StrictModel
 from streamrec.paths import DataLayout
@@ -76,9 +77,9 @@ class RequestLogConfig(StrictModel):
         max_pending: Requests buffered in memory at most; beyond it new ones are dropped and counted.
     """
 
-    sample_rate: float = 0.1
-    flush_interval_s: float = 5.0
-    max_pending: int = 20_000
+    sample_rate: float = Field(default=0.1, ge=0, le=1)
+    flush_interval_s: float = Field(default=5.0, gt=0)
+    max_pending: int = Field(default=20_000, ge=1)
 
 
 @dataclass

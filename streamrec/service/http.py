@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth
 from streamrec.data.event_log import EventLog, Sink
+from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
 from streamrec.service.loading import import_object
 from streamrec.serving.gateway import create_app
@@ -68,11 +69,13 @@ def build_gateway(
     status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     environ: dict[str, str] | None = None,
     behind_ray_proxy: bool = False,
+    metrics: ServingMetrics | None = None,
 ) -> tuple[FastAPI, EventLog | None]:
     """The gateway app for ``args`` plus its event log.
 
     ``behind_ray_proxy``: Ray Serve's proxy assigns and echoes ``X-Request-ID`` itself.
     ``status``: the admin status over every replica (see ``create_app``).
+    ``metrics``: where responses and rate-limited requests are counted.
 
     Raises:
         ConfigError: no API key is configured while authentication is enabled.
@@ -96,5 +99,6 @@ def build_gateway(
         info=info,
         status=status,
         echo_request_id=not behind_ray_proxy,
+        metrics=metrics,
     )
     return app, events

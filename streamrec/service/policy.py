@@ -14,13 +14,17 @@ filled from the later levels. ``metadata.degradation_reason`` says what failed a
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamrec.api_models import RecommendedItem, RecommendRequest, RecommendResponse
 from streamrec.errors import ServingError, StageVersionMismatchError
 from streamrec.funnel.fallback import BatchTopN, Item, ResponseCache
-from streamrec.funnel.stages import Stages, run_funnel
+from streamrec.funnel.stages import Candidates, Stages, run_funnel
+from streamrec.monitoring.logs import REQUEST_ID, RequestLog, ServedRecord
+from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.resilience import (
     AllLevelsFailedError,
     CircuitBreaker,
@@ -41,6 +45,14 @@ _GOOD: frozenset[str] = frozenset({"full", "stale_features", "simple_ranking"})
 
 class EmptyFunnelError(ServingError):
     """The funnel answered with no items (every source missed or found nothing)."""
+
+
+@dataclass
+class _Attempt:
+    """What one request's funnel run left behind for the log (and an empty answer, if any)."""
+
+    empty: list[RecommendResponse] = field(default_factory=list)
+    ranked: Candidates | None = None
 
 
 def as_response(out: Any) -> RecommendResponse:
@@ -67,6 +79,8 @@ class FunnelService:
         resilience: Budgets, level timeouts and breaker settings.
         source_timeout_s: Per-retrieval-source deadline.
         batch: ``() -> BatchTopN`` of the serving model version (None: no batch level).
+        metrics: Where latency, levels, reasons and per-source counts are recorded (None: off).
+        request_log: The sampled request / impression log (None: off).
     """
 
     def __init__(
@@ -76,8 +90,12 @@ class FunnelService:
         resilience: ResilienceConfig,
         source_timeout_s: float,
         batch: Callable[[], BatchTopN | None] | None = None,
+        metrics: ServingMetrics | None = None,
+        request_log: RequestLog | None = None,
     ) -> None:
         self._primary = primary
+        self.metrics = metrics or ServingMetrics(None)
+        self.request_log = request_log
         self._fallback = fallback
         self._resilience = resilience
         self._source_timeout_s = source_timeout_s
@@ -127,12 +145,16 @@ class FunnelService:
         self._fallback = fallback
 
     # ------------------------------------------------------------------ levels
-    async def _run_primary(self, request: RecommendRequest, empty: list[RecommendResponse]) -> RecommendResponse:
+    async def _run_primary(self, request: RecommendRequest, attempt: _Attempt) -> RecommendResponse:
         call, sources = await self._primary()
-        *_, out, timings = await run_funnel(call, request, sources, self._source_timeout_s)
+        _, parts, _, ranked, out, timings = await run_funnel(call, request, sources, self._source_timeout_s)
+        self.metrics.sources(
+            {n: len(c) for n, c in parts.items()}, [k.split(":", 1)[1] for k in timings if k.startswith("missing:")]
+        )
+        attempt.ranked = ranked
         resp = as_response(out)
         if not resp.items:  # the later levels may have items; if none has, this is the answer
-            empty.append(resp)
+            attempt.empty.append(resp)
             missing = [k.split(":", 1)[1] for k in timings if k.startswith("missing:")]
             raise EmptyFunnelError(
                 "the funnel found no candidates" + (f" (sources missing: {', '.join(missing)})" if missing else "")
@@ -203,16 +225,18 @@ class FunnelService:
             ServingError: every level failed (no model, no batch list, no popularity, nothing
                 cached for this user).
         """
+        t0 = time.perf_counter()
         deadline = (
             Deadline.after_ms(self._resilience.request_budget_ms) if self._fallback is not None else None
         )
-        empty: list[RecommendResponse] = []
+        attempt = _Attempt()
         try:
-            result = await self._chain.arun(request, empty, deadline=deadline)
+            result = await self._chain.arun(request, attempt, deadline=deadline)
         except AllLevelsFailedError as err:
-            if empty:  # the funnel worked and nothing anywhere has items for this user
+            if attempt.empty:  # the funnel worked and nothing anywhere has items for this user
                 self.served["full"] = self.served.get("full", 0) + 1
-                return empty[0]
+                self._observe(request, attempt.empty[0], attempt, t0)
+                return attempt.empty[0]
             raise ServingError(str(err)) from err
         resp = result.value
         reasons = [_failure_text(f) for f in result.failures]
@@ -231,7 +255,40 @@ class FunnelService:
         if level in _GOOD:
             self.cache.put(request.user_id, [it.model_dump(exclude_none=True) for it in resp.items])
         self.served[level] = self.served.get(level, 0) + 1
+        self._observe(request, resp, attempt, t0)
         return resp
+
+    def _observe(self, request: RecommendRequest, resp: RecommendResponse, attempt: _Attempt, t0: float) -> None:
+        """Record the response's metrics and, when sampled, queue it for the request log."""
+        latency_ms = (time.perf_counter() - t0) * 1e3
+        md = resp.metadata
+        self.metrics.request(md.degradation_level, md.degradation_reason, latency_ms, md.timings_ms)
+        log_ = self.request_log
+        if log_ is None or not log_.sampled():
+            return
+        ranked = attempt.ranked if md.degradation_level in _GOOD else None
+        features: dict[int, Any] = {}
+        names: tuple[str, ...] = ()
+        if ranked is not None and ranked.features is not None and ranked.ids is not None and ranked.feature_names:
+            served = {it.item_id for it in resp.items}
+            names = ranked.feature_names
+            features = {int(i): row for i, row in zip(ranked.ids, ranked.features, strict=True) if int(i) in served}
+        log_.record(
+            ServedRecord(
+                request_id=REQUEST_ID.get(),
+                ts=time.time(),
+                user_id=request.user_id,
+                variant=md.experiment_variant,
+                model_version=md.model_version,
+                level=md.degradation_level,
+                reason=md.degradation_reason,
+                latency_ms=latency_ms,
+                k=request.k,
+                items=[(it.item_id, it.score, it.sources) for it in resp.items],
+                feature_names=names,
+                features=features,
+            )
+        )
 
     async def _backfill(
         self, request: RecommendRequest, resp: RecommendResponse, served: DegradationLevel

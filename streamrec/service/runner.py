@@ -32,6 +32,7 @@ from cachetools import LRUCache
 
 from streamrec.errors import InjectedFaultError, StageVersionMismatchError
 from streamrec.funnel.stages import Candidates, Stages, UserContext
+from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.resilience import CircuitOpenError, ResilienceConfig
 from streamrec.service.args import FaultInjection
 from streamrec.service.guard import Dependency, DependencyTimeoutError
@@ -51,6 +52,13 @@ def _why(err: BaseException) -> str:
     return f"error ({type(err).__name__})"
 
 
+def _outcome(err: BaseException) -> str:
+    """The ``outcome`` tag of a failed dependency call."""
+    if isinstance(err, CircuitOpenError):
+        return "circuit_open"
+    return "timeout" if isinstance(err, DependencyTimeoutError) else "error"
+
+
 class StageRunner:
     """Runs one replica's stage calls with the inner degradation levels (module docstring).
 
@@ -61,6 +69,7 @@ class StageRunner:
             them all; context building has its own thread).
         faults: Fault injection (off by default).
         known_users: Users whose last good features are kept for ``stale_features``.
+        metrics: Where online-store reads are timed (None: off).
     """
 
     def __init__(
@@ -70,7 +79,9 @@ class StageRunner:
         source_threads: int = 1,
         faults: FaultInjection | None = None,
         known_users: int = 50_000,
+        metrics: ServingMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or ServingMetrics(None)
         self._resilience = resilience
         self._source_timeout_s = source_timeout_s
         self._faults = faults or FaultInjection()
@@ -117,11 +128,13 @@ class StageRunner:
         reason = ""
         user_id = int(request.user_id)
         if getattr(stages, "blocking", False):
+            t0 = time.perf_counter()
             try:
                 features = await self.online.call(stages.read_features, user_id)
             except StageVersionMismatchError:
                 raise
             except Exception as err:
+                self.metrics.online_read((time.perf_counter() - t0) * 1e3, _outcome(err))
                 with self._lock:
                     known = self._last.get(user_id)
                 served = "the user's last known features"
@@ -135,6 +148,7 @@ class StageRunner:
                 reason = f"online_store: {_why(err)}; served {served}"
                 log.debug("stale features for user %s: %s (%s)", user_id, reason, err)
             else:
+                self.metrics.online_read((time.perf_counter() - t0) * 1e3, "ok")
                 with self._lock:
                     self._last[user_id] = features
         ctx: UserContext = await self._compute_call(stages, stages.user_context, request, features)

@@ -75,6 +75,8 @@ from streamrec.auth import Scope as AuthScope
 from streamrec.config import StrictModel
 from streamrec.data.event_log import EventLog
 from streamrec.errors import StreamRecError
+from streamrec.monitoring.logs import REQUEST_ID
+from streamrec.monitoring.metrics import ServingMetrics
 
 log = logging.getLogger("streamrec.gateway")
 
@@ -159,11 +161,13 @@ class RequestIdMiddleware:
     Args:
         app: The wrapped ASGI app.
         echo: Assign (sanitised) and echo the id here.
+        metrics: Counts every response by route and status class (None: off).
     """
 
-    def __init__(self, app: ASGIApp, echo: bool = True) -> None:
+    def __init__(self, app: ASGIApp, echo: bool = True, metrics: ServingMetrics | None = None) -> None:
         self.app = app
         self.echo = echo
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection scope."""
@@ -179,6 +183,7 @@ class RequestIdMiddleware:
                 break
         rid = rid or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        REQUEST_ID.set(rid)  # the request log reads it (same task: the context carries it)
         t0 = time.perf_counter()
         status = 500
         raw_rid = rid.encode()
@@ -194,6 +199,8 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if self.metrics is not None:
+                self.metrics.http_response(scope.get("path", ""), status)
             if log.isEnabledFor(logging.INFO):
                 log.info(
                     "request_id=%s %s %s status=%d ms=%.1f principal=%s",
@@ -224,6 +231,7 @@ def create_app(
     title: str = "StreamRec",
     echo_request_id: bool = True,
     clock: Callable[[], float] = time.monotonic,
+    metrics: ServingMetrics | None = None,
 ) -> FastAPI:
     """Build the gateway app.
 
@@ -247,11 +255,13 @@ def create_app(
         echo_request_id: Assign and echo ``X-Request-ID`` here; False behind Ray Serve's proxy,
             which does both itself (see :class:`RequestIdMiddleware`).
         clock: Monotonic clock of the per-address and admin-reload limiters (tests inject one).
+        metrics: Where responses and rate-limited requests are counted (None: off).
 
     Returns:
         The FastAPI app (an ASGI callable).
     """
     limits = limits or GatewayLimits()
+    meter = metrics or ServingMetrics(None)
     limiter = rate_limiter or RateLimiter.from_config(limits.rate_limit)
     anon = limits.unauthenticated_rate_limit
     address_limiter = RateLimiter(
@@ -283,6 +293,7 @@ def create_app(
             if not decision.allowed:
                 raise _throttled(
                     decision,
+                    "address",
                     f"too many requests without a valid API key from {addr}; retry after "
                     f"{decision.retry_after_s:.2f}s with a valid key in the '{API_KEY_HEADER}' header",
                 ) from None
@@ -292,8 +303,9 @@ def create_app(
         request.state.principal = principal.name
         return principal
 
-    def _throttled(decision: RateDecision, detail: str) -> _ClientError:
+    def _throttled(decision: RateDecision, limiter_name: str, detail: str) -> _ClientError:
         """A 429 for a refused ``decision`` (``Retry-After`` in whole seconds, at least 1)."""
+        meter.rate_limited(limiter_name)
         headers = {
             "X-RateLimit-Limit": str(decision.limit),
             "X-RateLimit-Remaining": str(decision.remaining),
@@ -324,6 +336,7 @@ def create_app(
             "Retry-After": str(max(1, math.ceil(retry))),
         }
         msg = f"rate limit exceeded for key '{principal.name}'; retry after {retry:.2f}s"
+        meter.rate_limited("key")
         raise _ClientError(429, ErrorBody(error="rate_limited", detail=msg), headers)
 
     def _batch_too_large(principal: Principal, cost: float, burst: int) -> _ClientError:
@@ -509,6 +522,7 @@ def create_app(
                     cfg = limits.admin_reload_rate_limit
                     raise _throttled(
                         decision,
+                        "admin_reload",
                         f"admin reloads are limited to {cfg.burst} at once, then one every "
                         f"{1 / cfg.rate_per_s:g}s; retry after {decision.retry_after_s:.2f}s "
                         "(or raise limits.admin_reload_rate_limit in the serve config)",
@@ -573,7 +587,7 @@ def create_app(
         return _error(500, "internal", _INTERNAL_DETAIL, rid, headers)
 
     _install_openapi(app)
-    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id, metrics=metrics)
     return app
 
 

@@ -33,7 +33,22 @@ fi
 step "3. Serve (Ray Serve, fused composition) on 127.0.0.1:$PORT"
 echo "API key: $STREAMREC_API_KEY"
 LOG="$DIR/serve.log"
-streamrec serve --config configs/serve/local.yaml --data-dir "$DIR" --port "$PORT" >"$LOG" 2>&1 &
+# The demo logs every request (local.yaml samples 10%) and flushes the log every second, so that
+# the monitoring report of step 5 has the requests of step 4 in it.
+CONFIG="$DIR/serve-demo.yaml"
+python3 - "$CONFIG" <<'EOF'
+import sys
+
+import yaml
+
+from deployments import config
+
+cfg = config.load("configs/serve/local.yaml")
+cfg = config.override(cfg, args={"request_log": {"sample_rate": 1.0, "flush_interval_s": 1.0}})
+with open(sys.argv[1], "w") as f:
+    yaml.safe_dump(cfg, f, sort_keys=False)
+EOF
+streamrec serve --config "$CONFIG" --data-dir "$DIR" --port "$PORT" >"$LOG" 2>&1 &
 SERVE_PID=$!
 cleanup() { kill -INT "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -45,12 +60,23 @@ done
 curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "service not ready; see $LOG"; exit 1; }
 
 step "4. Recommendations"
+MARK="$DIR/.demo-requests-start"
+touch "$MARK"
 for user in 1 42 999999; do
   echo "-- user $user$( [ "$user" = 999999 ] && echo ' (unknown: cold start)')"
   curl -fsS -X POST "http://127.0.0.1:$PORT/v1/recommend" -H "X-API-Key: $STREAMREC_API_KEY" \
     -H 'Content-Type: application/json' -d "{\"user_id\": $user, \"k\": 5, \"context\": {\"device\": \"mobile\"}}" |
     python3 scripts/show_recs.py
 done
+
+step "5. Monitoring report"
+# The request log is written by a thread every flush_interval_s (1 s above): wait for this run's file.
+for _ in $(seq 1 30); do
+  if [ -n "$(find "$DIR/monitoring/requests" -name '*.parquet' -newer "$MARK" 2>/dev/null | head -1)" ]; then break; fi
+  sleep 0.5
+done
+streamrec monitor report --data-dir "$DIR" --out "$DIR/report.html"
+echo "report: $DIR/report.html (open it in a browser; it works offline)"
 
 if [ "${DEMO_KEEP_SERVING:-0}" = "1" ]; then
   echo; echo "Serving on http://127.0.0.1:$PORT (Ctrl-C stops). API docs: http://127.0.0.1:$PORT/docs"

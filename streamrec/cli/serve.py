@@ -130,6 +130,13 @@ def serve(
         ),
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the application to be ready.")] = 300.0,
+    metrics_export_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the Prometheus endpoint of a locally started Ray (the serving metrics; "
+            "docs/operations.md). Default: a free port Ray picks (printed)."
+        ),
+    ] = None,
 ) -> None:
     """Start the service and block until Ctrl-C (which stops it).
 
@@ -154,6 +161,11 @@ def serve(
     from deployments import config as serve_config
 
     addr = address or os.environ.get("RAY_ADDRESS")
+    if metrics_export_port is not None and addr:
+        raise ConfigError(
+            "--metrics-export-port applies to a Ray started by this command; on a running cluster "
+            "it is `ray start --metrics-export-port` (docs/operations.md)"
+        )
     if direct_ingress and addr:
         raise ConfigError(
             "--direct-ingress needs a Ray started by this command; on a running cluster set "
@@ -192,7 +204,16 @@ def serve(
     if addr:
         ray.init(address=addr, namespace="serve")
     else:
-        ray.init(address="local", num_cpus=num_cpus, namespace="serve", include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            namespace="serve",
+            include_dashboard=False,
+            _metrics_export_port=metrics_export_port,
+        )
+        export = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+        if export:
+            typer.echo(f"metrics (Prometheus): http://127.0.0.1:{export}/metrics", err=True)
     try:
         serve_config.deploy(cfg, timeout_s=timeout)
         if proxy_url is not None:  # HAProxy starts once the replicas report their ports

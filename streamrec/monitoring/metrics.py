@@ -25,7 +25,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 #: Latency buckets in milliseconds (the p95 target is 200 ms).
 LATENCY_MS: tuple[float, ...] = (2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, 3000)
 #: Candidate-count buckets of one retrieval source.
-CANDIDATES: tuple[float, ...] = (0, 1, 10, 25, 50, 100, 200, 300, 500, 1000)
+CANDIDATES: tuple[float, ...] = (1, 10, 25, 50, 100, 200, 300, 500, 1000)
 
 #: Values of the ``state`` gauge of a breaker.
 BREAKER_STATE: dict[str, int] = {"closed": 0, "half_open": 1, "open": 2}
@@ -182,8 +182,8 @@ def _sanitise(value: str) -> str:
 class ServingMetrics:
     """Records the :data:`CATALOGUE` through ``module`` (``ray.serve.metrics``; None: off).
 
-    Thread-safe as the backend is (Ray's metrics are). Recording never raises: a metrics
-    failure is logged once and recording stops, the request goes on.
+    Thread-safe as the backend is (Ray's metrics are). Recording never raises: a metric that
+    cannot be declared or recorded is logged and disabled, the others and the request go on.
 
     Args:
         module: An object with ``Counter``, ``Gauge`` and ``Histogram`` classes of Ray's
@@ -194,10 +194,11 @@ class ServingMetrics:
         self._m: dict[str, Any] = {}
         self._events_seen: dict[str, int] = {}
         self.enabled = module is not None
+        self.declared = 0
         if module is None:
             return
-        try:
-            for spec in CATALOGUE.values():
+        for spec in CATALOGUE.values():
+            try:
                 if spec.kind == "histogram":
                     self._m[spec.name] = module.Histogram(
                         spec.name, description=spec.help, boundaries=list(spec.boundaries), tag_keys=spec.tags
@@ -205,9 +206,10 @@ class ServingMetrics:
                 else:
                     cls = module.Counter if spec.kind == "counter" else module.Gauge
                     self._m[spec.name] = cls(spec.name, description=spec.help, tag_keys=spec.tags)
-        except Exception as err:  # metrics are never worth a replica that does not start
-            log.warning("metrics disabled: %s: %s", type(err).__name__, err)
-            self._m, self.enabled = {}, False
+            except Exception as err:  # a metric is never worth a replica that does not start
+                log.warning("metric %s disabled: %s: %s", spec.name, type(err).__name__, err)
+        self.enabled = bool(self._m)
+        self.declared = len(self._m)
 
     # ------------------------------------------------------------------ primitives
     def _record(self, name: str, op: str, value: float, tags: dict[str, str] | None = None) -> None:
@@ -223,8 +225,9 @@ class ServingMetrics:
             else:
                 metric.observe(value, tags=tags)
         except Exception as err:
-            log.warning("metric %s failed (%s: %s); metrics disabled", name, type(err).__name__, err)
-            self._m, self.enabled = {}, False
+            log.warning("metric %s failed (%s: %s); it is disabled", name, type(err).__name__, err)
+            self._m.pop(name, None)
+            self.enabled = bool(self._m)
 
     # ------------------------------------------------------------------ requests
     def request(self, level: str, reason: str | None, latency_ms: float, timings_ms: dict[str, float]) -> None:

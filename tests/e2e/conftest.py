@@ -117,12 +117,23 @@ class Served:
         return httpx.Client(base_url=self.base_url, timeout=60.0, **kw)  # type: ignore[arg-type]
 
 
+#: Port of Ray's Prometheus endpoint in the test session (the metrics agent exports app metrics there).
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """Ray started once per test session (2 CPUs), shut down at the end."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="serve",
+            log_to_driver=False,
+            _metrics_export_port=METRICS_PORT,
+        )
     try:
         yield
     finally:
@@ -132,6 +143,12 @@ def ray_session() -> Iterator[None]:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_port(ray_session: None) -> int:
+    """The session Ray's metrics export port (a fixture: importing this module again gives another)."""
+    return METRICS_PORT
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +164,8 @@ def served(ray_session: None, serve_data: Path) -> Served:
 
     data = serve_data
     port = free_port()
-    common = {"data_dir": data, "port": port, "host": "127.0.0.1", "args": {"auth": auth_args()}}
+    args = {"auth": auth_args(), "request_log": {"sample_rate": 1.0, "flush_interval_s": 1.0}}
+    common = {"data_dir": data, "port": port, "host": "127.0.0.1", "args": args}
     fused = config.override(
         config.load(REPO / "configs/serve/local.yaml"), name="fused", route_prefix="/fused", **common
     )

@@ -111,6 +111,17 @@ def test_every_catalogue_metric_is_declared_with_its_kind_and_tags() -> None:
     assert all(not s.tags or "user" not in " ".join(s.tags) for s in CATALOGUE.values())
 
 
+def test_rays_own_metrics_api_accepts_every_declaration() -> None:
+    """Ray validates names, tag keys and bucket boundaries when a metric is declared (no cluster needed)."""
+    from ray.util import metrics as ray_metrics
+
+    m = ServingMetrics(ray_metrics)
+    assert m.declared == len(CATALOGUE)  # a refused declaration is logged and that metric never exported
+    m.request("full", None, 3.0, {"features": 1.0})
+    m.sources({"two_tower": 0}, ["trending"])
+    assert m.enabled
+
+
 @pytest.mark.parametrize(
     ("reason", "tag"),
     [
@@ -138,7 +149,7 @@ def test_a_failing_backend_disables_metrics_and_never_raises() -> None:
             raise RuntimeError("no metrics agent")
 
     m = ServingMetrics(Broken())
-    assert not m.enabled
+    assert not m.enabled and m.declared == 0
     m.request("full", None, 3.0, {})  # no error
 
 

@@ -1,0 +1,91 @@
+"""The serving metrics reach Ray's Prometheus endpoint, and sampled requests reach the request log.
+
+Both compositions run on the session's Serve instance (``served``); Ray was started with a
+metrics export port (fixture ``metrics_port``), which is what Prometheus scrapes on every node.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+
+from streamrec.monitoring.logs import read_impressions, read_requests
+from tests.e2e.conftest import READ_KEY, WRITE_KEY, Served
+
+#: Metrics every running gateway exports once it has served recommends and events.
+EXPECTED = (
+    "ray_streamrec_request_latency_ms_bucket",
+    "ray_streamrec_stage_latency_ms_bucket",
+    "ray_streamrec_requests_total",
+    "ray_streamrec_source_candidates_bucket",
+    "ray_streamrec_http_responses_total",
+    "ray_streamrec_events_total",
+    "ray_streamrec_breaker_state",
+    "ray_streamrec_health_alert",
+    "ray_streamrec_model_version",
+    "ray_streamrec_skew_alerts",
+)
+
+
+def _scrape(port: int) -> str:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+    except httpx.ConnectError:  # the node's metrics agent may still be starting
+        return ""
+
+
+def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: Served, metrics_port: int) -> None:
+    from streamrec.data.store import DataStore
+
+    store = DataStore(served.data_dir)
+    user = int(store.users()["user_id"].iloc[0])
+    item = int(store.items()["item_id"].iloc[0])
+    with served.client() as c:
+        for app in ("fused", "cluster"):
+            for u in range(1, 11):
+                r = c.post(f"/{app}/v1/recommend", json={"user_id": u, "k": 5}, headers={"X-API-Key": READ_KEY})
+                assert r.status_code == 200
+            ev = {"events": [{"event_id": f"metrics-{app}", "user_id": user, "item_id": item, "event_type": "click"}]}
+            assert c.post(f"/{app}/v1/events", json=ev, headers={"X-API-Key": WRITE_KEY}).status_code == 200
+            assert c.post(f"/{app}/v1/recommend", json={"user_id": 1}, headers={}).status_code == 401
+    deadline = time.monotonic() + 90  # the agent exports every few seconds; the health loop every 10 s
+    text = ""
+    while time.monotonic() < deadline:
+        text = _scrape(metrics_port)
+        if all(name in text for name in EXPECTED) and 'application="cluster"' in text and "events_total" in text:
+            break
+        time.sleep(3)
+    missing = [name for name in EXPECTED if name not in text]
+    assert not missing, f"not exported: {missing}"
+    for app in ("fused", "cluster"):
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_requests_total{")]
+        assert any(f'application="{app}"' in ln and 'level="' in ln and 'reason="' in ln for ln in lines), app
+    assert re.search(r'ray_streamrec_http_responses_total\{[^}]*route="recommend"[^}]*status_class="4xx"', text) or \
+        re.search(r'ray_streamrec_http_responses_total\{[^}]*status_class="4xx"[^}]*route="recommend"', text)
+    assert re.search(r'ray_streamrec_events_total\{[^}]*outcome="accepted"', text)
+    # Bounded labels: no user or item ids anywhere in our metrics' label values.
+    ours = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_")]
+    labels = {m.group(1) for ln in ours for m in re.finditer(r'(\w+)="', ln)}
+    assert not {"user_id", "item_id", "user", "item", "request_id"} & labels
+
+
+def test_sampled_requests_are_written_to_the_request_log(served: Served) -> None:
+    with served.client() as c:
+        for u in (1, 2, 3):
+            r = c.post("/fused/v1/recommend", json={"user_id": u, "k": 5}, headers={"X-API-Key": READ_KEY})
+            assert r.status_code == 200
+    rid = r.json()["metadata"]["request_id"]
+    deadline = time.monotonic() + 30  # the e2e config flushes every second
+    while time.monotonic() < deadline:
+        reqs = read_requests(served.data_dir)
+        if rid in set(reqs["request_id"]):
+            break
+        time.sleep(1)
+    row = reqs[reqs["request_id"] == rid].iloc[0]
+    assert row["user_id"] == 3 and row["n_items"] == 5 and row["latency_ms"] > 0
+    imps = read_impressions(served.data_dir)
+    assert list(imps[imps["request_id"] == rid].sort_values("position")["item_id"]) == [
+        i["item_id"] for i in r.json()["items"]
+    ]

@@ -512,6 +512,7 @@ class Gateway:
 
     async def _record_reload(self, version: int | None, outcome: str, detail: str = "") -> None:
         """Every gateway replica remembers the outcome, so the status shows it whichever answers."""
+        self._metrics.reload(outcome)  # counted once, by the replica that ran the reload
         ctx = serve.get_replica_context()
         own = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
         try:

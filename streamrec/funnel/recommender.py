@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Severity order of the degradation levels (a response reports the worst one that applied).
 _LEVELS = ("full", "stale_features", "simple_ranking", "batch", "popularity", "cached")
+#: Ranker input rows per request sampled over every scored candidate (for the skew check).
+SCORED_SAMPLE = 16
 
 
 class RecommenderStages:
@@ -62,6 +64,7 @@ class RecommenderStages:
         features_built_at: float | None = None,
     ) -> None:
         self.trained_at = trained_at
+        self._rng = np.random.default_rng()
         self.features_built_at = features_built_at
         self.funnel = funnel
         self.features = features
@@ -239,6 +242,10 @@ class RecommenderStages:
             return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
         keep = self.funnel.keep_best(scores, ctx.k)
         items = candidates.items[keep]
+        sample = None
+        if inputs is not None and len(inputs):
+            rows = self._rng.choice(len(inputs), min(SCORED_SAMPLE, len(inputs)), replace=False)
+            sample = inputs[np.sort(rows)]
         return Candidates(
             items,
             np.asarray(scores[keep], np.float32),
@@ -248,6 +255,7 @@ class RecommenderStages:
             reasons=list(candidates.reasons),
             feature_names=() if inputs is None else self.funnel.features.layout.dense,
             ids=self.funnel.table.item_ids[items],
+            scored_sample=sample,
         )
 
     def rerank(self, ctx: UserContext, ranked: Candidates) -> RecommendResponse:

@@ -86,6 +86,9 @@ class Candidates:
             of the kept items (what the request log records), named by ``feature_names``.
         feature_names: Names of the ``features`` columns when they are the ranker's inputs.
         ids: Raw item ids of ``items`` (set by the ranker, for the request log).
+        scored_sample: A uniform sample of the ranker's input rows over *every* candidate it
+            scored (columns ``feature_names``): what the skew check compares with training,
+            whose rows are retrieval candidates too (the served items are a biased sample).
         degraded: Degradation levels the stage that produced these candidates fell back to
             (e.g. ``simple_ranking``). Carried with the result, not written into the context:
             in the cluster composition each stage holds its own copy of the context.
@@ -100,6 +103,7 @@ class Candidates:
     reasons: list[str] = field(default_factory=list)
     feature_names: tuple[str, ...] = ()
     ids: np.ndarray | None = None
+    scored_sample: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.items.shape[0])

@@ -1,9 +1,9 @@
 """Drift over time: daily feature and prediction drift, and delayed-label quality per model version.
 
-:func:`feature_drift_by_day` takes the ranker-scored impressions of one model version from the
-sampled request log (:mod:`streamrec.monitoring.logs`) and gives, per UTC day and feature, the
-PSI against the bundle's training histogram and against the window's first day (the baseline:
-the first day with ``min_rows`` values), plus the same for the served scores (prediction drift;
+:func:`feature_drift_by_day` takes one model version's sampled ranker inputs (the ``scored``
+table of :mod:`streamrec.monitoring.logs`) and gives, per UTC day and feature, the PSI against
+the bundle's training histogram and against the window's first day (the baseline: the first day
+with ``min_rows`` values), plus the same for the scores of the served items (prediction drift;
 no training histogram, so bucketed on the baseline day's deciles).
 
 :func:`quality_by_day` joins the logged impressions to the clicks and completions in the events
@@ -37,6 +37,7 @@ from streamrec.errors import ConfigError
 from streamrec.monitoring.logs import FEATURE_PREFIX, feature_columns, read_impressions
 from streamrec.monitoring.skew import (
     bucket_counts,
+    load_ranker_inputs,
     load_scored_impressions,
     psi,
     require_request_log,
@@ -143,13 +144,17 @@ def feature_drift_by_day(
     start = _start(since, cfg.days)
     scored = load_scored_impressions(data_dir, start)
     label, _ = resolve_version(data_dir, scored, model_version, champion=bundle_dir is None)
-    mine = select_version(scored, label, start)
+    mine = select_version(scored, label, start)  # served items: their scores are the predictions
+    inputs = load_ranker_inputs(data_dir, start)
+    sample = inputs[inputs["model_version"] == label]  # the ranker's inputs, sampled over all scored
     manifest = read_manifest(bundle_dir) if bundle_dir is not None else training_manifest(data_dir, label)
-    days = mine["ts"].dt.date
     rows: list[dict[str, Any]] = []
 
-    def series(column: str, kind: str, name: str, edges: Sequence[float] | None, train: Any) -> None:
-        values = {d: g[column].to_numpy(np.float64) for d, g in mine.groupby(days, sort=True)}
+    def series(
+        frame: pd.DataFrame, column: str, kind: str, name: str, edges: Sequence[float] | None, train: Any
+    ) -> None:
+        days = frame["ts"].dt.date
+        values = {d: g[column].to_numpy(np.float64) for d, g in frame.groupby(days, sort=True)}
         finite = {d: v[np.isfinite(v)] for d, v in values.items()}
         # The baseline: the first day with enough values, bucketed on the training edges (the
         # score: on that day's quantiles).
@@ -181,17 +186,18 @@ def feature_drift_by_day(
                 }
             )
 
-    for name in feature_columns(mine):
+    for name in feature_columns(sample):
         stats = manifest.feature_stats.get(name)
         hist = stats.histogram if stats is not None else None
         series(
+            sample,
             FEATURE_PREFIX + name,
             "feature",
             name,
             hist.edges if hist is not None else None,
             np.asarray(hist.counts, np.float64) if hist is not None else None,
         )
-    series("score", "prediction", SCORE, None, None)
+    series(mine, "score", "prediction", SCORE, None, None)
     return pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
 
 

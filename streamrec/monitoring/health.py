@@ -166,13 +166,17 @@ class HealthMonitor:
             and now - float(skew.get("checked_at_epoch", 0)) <= c.skew_max_age_h * 3600
             and skew.get("model_version") in (None, facts.get("model_version"))
         )
-        n_skew = int(skew.get("alerts", 0)) if fresh and skew is not None else 0
+        named = list(skew.get("alerted_features") or []) if fresh and skew is not None else []
+        n_skew = len(named) if named else (int(skew.get("alerts", 0)) if fresh and skew is not None else 0)
         m.gauge("streamrec_skew_alerts", n_skew)
+        if skew is not None and skew.get("model_version") in (None, facts.get("model_version")):
+            m.gauge("streamrec_skew_check_age_seconds", max(0.0, now - float(skew.get("checked_at_epoch", 0))))
         self._set(
             "skew",
             n_skew > 0,
-            f"{n_skew} feature(s) differ between training and serving: run "
-            "`streamrec monitor skew --data-dir D` for the table",
+            f"{n_skew} feature(s) differ between training and serving"
+            + (f" ({', '.join(named[:5])}{', ...' if len(named) > 5 else ''})" if named else "")
+            + ": run `streamrec monitor skew --data-dir D` for the table",
         )
         m.breakers(facts.get("breakers") or {})
         for alert in ALERTS:

@@ -1,10 +1,13 @@
 """The sampled request and impression log: what serving did, for skew, drift and experiments.
 
 A sampled request writes one row to ``requests`` (who, when, which model and variant, the level
-that served, why, latency) and one row per served item to ``impressions`` (position, score,
+that served, why, latency), one row per served item to ``impressions`` (position, score,
 sources, and the ranker's input features of that item as ``f_<feature>`` columns; absent when
-no ranker scored it, e.g. at the ``batch`` level). Files are parquet under
-``<data_dir>/monitoring/{requests,impressions}/date=YYYY-MM-DD/``, one per flush per replica.
+no ranker scored it, e.g. at the ``batch`` level), and a few rows to ``scored``: the ranker's
+inputs of candidates drawn uniformly from all it scored, the unbiased sample the skew check
+compares with training (served items are the top of the ranking, not a sample of its inputs).
+Files are parquet under ``<data_dir>/monitoring/<table>/date=YYYY-MM-DD/``, one per flush per
+replica.
 
 The request path only appends to a bounded in-memory queue (:meth:`RequestLog.record`); a
 writer thread flushes it every few seconds. When the writer falls behind, new rows are dropped
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from pydantic import Field
 
@@ -68,6 +72,9 @@ IMPRESSION_COLUMNS: tuple[str, ...] = (
 )
 
 
+SCORED_COLUMNS: tuple[str, ...] = ("request_id", "ts", "user_id", "variant", "model_version")
+
+
 class RequestLogConfig(StrictModel):
     """Sampling and buffering of the request / impression log (``args.request_log``).
 
@@ -89,6 +96,7 @@ class ServedRecord:
     Attributes:
         items: ``(item_id, score, sources)`` per served item, in served order.
         features: Ranker inputs by item id (rows of ``feature_names``), for the items a ranker scored.
+        scored: Ranker input rows (``feature_names``) of candidates sampled over all it scored.
     """
 
     request_id: str
@@ -103,10 +111,11 @@ class ServedRecord:
     items: list[tuple[int, float, Sequence[str]]]
     feature_names: tuple[str, ...] = ()
     features: dict[int, np.ndarray] = field(default_factory=dict)
+    scored: np.ndarray | None = None
 
 
 def log_dir(data_dir: str | os.PathLike[str] | None, table: str) -> Path:
-    """``<data_dir>/monitoring/<table>`` (``requests`` or ``impressions``)."""
+    """``<data_dir>/monitoring/<table>`` (``requests``, ``impressions`` or ``scored``)."""
     return DataLayout.at(data_dir).root / "monitoring" / table
 
 
@@ -178,11 +187,11 @@ class RequestLog:
                 batch = list(self._pending)
             if not batch:
                 return 0
-            requests, impressions = to_frames(batch)
+            frames = to_frames(batch)
             day = datetime.fromtimestamp(batch[-1].ts, UTC).strftime("%Y-%m-%d")
             self._seq += 1
             name = f"{self._name}-{int(time.time() * 1e3)}-{self._seq:06d}.parquet"
-            for table, frame in (("requests", requests), ("impressions", impressions)):
+            for table, frame in zip(("requests", "impressions", "scored"), frames, strict=True):
                 if frame.empty:
                     continue
                 d = self.root / table / f"date={day}"
@@ -220,40 +229,86 @@ class RequestLog:
         }
 
 
-def to_frames(records: Sequence[ServedRecord]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``requests`` and ``impressions`` rows of ``records``."""
-    req_rows: list[dict[str, Any]] = []
-    imp_rows: list[dict[str, Any]] = []
-    for r in records:
-        ts = pd.Timestamp(r.ts, unit="s", tz="UTC")
-        common = {
-            "request_id": r.request_id,
+def to_frames(records: Sequence[ServedRecord]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The ``requests``, ``impressions`` and ``scored`` rows of ``records``.
+
+    Built column-wise (one array per column and feature layout), not a dict per row: the writer
+    thread holds the GIL while it builds them, and a request waiting for it pays that time.
+    """
+    ts = pd.to_datetime(np.asarray([r.ts for r in records], np.float64), unit="s", utc=True)
+    requests = pd.DataFrame(
+        {
+            "request_id": [r.request_id for r in records],
             "ts": ts,
-            "user_id": int(r.user_id),
-            "variant": r.variant,
-            "model_version": r.model_version,
-            "level": r.level,
+            "user_id": np.asarray([r.user_id for r in records], np.int64),
+            "variant": [r.variant for r in records],
+            "model_version": [r.model_version for r in records],
+            "level": [r.level for r in records],
+            "reason": [r.reason for r in records],
+            "latency_ms": np.asarray([r.latency_ms for r in records], np.float64),
+            "k": np.asarray([r.k for r in records], np.int64),
+            "n_items": np.asarray([len(r.items) for r in records], np.int64),
+        },
+        columns=list(REQUEST_COLUMNS),
+    )
+    imp_parts: list[pd.DataFrame] = []
+    scored_parts: list[pd.DataFrame] = []
+    by_layout: dict[tuple[str, ...], list[int]] = {}
+    for i, r in enumerate(records):
+        by_layout.setdefault(r.feature_names if r.features or r.scored is not None else (), []).append(i)
+    for names, idx in by_layout.items():
+        group = [records[i] for i in idx]
+        counts = np.asarray([len(r.items) for r in group], np.int64)
+        if counts.sum():
+            imp = _repeat(group, ts[idx], counts)
+            imp["item_id"] = np.asarray([it[0] for r in group for it in r.items], np.int64)
+            imp["position"] = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])
+            imp["score"] = np.asarray([it[1] for r in group for it in r.items], np.float64)
+            imp["sources"] = [",".join(it[2]) for r in group for it in r.items]
+            if names:
+                width = len(names)
+                rows = np.full((int(counts.sum()), width), np.nan, np.float32)
+                at = 0
+                for r in group:
+                    for j, it in enumerate(r.items):
+                        f = r.features.get(int(it[0]))
+                        if f is not None:
+                            rows[at + j] = f
+                    at += len(r.items)
+                imp = pd.concat([imp, pd.DataFrame(rows, columns=[FEATURE_PREFIX + n for n in names])], axis=1)
+            imp_parts.append(imp)
+        sampled = [(k, r) for k, r in zip(idx, group, strict=True) if r.scored is not None and len(r.scored)]
+        if names and sampled:
+            n_rows = np.asarray([len(r.scored) for _, r in sampled], np.int64)  # type: ignore[arg-type]
+            sc = _repeat([r for _, r in sampled], ts[[k for k, _ in sampled]], n_rows)
+            sc = sc[list(SCORED_COLUMNS)]
+            values = np.concatenate([np.asarray(r.scored, np.float32) for _, r in sampled])
+            scored_parts.append(
+                pd.concat([sc, pd.DataFrame(values, columns=[FEATURE_PREFIX + n for n in names])], axis=1)
+            )
+    impressions = (
+        pd.concat(imp_parts, ignore_index=True, sort=False) if imp_parts else pd.DataFrame(columns=list(IMPRESSION_COLUMNS))
+    )
+    scored = (
+        pd.concat(scored_parts, ignore_index=True, sort=False)
+        if scored_parts
+        else pd.DataFrame(columns=list(SCORED_COLUMNS))
+    )
+    return requests, impressions, scored
+
+
+def _repeat(group: Sequence[ServedRecord], ts: pd.DatetimeIndex, counts: npt.NDArray[np.int64]) -> pd.DataFrame:
+    """The per-request columns of ``group``, each request's value repeated ``counts`` times."""
+    return pd.DataFrame(
+        {
+            "request_id": np.repeat(np.asarray([r.request_id for r in group], object), counts),
+            "ts": np.repeat(ts, counts),
+            "user_id": np.repeat(np.asarray([r.user_id for r in group], np.int64), counts),
+            "variant": np.repeat(np.asarray([r.variant for r in group], object), counts),
+            "model_version": np.repeat(np.asarray([r.model_version for r in group], object), counts),
+            "level": np.repeat(np.asarray([r.level for r in group], object), counts),
         }
-        req_rows.append(
-            {**common, "reason": r.reason, "latency_ms": float(r.latency_ms), "k": r.k, "n_items": len(r.items)}
-        )
-        for pos, (item_id, score, sources) in enumerate(r.items):
-            row: dict[str, Any] = {
-                **common,
-                "item_id": int(item_id),
-                "position": pos,
-                "score": float(score),
-                "sources": ",".join(sources),
-            }
-            feats = r.features.get(int(item_id))
-            if feats is not None:
-                row.update({FEATURE_PREFIX + n: float(v) for n, v in zip(r.feature_names, feats, strict=True)})
-            imp_rows.append(row)
-    requests = pd.DataFrame(req_rows, columns=list(REQUEST_COLUMNS))
-    impressions = pd.DataFrame(imp_rows)
-    if impressions.empty:
-        impressions = pd.DataFrame(columns=list(IMPRESSION_COLUMNS))
-    return requests, impressions
+    )
 
 
 def _read(table: str, data_dir: str | os.PathLike[str] | None, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -277,6 +332,11 @@ def read_requests(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
 def read_impressions(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
     """Every logged impression: :data:`IMPRESSION_COLUMNS` plus ``f_<feature>`` columns."""
     return _read("impressions", data_dir, IMPRESSION_COLUMNS)
+
+
+def read_scored(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
+    """Every logged sample of scored candidates: :data:`SCORED_COLUMNS` plus ``f_<feature>`` columns."""
+    return _read("scored", data_dir, SCORED_COLUMNS)
 
 
 def feature_columns(frame: pd.DataFrame) -> list[str]:

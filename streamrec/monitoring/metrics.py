@@ -134,6 +134,17 @@ CATALOGUE: dict[str, MetricSpec] = {
             "Features alerting in the last training-serving skew check (streamrec monitor skew)",
         ),
         MetricSpec(
+            "streamrec_skew_check_age_seconds",
+            "gauge",
+            "Seconds since the last training-serving skew check of the serving model (absent: none)",
+        ),
+        MetricSpec(
+            "streamrec_reloads_total",
+            "counter",
+            "Hot reloads started by this replica, by outcome: committed, refused, failed",
+            ("outcome",),
+        ),
+        MetricSpec(
             "streamrec_request_log_dropped_total",
             "counter",
             "Sampled request / impression log rows dropped because the writer fell behind",
@@ -261,6 +272,10 @@ class ServingMetrics:
             1,
             {"route": route_tag(path), "status_class": f"{status // 100}xx"},
         )
+
+    def reload(self, outcome: str) -> None:
+        """One hot reload this replica ran (``committed``, ``refused`` or ``failed``)."""
+        self._record("streamrec_reloads_total", "inc", 1, {"outcome": outcome})
 
     def log_dropped(self, n: int) -> None:
         """Request-log rows dropped (the writer fell behind)."""

@@ -308,7 +308,7 @@ def _skew_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame)
         None if config.window_hours is None else _window_start(requests, timedelta(hours=config.window_hours))
     )
     try:
-        report = check_skew(root, config=config, since=since)
+        report = check_skew(root, config=config, since=since, record=False)  # display only
     except (DataNotFoundError, RegistryError, CorruptCheckpointError) as err:
         return Section("skew", title, _missing(f"not available: {err}"))
     window = f"since {_fmt_ts(since)}" if since is not None else "the whole log"

@@ -1,7 +1,8 @@
 """Training-serving skew: the ranker inputs serving logged against the bundle's training statistics.
 
-For one model version, every ``f_<feature>`` column of the sampled impression log
-(:mod:`streamrec.monitoring.logs`; only rows a ranker scored) is compared with the training
+For one model version, every ``f_<feature>`` column of the sampled ranker inputs (the
+``scored`` table of :mod:`streamrec.monitoring.logs`: rows drawn uniformly from every candidate
+the ranker scored, as its training rows are retrieval candidates) is compared with the training
 statistics in that bundle's ``manifest.json`` (:attr:`streamrec.registry.BundleManifest.feature_stats`):
 
 * **mean shift**: ``(serving mean - training mean) / training std``;
@@ -40,7 +41,7 @@ from pydantic import Field, model_validator
 
 from streamrec.config import StrictModel
 from streamrec.errors import DataNotFoundError, RegistryError
-from streamrec.monitoring.logs import FEATURE_PREFIX, feature_columns, log_dir, read_impressions
+from streamrec.monitoring.logs import FEATURE_PREFIX, feature_columns, log_dir, read_impressions, read_scored
 from streamrec.paths import DataLayout, resolve_data_dir
 from streamrec.registry import ENV_TRACKING_URI, BundleManifest, FeatureStats, read_manifest
 
@@ -400,6 +401,23 @@ def load_scored_impressions(data_dir: str | os.PathLike[str] | None, since: date
     return imps[imps[cols].notna().any(axis=1)].reset_index(drop=True)
 
 
+def load_ranker_inputs(data_dir: str | os.PathLike[str] | None, since: datetime | None) -> pd.DataFrame:
+    """The logged sample of ranker input rows (over every candidate scored) since ``since``.
+
+    This, not the served items, is what the training statistics describe: the ranker trains on
+    retrieval candidates, and the served items are the top of its own ranking (a biased sample).
+
+    Raises:
+        DataNotFoundError: nothing was logged in ``data_dir`` at all.
+    """
+    require_request_log(data_dir)
+    rows = read_scored(data_dir)
+    if since is not None:
+        start = pd.Timestamp(since)
+        rows = rows[rows["ts"] >= (start.tz_localize("UTC") if start.tzinfo is None else start)]
+    return rows.reset_index(drop=True)
+
+
 def select_version(scored: pd.DataFrame, label: str, since: datetime | None) -> pd.DataFrame:
     """The rows of ``scored`` served by ``label``.
 
@@ -522,10 +540,12 @@ def check_skew(
     config: SkewConfig | None = None,
     since: datetime | None = None,
     bundle_dir: str | os.PathLike[str] | None = None,
+    record: bool = True,
 ) -> SkewReport:
     """Compare the logged ranker inputs of one model version with its training statistics.
 
-    Writes the result to ``<data_dir>/monitoring/skew/latest.json`` as well.
+    Writes the result to ``<data_dir>/monitoring/skew/latest.json`` as well (what the serving
+    replicas alert on), unless ``record`` is False (a report that only displays the check).
 
     Args:
         data_dir: StreamRec data directory (holds the request log and the registry).
@@ -536,6 +556,7 @@ def check_skew(
         bundle_dir: Take the training statistics from this bundle directory instead of the
             registry (e.g. a bundle served with ``bundle=``); ``model_version`` then defaults
             to the version most served.
+        record: Write the summary to ``latest.json`` (what the serving replicas alert on).
 
     Returns:
         The report; ``report.alerts`` is empty when no threshold was crossed.
@@ -549,7 +570,7 @@ def check_skew(
     cfg = config or SkewConfig()
     now = datetime.now(UTC)
     start = _window(since, cfg.window_hours, now)
-    scored = load_scored_impressions(data_dir, start)
+    scored = load_ranker_inputs(data_dir, start)
     label, source = resolve_version(data_dir, scored, model_version, champion=bundle_dir is None)
     mine = select_version(scored, label, start)
     if bundle_dir is not None:
@@ -576,7 +597,8 @@ def check_skew(
         )
         report.rows.append(row)
         report.alerts.extend(alerts)
-    write_latest(data_dir, report)
+    if record:
+        write_latest(data_dir, report)
     return report
 
 

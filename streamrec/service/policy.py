@@ -287,6 +287,7 @@ class FunnelService:
                 items=[(it.item_id, it.score, it.sources) for it in resp.items],
                 feature_names=names,
                 features=features,
+                scored=ranked.scored_sample if ranked is not None and names else None,
             )
         )
 

@@ -263,6 +263,33 @@ def test_rank_batch_scores_several_requests_in_one_pass(
         assert out[i].degraded == []
 
 
+def test_ranked_candidates_carry_the_rankers_own_inputs_for_the_request_log(
+    trained: tuple[Path, dict[str, Any]],
+) -> None:
+    """What the request log records is exactly what the ranker scored: the kept items' input rows,
+    their ids, and a sample of rows over every scored candidate (what the skew check reads)."""
+    from streamrec.funnel.recommender import SCORED_SAMPLE, build_stages
+
+    stages = build_stages(trained[0])
+    f = stages.funnel
+    ctx = stages.user_context(RecommendRequest(user_id=int(f.models.users.raw_ids[0]), k=10))
+    merged = stages.merge(ctx, {s: stages.retrieve(s, ctx) for s in stages.source_names})
+    ranked = stages.rank(ctx, merged)
+    assert ranked.feature_names == f.features.layout.dense
+    assert ranked.features is not None and ranked.features.shape == (len(ranked), len(ranked.feature_names))
+    np.testing.assert_array_equal(ranked.ids, f.table.item_ids[ranked.items])
+    pos = {int(i): j for j, i in enumerate(merged.items)}
+    rows = np.asarray([pos[int(i)] for i in ranked.items])
+    expected = f.ranker_inputs(ctx.state, merged.items[rows], merged.features[rows])[0]
+    np.testing.assert_allclose(ranked.features, expected, rtol=1e-5, atol=1e-6)  # float32 sums
+    assert ranked.scored_sample is not None
+    assert ranked.scored_sample.shape == (min(SCORED_SAMPLE, len(merged)), len(ranked.feature_names))
+    every = f.ranker_inputs(ctx.state, merged.items, merged.features)[0]
+    assert all(any(np.allclose(r, e) for e in every) for r in ranked.scored_sample)
+    simple = stages.simple_rank(ctx, merged)
+    assert simple.features is None and simple.scored_sample is None  # no ranker, no ranker inputs
+
+
 def test_stages_of_another_model_version_refuse_the_context(trained: tuple[Path, dict[str, Any]]) -> None:
     """Cluster replicas on two versions (mid-reload, or a replica started on another version):
     a later stage refuses the other version's context (the gateway falls back) instead of

@@ -27,6 +27,7 @@ from streamrec.monitoring.logs import (
     feature_columns,
     read_impressions,
     read_requests,
+    read_scored,
 )
 from streamrec.monitoring.metrics import CATALOGUE, ServingMetrics, reason_tag, route_tag
 from streamrec.service.policy import FunnelService
@@ -90,6 +91,7 @@ class Ranked(Blocking):
             c.ids = self._inner.item_ids[c.items]
             c.features = np.stack([np.full(len(c), 1.5), c.scores.astype(np.float64)], axis=1)
             c.feature_names = self.NAMES
+            c.scored_sample = np.stack([np.full(3, 1.5), np.arange(3.0)], axis=1)
         return out
 
 
@@ -209,6 +211,9 @@ def test_sampled_responses_are_logged_with_the_ranker_inputs_of_served_items(wor
     assert list(first["item_id"]) == [it.item_id for it in served[0].items]
     assert list(first["position"]) == [0, 1, 2, 3]
     assert (first["f_user_x"] == 1.5).all()
+    scored = read_scored(tmp_path)
+    assert len(scored) == 6 and feature_columns(scored) == ["user_x", "item_y"]
+    assert list(scored[scored["request_id"] == "r3"]["f_item_y"]) == [0.0, 1.0, 2.0]
     files = list((tmp_path / "monitoring" / "impressions").glob("date=*/*.parquet"))
     assert len(files) == 1 and not list(files[0].parent.glob(".*.tmp"))
 
@@ -344,4 +349,11 @@ def test_a_fresh_skew_check_for_the_serving_model_raises_the_skew_alert(tmp_path
     assert not mon.check(_facts(clock, skew=read_skew(tmp_path), model_version="v4"))  # another model's check
     clock.t += 49 * 3600
     assert not mon.check(_facts(clock, skew=read_skew(tmp_path)))  # too old to trust
+    path.write_text(
+        json.dumps(
+            {"checked_at_epoch": clock.t, "model_version": "v3", "alerts": 5, "alerted_features": ["age", "x_cf"]}
+        )
+    )
+    warnings = mon.check(_facts(clock, skew=read_skew(tmp_path)))  # five alerts on two features
+    assert any("2 feature(s)" in w and "(age, x_cf)" in w for w in warnings)
     assert read_skew(tmp_path / "nothing") is None and version_number("popularity") == 0

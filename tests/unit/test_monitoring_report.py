@@ -185,7 +185,19 @@ def log_scored(data_dir: Path, version: str, n: int, means: dict[str, float]) ->
         feats = {item: rng.normal(list(means.values()), 1.0) for item, _, _ in items}
         log.record(
             ServedRecord(
-                f"s{i}", T0 + i * 60, i % 30, None, version, "full", None, 40.0, 3, items, names, feats
+                f"s{i}",
+                T0 + i * 60,
+                i % 30,
+                None,
+                version,
+                "full",
+                None,
+                40.0,
+                3,
+                items,
+                names,
+                feats,
+                np.stack(list(feats.values())),  # the ranker-input sample the skew check reads
             )
         )
     log.flush()

@@ -100,6 +100,7 @@ def write_log(
                 items=[(i, float(sc[i - 1000]), ("two_tower",)) for i in items],
                 feature_names=FEATURES,
                 features={i: rows[i - 1000] for i in items},
+                scored=np.stack([rows[i - 1000] for i in items]),  # the sample the skew check reads
             )
         )
     for r in range(fallback_requests):

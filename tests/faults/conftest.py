@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import READ_KEY, auth_args, ray_session  # noqa: F401 - a fixture
+from tests.e2e.conftest import READ_KEY, auth_args, metrics_port, ray_session  # noqa: F401 - fixtures
 from tests.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]

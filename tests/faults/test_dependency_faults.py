@@ -9,12 +9,15 @@ and the service is back at ``full`` soon after the fault ends. The numbers of th
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
+import httpx
 import pytest
 
 from tests.faults.conftest import FaultApps, level_share, open_loop, pct, summary, wait_full
@@ -63,8 +66,39 @@ def _check_hung_store(apps: FaultApps, app: str, outcomes: list) -> None:  # typ
     assert any("online_store" in o.reason for o in outcomes), summary(outcomes)
 
 
-def test_sqlite_online_store_locked_by_another_process(fault_apps: FaultApps) -> None:
-    """(a) An exclusive lock held by another process for 15 s: stale features, then full again."""
+def _metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels match ``labels`` (regular expressions)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+        if not m:
+            continue
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(re.fullmatch(v, tags.get(k, "")) for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def _scrape_until(port: int, ok: Callable[[str], bool], timeout_s: float = 60.0) -> str:
+    """Ray's Prometheus endpoint once ``ok`` holds for it (the agent exports every few seconds)."""
+    deadline, text = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+        except httpx.HTTPError:
+            text = ""
+        if ok(text):
+            break
+        time.sleep(2)
+    return text
+
+
+def test_sqlite_online_store_locked_by_another_process(fault_apps: FaultApps, metrics_port: int) -> None:
+    """(a) An exclusive lock held by another process for 15 s: stale features, then full again.
+
+    The operator sees it in the metrics: online-store reads cut at their budget (or refused by
+    the open breaker) and responses counted at ``stale_features`` with an ``online_store_*`` reason.
+    """
     _warm(fault_apps, "sqlite")
     db = fault_apps.world.data_dir / "features" / "online_store.db"
     assert db.is_file()
@@ -81,6 +115,25 @@ def test_sqlite_online_store_locked_by_another_process(fault_apps: FaultApps) ->
     with sqlite3.connect(db, timeout=1) as con:  # the lock is gone
         con.execute("SELECT 1").fetchone()
     print(f"[fault] sqlite back to full after {wait_full(fault_apps, 'sqlite', 60.0):.1f}s")
+
+    def seen(text: str) -> bool:
+        cut = _metric_total(
+            text,
+            "ray_streamrec_online_store_read_ms_count",
+            application="sqlite",
+            outcome="timeout|circuit_open",
+        )
+        stale = _metric_total(
+            text,
+            "ray_streamrec_requests_total",
+            application="sqlite",
+            level="stale_features",
+            reason="online_store_(timeout|circuit_open|error)",
+        )
+        return cut > 0 and stale > 0
+
+    text = _scrape_until(metrics_port, seen)
+    assert seen(text), [ln for ln in text.splitlines() if "application=\"sqlite\"" in ln][:20]
 
 
 def test_redis_online_store_paused(fault_apps: FaultApps) -> None:

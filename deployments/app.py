@@ -41,7 +41,7 @@ from streamrec.api_models import RecommendRequest
 from streamrec.errors import ConfigError, CorruptCheckpointError, ModelError
 from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Candidates, Stages, UserContext
-from streamrec.monitoring.health import HealthMonitor, read_skew
+from streamrec.monitoring.health import HealthMonitor
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
@@ -54,7 +54,7 @@ from streamrec.service.loading import (
     reload_args,
     settle_heap,
 )
-from streamrec.service.observe import every, health_facts
+from streamrec.service.observe import BreakerExporter, GatewayObserver, every
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
 from streamrec.service.runner import Call, StageRunner
@@ -80,19 +80,8 @@ class _StageHost:
         self._runner = StageRunner(
             a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.faults, metrics=self._metrics
         )
-        self._exporter: asyncio.Task[None] | None = None
+        self._exporter = BreakerExporter(self._runner.snapshot, self._metrics, a.health.interval_s)
         settle_heap()
-
-    def _export_breakers(self) -> None:
-        """Start exporting this replica's breaker states (first call on the replica's loop)."""
-        if self._exporter is None and self._metrics.enabled:
-
-            async def export() -> None:
-                self._metrics.breakers(self._runner.snapshot())
-
-            self._exporter = asyncio.get_running_loop().create_task(
-                every(self._args.health.interval_s, export, "breaker export")
-            )
 
     @property
     def stages(self) -> Stages:
@@ -129,7 +118,6 @@ class _StageHost:
 
     async def describe(self) -> dict[str, Any]:
         """The current stages' facts and this replica's breakers."""
-        self._export_breakers()
         return {**self._loaded.describe(), "breakers": self._runner.snapshot()}
 
 
@@ -282,7 +270,6 @@ class Gateway:
             if a.request_log.sample_rate > 0
             else None
         )
-        self._health = HealthMonitor(a.health, self._metrics)
         self._history = ReloadHistory()
         self._batch = BatchTopN.empty()  # the cluster's batch level (fused: the local stages' own)
         if not self._cluster:
@@ -301,8 +288,19 @@ class Gateway:
             request_log=self._request_log,
         )
         self._started = time.time()
+        self._observer = GatewayObserver(
+            HealthMonitor(a.health, self._metrics),
+            self._metrics,
+            a.data_dir,
+            self._stage_details,
+            self._current_batch,
+            lambda: self._service.served,
+            self._breakers,
+            lambda: self._events.snapshot() if self._events is not None else None,
+        )
+        self._health = self._observer.monitor
         self._health_task = asyncio.get_running_loop().create_task(
-            every(a.health.interval_s, self._check_health, "health check")
+            every(a.health.interval_s, self._observer.check, "health check")
         )
         self._watcher: asyncio.Task[None] | None = None
         if (
@@ -334,18 +332,14 @@ class Gateway:
             request_log.close()
 
     # ------------------------------------------------------------------ health
-    async def _check_health(self) -> None:
-        """Alerts and state gauges of this replica (every ``health.interval_s``)."""
+    async def _stage_details(self) -> tuple[dict[str, Any] | None, float | None]:
+        """The serving stages' facts and load time (cluster: the ``Features`` deployment's)."""
         if self._local is not None:
-            details = self._local.describe().get("details")
+            d = self._local.describe()
         else:
             assert self._features is not None
-            details = (await self._features.describe.remote()).get("details")
-        skew = await asyncio.to_thread(read_skew, self._args.data_dir)
-        facts = health_facts(details, self._current_batch(), self._service.served, self._breakers(), skew)
-        self._health.check(facts)
-        if self._events is not None:
-            self._metrics.events(self._events.snapshot())
+            d = await self._features.describe.remote()
+        return d.get("details"), d.get("loaded_at")
 
     # ------------------------------------------------------------------ stages
     def _current_batch(self) -> BatchTopN | None:

@@ -103,7 +103,12 @@ class FeatureHistogram(StrictModel):
 
 
 class FeatureStats(StrictModel):
-    """Training-set statistics of one feature, kept for training/serving skew checks."""
+    """Training-set statistics of one feature, kept for training/serving skew checks.
+
+    A numeric feature has moments and a ``histogram``; a categorical one (the ranker's category
+    and device ids) has ``categories``: the count of each value seen in training (the most
+    frequent ones; the rest summed under :data:`OTHER_CATEGORY`).
+    """
 
     count: int | None = Field(default=None, ge=0)
     mean: float | None = None
@@ -112,6 +117,11 @@ class FeatureStats(StrictModel):
     max: float | None = None
     null_fraction: float | None = Field(default=None, ge=0, le=1)
     histogram: FeatureHistogram | None = None
+    categories: dict[str, int] | None = None
+
+
+#: Key of :attr:`FeatureStats.categories` that sums the values not kept individually.
+OTHER_CATEGORY = "__other__"
 
 
 class BundleFile(StrictModel):

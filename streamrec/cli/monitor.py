@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
+from streamrec.errors import StreamRecError
 from streamrec.paths import resolve_data_dir
 
 app = typer.Typer(
@@ -61,6 +62,18 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+#: Exit code of a check that could not run (0: clean, 1: alerts).
+NOT_CHECKED = 2
+
+
+def _not_checked(err: StreamRecError, as_json: bool) -> NoReturn:
+    """Report a check that could not run and exit :data:`NOT_CHECKED`."""
+    if as_json:
+        typer.echo(json.dumps({"checked": False, "error": str(err), "error_type": type(err).__name__}))
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(NOT_CHECKED)
+
+
 @app.command()
 def skew(
     data_dir: DataDirOpt = None,
@@ -71,14 +84,21 @@ def skew(
     bundle: BundleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare the logged ranker inputs with the training statistics; exit 1 when any alert fires."""
+    """Compare the logged ranker inputs with the training statistics.
+
+    Exit 0: no alert; 1: an alert fired; 2: nothing was checked (no request log, no bundle,
+    bad thresholds: the error says which), so a scheduler tells "skewed" from "not checked".
+    """
     from streamrec.config import load_config
     from streamrec.monitoring.skew import SkewConfig, check_skew
 
-    cfg = load_config(config, SkewConfig) if config is not None else SkewConfig()
-    report = check_skew(
-        resolve_data_dir(data_dir), model_version=model_version, config=cfg, bundle_dir=bundle
-    )
+    try:
+        cfg = load_config(config, SkewConfig) if config is not None else SkewConfig()
+        report = check_skew(
+            resolve_data_dir(data_dir), model_version=model_version, config=cfg, bundle_dir=bundle
+        )
+    except StreamRecError as err:
+        _not_checked(err, as_json)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), default=str))
     else:
@@ -127,10 +147,13 @@ def drift(
     from streamrec.config import load_config
     from streamrec.monitoring.drift import DriftConfig, feature_drift_by_day, quality_by_day
 
-    cfg = load_config(config, DriftConfig) if config is not None else DriftConfig()
-    root = resolve_data_dir(data_dir)
-    by_day = feature_drift_by_day(root, model_version=model_version, config=cfg, bundle_dir=bundle)
-    quality = quality_by_day(root, config=cfg)
+    try:
+        cfg = load_config(config, DriftConfig) if config is not None else DriftConfig()
+        root = resolve_data_dir(data_dir)
+        by_day = feature_drift_by_day(root, model_version=model_version, config=cfg, bundle_dir=bundle)
+        quality = quality_by_day(root, config=cfg)
+    except StreamRecError as err:
+        _not_checked(err, as_json)
     alerts = by_day[by_day["status"] == "alert"]
     if as_json:
         payload = {

@@ -25,7 +25,13 @@ from streamrec.errors import ModelError
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
-from streamrec.ranking.features import DEVICE_INDEX, RankerFeatures, category_pref_matrix, user_dense_matrix
+from streamrec.ranking.features import (
+    DEVICE_INDEX,
+    SKEW_CATEGORICAL,
+    RankerFeatures,
+    category_pref_matrix,
+    user_dense_matrix,
+)
 from streamrec.reranking import ItemMetadata, ReRankConfig, ReRanker, ReRankResult
 from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.base import UserContext as RetrievalContext
@@ -296,20 +302,25 @@ class Funnel:
     def score_with_inputs(
         self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]
     ) -> tuple[list[F32], list[F32]]:
-        """:meth:`score_many` plus each request's dense ranker inputs (rows aligned with its items).
+        """:meth:`score_many` plus each request's logged ranker inputs (rows aligned with its items).
+
+        The logged inputs are the dense columns followed by :data:`SKEW_CATEGORICAL`'s sparse
+        ids (as floats): columns :attr:`logged_input_names`.
 
         Raises:
             ModelError: no ranker is loaded.
         """
         if self.ranker is None:
             raise ModelError("no ranker is loaded")
-        width = len(self.features.layout.dense)
+        layout = self.features.layout
+        cat = [layout.sparse.index(n) for n in SKEW_CATEGORICAL if n in layout.sparse]
+        width = len(self.logged_input_names)
         out: list[F32] = [np.empty(0, np.float32) for _ in items]
-        dense: list[F32] = [np.empty((0, width), np.float32) for _ in items]
+        logged: list[F32] = [np.empty((0, width), np.float32) for _ in items]
         order = [i for i, it in enumerate(items) if it.size]
         inputs = {i: self.ranker_inputs(ctxs[i], items[i], source_scores[i]) for i in order}
         for i in order:
-            dense[i] = inputs[i][0]
+            logged[i] = np.concatenate([inputs[i][0], inputs[i][1][:, cat].astype(np.float32)], axis=1)
         if len(order) == 1:
             out[order[0]] = self.ranker.score(*inputs[order[0]])
         elif order:
@@ -319,7 +330,13 @@ class Funnel:
             bounds = np.cumsum([0] + [items[i].size for i in order])
             for j, i in enumerate(order):
                 out[i] = flat[bounds[j] : bounds[j + 1]]
-        return out, dense
+        return out, logged
+
+    @property
+    def logged_input_names(self) -> tuple[str, ...]:
+        """Columns of :meth:`score_with_inputs`' inputs: the dense ones, then the logged sparse ids."""
+        layout = self.features.layout
+        return (*layout.dense, *(n for n in SKEW_CATEGORICAL if n in layout.sparse))
 
     def keep_best(self, scores: npt.NDArray[np.floating[Any]], k: int = 0) -> I64:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""

@@ -250,10 +250,10 @@ class RecommenderStages:
             items,
             np.asarray(scores[keep], np.float32),
             [candidates.sources[i] for i in keep],
-            features=None if inputs is None else inputs[keep],
             degraded=degraded,
             reasons=list(candidates.reasons),
-            feature_names=() if inputs is None else self.funnel.features.layout.dense,
+            ranker_inputs=None if inputs is None else inputs[keep],
+            feature_names=() if inputs is None else self.funnel.logged_input_names,
             ids=self.funnel.table.item_ids[items],
             scored_sample=sample,
         )

@@ -81,10 +81,11 @@ class Candidates:
         items: Item indices (int64).
         scores: Scores, higher is better (float32).
         sources: Per item, the retrieval sources that produced it.
-        features: Optional per-item features, rows aligned with ``items``: after the merge, the
-            per-source normalised scores the ranker needs; after the ranker, its dense inputs
-            of the kept items (what the request log records), named by ``feature_names``.
-        feature_names: Names of the ``features`` columns when they are the ranker's inputs.
+        features: Optional per-item features a later stage needs (the merge's per-source
+            normalised scores for the ranker), rows aligned with ``items``.
+        ranker_inputs: The ranker's dense inputs of these items (set by the ranker: what the
+            request log records), columns ``feature_names``.
+        feature_names: Names of the ``ranker_inputs`` and ``scored_sample`` columns.
         ids: Raw item ids of ``items`` (set by the ranker, for the request log).
         scored_sample: A uniform sample of the ranker's input rows over *every* candidate it
             scored (columns ``feature_names``): what the skew check compares with training,
@@ -101,6 +102,7 @@ class Candidates:
     features: np.ndarray | None = None
     degraded: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    ranker_inputs: np.ndarray | None = None
     feature_names: tuple[str, ...] = ()
     ids: np.ndarray | None = None
     scored_sample: np.ndarray | None = None

@@ -146,7 +146,7 @@ def feature_drift_by_day(
     label, _ = resolve_version(data_dir, scored, model_version, champion=bundle_dir is None)
     mine = select_version(scored, label, start)  # served items: their scores are the predictions
     inputs = load_ranker_inputs(data_dir, start)
-    sample = inputs[inputs["model_version"] == label]  # the ranker's inputs, sampled over all scored
+    sample = inputs[inputs["model_version"] == label].dropna(axis=1, how="all")  # sampled over all scored
     manifest = read_manifest(bundle_dir) if bundle_dir is not None else training_manifest(data_dir, label)
     rows: list[dict[str, Any]] = []
 

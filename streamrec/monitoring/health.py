@@ -115,14 +115,17 @@ class HealthMonitor:
 
         Args:
             facts: ``model_version`` (``v3``), ``trained_at``, ``features_built_at``,
-                ``batch_computed_at`` (epoch seconds or None when unknown), ``served_by_level``
-                (cumulative responses per level), ``breakers`` (name -> snapshot), ``skew``
-                (:func:`read_skew`'s dict or None).
+                ``batch_computed_at``, ``loaded_at`` (epoch seconds or None when unknown),
+                ``served_by_level`` (cumulative responses per level), ``breakers`` (name ->
+                snapshot), ``skew`` (:func:`read_skew`'s dict or None).
         """
         now = self._clock()
         c = self.config
         m = self.metrics
-        m.gauge("streamrec_model_version", version_number(facts.get("model_version")))
+        version = version_number(facts.get("model_version"))
+        if version == 0 and facts.get("trained_at") is not None:
+            version = -1  # a trained bundle served from a path, not from the registry
+        m.gauge("streamrec_model_version", version)
         ages = {
             "model_stale": (
                 "streamrec_model_age_seconds",
@@ -169,8 +172,12 @@ class HealthMonitor:
         named = list(skew.get("alerted_features") or []) if fresh and skew is not None else []
         n_skew = len(named) if named else (int(skew.get("alerts", 0)) if fresh and skew is not None else 0)
         m.gauge("streamrec_skew_alerts", n_skew)
-        if skew is not None and skew.get("model_version") in (None, facts.get("model_version")):
-            m.gauge("streamrec_skew_check_age_seconds", max(0.0, now - float(skew.get("checked_at_epoch", 0))))
+        # Time the serving model has gone without a skew check: since the last check of this
+        # version, else since it was loaded (a reload to an unchecked version restarts the clock).
+        mine = skew is not None and skew.get("model_version") in (None, facts.get("model_version"))
+        since = float(skew["checked_at_epoch"]) if mine and skew is not None else facts.get("loaded_at")
+        if since is not None:
+            m.gauge("streamrec_skew_check_age_seconds", max(0.0, now - float(since)))
         self._set(
             "skew",
             n_skew > 0,

@@ -86,7 +86,7 @@ class RequestLogConfig(StrictModel):
 
     sample_rate: float = Field(default=0.1, ge=0, le=1)
     flush_interval_s: float = Field(default=5.0, gt=0)
-    max_pending: int = Field(default=20_000, ge=1)
+    max_pending: int = Field(default=5_000, ge=1)
 
 
 @dataclass
@@ -174,36 +174,66 @@ class RequestLog:
 
     # ------------------------------------------------------------------ writer
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.config.flush_interval_s):
             try:
                 self.flush()
             except Exception as err:  # a full disk must not kill the writer; rows stay queued
-                log.warning("request log flush failed (%s: %s); retrying", type(err).__name__, err)
+                if not failing:
+                    log.warning("request log flush failed (%s: %s); retrying", type(err).__name__, err)
+                failing = True
+            else:
+                if failing:
+                    log.warning("request log flushes again")
+                failing = False
 
     def flush(self) -> int:
-        """Write everything queued now; the number of requests written."""
+        """Write everything queued now, all three tables or none; the number of requests written.
+
+        Raises:
+            OSError: a file could not be written (a full disk): nothing of this flush is left
+                on disk and its rows stay queued for the next one.
+        """
         with self._flush_lock:
             with self._lock:
                 batch = list(self._pending)
             if not batch:
                 return 0
-            frames = to_frames(batch)
+            try:
+                frames = to_frames(batch)
+            except Exception as err:  # rows that cannot be tabulated would block the queue forever
+                log.error("request log: dropping %d rows that cannot be written: %s", len(batch), err)
+                self._take(len(batch))
+                self.dropped += len(batch)
+                if self._on_drop is not None:
+                    self._on_drop(len(batch))
+                return 0
             day = datetime.fromtimestamp(batch[-1].ts, UTC).strftime("%Y-%m-%d")
             self._seq += 1
             name = f"{self._name}-{int(time.time() * 1e3)}-{self._seq:06d}.parquet"
-            for table, frame in zip(("requests", "impressions", "scored"), frames, strict=True):
-                if frame.empty:
-                    continue
-                d = self.root / table / f"date={day}"
-                d.mkdir(parents=True, exist_ok=True)
-                tmp = d / f".{name}.tmp"
-                frame.to_parquet(tmp, index=False)
-                os.replace(tmp, d / name)  # readers never see a half-written file
-            with self._lock:  # only now: a failed write leaves the rows queued for the next try
-                for _ in batch:
-                    self._pending.popleft()
+            staged: list[tuple[Path, Path]] = []
+            try:
+                for table, frame in zip(("requests", "impressions", "scored"), frames, strict=True):
+                    if frame.empty:
+                        continue
+                    d = self.root / table / f"date={day}"
+                    d.mkdir(parents=True, exist_ok=True)
+                    staged.append((d / f".{name}.tmp", d / name))
+                    frame.to_parquet(staged[-1][0], index=False)
+            except BaseException:
+                for tmp, _ in staged:
+                    tmp.unlink(missing_ok=True)
+                raise
+            for tmp, final in staged:  # renames in place: readers never see a half-written file
+                os.replace(tmp, final)
+            self._take(len(batch))
             self.written += len(batch)
             return len(batch)
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            for _ in range(n):
+                self._pending.popleft()
 
     def close(self) -> None:
         """Stop the writer and write what is queued."""
@@ -311,8 +341,13 @@ def _repeat(group: Sequence[ServedRecord], ts: pd.DatetimeIndex, counts: npt.NDA
     )
 
 
-def _read(table: str, data_dir: str | os.PathLike[str] | None, columns: tuple[str, ...]) -> pd.DataFrame:
+def _read(
+    table: str, data_dir: str | os.PathLike[str] | None, columns: tuple[str, ...], since: datetime | None = None
+) -> pd.DataFrame:
     files = sorted(log_dir(data_dir, table).glob("date=*/*.parquet"))
+    if since is not None:  # a flush is filed under its last row's day: keep one day of slack
+        first = (pd.Timestamp(since).tz_localize(None) - pd.Timedelta(days=1)).strftime("%Y-%m-%d")
+        files = [f for f in files if f.parent.name[len("date=") :] >= first]
     frames = [pd.read_parquet(f) for f in files]
     frames = [f for f in frames if not f.empty]
     if not frames:
@@ -321,22 +356,28 @@ def _read(table: str, data_dir: str | os.PathLike[str] | None, columns: tuple[st
         return out
     out = pd.concat(frames, ignore_index=True, sort=False)
     out["ts"] = pd.to_datetime(out["ts"], utc=True)
+    if since is not None:
+        start = pd.Timestamp(since)
+        out = out[out["ts"] >= (start.tz_localize("UTC") if start.tzinfo is None else start)]
     return out.sort_values("ts", kind="stable").reset_index(drop=True)
 
 
-def read_requests(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
-    """Every logged request (columns :data:`REQUEST_COLUMNS`; empty when nothing was logged)."""
-    return _read("requests", data_dir, REQUEST_COLUMNS)
+def read_requests(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:
+    """Logged requests from ``since`` on (columns :data:`REQUEST_COLUMNS`; empty when none).
+
+    Only the day partitions that can hold them are read.
+    """
+    return _read("requests", data_dir, REQUEST_COLUMNS, since)
 
 
-def read_impressions(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
-    """Every logged impression: :data:`IMPRESSION_COLUMNS` plus ``f_<feature>`` columns."""
-    return _read("impressions", data_dir, IMPRESSION_COLUMNS)
+def read_impressions(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:
+    """Logged impressions from ``since`` on: :data:`IMPRESSION_COLUMNS` plus ``f_<feature>`` columns."""
+    return _read("impressions", data_dir, IMPRESSION_COLUMNS, since)
 
 
-def read_scored(data_dir: str | os.PathLike[str] | None) -> pd.DataFrame:
-    """Every logged sample of scored candidates: :data:`SCORED_COLUMNS` plus ``f_<feature>`` columns."""
-    return _read("scored", data_dir, SCORED_COLUMNS)
+def read_scored(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:
+    """Logged samples of scored candidates from ``since`` on: :data:`SCORED_COLUMNS` plus ``f_<feature>``."""
+    return _read("scored", data_dir, SCORED_COLUMNS, since)
 
 
 def feature_columns(frame: pd.DataFrame) -> list[str]:

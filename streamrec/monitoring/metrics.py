@@ -84,7 +84,11 @@ CATALOGUE: dict[str, MetricSpec] = {
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
             ("breaker",),
         ),
-        MetricSpec("streamrec_model_version", "gauge", "Registry version of the serving model (0: none)"),
+        MetricSpec(
+            "streamrec_model_version",
+            "gauge",
+            "Registry version of the serving model (0: no trained model; -1: a bundle served by path)",
+        ),
         MetricSpec("streamrec_model_age_seconds", "gauge", "Seconds since the serving model was trained"),
         MetricSpec(
             "streamrec_batch_fallback_age_seconds",
@@ -136,7 +140,7 @@ CATALOGUE: dict[str, MetricSpec] = {
         MetricSpec(
             "streamrec_skew_check_age_seconds",
             "gauge",
-            "Seconds since the last training-serving skew check of the serving model (absent: none)",
+            "Seconds the serving model has gone without a skew check (since its last check, else since it loaded)",
         ),
         MetricSpec(
             "streamrec_reloads_total",

@@ -16,9 +16,10 @@ reported as ``insufficient``, never alerted. :func:`check_skew` writes a summary
 result (``alerts`` there is the count) to ``<data_dir>/monitoring/skew/latest.json``, which the
 serving health loop reads (:func:`streamrec.monitoring.health.read_skew`).
 
-Numeric features only: the ranker's sparse (categorical) columns are not logged and the
-manifest keeps no category frequencies. A categorical check would compare category shares with
-:func:`psi` (the same formula on category counts) once both exist.
+Categorical inputs (the ranker's primary-category and device ids, logged as ids next to the
+dense inputs) have category counts in the manifest instead of moments: their check is the PSI
+of the value shares (:func:`category_counts`; values training did not keep count as "other")
+and the null rate.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from streamrec.config import StrictModel
 from streamrec.errors import DataNotFoundError, RegistryError
 from streamrec.monitoring.logs import FEATURE_PREFIX, feature_columns, log_dir, read_impressions, read_scored
 from streamrec.paths import DataLayout, resolve_data_dir
-from streamrec.registry import ENV_TRACKING_URI, BundleManifest, FeatureStats, read_manifest
+from streamrec.registry import ENV_TRACKING_URI, OTHER_CATEGORY, BundleManifest, FeatureStats, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,24 @@ def bucket_counts(values: npt.ArrayLike, edges: Sequence[float]) -> npt.NDArray[
     return np.bincount(idx, minlength=len(edges) - 1).astype(np.int64)
 
 
+def category_counts(
+    training: dict[str, int], values: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Training and serving counts over the training categories (ids as strings).
+
+    Serving values training did not keep individually count under :data:`OTHER_CATEGORY`
+    (a bin of its own even when training had none there: a new category is a shift).
+    """
+    keys = [k for k in training if k != OTHER_CATEGORY] + [OTHER_CATEGORY]
+    at = {k: i for i, k in enumerate(keys)}
+    serve = np.zeros(len(keys), np.int64)
+    ids, counts = np.unique(np.asarray(values, np.float64).astype(np.int64), return_counts=True)
+    for v, c in zip(ids, counts, strict=True):
+        serve[at.get(str(int(v)), at[OTHER_CATEGORY])] += int(c)
+    train = np.asarray([training.get(k, 0) for k in keys], np.float64)
+    return train, serve
+
+
 def psi(expected: npt.ArrayLike, actual: npt.ArrayLike, epsilon: float = 1e-4) -> float:
     """Population stability index of two count (or share) vectors over the same bins.
 
@@ -302,8 +321,13 @@ def compare_feature(
         "serve_null": serve_null,
         "null_diff": None if serve_null is None else serve_null - train_null,
     }
+    if stats.categories is not None:  # a categorical input: shares of its values, no moments
+        out["serve_mean"] = out["serve_std"] = None
+        if finite.size:
+            train_counts, serve_counts = category_counts(stats.categories, finite)
+            out["psi"] = psi(train_counts, serve_counts, config.psi_epsilon)
     # Distribution metrics need enough finite values; the null rate needs only enough rows.
-    if finite.size and stats.mean is not None and stats.std is not None and serve_mean is not None:
+    elif finite.size and stats.mean is not None and stats.std is not None and serve_mean is not None:
         assert serve_std is not None
         out["mean_shift"] = _ratio(serve_mean - stats.mean, stats.std, 0.0)
         out["std_ratio"] = _ratio(serve_std, stats.std, 1.0)
@@ -357,12 +381,8 @@ def compare_feature(
                 f"(ratio {sr:.2f}, allowed [{config.min_std_ratio}, {config.max_std_ratio}])",
             )
         if p is not None and math.isfinite(p) and p > config.max_psi:
-            add(
-                "psi",
-                p,
-                config.max_psi,
-                f"PSI {p:.3f} over the training histogram (threshold {config.max_psi})",
-            )
+            over = "category shares" if stats.categories is not None else "the training histogram"
+            add("psi", p, config.max_psi, f"PSI {p:.3f} over {over} (threshold {config.max_psi})")
     return FeatureSkew(status="alert" if alerts else "ok", **out), alerts
 
 
@@ -391,10 +411,7 @@ def load_scored_impressions(data_dir: str | os.PathLike[str] | None, since: date
         DataNotFoundError: nothing was logged in ``data_dir`` at all.
     """
     require_request_log(data_dir)
-    imps = read_impressions(data_dir)
-    if since is not None:
-        start = pd.Timestamp(since)
-        imps = imps[imps["ts"] >= (start.tz_localize("UTC") if start.tzinfo is None else start)]
+    imps = read_impressions(data_dir, since)
     cols = [FEATURE_PREFIX + f for f in feature_columns(imps)]
     if not cols:
         return imps.iloc[0:0]
@@ -411,11 +428,7 @@ def load_ranker_inputs(data_dir: str | os.PathLike[str] | None, since: datetime 
         DataNotFoundError: nothing was logged in ``data_dir`` at all.
     """
     require_request_log(data_dir)
-    rows = read_scored(data_dir)
-    if since is not None:
-        start = pd.Timestamp(since)
-        rows = rows[rows["ts"] >= (start.tz_localize("UTC") if start.tzinfo is None else start)]
-    return rows.reset_index(drop=True)
+    return read_scored(data_dir, since)
 
 
 def select_version(scored: pd.DataFrame, label: str, since: datetime | None) -> pd.DataFrame:
@@ -591,6 +604,7 @@ def check_skew(
         impressions=len(mine),
         checked_at=now,
     )
+    mine = mine.dropna(axis=1, how="all")  # columns of other versions' layouts (never logged here)
     for name in feature_columns(mine):
         row, alerts = compare_feature(
             name, mine[FEATURE_PREFIX + name].to_numpy(np.float64), manifest.feature_stats.get(name), cfg

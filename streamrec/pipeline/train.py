@@ -55,6 +55,7 @@ from streamrec.pipeline.config import TrainingConfig
 from streamrec.ranking.features import (
     DEVICE_INDEX,
     FEATURE_SCHEMA_VERSION,
+    SKEW_CATEGORICAL,
     category_pref_matrix,
     user_dense_matrix,
 )
@@ -531,6 +532,25 @@ def _feature_stats(data: RankerData, names: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _categorical_stats(data: RankerData, layout: Any, top: int = 50) -> dict[str, Any]:
+    """Counts per value of the ranker's low-cardinality sparse inputs (:data:`SKEW_CATEGORICAL`)."""
+    from streamrec.registry import OTHER_CATEGORY, FeatureStats
+
+    out: dict[str, Any] = {}
+    for name in SKEW_CATEGORICAL:
+        if name not in layout.sparse:
+            continue
+        col = data.sparse[:, layout.sparse.index(name)]
+        values, counts = np.unique(col, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        kept = {str(int(values[i])): int(counts[i]) for i in order[:top]}
+        rest = int(counts[order[top:]].sum())
+        out[name] = FeatureStats(
+            count=int(col.size), null_fraction=0.0, categories={**kept, **({OTHER_CATEGORY: rest} if rest else {})}
+        )
+    return out
+
+
 def smoke_test(bundle_dir: Path) -> None:
     """Load a bundle and score a smoke batch; raises on any failure (registry gate 1)."""
     from streamrec.bundle import LoadedBundle
@@ -731,7 +751,10 @@ def run_pipeline(
                 int(test["label"].sum()),
                 cfg.evaluation.ks,
             ),
-            feature_stats=_feature_stats(rdata, layout_dense.dense),
+            feature_stats={
+                **_feature_stats(rdata, layout_dense.dense),
+                **_categorical_stats(rdata, layout_dense),
+            },
             config=cfg.model_dump(mode="json"),
         )
         write_manifest(bundle_dir, manifest)

@@ -46,6 +46,9 @@ USER_DENSE: tuple[str, ...] = tuple(
     if f.dtype in ("int64", "float32") and not f.name.endswith("_at")
 )
 DEVICE_INDEX = {d: i for i, d in enumerate(DEVICES)}
+#: Sparse inputs of bounded cardinality that the request log records (as ids) next to the dense
+#: ones, and whose training frequencies the manifest keeps for the skew check.
+SKEW_CATEGORICAL: tuple[str, ...] = ("primary_category", "device")
 
 
 def user_dense_matrix(features: pd.DataFrame | dict[str, Any]) -> F32:

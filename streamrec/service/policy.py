@@ -118,6 +118,7 @@ class FunnelService:
         self.served: dict[str, int] = {}
         self.fallbacks = 0
         self.backfilled = 0
+        self.observe_errors = 0
         bounded = fallback is not None
         steps: list[FallbackStep[RecommendResponse]] = [
             FallbackStep(
@@ -259,6 +260,15 @@ class FunnelService:
         return resp
 
     def _observe(self, request: RecommendRequest, resp: RecommendResponse, attempt: _Attempt, t0: float) -> None:
+        """:meth:`_record`, never failing the answer it describes."""
+        try:
+            self._record(request, resp, attempt, t0)
+        except Exception as err:
+            self.observe_errors += 1
+            if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
+                log.warning("metrics/request log failed %d time(s): %s: %s", self.observe_errors, type(err).__name__, err)
+
+    def _record(self, request: RecommendRequest, resp: RecommendResponse, attempt: _Attempt, t0: float) -> None:
         """Record the response's metrics and, when sampled, queue it for the request log."""
         latency_ms = (time.perf_counter() - t0) * 1e3
         md = resp.metadata
@@ -269,10 +279,10 @@ class FunnelService:
         ranked = attempt.ranked if md.degradation_level in _GOOD else None
         features: dict[int, Any] = {}
         names: tuple[str, ...] = ()
-        if ranked is not None and ranked.features is not None and ranked.ids is not None and ranked.feature_names:
+        if ranked is not None and ranked.ranker_inputs is not None and ranked.ids is not None and ranked.feature_names:
             served = {it.item_id for it in resp.items}
             names = ranked.feature_names
-            features = {int(i): row for i, row in zip(ranked.ids, ranked.features, strict=True) if int(i) in served}
+            features = {int(i): row for i, row in zip(ranked.ids, ranked.ranker_inputs, strict=True) if int(i) in served}
         log_.record(
             ServedRecord(
                 request_id=REQUEST_ID.get(),

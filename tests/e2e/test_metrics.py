@@ -36,6 +36,15 @@ def _scrape(port: int) -> str:
         return ""
 
 
+def _wait_for(port: int, pattern: str, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if re.search(pattern, _scrape(port)):
+            return True
+        time.sleep(2)
+    return False
+
+
 def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: Served, metrics_port: int) -> None:
     from streamrec.data.store import DataStore
 
@@ -65,6 +74,10 @@ def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: 
     assert re.search(r'ray_streamrec_http_responses_total\{[^}]*route="recommend"[^}]*status_class="4xx"', text) or \
         re.search(r'ray_streamrec_http_responses_total\{[^}]*status_class="4xx"[^}]*route="recommend"', text)
     assert re.search(r'ray_streamrec_events_total\{[^}]*outcome="accepted"', text)
+    # The cluster's stage replicas export their own breakers (the ranker's lives in Ranker).
+    assert re.search(r'ray_streamrec_breaker_state\{[^}]*deployment="Ranker"[^}]*\}', text) or _wait_for(
+        metrics_port, r'ray_streamrec_breaker_state\{[^}]*deployment="Ranker"'
+    ), "no breaker state from the cluster's Ranker replicas"
     # Bounded labels: no user or item ids anywhere in our metrics' label values.
     ours = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_")]
     labels = {m.group(1) for ln in ours for m in re.finditer(r'(\w+)="', ln)}

@@ -134,6 +134,14 @@ def test_sqlite_online_store_locked_by_another_process(fault_apps: FaultApps, me
 
     text = _scrape_until(metrics_port, seen)
     assert seen(text), [ln for ln in text.splitlines() if "application=\"sqlite\"" in ln][:20]
+    # A trained model's facts reach the gauges: its version and the ages the staleness alerts watch.
+    for gauge in (
+        "ray_streamrec_model_version",
+        "ray_streamrec_model_age_seconds",
+        "ray_streamrec_batch_fallback_age_seconds",
+        "ray_streamrec_feature_snapshot_age_seconds",
+    ):
+        assert _metric_total(text, gauge, application="sqlite") > 0, gauge
 
 
 def test_redis_online_store_paused(fault_apps: FaultApps) -> None:

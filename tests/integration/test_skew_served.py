@@ -3,10 +3,14 @@ policy with the request log on, check the logged ranker inputs against the champ
 
 Requests replay the ranker's training population: one per positive event of the ranker window,
 with that event's time and device, so each user is weighted as in training and the context
-features (hour, item age) are those of the training rows. What stays different is what serving
-is: the logged rows are the top-k items the ranker chose (not sampled candidates) and user
-features come from the online store as of now (not point in time), so the item, cross and
-time-varying user features are not expected to match; the static ``age`` and the context are.
+features (hour, item age) are those of the training rows. The check reads the ``scored`` sample
+(ranker inputs drawn over every candidate scored, as training rows are retrieval candidates), so
+the item-side and cross features match too. What differs on a healthy run here is real, and the
+check is right to see it: this 8-day world's 30-day user counters grow over time (training joins
+them at the ranker window's start, serving reads today's), popularity percentiles move with the
+catalogue's history, and the ranker was trained on retrieval model A's two-tower scores while
+serving feeds it model B's (refit on more data): ``x_two_tower`` shifts by most of a standard
+deviation. Those are left out of :data:`STABLE`; everything else must stay quiet.
 """
 
 from __future__ import annotations
@@ -31,7 +35,21 @@ from tests.integration.test_training_pipeline import small_config
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Features whose serving values should follow training when serving is healthy (see the docstring).
-STABLE = ("age", "ctx_hour_sin", "ctx_hour_cos")
+STABLE = (
+    "age",
+    "tenure_days",
+    "item_events_7d",
+    "item_ctr_7d",
+    "item_users_7d",
+    "x_category_pref",
+    "x_log_age_days",
+    "x_src_cf",
+    "x_src_affinity",
+    "x_n_sources",
+    "ctx_hour_sin",
+    "ctx_hour_cos",
+    "device",
+)
 
 
 @pytest.fixture(scope="module")

@@ -275,19 +275,22 @@ def test_ranked_candidates_carry_the_rankers_own_inputs_for_the_request_log(
     ctx = stages.user_context(RecommendRequest(user_id=int(f.models.users.raw_ids[0]), k=10))
     merged = stages.merge(ctx, {s: stages.retrieve(s, ctx) for s in stages.source_names})
     ranked = stages.rank(ctx, merged)
-    assert ranked.feature_names == f.features.layout.dense
-    assert ranked.features is not None and ranked.features.shape == (len(ranked), len(ranked.feature_names))
+    assert ranked.feature_names == (*f.features.layout.dense, "primary_category", "device")
+    assert ranked.ranker_inputs is not None
+    assert ranked.ranker_inputs.shape == (len(ranked), len(ranked.feature_names))
     np.testing.assert_array_equal(ranked.ids, f.table.item_ids[ranked.items])
     pos = {int(i): j for j, i in enumerate(merged.items)}
     rows = np.asarray([pos[int(i)] for i in ranked.items])
-    expected = f.ranker_inputs(ctx.state, merged.items[rows], merged.features[rows])[0]
-    np.testing.assert_allclose(ranked.features, expected, rtol=1e-5, atol=1e-6)  # float32 sums
+    dense, sparse = f.ranker_inputs(ctx.state, merged.items[rows], merged.features[rows])
+    expected = np.concatenate([dense, sparse[:, [1, 3]].astype(np.float32)], axis=1)  # + category, device
+    np.testing.assert_allclose(ranked.ranker_inputs, expected, rtol=1e-5, atol=1e-6)  # float32 sums
     assert ranked.scored_sample is not None
     assert ranked.scored_sample.shape == (min(SCORED_SAMPLE, len(merged)), len(ranked.feature_names))
-    every = f.ranker_inputs(ctx.state, merged.items, merged.features)[0]
+    dense, sparse = f.ranker_inputs(ctx.state, merged.items, merged.features)
+    every = np.concatenate([dense, sparse[:, [1, 3]].astype(np.float32)], axis=1)
     assert all(any(np.allclose(r, e) for e in every) for r in ranked.scored_sample)
     simple = stages.simple_rank(ctx, merged)
-    assert simple.features is None and simple.scored_sample is None  # no ranker, no ranker inputs
+    assert simple.ranker_inputs is None and simple.scored_sample is None  # no ranker, no ranker inputs
 
 
 def test_stages_of_another_model_version_refuse_the_context(trained: tuple[Path, dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from streamrec.cli import app
 from streamrec.data.store import DataStore
-from streamrec.errors import ConfigError, DataNotFoundError
+from streamrec.errors import ConfigError
 from streamrec.monitoring.drift import (
     DRIFT_COLUMNS,
     DriftConfig,
@@ -195,4 +195,4 @@ def test_cli_drift(tmp_path: Path, bundle: Path) -> None:
     assert any(line.startswith(third) and "(x_two_tower)" in line for line in table.stdout.splitlines())
     assert f"ALERT {third}: 'x_two_tower' drifted" in table.stdout
     empty = runner.invoke(app, ["monitor", "drift", "--data-dir", str(tmp_path / "none")])
-    assert isinstance(empty.exception, DataNotFoundError)
+    assert empty.exit_code == 2 and "request_log.sample_rate" in empty.output

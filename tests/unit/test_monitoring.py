@@ -89,7 +89,7 @@ class Ranked(Blocking):
         out = super().rank_batch(ctxs, cands)
         for c in out:
             c.ids = self._inner.item_ids[c.items]
-            c.features = np.stack([np.full(len(c), 1.5), c.scores.astype(np.float64)], axis=1)
+            c.ranker_inputs = np.stack([np.full(len(c), 1.5), c.scores.astype(np.float64)], axis=1)
             c.feature_names = self.NAMES
             c.scored_sample = np.stack([np.full(3, 1.5), np.arange(3.0)], axis=1)
         return out
@@ -259,6 +259,47 @@ def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path) -> Non
     assert log.flush() == 1 and list(read_requests(tmp_path)["request_id"]) == ["r1"]
 
 
+def test_a_flush_that_fails_midway_leaves_nothing_behind_and_writes_each_row_once(tmp_path: Path) -> None:
+    """A full disk can fail the second table's file after the first was written: all or none."""
+    log = RequestLog(tmp_path, RequestLogConfig(sample_rate=1.0), start=False)
+    log.record(_record(1))
+    (tmp_path / "monitoring").mkdir()
+    (tmp_path / "monitoring" / "impressions").write_text("")  # requests can be written, impressions not
+    for _ in range(3):
+        with pytest.raises(OSError):
+            log.flush()
+    assert not list((tmp_path / "monitoring").rglob("*.parquet")) and not list((tmp_path / "monitoring").rglob(".*"))
+    (tmp_path / "monitoring" / "impressions").unlink()
+    assert log.flush() == 1
+    assert list(read_requests(tmp_path)["request_id"]) == ["r1"] and len(read_impressions(tmp_path)) == 1
+
+
+def test_rows_that_cannot_be_tabulated_are_dropped_not_retried_forever(tmp_path: Path) -> None:
+    dropped: list[int] = []
+    log = RequestLog(tmp_path, RequestLogConfig(sample_rate=1.0), on_drop=dropped.append, start=False)
+    bad = _record(1)
+    bad.feature_names, bad.scored = ("a", "b"), np.ones((2, 3))  # three values for two names
+    log.record(bad)
+    assert log.flush() == 0 and log.dropped == 1 and dropped == [1] and log.snapshot()["pending"] == 0
+    log.record(_record(2))
+    assert log.flush() == 1
+
+
+def test_reading_since_a_time_skips_older_days(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    log = RequestLog(tmp_path, RequestLogConfig(sample_rate=1.0), start=False)
+    day = 86_400.0
+    for i, t in enumerate((1_780_000_000.0 - 3 * day, 1_780_000_000.0)):
+        rec = _record(i)
+        rec.ts = t
+        log.record(rec)
+        log.flush()
+    since = datetime.fromtimestamp(1_780_000_000.0 - day, UTC)
+    assert list(read_requests(tmp_path, since)["request_id"]) == ["r1"]
+    assert len(read_requests(tmp_path)) == 2
+
+
 def test_the_writer_thread_flushes_and_close_writes_the_rest(tmp_path: Path) -> None:
     log = RequestLog(tmp_path, RequestLogConfig(sample_rate=1.0, flush_interval_s=0.05))
     log.record(_record(1))
@@ -357,3 +398,29 @@ def test_a_fresh_skew_check_for_the_serving_model_raises_the_skew_alert(tmp_path
     warnings = mon.check(_facts(clock, skew=read_skew(tmp_path)))  # five alerts on two features
     assert any("2 feature(s)" in w and "(age, x_cf)" in w for w in warnings)
     assert read_skew(tmp_path / "nothing") is None and version_number("popularity") == 0
+
+
+def test_the_gateway_counts_responses_by_route_and_429s_by_limiter() -> None:
+    from fastapi.testclient import TestClient
+
+    from streamrec.auth import ApiKeyAuth, AuthConfig
+    from streamrec.serving.gateway import GatewayLimits, create_app
+    from tests.unit.test_security import READ, _recommend
+
+    rec = Recorder()
+    auth = ApiKeyAuth.from_config(
+        AuthConfig.model_validate({"keys": [{"name": "r", "key": READ, "scopes": ["read"]}], "use_env_key": False}),
+        environ={},
+    )
+    limits = GatewayLimits.model_validate(
+        {"rate_limit": {"rate_per_s": 0.001, "burst": 2}, "unauthenticated_rate_limit": {"rate_per_s": 0.001, "burst": 1}}
+    )
+    app = create_app(_recommend, None, auth, limits, metrics=ServingMetrics(rec))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        codes = [c.post("/v1/recommend", json={"user_id": 1}, headers={"X-API-Key": READ}).status_code for _ in range(3)]
+        anon = [c.post("/v1/recommend", json={"user_id": 1}).status_code for _ in range(2)]
+    assert codes == [200, 200, 429] and anon == [401, 429]
+    assert rec.total("streamrec_rate_limited_total", limiter="key") == 1
+    assert rec.total("streamrec_rate_limited_total", limiter="address") == 1
+    assert rec.total("streamrec_http_responses_total", route="recommend", status_class="2xx") == 2
+    assert rec.total("streamrec_http_responses_total", route="recommend", status_class="4xx") == 3

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from streamrec.cli import app
-from streamrec.errors import ConfigError, DataNotFoundError
+from streamrec.errors import DataNotFoundError
 from streamrec.models.train_loop import RankerData
 from streamrec.monitoring.logs import RequestLog, RequestLogConfig, ServedRecord
 from streamrec.monitoring.skew import SkewConfig, bucket_counts, check_skew, psi
@@ -266,7 +266,10 @@ def test_no_request_log_says_how_to_enable_it(tmp_path: Path) -> None:
         check_skew(tmp_path / "empty")
     assert not (tmp_path / "empty" / "mlflow.db").exists()  # no registry created as a side effect
     result = runner.invoke(app, ["monitor", "skew", "--data-dir", str(tmp_path / "empty")])
-    assert result.exit_code == 1 and isinstance(result.exception, DataNotFoundError)
+    assert result.exit_code == 2 and "request_log.sample_rate" in result.output  # not checked != skewed
+    result = runner.invoke(app, ["monitor", "skew", "--data-dir", str(tmp_path / "empty"), "--json"])
+    out = json.loads(result.stdout.splitlines()[0])
+    assert result.exit_code == 2 and out["checked"] is False and out["error_type"] == "DataNotFoundError"
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_cli_exit_codes_and_json_shape(data: Path, tmp_path: Path) -> None:
     assert "psi" not in {a["metric"] for a in json.loads(loose.stdout)["alerts"]}
     cfg.write_text("max_psi: 0.2\nmax_spi: 1\n")
     typo = runner.invoke(app, ["monitor", "skew", "--data-dir", str(data), "--config", str(cfg)])
-    assert isinstance(typo.exception, ConfigError) and "max_spi" in str(typo.exception)
+    assert typo.exit_code == 2 and "max_spi" in typo.output
 
 
 def test_skew_config_rejects_inverted_ratio_bounds() -> None:
@@ -318,3 +321,37 @@ def test_log_written_now_is_in_the_default_window(data: Path) -> None:
         check_skew(data)  # last 24 h by default: the 3-day-old traffic is out
     assert check_skew(data, config=SkewConfig(window_hours=None)).impressions == 500
     assert check_skew(data, since=old - timedelta(hours=1)).since == old - timedelta(hours=1)
+
+
+def test_categorical_inputs_compare_category_shares() -> None:
+    """The ranker's category/device ids: training counts from the real stats builder, shares compared."""
+    from streamrec.models.train_loop import RankerData
+    from streamrec.monitoring.skew import compare_feature
+    from streamrec.pipeline.train import _categorical_stats
+    from streamrec.ranking.features import Layout
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    cats = rng.choice(8, n, p=[0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05])
+    devices = rng.choice(3, n)
+    data = RankerData(
+        dense=np.zeros((n, 0), np.float32),
+        sparse=np.stack([np.arange(n), cats, np.zeros(n, np.int64), devices], axis=1),
+        labels=np.zeros(n, np.int64),
+    )
+    layout = Layout(dense=(), sparse=("item", "primary_category", "creator", "device"), cardinalities=(n, 8, 1, 3))
+    stats = _categorical_stats(data, layout, top=6)
+    assert set(stats) == {"primary_category", "device"}
+    assert stats["primary_category"].categories is not None and "__other__" in stats["primary_category"].categories
+    cfg = SkewConfig()
+    same = rng.choice(8, 2000, p=[0.3, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]).astype(float)
+    row, alerts = compare_feature("primary_category", same, stats["primary_category"], cfg)
+    assert row.status == "ok" and not alerts and row.serve_mean is None  # no moments for ids
+    # Serving puts most requests in a category training never kept (e.g. a broken category map).
+    shifted = np.where(rng.random(2000) < 0.6, 99, same)
+    row, alerts = compare_feature("primary_category", shifted, stats["primary_category"], cfg)
+    assert row.status == "alert" and [a.metric for a in alerts] == ["psi"]
+    assert "'primary_category'" in alerts[0].message and "category shares" in alerts[0].message
+    # Every request reported on one device (a serving default for a missing context field).
+    row, alerts = compare_feature("device", np.zeros(2000), stats["device"], cfg)
+    assert row.status == "alert" and alerts[0].feature == "device"

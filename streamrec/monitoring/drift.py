@@ -201,6 +201,23 @@ def feature_drift_by_day(
     return pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
 
 
+def quality_row(impressions: int, clicks: int, completions: int, confidence: float = 0.95) -> dict[str, Any]:
+    """Counts, CTR and completion rate with their intervals (the quality tables' columns)."""
+    ctr = rate_interval(clicks, impressions, confidence)
+    comp = rate_interval(completions, impressions, confidence)
+    return {
+        "impressions": impressions,
+        "clicks": clicks,
+        "completions": completions,
+        "ctr": ctr[0],
+        "ctr_low": ctr[1],
+        "ctr_high": ctr[2],
+        "completion_rate": comp[0],
+        "completion_low": comp[1],
+        "completion_high": comp[2],
+    }
+
+
 def rate_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float, float]:
     """Rate and Wilson score interval of ``successes`` out of ``trials`` (scipy's ``binomtest``).
 
@@ -296,22 +313,12 @@ def quality_by_day(
     for key, g in imps.groupby(keys, sort=True, dropna=False):
         values = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
         n, clicks, done = len(g), int(g["clicked"].sum()), int(g["completed"].sum())
-        ctr = rate_interval(clicks, n, cfg.confidence)
-        comp = rate_interval(done, n, cfg.confidence)
         day: date = values["day"]
         day_end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
         rows.append(
             {
                 **values,
-                "impressions": n,
-                "clicks": clicks,
-                "completions": done,
-                "ctr": ctr[0],
-                "ctr_low": ctr[1],
-                "ctr_high": ctr[2],
-                "completion_rate": comp[0],
-                "completion_low": comp[1],
-                "completion_high": comp[2],
+                **quality_row(n, clicks, done, cfg.confidence),
                 "labels_complete": labels_until is not None and day_end + window <= labels_until,
             }
         )

@@ -46,30 +46,10 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("streamrec_requ
 #: Prefix of the ranker-input feature columns of the impressions table.
 FEATURE_PREFIX = "f_"
 
-REQUEST_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "ts",
-    "user_id",
-    "variant",
-    "model_version",
-    "level",
-    "reason",
-    "latency_ms",
-    "k",
-    "n_items",
-)
-IMPRESSION_COLUMNS: tuple[str, ...] = (
-    "request_id",
-    "ts",
-    "user_id",
-    "variant",
-    "model_version",
-    "level",
-    "item_id",
-    "position",
-    "score",
-    "sources",
-)
+#: Columns every table's rows carry about their request.
+REQUEST_KEYS: tuple[str, ...] = ("request_id", "ts", "user_id", "variant", "model_version", "level")
+REQUEST_COLUMNS: tuple[str, ...] = (*REQUEST_KEYS, "reason", "latency_ms", "k", "n_items")
+IMPRESSION_COLUMNS: tuple[str, ...] = (*REQUEST_KEYS, "item_id", "position", "score", "sources")
 
 
 SCORED_COLUMNS: tuple[str, ...] = ("request_id", "ts", "user_id", "variant", "model_version")

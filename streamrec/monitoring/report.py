@@ -387,7 +387,7 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
     title = "Quality by day and model version"
     if impressions.empty:
         return Section("quality", title, _missing(_no_features(impressions)))
-    from streamrec.monitoring.drift import DriftConfig, quality_by_day, rate_interval
+    from streamrec.monitoring.drift import DriftConfig, quality_by_day, quality_row
 
     config = DriftConfig()
     since = _window_start(requests, timedelta(days=config.days))
@@ -432,25 +432,13 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
     totals = quality.groupby("model_version", sort=True, dropna=False)[
         ["impressions", "clicks", "completions"]
     ].sum()
-    per_version = []
-    for version, row in totals.iterrows():
-        n, clicks, done = int(row["impressions"]), int(row["clicks"]), int(row["completions"])
-        ctr = rate_interval(clicks, n, config.confidence)
-        comp = rate_interval(done, n, config.confidence)
-        per_version.append(
-            {
-                "model_version": version,
-                "impressions": n,
-                "clicks": clicks,
-                "completions": done,
-                "ctr": ctr[0],
-                "ctr_low": ctr[1],
-                "ctr_high": ctr[2],
-                "completion_rate": comp[0],
-                "completion_low": comp[1],
-                "completion_high": comp[2],
-            }
-        )
+    per_version = [
+        {
+            "model_version": version,
+            **quality_row(int(row["impressions"]), int(row["clicks"]), int(row["completions"]), config.confidence),
+        }
+        for version, row in totals.iterrows()
+    ]
     parts.append("<h3>By model version</h3>" + html_table(pd.DataFrame(per_version)))
     parts.append("<h3>By day and model version</h3>" + html_table(quality))
     return Section("quality", title, "".join(parts))

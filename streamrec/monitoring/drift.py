@@ -301,8 +301,8 @@ def quality_by_day(
     window = pd.Timedelta(hours=cfg.label_window_hours)
     store = DataStore(data_dir)
     events = store.events(
-        start=imps["ts"].min().to_pydatetime(),
-        end=(imps["ts"].max() + window + pd.Timedelta(microseconds=1)).to_pydatetime(),
+        start=imps["ts"].min().floor("us").to_pydatetime(),  # datetime has no nanoseconds
+        end=(imps["ts"].max() + window).ceil("us").to_pydatetime() + timedelta(microseconds=1),
         columns=["user_id", "item_id", "event_type", "timestamp"],
     )
     imps["clicked"] = _credited(imps, events[events["event_type"] == "click"], window)
@@ -333,4 +333,4 @@ def _labels_until(store: DataStore) -> datetime | None:
     last = store.events(
         start=datetime(dates[-1].year, dates[-1].month, dates[-1].day, tzinfo=UTC), columns=["timestamp"]
     )
-    return None if last.empty else pd.Timestamp(last["timestamp"].max()).to_pydatetime()
+    return None if last.empty else pd.Timestamp(last["timestamp"].max()).floor("us").to_pydatetime()

@@ -446,7 +446,7 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
 
 def _window_start(requests: pd.DataFrame, length: timedelta) -> datetime:
     """``length`` before the last logged request: a window that depends on the log, not on now."""
-    last: datetime = requests["ts"].max().to_pydatetime()
+    last: datetime = requests["ts"].max().floor("us").to_pydatetime()  # datetime has no nanoseconds
     return last - length
 
 

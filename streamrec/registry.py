@@ -77,6 +77,7 @@ LOWER_IS_BETTER = frozenset({"loss", "logloss", "log_loss", "bce", "mse", "rmse"
 
 _TAG = "streamrec."
 _HISTORY_TAG = _TAG + "alias_history."
+_EVENT_TAG = _TAG + "event."
 _HISTORY_KEEP = 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -599,6 +600,26 @@ class PromotionDecision:
         return next((g for g in self.gates if g.passed is False), None)
 
 
+@dataclass(frozen=True)
+class RegistryEvent:
+    """One recorded change of the registry (``streamrec registry history``).
+
+    Attributes:
+        at: When (UTC).
+        version: The version it concerns.
+        event: ``promoted``, ``refused``, ``rolled_back``, ``set``, ``forced``, ``cleared`` or
+            another step name a caller records (e.g. a rollout step).
+        alias: The alias it concerns.
+        detail: Why, and the numbers (JSON-safe).
+    """
+
+    at: datetime
+    version: int
+    event: str
+    alias: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
 class PromotionGateError(PromotionRefusedError):
     """A promotion gate refused the candidate; :attr:`decision` holds the details."""
 
@@ -1002,6 +1023,10 @@ class ModelRegistry:
         v = self._alias_map().get(alias)
         return None if v is None else self.get_version(v)
 
+    def aliases(self) -> dict[str, int]:
+        """Every alias that is set, and the version it points at."""
+        return self._alias_map()
+
     def list_versions(self) -> list[ModelVersionInfo]:
         """All versions of the model, oldest first."""
         try:
@@ -1121,7 +1146,9 @@ class ModelRegistry:
                 "the champion moves only through promote() (gated) or rollback(); force=True overrides"
             )
         info = self.get_version(version)
-        self._move_alias(alias, info.version, reason="forced" if alias == CHAMPION else "set")
+        reason = "forced" if alias == CHAMPION else "set"
+        previous = self._move_alias(alias, info.version, reason=reason)
+        self.record_event(info.version, reason, alias, previous=previous)
         return self.get_version(info.version)
 
     def clear_alias(self, alias: str) -> None:
@@ -1129,8 +1156,10 @@ class ModelRegistry:
         self._check_alias(alias)
         if alias == CHAMPION:
             raise ConfigError("the champion cannot be cleared; promote another version or roll back")
-        if alias in self._alias_map():
+        current = self._alias_map().get(alias)
+        if current is not None:
             self._client.delete_registered_model_alias(self.model_name, alias)
+            self.record_event(current, "cleared", alias)
 
     def _move_alias(self, alias: str, version: int, *, reason: str) -> int | None:
         """Push the current holder on the alias history, then move the alias (undoing on failure)."""
@@ -1160,8 +1189,46 @@ class ModelRegistry:
             log.warning("could not tag version %d: %s", version, err)
         return previous
 
-    def rollback(self, alias: str = CHAMPION) -> ModelVersionInfo:
+    # ---- history --------------------------------------------------------------------------
+
+    def record_event(self, version: int, event: str, alias: str, **detail: Any) -> None:
+        """Record one change (what, when, why, the numbers) as a tag of ``version``.
+
+        Tags of the version that a change concerns, one per event: the record survives as long
+        as the version does, and a registry server keeps it with no extra store.
+        """
+        at = datetime.now(UTC)
+        key = f"{_EVENT_TAG}{at.strftime('%Y%m%dT%H%M%S.%f')}Z.{event}.{alias}"
+        value = json.dumps({"event": event, "alias": alias, **detail}, default=str, sort_keys=True)
+        try:
+            self._client.set_model_version_tag(self.model_name, str(version), key, value[:5000])
+        except Exception as err:  # the change itself happened; only its record is missing
+            log.warning("could not record %s of version %d: %s", event, version, err)
+
+    def history(self, limit: int | None = 50) -> list[RegistryEvent]:
+        """Recorded changes, newest first (at most ``limit``)."""
+        events: list[RegistryEvent] = []
+        for info in self.list_versions():
+            for key, value in info.tags.items():
+                if not key.startswith(_EVENT_TAG):
+                    continue
+                try:
+                    body = json.loads(value)
+                    at = datetime.strptime(key[len(_EVENT_TAG) :].split("Z", 1)[0], "%Y%m%dT%H%M%S.%f")
+                except (ValueError, TypeError):
+                    log.warning("unreadable registry event %s on version %d", key, info.version)
+                    continue
+                event, alias = str(body.pop("event", "?")), str(body.pop("alias", "?"))
+                events.append(RegistryEvent(at.replace(tzinfo=UTC), info.version, event, alias, body))
+        events.sort(key=lambda e: e.at, reverse=True)
+        return events if limit is None else events[:limit]
+
+    def rollback(self, alias: str = CHAMPION, reason: str = "") -> ModelVersionInfo:
         """Move ``alias`` back to the version it pointed at before the last promotion.
+
+        Args:
+            alias: The alias to move back.
+            reason: Why (recorded in the history).
 
         Returns:
             The version the alias now points at.
@@ -1188,6 +1255,7 @@ class ModelRegistry:
                 self.model_name, str(current), f"{_TAG}{alias}.rolled_back_at", datetime.now(UTC).isoformat()
             )
         log.warning("rolled back '%s' from version %s to %d", alias, current, target)
+        self.record_event(target, "rolled_back", alias, rolled_back_from=current, reason=reason)
         return self.get_version(target)
 
     # ---- promotion ------------------------------------------------------------------------
@@ -1299,6 +1367,14 @@ class ModelRegistry:
             was = "already there" if prev == cand.version else f"was {prev}"
             message = f"promoted {self.model_name} v{cand.version} to '{to}' ({was}){gain}"
             log.info(message)
+            self.record_event(
+                cand.version,
+                "promoted",
+                to,
+                previous=prev,
+                metrics={c.metric: {"candidate": c.candidate, "champion": c.champion} for c in comparisons},
+                message=message,
+            )
         else:
             failed = next(g for g in gates if g.passed is False)
             message = (
@@ -1312,6 +1388,7 @@ class ModelRegistry:
                 )
             except Exception as err:  # pragma: no cover - audit tag only
                 log.warning("could not tag the refusal: %s", err)
+            self.record_event(cand.version, "refused", to, gate=failed.name, message=message)
         decision = PromotionDecision(
             accepted=accepted,
             version=cand.version,

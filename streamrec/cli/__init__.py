@@ -29,6 +29,7 @@ _SUBCOMMANDS: list[tuple[str, str | None]] = [
     ("train", None),
     ("serve", None),
     ("monitor", "monitor"),
+    ("registry", "registry"),
 ]
 
 

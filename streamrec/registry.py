@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -78,6 +79,8 @@ LOWER_IS_BETTER = frozenset({"loss", "logloss", "log_loss", "bce", "mse", "rmse"
 _TAG = "streamrec."
 _HISTORY_TAG = _TAG + "alias_history."
 _EVENT_TAG = _TAG + "event."
+_EVENT_NAME = re.compile(r"[a-z0-9_-]+")
+_EVENT_MAX_CHARS = 20_000
 _HISTORY_KEEP = 20
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -802,7 +805,15 @@ class ModelRegistry:
         return {a: int(v) for a, v in (rm.aliases or {}).items()}
 
     def _model_tags(self) -> dict[str, str]:
-        return dict(self._client.get_registered_model(self.model_name).tags or {})
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self._client.get_registered_model(self.model_name)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise RegistryError(f"cannot read registered model '{self.model_name}': {err}") from None
+        return dict(rm.tags or {})
 
     def _history(self, alias: str) -> list[int]:
         raw = self._model_tags().get(_HISTORY_TAG + alias, "[]")
@@ -1197,11 +1208,18 @@ class ModelRegistry:
         Tags of the version that a change concerns, one per event: the record survives as long
         as the version does, and a registry server keeps it with no extra store.
         """
+        if not _EVENT_NAME.fullmatch(event):
+            raise ConfigError(f"event name {event!r} must match {_EVENT_NAME.pattern} (put free text in detail)")
         at = datetime.now(UTC)
-        key = f"{_EVENT_TAG}{at.strftime('%Y%m%dT%H%M%S.%f')}Z.{event}.{alias}"
-        value = json.dumps({"event": event, "alias": alias, **detail}, default=str, sort_keys=True)
+        key = f"{_EVENT_TAG}{at.strftime('%Y%m%dT%H%M%S.%f')}Z.{event}.{alias}.{uuid.uuid4().hex[:8]}"
+        body = {"event": event, "alias": alias, **detail}
+        value = json.dumps(body, default=str, sort_keys=True)
+        if len(value) > _EVENT_MAX_CHARS:  # shorten the fields, never cut the JSON (it must parse)
+            body = {k: (v[:1000] + "...") if isinstance(v, str) and len(v) > 1000 else v for k, v in body.items()}
+            body.pop("metrics", None)
+            value = json.dumps({**body, "truncated": True}, default=str, sort_keys=True)[:_EVENT_MAX_CHARS]
         try:
-            self._client.set_model_version_tag(self.model_name, str(version), key, value[:5000])
+            self._client.set_model_version_tag(self.model_name, str(version), key, value)
         except Exception as err:  # the change itself happened; only its record is missing
             log.warning("could not record %s of version %d: %s", event, version, err)
 

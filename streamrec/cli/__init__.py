@@ -55,7 +55,7 @@ _register()
 def main() -> None:
     """Console-script entry point."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except StreamRecError as err:
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         sys.exit(err.exit_code)
@@ -71,3 +71,6 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+    # Outside standalone mode click returns a command's `raise typer.Exit(code)` instead of raising it.
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

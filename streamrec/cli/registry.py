@@ -56,12 +56,15 @@ def list_versions(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None
 @app.command()
 def promote(
     version: Annotated[int, typer.Argument(help="The version to promote.")],
-    to: AliasOpt = "champion",
+    to: Annotated[str, typer.Option("--to", "--alias", help="champion, challenger or shadow.")] = "champion",
     tolerance: Annotated[float, typer.Option(help="Allowed relative regression per metric.")] = 0.01,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Promote through the gates (bundle loads and scores, schema, no metric regression).
+
+    The gates' tolerance and metric are this command's options (``ndcg@10``, 1%); a training
+    config with other ``gates`` values is not read here.
 
     A refusal leaves every alias unchanged, names the gate and exits 1. The serving replicas'
     champion watcher reloads within its poll interval.
@@ -96,7 +99,7 @@ def promote(
 @app.command()
 def rollback(
     alias: AliasOpt = "champion",
-    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "",
+    reason: Annotated[str, typer.Option(help="Why (recorded in the history).")] = "rolled back by hand",
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -132,7 +135,7 @@ def clear_alias(
 
 @app.command()
 def history(
-    limit: Annotated[int, typer.Option(help="Most recent events shown.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Most recent events shown.")] = 50,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -143,7 +146,7 @@ def history(
             json.dumps(
                 {
                     "events": [
-                        {"at": e.at.isoformat(), "version": e.version, "event": e.event, "alias": e.alias, **e.detail}
+                        {"at": e.at.isoformat(), "version": e.version, "event": e.event, "alias": e.alias, "detail": e.detail}
                         for e in events
                     ]
                 },
@@ -157,7 +160,7 @@ def history(
         why = e.detail.get("message") or e.detail.get("reason") or ""
         prev = e.detail.get("previous", e.detail.get("rolled_back_from"))
         typer.echo(
-            f"{e.at:%Y-%m-%d %H:%M:%S}  {e.event:<11} {e.alias:<10} v{e.version}"
+            f"{e.at:%Y-%m-%d %H:%M:%S}Z {e.event:<11} {e.alias:<10} v{e.version}"
             + (f" (was v{prev})" if prev is not None else "")
             + (f"  {why}" if why else "")
         )

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from streamrec.cli import app
+from streamrec.errors import ConfigError, RegistryError
 from streamrec.registry import ModelRegistry
 from tests.unit.test_registry import make_bundle, migrated_db, reg, smoke_ok  # noqa: F401 - fixtures
 
@@ -70,10 +72,49 @@ def test_cli_promote_runs_the_real_gates_and_a_refusal_exits_1(
     decision = json.loads(out)
     assert code == 1 and not decision["accepted"] and decision["gates"][0]["passed"] is False
     assert reg.get("champion") is None and reg.history()[0].event == "refused"
-    code, _ = _cli(reg, "set-alias", "champion", str(v1.version))
-    assert code != 0 and reg.get("champion") is None  # the champion moves only through the gates...
+    result = runner.invoke(app, ["registry", "set-alias", "champion", str(v1.version), "--data-dir", str(reg.layout.root)])
+    assert isinstance(result.exception, ConfigError) and reg.get("champion") is None  # only through the gates...
     code, out = _cli(reg, "set-alias", "champion", str(v1.version), "--force")
     assert code == 0 and reg.get("champion").version == v1.version  # type: ignore[union-attr]
     assert reg.history()[0].event == "forced"  # ...or an audited force
-    code, _ = _cli(reg, "rollback")
-    assert code != 0  # nothing to roll back to: an error, not a silent no-op
+    result = runner.invoke(app, ["registry", "rollback", "--data-dir", str(reg.layout.root)])
+    assert isinstance(result.exception, RegistryError)  # nothing to roll back to: an error, not a no-op
+
+
+def test_the_console_entry_point_keeps_the_exit_codes(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`streamrec ...` as installed (``main``, click outside standalone mode): a refusal is 1, an
+    error a one-line message with its code; typer's test runner alone would not show this."""
+    from streamrec.cli import main
+
+    v1 = reg.register(make_bundle(tmp_path, "b1"))
+    root = str(reg.layout.root)
+    cases = [
+        (["registry", "promote", str(v1.version), "--data-dir", root], 1),  # refused at gate 1
+        (["registry", "rollback", "--data-dir", root], RegistryError.exit_code),
+        (["registry", "set-alias", "champion", str(v1.version), "--data-dir", root], ConfigError.exit_code),
+        (["monitor", "skew", "--data-dir", str(tmp_path / "no-log")], 2),  # nothing checked
+        (["registry", "list", "--data-dir", root], 0),
+    ]
+    for argv, code in cases:
+        monkeypatch.setattr("sys.argv", ["streamrec", *argv])
+        try:
+            main()
+            got = 0
+        except SystemExit as ex:
+            got = int(ex.code or 0)
+        assert got == code, (argv, got, capsys.readouterr())
+    assert "error:" in capsys.readouterr().err
+
+
+def test_an_event_too_long_for_a_tag_is_shortened_not_lost(reg: ModelRegistry, tmp_path: Path) -> None:  # noqa: F811
+    v1 = reg.register(make_bundle(tmp_path, "b1"))
+    reg.record_event(v1.version, "refused", "champion", message="x" * 30_000, metrics={"ndcg@10": 0.1})
+    (event,) = reg.history()
+    assert event.event == "refused" and event.detail["truncated"] is True and len(event.detail["message"]) < 1100
+    with pytest.raises(ConfigError):
+        reg.record_event(v1.version, "rollout 5%", "champion")  # free text belongs in detail

@@ -793,27 +793,24 @@ class ModelRegistry:
                 self.model_name, description="StreamRec bundles (see docs/adr/ADR-003-model-registry.md)"
             )
 
-    def _alias_map(self) -> dict[str, int]:
+    def _registered_model(self) -> Any | None:
+        """The MLflow registered model, or None before the first registration."""
         from mlflow.exceptions import MlflowException
 
         try:
-            rm = self._client.get_registered_model(self.model_name)
+            return self._client.get_registered_model(self.model_name)
         except MlflowException as err:
             if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return {}
+                return None
             raise RegistryError(f"cannot read registered model '{self.model_name}': {err}") from None
-        return {a: int(v) for a, v in (rm.aliases or {}).items()}
+
+    def _alias_map(self) -> dict[str, int]:
+        rm = self._registered_model()
+        return {} if rm is None else {a: int(v) for a, v in (rm.aliases or {}).items()}
 
     def _model_tags(self) -> dict[str, str]:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            rm = self._client.get_registered_model(self.model_name)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return {}
-            raise RegistryError(f"cannot read registered model '{self.model_name}': {err}") from None
-        return dict(rm.tags or {})
+        rm = self._registered_model()
+        return {} if rm is None else dict(rm.tags or {})
 
     def _history(self, alias: str) -> list[int]:
         raw = self._model_tags().get(_HISTORY_TAG + alias, "[]")

@@ -59,18 +59,23 @@ def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: 
             ev = {"events": [{"event_id": f"metrics-{app}", "user_id": user, "item_id": item, "event_type": "click"}]}
             assert c.post(f"/{app}/v1/events", json=ev, headers={"X-API-Key": WRITE_KEY}).status_code == 200
             assert c.post(f"/{app}/v1/recommend", json={"user_id": 1}, headers={}).status_code == 401
-    deadline = time.monotonic() + 90  # the agent exports every few seconds; the health loop every 10 s
+    def requests_counted(text: str, app: str) -> bool:
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_requests_total{")]
+        return any(f'application="{app}"' in ln and 'level="' in ln and 'reason="' in ln for ln in lines)
+
+    # Each replica's metrics reach the node agent on their own schedule (the agent exports every few
+    # seconds, the health loop runs every 10 s): wait for everything the assertions below read.
+    deadline = time.monotonic() + 120
     text = ""
     while time.monotonic() < deadline:
         text = _scrape(metrics_port)
-        if all(name in text for name in EXPECTED) and 'application="cluster"' in text and "events_total" in text:
+        if all(name in text for name in EXPECTED) and all(requests_counted(text, a) for a in ("fused", "cluster")):
             break
         time.sleep(3)
     missing = [name for name in EXPECTED if name not in text]
     assert not missing, f"not exported: {missing}"
     for app in ("fused", "cluster"):
-        lines = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_requests_total{")]
-        assert any(f'application="{app}"' in ln and 'level="' in ln and 'reason="' in ln for ln in lines), app
+        assert requests_counted(text, app), f"no ray_streamrec_requests_total from the {app} application"
     assert re.search(r'ray_streamrec_http_responses_total\{[^}]*route="recommend"[^}]*status_class="4xx"', text) or \
         re.search(r'ray_streamrec_http_responses_total\{[^}]*status_class="4xx"[^}]*route="recommend"', text)
     assert re.search(r'ray_streamrec_events_total\{[^}]*outcome="accepted"', text)

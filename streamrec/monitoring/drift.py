@@ -230,11 +230,12 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95) -> tupl
     return successes / trials, float(ci.low), float(ci.high)
 
 
-def _credited(impressions: pd.DataFrame, events: pd.DataFrame, window: pd.Timedelta) -> npt.NDArray[np.bool_]:
+def credit_events(impressions: pd.DataFrame, events: pd.DataFrame, window: pd.Timedelta) -> npt.NDArray[np.bool_]:
     """Which impressions (by position) an event of ``events`` is credited to.
 
-    Each event goes to the latest impression of the same (user, item) at or before it, if that
-    impression is at most ``window`` older.
+    ``impressions`` needs ``ts``, ``user_id`` and ``item_id``; ``events`` needs ``timestamp``,
+    ``user_id`` and ``item_id``. Each event goes to the latest impression of the same (user,
+    item) at or before it, if that impression is at most ``window`` older.
     """
     hit = np.zeros(len(impressions), dtype=bool)
     if events.empty or impressions.empty:
@@ -305,8 +306,8 @@ def quality_by_day(
         end=(imps["ts"].max() + window).ceil("us").to_pydatetime() + timedelta(microseconds=1),
         columns=["user_id", "item_id", "event_type", "timestamp"],
     )
-    imps["clicked"] = _credited(imps, events[events["event_type"] == "click"], window)
-    imps["completed"] = _credited(imps, events[events["event_type"] == "complete"], window)
+    imps["clicked"] = credit_events(imps, events[events["event_type"] == "click"], window)
+    imps["completed"] = credit_events(imps, events[events["event_type"] == "complete"], window)
     imps["day"] = imps["ts"].dt.date
     labels_until = _labels_until(store)
     rows: list[dict[str, Any]] = []

@@ -145,7 +145,7 @@ def render_report(data_dir: str | os.PathLike[str] | None, *, generated_at: date
         _quality_section(root, requests, impressions),
     ]
     stamp = (generated_at or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return _page(f"StreamRec monitoring report: {root}", sections, stamp)
+    return html_page(f"StreamRec monitoring report: {root}", sections, stamp)
 
 
 def choose_bucket(first: pd.Timestamp, last: pd.Timestamp) -> tuple[str, str]:
@@ -173,14 +173,14 @@ def _overview(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame, buc
     variants = sorted({str(v) for v in requests["variant"].dropna()})
     meta = [
         ("Data dir", str(root)),
-        ("Time span", f"{_fmt_ts(first)} to {_fmt_ts(last)} ({_fmt_duration(last - first)})"),
+        ("Time span", f"{fmt_ts(first)} to {fmt_ts(last)} ({_fmt_duration(last - first)})"),
         ("Requests logged", f"{len(requests):,}"),
         ("Impressions logged", f"{len(impressions):,}"),
         ("Model versions seen", ", ".join(versions["model_version"]) or "(none)"),
         ("Experiment variants seen", ", ".join(variants) or "(none)"),
         ("Time bucket of the plots", bucket_label),
     ]
-    rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in meta)
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in meta)
     body = (
         f'<table class="meta">{rows}</table>'
         "<p>The log is sampled (<code>request_log.sample_rate</code>): counts are of logged requests, "
@@ -192,32 +192,32 @@ def _overview(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame, buc
 
 def _latency_section(requests: pd.DataFrame, freq: str, bucket_label: str) -> Section:
     lat = requests.assign(bucket=requests["ts"].dt.floor(freq))
-    per_bucket = _percentile_frame(lat, "bucket")
-    by_level = _percentile_frame(lat.assign(level=lat["level"].fillna("(none)")), "level")
+    per_bucket = percentile_frame(lat, "bucket")
+    by_level = percentile_frame(lat.assign(level=lat["level"].fillna("(none)")), "level")
     by_level = by_level.assign(_order=by_level["level"].map(_level_rank)).sort_values(["_order", "level"])
-    overall = _percentile_frame(lat.assign(level="all"), "level")
+    overall = percentile_frame(lat.assign(level="all"), "level")
     summary = pd.concat([overall, by_level.drop(columns="_order")], ignore_index=True)
 
     fig = Figure(figsize=(10, 5.2))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    x = _naive(per_bucket["bucket"])
-    mid = _naive(per_bucket["bucket"] + pd.Timedelta(freq) / 2)  # points in the middle of their bar
+    x = naive_utc(per_bucket["bucket"])
+    mid = naive_utc(per_bucket["bucket"] + pd.Timedelta(freq) / 2)  # points in the middle of their bar
     for q, style in zip(PERCENTILES, ("-", "--", ":"), strict=True):
-        name = _pct_name(q)
+        name = pct_name(q)
         top.plot(mid, per_bucket[name], style, marker="o", markersize=3, label=name)
     top.set_ylabel("latency (ms)")
     top.set_title(f"Request latency per {bucket_label}")
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
-    bottom.bar(x, per_bucket["requests"], width=_bar_width(freq), align="edge", color="#607d8b")
+    bottom.bar(x, per_bucket["requests"], width=bar_width(freq), align="edge", color="#607d8b")
     bottom.set_ylabel("requests")
     bottom.grid(alpha=0.3)
-    _date_axis(bottom)
+    date_axis(bottom)
     body = (
-        _img(fig, f"Latency percentiles per {bucket_label}")
+        figure_img(fig, f"Latency percentiles per {bucket_label}")
         + "<h3>Latency by level (ms)</h3>"
         + html_table(summary)
-        + _details(f"Values per {bucket_label}", html_table(per_bucket))
+        + details(f"Values per {bucket_label}", html_table(per_bucket))
     )
     return Section("latency", "Latency", body)
 
@@ -231,12 +231,12 @@ def _levels_section(requests: pd.DataFrame, freq: str, bucket_label: str) -> Sec
 
     fig = Figure(figsize=(10, 4))
     ax = fig.subplots()
-    x = _naive(pd.Series(shares.index))
+    x = naive_utc(pd.Series(shares.index))
     bottom = np.zeros(len(shares))
     for lv in levels:
         vals = shares[lv].to_numpy(dtype=float)
         colour = LEVEL_COLOURS.get(lv, "#9e9e9e")
-        ax.bar(x, vals, bottom=bottom, width=_bar_width(freq), align="edge", label=lv, color=colour)
+        ax.bar(x, vals, bottom=bottom, width=bar_width(freq), align="edge", label=lv, color=colour)
         bottom = bottom + vals
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of requests")
@@ -244,7 +244,7 @@ def _levels_section(requests: pd.DataFrame, freq: str, bucket_label: str) -> Sec
     handles, labels = ax.get_legend_handles_labels()  # listed top to bottom, as stacked
     ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     ax.grid(alpha=0.3, axis="y")
-    _date_axis(ax)
+    date_axis(ax)
 
     total = frame.groupby("level").size()
     table = pd.DataFrame(
@@ -253,10 +253,10 @@ def _levels_section(requests: pd.DataFrame, freq: str, bucket_label: str) -> Sec
     table["share"] = table["requests"] / table["requests"].sum()
     per_bucket = shares.reset_index()
     body = (
-        _img(fig, f"Degradation level shares per {bucket_label}")
+        figure_img(fig, f"Degradation level shares per {bucket_label}")
         + "<h3>Overall</h3>"
         + html_table(table)
-        + _details(f"Shares per {bucket_label}", html_table(per_bucket))
+        + details(f"Shares per {bucket_label}", html_table(per_bucket))
     )
     return Section("levels", "Degradation levels", body)
 
@@ -270,7 +270,7 @@ def _reasons_section(requests: pd.DataFrame) -> Section:
         return Section(
             "reasons",
             "Top degradation reasons",
-            _missing("no degraded requests: every logged request was served at the full level"),
+            missing_note("no degraded requests: every logged request was served at the full level"),
         )
     degraded = degraded.assign(reason=degraded["reason"].replace("", "(no reason given)"))
     table = (
@@ -299,7 +299,7 @@ def _reasons_section(requests: pd.DataFrame) -> Section:
 def _skew_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame) -> Section:
     title = "Training-serving skew"
     if not feature_columns(impressions):
-        return Section("skew", title, _missing(_no_features(impressions)))
+        return Section("skew", title, missing_note(_no_features(impressions)))
     from streamrec.monitoring.skew import SkewConfig, check_skew
 
     config = SkewConfig()
@@ -310,17 +310,17 @@ def _skew_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame)
     try:
         report = check_skew(root, config=config, since=since, record=False)  # display only
     except (DataNotFoundError, RegistryError, CorruptCheckpointError) as err:
-        return Section("skew", title, _missing(f"not available: {err}"))
-    window = f"since {_fmt_ts(since)}" if since is not None else "the whole log"
+        return Section("skew", title, missing_note(f"not available: {err}"))
+    window = f"since {fmt_ts(since)}" if since is not None else "the whole log"
     parts = [
-        f"<p>Model version {_esc(report.model_version)} ({_esc(report.version_source)}), "
-        f"{report.impressions:,} ranker-scored impressions ({_esc(window)}), against the training "
-        f"statistics of bundle {_esc(report.training.get('bundle', '?'))}. Thresholds: "
+        f"<p>Model version {esc(report.model_version)} ({esc(report.version_source)}), "
+        f"{report.impressions:,} ranker-scored impressions ({esc(window)}), against the training "
+        f"statistics of bundle {esc(report.training.get('bundle', '?'))}. Thresholds: "
         f"mean shift {config.max_mean_shift_sd} sd, std ratio [{config.min_std_ratio}, "
         f"{config.max_std_ratio}], null diff {config.max_null_diff}, PSI {config.max_psi}; "
         f"features with fewer than {config.min_rows} rows are not judged.</p>"
     ]
-    parts += [f'<p class="alert">{_esc(a.message)}</p>' for a in report.alerts]
+    parts += [f'<p class="alert">{esc(a.message)}</p>' for a in report.alerts]
     if not report.alerts:
         parts.append("<p>No skew alert: every judged feature is within its thresholds.</p>")
     parts.append(html_table(pd.DataFrame([asdict(r) for r in report.rows])))
@@ -330,7 +330,7 @@ def _skew_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame)
 def _drift_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame) -> Section:
     title = "Feature and prediction drift by day"
     if not feature_columns(impressions):
-        return Section("drift", title, _missing(_no_features(impressions)))
+        return Section("drift", title, missing_note(_no_features(impressions)))
     from streamrec.monitoring.drift import SCORE, DriftConfig, feature_drift_by_day
 
     config = DriftConfig()
@@ -338,15 +338,15 @@ def _drift_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame
     try:
         drift = feature_drift_by_day(root, config=config, since=since)
     except (DataNotFoundError, RegistryError, CorruptCheckpointError) as err:
-        return Section("drift", title, _missing(f"not available: {err}"))
+        return Section("drift", title, missing_note(f"not available: {err}"))
     if drift.empty:
-        return Section("drift", title, _missing("no ranker-scored impressions in the last days of the log"))
+        return Section("drift", title, missing_note("no ranker-scored impressions in the last days of the log"))
     version = ", ".join(sorted({str(v) for v in drift["model_version"]}))
     parts = [
-        f"<p>Model version {_esc(version)}, the last {config.days} days of the log. PSI per UTC day "
+        f"<p>Model version {esc(version)}, the last {config.days} days of the log. PSI per UTC day "
         f"against the training histogram (<code>psi_train</code>) and against the first day with "
         f"{config.min_rows} values (<code>psi_first_day</code>); the served score "
-        f"(<code>{_esc(SCORE)}</code>, prediction drift) against the first day only. Above "
+        f"(<code>{esc(SCORE)}</code>, prediction drift) against the first day only. Above "
         f"{config.max_psi}: alert.</p>"
     ]
     fig = Figure(figsize=(10, 4.5))
@@ -372,21 +372,21 @@ def _drift_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
         _day_axis(ax, drift["day"])
-    parts.append(_img(fig, "Feature and prediction PSI by day"))
+    parts.append(figure_img(fig, "Feature and prediction PSI by day"))
     alerts = drift[drift["status"] == "alert"]
     if alerts.empty:
         parts.append("<p>No drift alert.</p>")
     else:
         parts.append(f'<p class="alert">{len(alerts):,} day/feature rows above the PSI threshold:</p>')
         parts.append(html_table(alerts))
-    parts.append(_details("Every day and feature", html_table(drift)))
+    parts.append(details("Every day and feature", html_table(drift)))
     return Section("drift", title, "".join(parts))
 
 
 def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFrame) -> Section:
     title = "Quality by day and model version"
     if impressions.empty:
-        return Section("quality", title, _missing(_no_features(impressions)))
+        return Section("quality", title, missing_note(_no_features(impressions)))
     from streamrec.monitoring.drift import DriftConfig, quality_by_day, quality_row
 
     config = DriftConfig()
@@ -394,9 +394,9 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
     try:
         quality = quality_by_day(root, config=config, since=since)
     except DataNotFoundError as err:
-        return Section("quality", title, _missing(f"not available: {err}"))
+        return Section("quality", title, missing_note(f"not available: {err}"))
     if quality.empty:
-        return Section("quality", title, _missing("no impressions in the last days of the log"))
+        return Section("quality", title, missing_note("no impressions in the last days of the log"))
     parts = [
         f"<p>Impressions of the last {config.days} days of the log joined to the clicks and "
         f"completions in the events store (the same user and item within "
@@ -405,7 +405,7 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
         "a day with <code>labels_complete</code> false is not fully labelled yet.</p>"
     ]
     if int(quality["clicks"].sum()) == 0 and int(quality["completions"].sum()) == 0:
-        parts.append(_missing("no click or completion in the events store follows a logged impression yet"))
+        parts.append(missing_note("no click or completion in the events store follows a logged impression yet"))
     fig = Figure(figsize=(10, 4.5))
     axes = fig.subplots(1, 2, sharey=False)
     for ax, (rate, low, high, name) in zip(
@@ -428,7 +428,7 @@ def _quality_section(root: Path, requests: pd.DataFrame, impressions: pd.DataFra
         ax.grid(alpha=0.3)
         ax.legend(title="model version", fontsize="x-small")
         _day_axis(ax, quality["day"])
-    parts.append(_img(fig, "CTR and completion rate by day and model version"))
+    parts.append(figure_img(fig, "CTR and completion rate by day and model version"))
     totals = quality.groupby("model_version", sort=True, dropna=False)[
         ["impressions", "clicks", "completions"]
     ].sum()
@@ -460,17 +460,18 @@ def _no_features(impressions: pd.DataFrame) -> str:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _percentile_frame(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+def percentile_frame(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     """Requests and latency percentiles per value of ``key``."""
     grouped = frame.groupby(key, sort=True)["latency_ms"]
     out = grouped.quantile(list(PERCENTILES)).unstack()
-    out.columns = [_pct_name(q) for q in out.columns]
+    out.columns = [pct_name(q) for q in out.columns]
     out.insert(0, "requests", grouped.size())
     out["max"] = grouped.max()
     return out.reset_index()
 
 
-def _pct_name(q: float) -> str:
+def pct_name(q: float) -> str:
+    """The column name of quantile ``q`` (0.99 -> ``p99``)."""
     return f"p{round(q * 100):d}"
 
 
@@ -478,17 +479,18 @@ def _level_rank(level: str) -> int:
     return LEVELS.index(level) if level in LEVELS else len(LEVELS)
 
 
-def _naive(ts: pd.Series) -> np.ndarray:
+def naive_utc(ts: pd.Series) -> np.ndarray:
     """UTC timestamps as naive ``datetime64`` (what matplotlib's date axis takes)."""
     return ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy()
 
 
-def _bar_width(freq: str) -> float:
+def bar_width(freq: str) -> float:
     """Bar width in days (matplotlib's date unit) for one bucket, with a small gap."""
     return 0.9 * pd.Timedelta(freq) / pd.Timedelta("1D")
 
 
-def _date_axis(ax: Any) -> None:
+def date_axis(ax: Any) -> None:
+    """Format the x axis of ``ax`` as UTC time (matplotlib's concise date labels)."""
     locator = AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
@@ -510,29 +512,33 @@ def _days(days: pd.Series) -> np.ndarray:
     return pd.to_datetime(days).to_numpy()
 
 
-def _img(fig: Figure, alt: str) -> str:
+def figure_img(fig: Figure, alt: str) -> str:
     """``fig`` as an inline PNG ``<img>`` (no metadata, so the bytes depend on the data only)."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<p><img src="data:image/png;base64,{data}" alt="{_esc(alt)}"></p>'
+    return f'<p><img src="data:image/png;base64,{data}" alt="{esc(alt)}"></p>'
 
 
-def _details(summary: str, body: str) -> str:
-    return f"<details><summary>{_esc(summary)}</summary>{body}</details>"
+def details(summary: str, body: str) -> str:
+    """``body`` folded under a ``<details>`` element titled ``summary`` (plain text)."""
+    return f"<details><summary>{esc(summary)}</summary>{body}</details>"
 
 
-def _missing(message: str) -> str:
-    return f'<p class="missing">{_esc(message)}</p>'
+def missing_note(message: str) -> str:
+    """A highlighted note saying what is missing and why (plain text)."""
+    return f'<p class="missing">{esc(message)}</p>'
 
 
-def _esc(value: object) -> str:
+def esc(value: object) -> str:
+    """``str(value)`` escaped for HTML text and attributes."""
     return html.escape(str(value), quote=True)
 
 
-def _fmt_ts(ts: Any) -> str:
+def fmt_ts(ts: Any) -> str:
+    """A timestamp as text: UTC time with seconds, or the date alone for a naive midnight."""
     t = pd.Timestamp(ts)
     if t.tzinfo is not None:
         t = t.tz_convert("UTC")
@@ -557,28 +563,28 @@ def _fmt_duration(delta: pd.Timedelta) -> str:
 def fmt_cell(value: Any) -> tuple[str, bool]:
     """A table cell as ``(escaped text, is numeric)``."""
     if isinstance(value, str | bytes):
-        return _esc(value), False
+        return esc(value), False
     if isinstance(value, Sequence | np.ndarray):
-        return _esc(", ".join(str(v) for v in value)), False
+        return esc(", ".join(str(v) for v in value)), False
     if isinstance(value, dict):
-        return _esc(", ".join(f"{k}={v}" for k, v in value.items())), False
+        return esc(", ".join(f"{k}={v}" for k, v in value.items())), False
     if value is None or pd.isna(value):
         return "", False
     if isinstance(value, bool | np.bool_):
-        return _esc(str(bool(value)).lower()), False
+        return esc(str(bool(value)).lower()), False
     if isinstance(value, int | np.integer):
-        return _esc(f"{int(value):,}"), True
+        return esc(f"{int(value):,}"), True
     if isinstance(value, float | np.floating):
         v = float(value)
         if math.isinf(v):
-            return _esc("inf" if v > 0 else "-inf"), True
+            return esc("inf" if v > 0 else "-inf"), True
         text = f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
-        return _esc(text), True
+        return esc(text), True
     if isinstance(value, pd.Timestamp | datetime | np.datetime64):
-        return _esc(_fmt_ts(value)), False
+        return esc(fmt_ts(value)), False
     if isinstance(value, date):
-        return _esc(value.isoformat()), False
-    return _esc(value), False
+        return esc(value.isoformat()), False
+    return esc(value), False
 
 
 def html_table(frame: pd.DataFrame, *, max_rows: int = 500) -> str:
@@ -590,7 +596,7 @@ def html_table(frame: pd.DataFrame, *, max_rows: int = 500) -> str:
     """
     if any(name is not None for name in frame.index.names) or isinstance(frame.index, pd.MultiIndex):
         frame = frame.reset_index()
-    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
     rows = []
     for rec in frame.head(max_rows).itertuples(index=False, name=None):
         cells = []
@@ -600,21 +606,31 @@ def html_table(frame: pd.DataFrame, *, max_rows: int = 500) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = ""
     if len(frame) > max_rows:
-        note = f"<p>{_esc(f'{len(frame) - max_rows:,} more rows not shown.')}</p>"
+        note = f"<p>{esc(f'{len(frame) - max_rows:,} more rows not shown.')}</p>"
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{note}"
 
 
-def _page(title: str, sections: Sequence[Section], generated: str) -> str:
-    toc = "".join(f'<li><a href="#{_esc(s.anchor)}">{_esc(s.title)}</a></li>' for s in sections)
+def html_page(
+    title: str, sections: Sequence[Section], generated: str, *, generator: str = "streamrec monitor report"
+) -> str:
+    """A self-contained HTML document: title, table of contents, ``sections``, a footer.
+
+    Args:
+        title: Page title (plain text).
+        sections: The sections, in order.
+        generated: When the page was made (shown in the footer).
+        generator: The command named in the footer.
+    """
+    toc = "".join(f'<li><a href="#{esc(s.anchor)}">{esc(s.title)}</a></li>' for s in sections)
     body = "".join(
-        f'<section id="{_esc(s.anchor)}"><h2>{_esc(s.title)}</h2>{s.body}</section>' for s in sections
+        f'<section id="{esc(s.anchor)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections
     )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_esc(title)}</h1><nav><ul>{toc}</ul></nav>{body}"
-        f"<footer>generated at {_esc(generated)} by streamrec monitor report</footer>"
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{esc(title)}</h1><nav><ul>{toc}</ul></nav>{body}"
+        f"<footer>generated at {esc(generated)} by {esc(generator)}</footer>"
         "</body></html>\n"
     )

@@ -1,0 +1,820 @@
+"""The analysis of an experiment: treatment against control on the pre-registered metrics.
+
+One core serves both sources of data. :func:`summarise` turns a frame of requests (who, which
+variant, latency, whether the variant's model answered, the items shown and what was clicked
+and completed) into one :class:`VariantSummary` per variant; :func:`analyse` compares the
+summaries under the experiment's :class:`~streamrec.experiments.config.ExperimentConfig`.
+
+* From the logs: :func:`load_experiment_log` reads the sampled request and impression log
+  (:mod:`streamrec.monitoring.logs`), credits the clicks and completions of the events store and
+  of the API's event log not yet exported (each event to the latest impression of its user and
+  item at most ``label_window_hours`` before it,
+  :func:`~streamrec.monitoring.drift.credit_events`), and :func:`load_summaries` summarises it.
+* From the HTTP user simulator (:mod:`streamrec.experiments.simulate`): it builds the same
+  request frame from what it sent and what its simulated users did.
+
+The statistics are statsmodels' and scipy's: Wilson intervals of each rate, the Newcombe
+interval of the difference and the log-adjusted interval of the ratio
+(``confint_proportions_2indep``), the two-proportion z-test, the sample-ratio-mismatch
+chi-square (``scipy.stats.chisquare``) and the minimum sample size (Cohen's h with
+``NormalIndPower``).
+
+Coverage (distinct items shown over the catalogue) grows with the number of requests, so a 1%
+canary would always look worse: it is computed on equal request counts, the larger variant's
+requests subsampled (seeded) to the smaller one's count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import chisquare
+from statsmodels.stats.power import NormalIndPower
+from statsmodels.stats.proportion import (
+    confint_proportions_2indep,
+    proportion_effectsize,
+    proportions_ztest,
+)
+
+from streamrec.errors import DataNotFoundError
+from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig
+from streamrec.monitoring.drift import credit_events, rate_interval
+from streamrec.monitoring.logs import log_dir, read_impressions, read_requests
+from streamrec.paths import DataLayout
+
+#: Levels at which the variant's own model answered; any other level counts as an error.
+ANSWERED_LEVELS: frozenset[str] = frozenset({"full", "stale_features", "simple_ranking"})
+#: Decisions of :func:`analyse`, in order of precedence.
+DECISIONS: tuple[str, ...] = ("invalid", "rollback", "continue", "ship", "no_difference")
+#: Default label window: a click or completion counts for an impression this long after it.
+LABEL_WINDOW_HOURS = 24.0
+#: Columns of the request frame :func:`summarise` takes.
+REQUEST_FRAME_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "ts",
+    "variant",
+    "user_id",
+    "latency_ms",
+    "error",
+    "impressions",
+    "clicks",
+    "completions",
+    "items",
+)
+#: Variant label of requests served outside any experiment (simulator tallies).
+NO_VARIANT = "none"
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """What one variant served and what its users did.
+
+    Attributes:
+        variant: ``control``, ``treatment`` (or ``none`` outside an experiment).
+        users: Distinct users.
+        requests: Requests.
+        impressions: Items shown.
+        clicks: Impressions clicked.
+        completions: Impressions completed.
+        errors: Requests the variant's model did not answer (a level outside
+            :data:`ANSWERED_LEVELS`, or no answer at all).
+        latency_p50_ms: Median latency of the answered requests (NaN when none).
+        latency_p99_ms: 99th percentile latency (NaN when none).
+        distinct_items: Distinct items shown over all requests.
+        coverage_requests: Requests of the equal-size subsample coverage is computed on.
+        coverage_items: Distinct items shown in that subsample.
+    """
+
+    variant: str
+    users: int
+    requests: int
+    impressions: int
+    clicks: int
+    completions: int
+    errors: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    distinct_items: int
+    coverage_requests: int = 0
+    coverage_items: int = 0
+
+    @property
+    def ctr(self) -> float:
+        """Clicks per impression (NaN without impressions)."""
+        return self.clicks / self.impressions if self.impressions else math.nan
+
+    @property
+    def completion_rate(self) -> float:
+        """Completions per impression (NaN without impressions)."""
+        return self.completions / self.impressions if self.impressions else math.nan
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request (NaN without requests)."""
+        return self.errors / self.requests if self.requests else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts and rates, JSON-safe (NaN as None)."""
+        out = asdict(self)
+        out.update(ctr=self.ctr, completion_rate=self.completion_rate, error_rate=self.error_rate)
+        return _json_safe(out)
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    """One pre-registered metric, treatment against control.
+
+    Attributes:
+        metric: ``ctr``, ``completion_rate`` or ``coverage``.
+        control: Control's ``(rate, low, high)`` (Wilson interval at ``1 - alpha``).
+        treatment: Treatment's ``(rate, low, high)``.
+        control_counts: Control's ``(successes, trials)``.
+        treatment_counts: Treatment's ``(successes, trials)``.
+        diff: Absolute difference treatment - control and its interval ``(diff, low, high)``.
+        lift: Relative lift treatment / control - 1 and its interval ``(lift, low, high)``.
+        p_value: Two-sided two-proportion z-test (NaN when it cannot be computed).
+        significant: ``p_value < alpha``.
+        comparable: Whether the two rates may be compared (coverage: equal request counts).
+        note: What the numbers are counted on.
+    """
+
+    metric: str
+    control: tuple[float, float, float]
+    treatment: tuple[float, float, float]
+    control_counts: tuple[int, int]
+    treatment_counts: tuple[int, int]
+    diff: tuple[float, float, float]
+    lift: tuple[float, float, float]
+    p_value: float
+    significant: bool
+    comparable: bool = True
+    note: str = ""
+
+    @property
+    def better(self) -> bool:
+        """Treatment significantly above control."""
+        return self.comparable and self.significant and self.diff[0] > 0
+
+    @property
+    def worse(self) -> bool:
+        """Treatment significantly below control."""
+        return self.comparable and self.significant and self.diff[0] < 0
+
+
+@dataclass(frozen=True)
+class SrmCheck:
+    """Sample ratio mismatch: whether the split of users is what the assignment gives.
+
+    Attributes:
+        unit: What was counted (``users``: the unit of assignment).
+        control: Control's count.
+        treatment: Treatment's count.
+        expected_share: Treatment share the assignment was set to.
+        observed_share: Treatment share observed.
+        chi2: Chi-square statistic (NaN when it cannot be computed).
+        p_value: Its p-value.
+        valid: ``p_value >= srm_alpha``.
+    """
+
+    unit: str
+    control: int
+    treatment: int
+    expected_share: float
+    observed_share: float
+    chi2: float
+    p_value: float
+    valid: bool
+
+
+@dataclass(frozen=True)
+class SampleSize:
+    """Minimum sample size of the primary metric.
+
+    Attributes:
+        metric: The primary metric.
+        unit: What is counted (``impressions``; ``requests`` for coverage).
+        baseline: Control's observed rate the effect is relative to (NaN when unknown).
+        expected_effect: Relative lift the test is sized for.
+        per_variant: Minimum per variant with equal allocation (the classic number).
+        control_required: Minimum for control at the observed allocation.
+        treatment_required: Minimum for treatment at the observed allocation.
+        control: Control's count so far.
+        treatment: Treatment's count so far.
+        enough: Both variants reached their minimum.
+    """
+
+    metric: str
+    unit: str
+    baseline: float
+    expected_effect: float
+    per_variant: float
+    control_required: float
+    treatment_required: float
+    control: int
+    treatment: int
+    enough: bool
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    """One guardrail.
+
+    Attributes:
+        name: ``latency_p99_ratio``, ``latency_p99_ms``, ``error_rate_increase`` or ``metric_drop``.
+        value: What was measured.
+        limit: The limit it is held to.
+        passed: Within the limit (also when it could not be measured: ``note`` says so).
+        message: The check in words, with its numbers.
+    """
+
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class ExperimentAnalysis:
+    """The comparison of an experiment's variants and the decision it leads to.
+
+    Attributes:
+        experiment: The experiment's name.
+        config: The pre-registered definition (as JSON).
+        expected_share: Treatment share the SRM check expects.
+        variants: Summary per variant.
+        metrics: The pre-registered metrics, compared.
+        srm: The sample-ratio-mismatch check.
+        sample_size: The minimum sample size and where the variants stand.
+        guardrails: The guardrail checks.
+        decision: One of :data:`DECISIONS`.
+        reasons: Why, in words, naming every failed check and its numbers.
+    """
+
+    experiment: str
+    config: dict[str, Any]
+    expected_share: float
+    variants: dict[str, VariantSummary]
+    metrics: list[MetricComparison]
+    srm: SrmCheck
+    sample_size: SampleSize
+    guardrails: list[GuardrailCheck]
+    decision: str
+    reasons: list[str] = field(default_factory=list)
+
+    def metric(self, name: str) -> MetricComparison:
+        """The comparison of metric ``name``.
+
+        Raises:
+            KeyError: the metric is not in the pre-registered suite.
+        """
+        for m in self.metrics:
+            if m.metric == name:
+                return m
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-safe values (NaN and infinities as None)."""
+        return _json_safe(
+            {
+                "experiment": self.experiment,
+                "decision": self.decision,
+                "reasons": list(self.reasons),
+                "expected_share": self.expected_share,
+                "variants": {k: v.to_dict() for k, v in self.variants.items()},
+                "metrics": [{**asdict(m), "better": m.better, "worse": m.worse} for m in self.metrics],
+                "srm": asdict(self.srm),
+                "sample_size": asdict(self.sample_size),
+                "guardrails": [asdict(g) for g in self.guardrails],
+                "config": self.config,
+            }
+        )
+
+
+# ------------------------------------------------------------------------------------ summaries
+def summarise(requests: pd.DataFrame, *, seed: int = 0) -> dict[str, VariantSummary]:
+    """One :class:`VariantSummary` per variant of a request frame.
+
+    Args:
+        requests: One row per request, columns :data:`REQUEST_FRAME_COLUMNS`: ``variant`` (str),
+            ``user_id``, ``latency_ms`` (NaN when unanswered), ``error`` (bool), ``impressions``,
+            ``clicks`` and ``completions`` (counts of the request's items) and ``items`` (the
+            item ids shown).
+        seed: Seed of the subsample coverage is computed on.
+
+    Returns:
+        Summaries by variant, sorted by name.
+    """
+    out: dict[str, VariantSummary] = {}
+    groups = {str(v): g for v, g in requests.groupby("variant", sort=True)}
+    coverage = equal_request_coverage({v: list(g["items"]) for v, g in groups.items()}, seed=seed)
+    for variant, g in groups.items():
+        lat = g["latency_ms"].to_numpy(np.float64)
+        lat = lat[np.isfinite(lat)]
+        items: set[int] = set()
+        for shown in g["items"]:
+            items.update(int(i) for i in shown)
+        cov_requests, cov_items = coverage.get(variant, (0, 0))
+        out[variant] = VariantSummary(
+            variant=variant,
+            users=int(g["user_id"].nunique()),
+            requests=len(g),
+            impressions=int(g["impressions"].sum()),
+            clicks=int(g["clicks"].sum()),
+            completions=int(g["completions"].sum()),
+            errors=int(g["error"].astype(bool).sum()),
+            latency_p50_ms=float(np.percentile(lat, 50)) if lat.size else math.nan,
+            latency_p99_ms=float(np.percentile(lat, 99)) if lat.size else math.nan,
+            distinct_items=len(items),
+            coverage_requests=cov_requests,
+            coverage_items=cov_items,
+        )
+    return out
+
+
+def equal_request_coverage(
+    slates: Mapping[str, Sequence[Sequence[int]]], *, seed: int = 0
+) -> dict[str, tuple[int, int]]:
+    """Distinct items shown per variant on equal request counts.
+
+    Every variant's slates are subsampled (without replacement, seeded) to the smallest
+    variant's request count, so that a variant with more traffic does not cover more of the
+    catalogue only because it served more.
+
+    Returns:
+        ``(requests in the subsample, distinct items in it)`` per variant.
+    """
+    if not slates:
+        return {}
+    n = min(len(s) for s in slates.values())
+    rng = np.random.default_rng(seed)
+    out: dict[str, tuple[int, int]] = {}
+    for variant in sorted(slates):
+        rows = list(slates[variant])
+        pick = rng.choice(len(rows), size=n, replace=False) if len(rows) > n else np.arange(len(rows))
+        items: set[int] = set()
+        for i in pick:
+            items.update(int(x) for x in rows[int(i)])
+        out[variant] = (n, len(items))
+    return out
+
+
+# ------------------------------------------------------------------------------------- analysis
+def analyse(
+    summaries: Mapping[str, VariantSummary],
+    config: ExperimentConfig,
+    expected_share: float,
+    n_items: int | None = None,
+) -> ExperimentAnalysis:
+    """Compare treatment with control and decide.
+
+    Decision, the first that applies:
+
+    * ``invalid``: the split of users between the variants does not match ``expected_share``
+      (SRM p-value below ``config.srm_alpha``): the assignment or the logging is broken and no
+      comparison can be trusted.
+    * ``rollback``: a guardrail is breached (latency p99 above control's times
+      ``latency_p99_ratio`` or above ``latency_p99_ms``; error rate more than
+      ``error_rate_increase`` above control's; the primary metric significantly worse than
+      ``-metric_drop`` relative to control).
+    * ``continue``: fewer samples than the minimum sample size for ``config.expected_effect``.
+    * ``ship``: the primary metric is significantly better (two-sided z-test at ``alpha``).
+    * ``no_difference``: enough samples and no significant improvement.
+
+    Args:
+        summaries: Summaries by variant; ``control`` and ``treatment`` are compared.
+        config: The pre-registered experiment.
+        expected_share: Treatment share the assignment was set to (for the SRM check).
+        n_items: Catalogue size (coverage is reported only when given).
+
+    Returns:
+        The analysis.
+
+    Raises:
+        DataNotFoundError: ``control`` or ``treatment`` has no requests.
+    """
+    missing = [v for v in (CONTROL, TREATMENT) if v not in summaries or summaries[v].requests == 0]
+    if missing:
+        raise DataNotFoundError(
+            f"no {' or '.join(missing)} requests to compare (variants seen: {sorted(summaries) or 'none'}): "
+            "an experiment needs a challenger in the registry and a treatment share above 0; send traffic "
+            "(or widen --since) and analyse again"
+        )
+    control, treatment = summaries[CONTROL], summaries[TREATMENT]
+    metrics = [_compare(name, control, treatment, config.alpha, n_items) for name in config.metrics]
+    by_name = {m.metric: m for m in metrics}
+    primary = by_name[config.primary_metric]
+    srm = _srm(control, treatment, expected_share, config.srm_alpha)
+    size = _sample_size(config, control, treatment)
+    guards = _guardrails(config, control, treatment, primary)
+
+    reasons: list[str] = []
+    if not srm.valid:
+        decision = "invalid"
+        reasons.append(
+            f"sample ratio mismatch: treatment has {srm.observed_share:.2%} of {srm.unit} "
+            f"({srm.treatment:,} of {srm.control + srm.treatment:,}), expected {srm.expected_share:.2%} "
+            f"(chi-square p = {srm.p_value:.2g} < {config.srm_alpha:g}): check the assignment and the "
+            "logging before reading any metric"
+        )
+    elif any(not g.passed for g in guards):
+        decision = "rollback"
+        reasons += [f"guardrail {g.name} breached: {g.message}" for g in guards if not g.passed]
+    elif not size.enough:
+        decision = "continue"
+        reasons.append(_size_reason(size))
+    elif primary.better:
+        decision = "ship"
+        reasons.append(f"{primary.metric} significantly better: {_effect_words(primary)}")
+    else:
+        decision = "no_difference"
+        if primary.worse:
+            reasons.append(
+                f"{primary.metric} significantly worse but within the metric_drop guardrail "
+                f"({config.guardrails.metric_drop:.1%}): {_effect_words(primary)}"
+            )
+        elif not primary.comparable:
+            reasons.append(f"{primary.metric} cannot be compared: {primary.note}")
+        else:
+            reasons.append(f"no significant difference in {primary.metric}: {_effect_words(primary)}")
+    return ExperimentAnalysis(
+        experiment=config.name,
+        config=config.model_dump(mode="json"),
+        expected_share=expected_share,
+        variants=dict(summaries),
+        metrics=metrics,
+        srm=srm,
+        sample_size=size,
+        guardrails=guards,
+        decision=decision,
+        reasons=reasons,
+    )
+
+
+def _counts(metric: str, s: VariantSummary, n_items: int | None) -> tuple[int, int]:
+    if metric == "ctr":
+        return s.clicks, s.impressions
+    if metric == "completion_rate":
+        return s.completions, s.impressions
+    return s.coverage_items, n_items or 0
+
+
+def _compare(
+    metric: str, control: VariantSummary, treatment: VariantSummary, alpha: float, n_items: int | None
+) -> MetricComparison:
+    c_succ, c_n = _counts(metric, control, n_items)
+    t_succ, t_n = _counts(metric, treatment, n_items)
+    comparable, note = True, "per impression"
+    if metric == "coverage":
+        note = (
+            f"distinct items over the catalogue ({n_items} items) on {control.coverage_requests:,} "
+            "requests of each variant (the larger variant subsampled)"
+        )
+        if not n_items:
+            comparable, note = False, "catalogue size unknown"
+        elif control.coverage_requests != treatment.coverage_requests or control.coverage_requests == 0:
+            comparable, note = False, "not computed on equal request counts"
+    confidence = 1 - alpha
+    nan3 = (math.nan, math.nan, math.nan)
+    diff, lift, p = nan3, nan3, math.nan
+    if c_n > 0 and t_n > 0:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            d_low, d_high = confint_proportions_2indep(t_succ, t_n, c_succ, c_n, compare="diff", alpha=alpha)
+            diff = (t_succ / t_n - c_succ / c_n, float(d_low), float(d_high))
+            if c_succ > 0:
+                r_low, r_high = confint_proportions_2indep(
+                    t_succ, t_n, c_succ, c_n, compare="ratio", alpha=alpha
+                )
+                lift = ((t_succ / t_n) / (c_succ / c_n) - 1, float(r_low) - 1, float(r_high) - 1)
+            if 0 < c_succ + t_succ < c_n + t_n:  # the z-test needs a pooled rate strictly in (0, 1)
+                p = float(proportions_ztest([t_succ, c_succ], [t_n, c_n])[1])
+    return MetricComparison(
+        metric=metric,
+        control=rate_interval(c_succ, c_n, confidence) if comparable else nan3,
+        treatment=rate_interval(t_succ, t_n, confidence) if comparable else nan3,
+        control_counts=(c_succ, c_n),
+        treatment_counts=(t_succ, t_n),
+        diff=diff if comparable else nan3,
+        lift=lift if comparable else nan3,
+        p_value=p if comparable else math.nan,
+        significant=comparable and math.isfinite(p) and p < alpha,
+        comparable=comparable,
+        note=note,
+    )
+
+
+def _srm(control: VariantSummary, treatment: VariantSummary, expected: float, srm_alpha: float) -> SrmCheck:
+    c, t = control.users, treatment.users
+    total = c + t
+    observed = t / total if total else math.nan
+    if 0 < expected < 1:
+        chi2, p = chisquare([c, t], [total * (1 - expected), total * expected])
+        chi2, p = float(chi2), float(p)
+    else:  # all users belong in one variant: any user in the other is a mismatch
+        stray = t if expected <= 0 else c
+        chi2, p = math.nan, 1.0 if stray == 0 else 0.0
+    return SrmCheck("users", c, t, expected, observed, chi2, p, p >= srm_alpha)
+
+
+def _sample_size(config: ExperimentConfig, control: VariantSummary, treatment: VariantSummary) -> SampleSize:
+    metric = config.primary_metric
+    if metric == "coverage":  # a catalogue share: judged once each variant served min_requests_per_step
+        need = float(config.min_requests_per_step)
+        c, t = control.coverage_requests, treatment.coverage_requests
+        return SampleSize(
+            metric, "requests", math.nan, config.expected_effect, need, need, need, c, t, min(c, t) >= need
+        )
+    succ, c = _counts(metric, control, None)
+    t = treatment.impressions
+    baseline = succ / c if c else math.nan
+    per_variant = c_req = t_req = math.inf
+    if math.isfinite(baseline) and 0 < baseline < 1:
+        target = min(baseline * (1 + config.expected_effect), 1.0 - 1e-9)
+        effect = abs(float(proportion_effectsize(target, baseline)))
+        power = NormalIndPower()
+        per_variant = float(
+            power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=1.0)
+        )
+        ratio = c / t if t else 1.0  # control's impressions per treatment impression
+        t_req = float(
+            power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=ratio)
+        )
+        c_req = t_req * ratio
+    enough = math.isfinite(t_req) and t >= t_req and c >= c_req
+    return SampleSize(
+        metric, "impressions", baseline, config.expected_effect, per_variant, c_req, t_req, c, t, enough
+    )
+
+
+def _guardrails(
+    config: ExperimentConfig, control: VariantSummary, treatment: VariantSummary, primary: MetricComparison
+) -> list[GuardrailCheck]:
+    g = config.guardrails
+    out: list[GuardrailCheck] = []
+    c99, t99 = control.latency_p99_ms, treatment.latency_p99_ms
+    if math.isfinite(c99) and math.isfinite(t99) and c99 > 0:
+        ratio = t99 / c99
+        out.append(
+            GuardrailCheck(
+                "latency_p99_ratio",
+                ratio,
+                g.latency_p99_ratio,
+                ratio <= g.latency_p99_ratio,
+                f"treatment latency p99 {t99:.1f} ms is {ratio:.2f}x control's {c99:.1f} ms "
+                f"(limit {g.latency_p99_ratio:g}x)",
+            )
+        )
+    else:
+        out.append(
+            GuardrailCheck(
+                "latency_p99_ratio", math.nan, g.latency_p99_ratio, True, "not measured: no answered request"
+            )
+        )
+    out.append(
+        GuardrailCheck(
+            "latency_p99_ms",
+            t99,
+            g.latency_p99_ms,
+            not math.isfinite(t99) or t99 <= g.latency_p99_ms,
+            f"treatment latency p99 {t99:.1f} ms (limit {g.latency_p99_ms:g} ms)"
+            if math.isfinite(t99)
+            else "not measured: no answered treatment request",
+        )
+    )
+    increase = treatment.error_rate - control.error_rate
+    out.append(
+        GuardrailCheck(
+            "error_rate_increase",
+            increase,
+            g.error_rate_increase,
+            increase <= g.error_rate_increase,
+            f"treatment error rate {treatment.error_rate:.2%} ({treatment.errors:,} of {treatment.requests:,} "
+            f"requests) vs control {control.error_rate:.2%}: {increase:+.2%} "
+            f"(limit +{g.error_rate_increase:.2%})",
+        )
+    )
+    lift_high = primary.lift[2]
+    measured = primary.comparable and math.isfinite(lift_high)
+    drop_breached = measured and primary.worse and lift_high < -g.metric_drop
+    out.append(
+        GuardrailCheck(
+            "metric_drop",
+            primary.lift[0],
+            g.metric_drop,
+            not drop_breached,
+            f"{primary.metric} {_effect_words(primary)}; the whole interval must not lie below "
+            f"{-g.metric_drop:+.1%}"
+            if measured
+            else f"{primary.metric} not measured: {primary.note or 'no baseline'}",
+        )
+    )
+    return out
+
+
+def _effect_words(m: MetricComparison) -> str:
+    lift = m.lift
+    words = (
+        f"control {m.control[0]:.4f}, treatment {m.treatment[0]:.4f}, difference {m.diff[0]:+.4f} "
+        f"[{m.diff[1]:+.4f}, {m.diff[2]:+.4f}]"
+    )
+    if math.isfinite(lift[0]):
+        words += f", lift {lift[0]:+.1%} [{lift[1]:+.1%}, {lift[2]:+.1%}]"
+    return words + (f", p = {m.p_value:.3g}" if math.isfinite(m.p_value) else ", p not computable")
+
+
+def _size_reason(s: SampleSize) -> str:
+    if not math.isfinite(s.treatment_required):
+        return (
+            f"not enough data to size the test: control's {s.metric} is {s.baseline:.4g} "
+            f"({s.control:,} {s.unit}); keep the experiment running"
+        )
+    return (
+        f"below the minimum sample size for a {s.expected_effect:.0%} lift in {s.metric} over "
+        f"{s.baseline:.4f}: control {s.control:,} of {math.ceil(s.control_required):,} {s.unit}, "
+        f"treatment {s.treatment:,} of {math.ceil(s.treatment_required):,}; keep the experiment running"
+    )
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+# ------------------------------------------------------------------------------------ from logs
+@dataclass(frozen=True)
+class ExperimentLog:
+    """The experiment's part of the request log, labelled.
+
+    Attributes:
+        requests: Logged requests with a variant (columns of ``read_requests``).
+        impressions: Their impressions with ``clicked`` and ``completed`` (bool) credited.
+        n_items: Catalogue size (None when the store has no items).
+    """
+
+    requests: pd.DataFrame
+    impressions: pd.DataFrame
+    n_items: int | None
+
+    def request_frame(self) -> pd.DataFrame:
+        """One row per request in :data:`REQUEST_FRAME_COLUMNS` (what :func:`summarise` takes)."""
+        req = self.requests
+        imps = self.impressions
+        per = imps.groupby("request_id", sort=False).agg(
+            impressions=("item_id", "size"), clicks=("clicked", "sum"), completions=("completed", "sum")
+        )
+        items = imps.groupby("request_id", sort=False)["item_id"].agg(list)
+        out = pd.DataFrame(
+            {
+                "request_id": req["request_id"].to_numpy(),
+                "ts": req["ts"].to_numpy(),
+                "variant": req["variant"].astype(str).to_numpy(),
+                "user_id": req["user_id"].to_numpy(),
+                "latency_ms": pd.to_numeric(req["latency_ms"], errors="coerce").to_numpy(np.float64),
+                "error": ~req["level"].isin(ANSWERED_LEVELS).to_numpy(),
+            }
+        )
+        for col in ("impressions", "clicks", "completions"):
+            out[col] = out["request_id"].map(per[col]).fillna(0).astype(np.int64).to_numpy()
+        out["items"] = [v if isinstance(v, list) else [] for v in out["request_id"].map(items)]
+        return out[list(REQUEST_FRAME_COLUMNS)]
+
+
+def load_experiment_log(
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    label_window_hours: float = LABEL_WINDOW_HOURS,
+) -> ExperimentLog:
+    """The logged requests of the experiment's variants, their impressions and credited labels.
+
+    Clicks and completions come from the events store and from the API's event log (the events
+    not yet exported by ``streamrec data export-events``), de-duplicated by ``event_id``. Each is
+    credited to the latest logged impression of the same user and item at most
+    ``label_window_hours`` before it (any logged impression, so an event after a request outside
+    the experiment is not credited to an older one inside it). The log is sampled: an event
+    following an unlogged request may be credited to an earlier logged impression of that item.
+
+    Args:
+        data_dir: StreamRec data directory.
+        since: First request time (default: the whole log).
+        until: Requests before this time only (default: no end).
+        label_window_hours: How long after an impression its click or completion counts.
+
+    Raises:
+        DataNotFoundError: no request log in ``data_dir``.
+    """
+    from streamrec.data.store import DataStore
+
+    root = DataLayout.at(data_dir).root
+    requests = read_requests(root, since)
+    if requests.empty and not any(log_dir(root, "requests").glob("date=*/*.parquet")):
+        raise DataNotFoundError(
+            f"no request log in {log_dir(root, 'requests')}: set request_log.sample_rate in the Serve "
+            "config (args.request_log), send traffic and wait for a flush before analysing"
+        )
+    impressions = read_impressions(root, since)
+    impressions = impressions[[c for c in impressions.columns if not c.startswith("f_")]]
+    if until is not None:
+        end = pd.Timestamp(until if until.tzinfo else until.replace(tzinfo=UTC))
+        requests = requests[requests["ts"] < end]
+        impressions = impressions[impressions["ts"] < end]
+    window = pd.Timedelta(hours=label_window_hours)
+    impressions = impressions.reset_index(drop=True)
+    clicked = np.zeros(len(impressions), dtype=bool)
+    completed = np.zeros(len(impressions), dtype=bool)
+    if not impressions.empty:
+        start = impressions["ts"].min().floor("us").to_pydatetime()
+        end_ts = (impressions["ts"].max() + window).ceil("us").to_pydatetime() + timedelta(microseconds=1)
+        events = _events(root, start, end_ts)
+        clicked = credit_events(impressions, events[events["event_type"] == "click"], window)
+        completed = credit_events(impressions, events[events["event_type"] == "complete"], window)
+    impressions = impressions.assign(clicked=clicked, completed=completed)
+    store = DataStore(root)
+    n_items = len(store.items())
+    in_experiment = requests["variant"].notna()
+    requests = requests[in_experiment].reset_index(drop=True)
+    impressions = impressions[impressions["variant"].notna()].reset_index(drop=True)
+    return ExperimentLog(requests, impressions, n_items or None)
+
+
+def _events(root: Any, start: datetime, end: datetime) -> pd.DataFrame:
+    """Events in ``[start, end)`` of the store and of the API's event log, unique by ``event_id``."""
+    from streamrec.data.event_log import EventLog
+    from streamrec.data.store import DataStore
+
+    columns = ["event_id", "user_id", "item_id", "event_type", "timestamp"]
+    frames = [DataStore(root).events(start=start, end=end, columns=columns)]
+    layout = DataLayout.at(root)
+    if (layout.event_log / "segments").is_dir():  # read only: no catch-up of ids, nothing written
+        api = EventLog(layout.event_log, load_existing=False)
+        try:
+            logged = api.read()
+        finally:
+            api.close()
+        if not logged.empty:
+            logged = logged[columns].dropna(subset=["user_id", "item_id", "timestamp"])
+            ts = pd.to_datetime(logged["timestamp"], utc=True)
+            frames.append(logged[(ts >= pd.Timestamp(start)) & (ts < pd.Timestamp(end))])
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    events = pd.concat(frames, ignore_index=True)
+    events["timestamp"] = pd.to_datetime(events["timestamp"], utc=True)
+    return events.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+
+def load_summaries(
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    label_window_hours: float = LABEL_WINDOW_HOURS,
+    seed: int = 0,
+) -> dict[str, VariantSummary]:
+    """Per-variant summaries of the logged experiment traffic (see :func:`load_experiment_log`).
+
+    Requests logged without a variant (no experiment running) are left out.
+
+    Raises:
+        DataNotFoundError: no request log in ``data_dir``.
+    """
+    log = load_experiment_log(data_dir, since=since, until=until, label_window_hours=label_window_hours)
+    return summarise(log.request_frame(), seed=seed)
+
+
+def analyse_experiment(
+    data_dir: str | os.PathLike[str] | None,
+    config: ExperimentConfig,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    expected_share: float,
+    label_window_hours: float = LABEL_WINDOW_HOURS,
+) -> ExperimentAnalysis:
+    """:func:`load_summaries` then :func:`analyse`.
+
+    Raises:
+        DataNotFoundError: no request log, or no control or treatment requests in it.
+    """
+    log = load_experiment_log(data_dir, since=since, until=until, label_window_hours=label_window_hours)
+    return analyse(summarise(log.request_frame()), config, expected_share, log.n_items)

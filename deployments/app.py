@@ -58,6 +58,8 @@ from streamrec.service.observe import BreakerExporter, GatewayObserver, every
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import PendingReloads, ReloadHistory, champion_version, watch_champion
 from streamrec.service.runner import Call, StageRunner
+from streamrec.service.shadow import ShadowScorer
+from streamrec.service.variants import ExperimentRouter, Variants
 from streamrec.serving.gateway import merge_replica_status
 
 log = logging.getLogger("streamrec.deployments")
@@ -287,6 +289,23 @@ class Gateway:
             metrics=self._metrics,
             request_log=self._request_log,
         )
+        self._shadow: ShadowScorer | None = None
+        self._variants: Variants | None = None
+        if a.experiment is not None:
+            self._shadow = ShadowScorer(a.experiment.shadow, a.resilience, a.source_timeout_ms / 1e3, self._request_log)
+            self._service.after = self._shadow.observe
+            self._variants = Variants(
+                self._args,
+                fallback=lambda: self._fallback.stages if self._fallback else None,
+                metrics=self._metrics,
+                request_log=self._request_log,
+                shadow=self._shadow,
+            )
+            try:
+                await self._variants.refresh()  # start with the challenger and shadow in place
+            except Exception as err:  # no registry yet: the poll picks them up later
+                log.info("experiment: registry not readable yet (%s)", err)
+        self._router = ExperimentRouter(self._service, self._variants)
         self._started = time.time()
         self._observer = GatewayObserver(
             HealthMonitor(a.health, self._metrics),
@@ -302,6 +321,13 @@ class Gateway:
         self._health_task = asyncio.get_running_loop().create_task(
             every(a.health.interval_s, self._observer.check, "health check")
         )
+        self._experiment_task = (
+            None
+            if self._variants is None or a.experiment is None
+            else asyncio.get_running_loop().create_task(
+                every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll")
+            )
+        )
         self._watcher: asyncio.Task[None] | None = None
         if (
             self._args.watch_champion_s > 0
@@ -315,13 +341,14 @@ class Gateway:
     def __serve_build_asgi_app__(self) -> Any:
         app, self._events = build_gateway(
             self._args,
-            self._service,
+            self._router,
             reload=self._reload,
             ready=self._ready,
             info=self._info,
             status=self._status,
             behind_ray_proxy=True,
             metrics=self._metrics,
+            variant_of=self._router.variant_of,
         )
         return app
 
@@ -387,6 +414,8 @@ class Gateway:
         if refused is not None:
             warnings.append(f"reload to v{refused['version']} was refused: {refused.get('detail', '')}")
         warnings += self._health.warnings
+        if self._variants is not None:
+            warnings += [f"{what} is not served: {why}" for what, why in self._variants.refused.items()]
         if warnings:  # still ready: a degraded answer is an answer
             out["warnings"] = warnings
         return True, out
@@ -439,6 +468,7 @@ class Gateway:
             # Every replica's breakers: an open one on any replica of a stage shows here.
             out["stage_breakers"] = {n: [d.get("breakers", {}) for d in ds] for n, ds in zip(names, every, strict=True)}
         out["fallback"] = self._fallback.describe() if self._fallback else None
+        out["experiment"] = self._variants.describe() if self._variants is not None else None
         return out
 
     # ------------------------------------------------------------------ reload (two-phase)
@@ -476,6 +506,8 @@ class Gateway:
         if fallback is not None:
             self._fallback = fallback
             self._service.set_fallback(fallback.stages)
+            if self._variants is not None:
+                self._variants.set_fallback(fallback.stages)
         self._source_names = None  # re-read from the Features deployment on the next request
         settle_heap()
         return self._local.describe() if self._local else {"composition": "cluster"}

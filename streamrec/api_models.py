@@ -229,6 +229,9 @@ class EventIn(ApiModel):
         device: One of :data:`streamrec.data.schema.DEVICES`, if known.
         watch_fraction: Share of the item watched, 0..1, if known (a JSON number: ``"0.5"`` and
             ``true`` are refused, not coerced).
+        experiment_variant: The ``metadata.experiment_variant`` of the recommendation the event
+            answers, if any; when omitted the server looks the user's variant up (assignment is
+            deterministic), so the log keeps it either way.
     """
 
     event_id: ShortStr = Field(default_factory=lambda: uuid.uuid4().hex)
@@ -239,6 +242,7 @@ class EventIn(ApiModel):
     session_id: ShortStr | None = None
     device: Device | None = None
     watch_fraction: Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    experiment_variant: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
 
     @field_validator("timestamp")
     @classmethod

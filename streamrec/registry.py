@@ -78,6 +78,7 @@ LOWER_IS_BETTER = frozenset({"loss", "logloss", "log_loss", "bce", "mse", "rmse"
 
 _TAG = "streamrec."
 _HISTORY_TAG = _TAG + "alias_history."
+_STATE_TAG = _TAG + "state."
 _EVENT_TAG = _TAG + "event."
 _EVENT_NAME = re.compile(r"[a-z0-9_-]+")
 _EVENT_MAX_CHARS = 20_000
@@ -1196,6 +1197,39 @@ class ModelRegistry:
         except Exception as err:  # pragma: no cover - audit tag only
             log.warning("could not tag version %d: %s", version, err)
         return previous
+
+    # ---- serving state ----------------------------------------------------------------------
+
+    def serving_state(self) -> tuple[dict[str, int], dict[str, Any]]:
+        """Every alias and every named state (e.g. the rollout), from one read of the registry."""
+        rm = self._registered_model()
+        if rm is None:
+            return {}, {}
+        aliases = {a: int(v) for a, v in (rm.aliases or {}).items()}
+        states: dict[str, Any] = {}
+        for key, value in (rm.tags or {}).items():
+            if key.startswith(_STATE_TAG):
+                try:
+                    states[key[len(_STATE_TAG) :]] = json.loads(value)
+                except ValueError:
+                    log.warning("unreadable registry state %s: %r", key, value[:200])
+        return aliases, states
+
+    def write_state(self, name: str, value: dict[str, Any] | None) -> None:
+        """Set (or with None remove) a named JSON state kept with the registered model.
+
+        Raises:
+            RegistryError: the registry could not be written.
+        """
+        key = _STATE_TAG + name
+        try:
+            if value is None:
+                if key in self._model_tags():
+                    self._client.delete_registered_model_tag(self.model_name, key)
+            else:
+                self._client.set_registered_model_tag(self.model_name, key, json.dumps(value, default=str))
+        except Exception as err:
+            raise RegistryError(f"could not write registry state '{name}': {err}") from None
 
     # ---- history --------------------------------------------------------------------------
 

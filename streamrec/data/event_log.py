@@ -271,6 +271,7 @@ def event_record(event: EventIn, received_at: datetime) -> dict[str, Any]:
         "session_id": event.session_id,
         "device": event.device,
         "watch_fraction": event.watch_fraction,
+        "experiment_variant": event.experiment_variant,
         "received_at": received_at.isoformat(),
     }
 
@@ -904,6 +905,7 @@ def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                 if "watch_fraction" in df
                 else np.full(len(df), math.nan, dtype=np.float32)
             ),
+            "experiment_variant": df.get("experiment_variant"),
         },
         columns=cols,
     )

@@ -67,6 +67,9 @@ EVENT_SCHEMA = pa.schema(
         pa.field("position", pa.int16()),
         pa.field("rating", pa.float32()),
         pa.field("watch_fraction", pa.float32()),
+        # The experiment variant the user was in when the API received the event (None outside
+        # experiments and in imported histories): lets training exclude or reweight treated users.
+        pa.field("experiment_variant", pa.string()),
     ]
 )
 

@@ -53,6 +53,20 @@ IMPRESSION_COLUMNS: tuple[str, ...] = (*REQUEST_KEYS, "item_id", "position", "sc
 
 
 SCORED_COLUMNS: tuple[str, ...] = ("request_id", "ts", "user_id", "variant", "model_version")
+#: Columns of the ``shadow`` table: one row per shadow run (:mod:`streamrec.experiments.shadow`).
+SHADOW_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "ts",
+    "user_id",
+    "model_version",
+    "shadow_version",
+    "latency_ms",
+    "error",
+    "common",
+    "correlation",
+    "production_scores",
+    "shadow_scores",
+)
 
 
 class RequestLogConfig(StrictModel):
@@ -120,6 +134,7 @@ class RequestLog:
         self.config = config or RequestLogConfig()
         self.root = DataLayout.at(data_dir).root / "monitoring"
         self._pending: deque[ServedRecord] = deque()
+        self._shadow: deque[dict[str, Any]] = deque()
         self._on_drop = on_drop
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -138,6 +153,18 @@ class RequestLog:
         """Whether to log the current request (a Bernoulli draw at ``sample_rate``)."""
         rate = self.config.sample_rate
         return rate >= 1.0 or (rate > 0 and random.random() < rate)
+
+    def record_shadow(self, row: dict[str, Any]) -> None:
+        """Queue one shadow run's row (:data:`SHADOW_COLUMNS`, ``ts`` in epoch seconds) (never blocks)."""
+        with self._lock:
+            if len(self._shadow) >= self.config.max_pending:
+                self.dropped += 1
+                dropped = True
+            else:
+                self._shadow.append(row)
+                dropped = False
+        if dropped and self._on_drop is not None:
+            self._on_drop(1)
 
     def record(self, rec: ServedRecord) -> None:
         """Queue one response (never blocks; dropped and counted when the queue is full)."""
@@ -177,23 +204,24 @@ class RequestLog:
         with self._flush_lock:
             with self._lock:
                 batch = list(self._pending)
-            if not batch:
+                shadow = list(self._shadow)
+            if not batch and not shadow:
                 return 0
             try:
-                frames = to_frames(batch)
+                frames = (*to_frames(batch), _shadow_frame(shadow))
             except Exception as err:  # rows that cannot be tabulated would block the queue forever
                 log.error("request log: dropping %d rows that cannot be written: %s", len(batch), err)
-                self._take(len(batch))
+                self._take(len(batch), len(shadow))
                 self.dropped += len(batch)
                 if self._on_drop is not None:
                     self._on_drop(len(batch))
                 return 0
-            day = datetime.fromtimestamp(batch[-1].ts, UTC).strftime("%Y-%m-%d")
+            day = datetime.fromtimestamp(batch[-1].ts if batch else shadow[-1]["ts"], UTC).strftime("%Y-%m-%d")
             self._seq += 1
             name = f"{self._name}-{int(time.time() * 1e3)}-{self._seq:06d}.parquet"
             staged: list[tuple[Path, Path]] = []
             try:
-                for table, frame in zip(("requests", "impressions", "scored"), frames, strict=True):
+                for table, frame in zip(("requests", "impressions", "scored", "shadow"), frames, strict=True):
                     if frame.empty:
                         continue
                     d = self.root / table / f"date={day}"
@@ -206,14 +234,16 @@ class RequestLog:
                 raise
             for tmp, final in staged:  # renames in place: readers never see a half-written file
                 os.replace(tmp, final)
-            self._take(len(batch))
+            self._take(len(batch), len(shadow))
             self.written += len(batch)
             return len(batch)
 
-    def _take(self, n: int) -> None:
+    def _take(self, n: int, n_shadow: int = 0) -> None:
         with self._lock:
             for _ in range(n):
                 self._pending.popleft()
+            for _ in range(n_shadow):
+                self._shadow.popleft()
 
     def close(self) -> None:
         """Stop the writer and write what is queued."""
@@ -307,6 +337,13 @@ def to_frames(records: Sequence[ServedRecord]) -> tuple[pd.DataFrame, pd.DataFra
     return requests, impressions, scored
 
 
+def _shadow_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The ``shadow`` table of queued rows (``ts`` in epoch seconds, as queued)."""
+    frame = pd.DataFrame(list(rows), columns=list(SHADOW_COLUMNS))
+    frame["ts"] = pd.to_datetime(frame["ts"].astype(np.float64), unit="s", utc=True)
+    return frame
+
+
 def _repeat(group: Sequence[ServedRecord], ts: pd.DatetimeIndex, counts: npt.NDArray[np.int64]) -> pd.DataFrame:
     """The per-request columns of ``group``, each request's value repeated ``counts`` times."""
     return pd.DataFrame(
@@ -353,6 +390,11 @@ def read_requests(data_dir: str | os.PathLike[str] | None, since: datetime | Non
 def read_impressions(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:
     """Logged impressions from ``since`` on: :data:`IMPRESSION_COLUMNS` plus ``f_<feature>`` columns."""
     return _read("impressions", data_dir, IMPRESSION_COLUMNS, since)
+
+
+def read_shadow(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:
+    """The shadow runs (:data:`SHADOW_COLUMNS`), oldest first."""
+    return _read("shadow", data_dir, SHADOW_COLUMNS, since)
 
 
 def read_scored(data_dir: str | os.PathLike[str] | None, since: datetime | None = None) -> pd.DataFrame:

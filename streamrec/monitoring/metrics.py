@@ -48,8 +48,8 @@ CATALOGUE: dict[str, MetricSpec] = {
         MetricSpec(
             "streamrec_request_latency_ms",
             "histogram",
-            "Recommend latency in the gateway (ms), by the level that served",
-            ("level",),
+            "Recommend latency in the gateway (ms), by the level that served and the experiment variant",
+            ("level", "variant"),
             LATENCY_MS,
         ),
         MetricSpec(
@@ -62,8 +62,8 @@ CATALOGUE: dict[str, MetricSpec] = {
         MetricSpec(
             "streamrec_requests_total",
             "counter",
-            "Recommend responses by degradation level and the first reason (a fixed vocabulary)",
-            ("level", "reason"),
+            "Recommend responses by degradation level, the first reason (a fixed vocabulary) and variant",
+            ("level", "reason", "variant"),
         ),
         MetricSpec(
             "streamrec_source_candidates",
@@ -165,6 +165,11 @@ _CAUSES = (("circuit open", "circuit_open"), ("timeout", "timeout"), ("error", "
 _ROUTES = ("recommend", "events", "reload", "status", "healthz", "readyz")
 
 
+def variant_tag(variant: str | None) -> str:
+    """The ``variant`` tag: ``control``, ``treatment`` or ``none`` (outside experiments); bounded."""
+    return variant if variant in ("control", "treatment") else "none"
+
+
 def reason_tag(reason: str | None) -> str:
     """The bounded ``reason`` tag of a ``degradation_reason`` (its first cause).
 
@@ -245,10 +250,20 @@ class ServingMetrics:
             self.enabled = bool(self._m)
 
     # ------------------------------------------------------------------ requests
-    def request(self, level: str, reason: str | None, latency_ms: float, timings_ms: dict[str, float]) -> None:
-        """One recommend response: its latency, level, reason and per-stage times."""
-        self._record("streamrec_request_latency_ms", "observe", latency_ms, {"level": level})
-        self._record("streamrec_requests_total", "inc", 1, {"level": level, "reason": reason_tag(reason)})
+    def request(
+        self,
+        level: str,
+        reason: str | None,
+        latency_ms: float,
+        timings_ms: dict[str, float],
+        variant: str | None = None,
+    ) -> None:
+        """One recommend response: its latency, level, reason, variant and per-stage times."""
+        v = variant_tag(variant)
+        self._record("streamrec_request_latency_ms", "observe", latency_ms, {"level": level, "variant": v})
+        self._record(
+            "streamrec_requests_total", "inc", 1, {"level": level, "reason": reason_tag(reason), "variant": v}
+        )
         for stage in STAGES:
             if stage in timings_ms:
                 self._record("streamrec_stage_latency_ms", "observe", timings_ms[stage], {"stage": stage})

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from streamrec.auth import AuthConfig
 from streamrec.config import StrictModel, parse_config
+from streamrec.experiments.config import ExperimentConfig
 from streamrec.monitoring.health import HealthConfig
 from streamrec.monitoring.logs import RequestLogConfig
 from streamrec.reranking.config import ReRankConfig
@@ -87,12 +88,17 @@ class ServeArgs(StrictModel):
         watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
             hot-reload every replica when it moves (0 turns the watcher off).
         faults: Fault injection (off by default; see :class:`FaultInjection`).
+        treatment_faults: Faults injected into the experiment's challenger only (its own stage
+            runner): a game day for the guardrails, which must roll such a challenger back.
         metrics: Record the serving metrics through ``ray.serve.metrics`` (exported by Ray's
             metrics agent for Prometheus; ``docs/operations.md``).
         request_log: Sampling of the request / impression log under ``<data_dir>/monitoring``
             (:class:`~streamrec.monitoring.logs.RequestLogConfig`; ``sample_rate: 0`` turns it off).
         health: Thresholds of the staleness and degradation alerts
             (:class:`~streamrec.monitoring.health.HealthConfig`).
+        experiment: An experiment (:class:`~streamrec.experiments.config.ExperimentConfig`):
+            the gateway then also serves the registry's ``challenger`` to the treated share of
+            users and shadows the ``shadow`` version (None: the champion serves everyone).
     """
 
     data_dir: str | None = None
@@ -116,9 +122,11 @@ class ServeArgs(StrictModel):
     source_threads: int = Field(default=0, ge=0, le=64)
     watch_champion_s: float = Field(default=30.0, ge=0)
     faults: FaultInjection = Field(default_factory=FaultInjection)
+    treatment_faults: FaultInjection = Field(default_factory=FaultInjection)
     metrics: bool = True
     request_log: RequestLogConfig = Field(default_factory=RequestLogConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    experiment: ExperimentConfig | None = None
 
     @classmethod
     def parse(cls, args: dict[str, Any] | ServeArgs | None) -> ServeArgs:

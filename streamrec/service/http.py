@@ -70,12 +70,14 @@ def build_gateway(
     environ: dict[str, str] | None = None,
     behind_ray_proxy: bool = False,
     metrics: ServingMetrics | None = None,
+    variant_of: Callable[[int], str | None] | None = None,
 ) -> tuple[FastAPI, EventLog | None]:
     """The gateway app for ``args`` plus its event log.
 
     ``behind_ray_proxy``: Ray Serve's proxy assigns and echoes ``X-Request-ID`` itself.
     ``status``: the admin status over every replica (see ``create_app``).
     ``metrics``: where responses and rate-limited requests are counted.
+    ``variant_of``: the experiment variant of a user (stamps events that carry none).
 
     Raises:
         ConfigError: no API key is configured while authentication is enabled.
@@ -100,5 +102,6 @@ def build_gateway(
         status=status,
         echo_request_id=not behind_ray_proxy,
         metrics=metrics,
+        variant_of=variant_of,
     )
     return app, events

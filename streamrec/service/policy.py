@@ -114,6 +114,9 @@ class FunnelService:
             # only errors open this breaker, so a short CPU stall is not 10 s of batch answers.
             ignore=(EmptyFunnelError, StageVersionMismatchError, TimeoutError),
         )
+        #: Called with (request, response, ranked candidates) after each answer is complete
+        #: (the shadow scorer); it must not block, and its failures never reach the answer.
+        self.after: Callable[[RecommendRequest, RecommendResponse, Candidates | None], None] | None = None
         self.cache = ResponseCache(resilience.cached_users)
         self.served: dict[str, int] = {}
         self.fallbacks = 0
@@ -219,8 +222,11 @@ class FunnelService:
         )
 
     # ------------------------------------------------------------------ the request
-    async def __call__(self, request: RecommendRequest) -> RecommendResponse:
+    async def __call__(self, request: RecommendRequest, variant: str | None = None) -> RecommendResponse:
         """The response for ``request``: ``k`` items whenever any level can supply them.
+
+        ``variant`` is the experiment variant the request was routed to (named in the metadata,
+        the metrics and the request log).
 
         Raises:
             ServingError: every level failed (no model, no batch list, no popularity, nothing
@@ -236,6 +242,7 @@ class FunnelService:
         except AllLevelsFailedError as err:
             if attempt.empty:  # the funnel worked and nothing anywhere has items for this user
                 self.served["full"] = self.served.get("full", 0) + 1
+                attempt.empty[0].metadata.experiment_variant = variant
                 self._observe(request, attempt.empty[0], attempt, t0)
                 return attempt.empty[0]
             raise ServingError(str(err)) from err
@@ -256,13 +263,16 @@ class FunnelService:
         if level in _GOOD:
             self.cache.put(request.user_id, [it.model_dump(exclude_none=True) for it in resp.items])
         self.served[level] = self.served.get(level, 0) + 1
+        resp.metadata.experiment_variant = variant
         self._observe(request, resp, attempt, t0)
         return resp
 
     def _observe(self, request: RecommendRequest, resp: RecommendResponse, attempt: _Attempt, t0: float) -> None:
-        """:meth:`_record`, never failing the answer it describes."""
+        """:meth:`_record` and :attr:`after`, never failing the answer they describe."""
         try:
             self._record(request, resp, attempt, t0)
+            if self.after is not None:
+                self.after(request, resp, attempt.ranked)
         except Exception as err:
             self.observe_errors += 1
             if self.observe_errors == 1 or self.observe_errors % 1000 == 0:
@@ -272,7 +282,9 @@ class FunnelService:
         """Record the response's metrics and, when sampled, queue it for the request log."""
         latency_ms = (time.perf_counter() - t0) * 1e3
         md = resp.metadata
-        self.metrics.request(md.degradation_level, md.degradation_reason, latency_ms, md.timings_ms)
+        self.metrics.request(
+            md.degradation_level, md.degradation_reason, latency_ms, md.timings_ms, md.experiment_variant
+        )
         log_ = self.request_log
         if log_ is None or not log_.sampled():
             return

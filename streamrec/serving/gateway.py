@@ -232,6 +232,7 @@ def create_app(
     echo_request_id: bool = True,
     clock: Callable[[], float] = time.monotonic,
     metrics: ServingMetrics | None = None,
+    variant_of: Callable[[int], str | None] | None = None,
 ) -> FastAPI:
     """Build the gateway app.
 
@@ -256,6 +257,8 @@ def create_app(
             which does both itself (see :class:`RequestIdMiddleware`).
         clock: Monotonic clock of the per-address and admin-reload limiters (tests inject one).
         metrics: Where responses and rate-limited requests are counted (None: off).
+        variant_of: ``user_id -> experiment variant or None``: stamps events that carry no
+            ``experiment_variant`` with the variant their user is in (None: no experiment).
 
     Returns:
         The FastAPI app (an ASGI callable).
@@ -483,6 +486,10 @@ def create_app(
             return fail(err, rid)
         if events is None:
             return _error(503, "unavailable", "the event log is not configured on this deployment", rid)
+        if variant_of is not None:
+            for e in req.events:
+                if e.experiment_variant is None:
+                    e.experiment_variant = variant_of(e.user_id)
         try:
             outcome = await run_in_threadpool(events.append, req.events)
         except OSError as err:

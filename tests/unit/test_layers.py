@@ -21,6 +21,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "streamrec/data": ("streamrec.serving", "streamrec.service", "streamrec.pipeline", "streamrec.funnel"),
     "streamrec/features": ("streamrec.serving", "streamrec.service", "streamrec.pipeline", "streamrec.funnel"),
     "streamrec/models": ("streamrec.serving", "streamrec.service", "streamrec.pipeline", "streamrec.funnel"),
+    "streamrec/experiments": ("streamrec.serving", "streamrec.service", "streamrec.pipeline", "deployments", "ray.serve"),
     "streamrec/evaluation": ("streamrec.serving", "streamrec.service", "streamrec.pipeline", "streamrec.funnel"),
 }
 

@@ -176,7 +176,7 @@ def test_the_funnel_records_latency_levels_sources_and_online_reads(world: Path)
     asyncio.run(service(RecommendRequest(user_id=3, k=5)))
     assert rec.total("streamrec_requests_total", level="full", reason="none") == 1
     assert rec.total("streamrec_requests_total", level="stale_features", reason="online_store_error") == 1
-    assert len(rec.values["streamrec_request_latency_ms"][(("level", "full"),)]) == 1
+    assert len(rec.values["streamrec_request_latency_ms"][(("level", "full"), ("variant", "none"))]) == 1
     assert {k[0][1] for k in rec.values["streamrec_stage_latency_ms"]} == {
         "features",
         "retrieval",

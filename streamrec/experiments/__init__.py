@@ -1,0 +1,1 @@
+"""Experimentation: assignment, shadow scoring, analysis, rollout and the HTTP user simulator."""

@@ -1,0 +1,375 @@
+"""Experiments on the serving side: assignment, several bundles in one gateway, shadow runs, rollout.
+
+The gateway runs in-process (ASGI) over real PopularityStages on the tiny world of
+``test_gateway``; the registry is a real MLflow SQLite registry (``test_registry``'s fixtures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from streamrec.api_models import RecommendRequest
+from streamrec.auth import ApiKeyAuth
+from streamrec.data.event_log import EventLog
+from streamrec.data.store import DataStore
+from streamrec.errors import ConfigError, DataNotFoundError, RegistryError
+from streamrec.experiments import rollout
+from streamrec.experiments.config import (
+    CONTROL,
+    TREATMENT,
+    ExperimentConfig,
+    ShadowGates,
+    assign,
+    bucket,
+    load_definition,
+    preregister,
+)
+from streamrec.experiments.shadow import correlation, paired_scores, score_psi, shadow_report
+from streamrec.funnel.popularity import PopularityStages
+from streamrec.funnel.stages import Candidates
+from streamrec.monitoring.logs import RequestLog, RequestLogConfig, read_requests, read_shadow
+from streamrec.registry import ModelRegistry
+from streamrec.resilience import ResilienceConfig
+from streamrec.service.args import ServeArgs
+from streamrec.service.loading import LoadedStages
+from streamrec.service.policy import FunnelService
+from streamrec.service.runner import StageRunner, local_primary
+from streamrec.service.shadow import ShadowScorer
+from streamrec.service.variants import ExperimentRouter, Variants
+from streamrec.serving.gateway import create_app
+from tests.unit.test_gateway import READ, WRITE, auth_config, make_world
+from tests.unit.test_registry import make_bundle, migrated_db, reg, smoke_ok  # noqa: F401 - fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world") / "data")
+
+
+# ------------------------------------------------------------------------------------ assignment
+
+
+def test_assignment_is_deterministic_sticky_under_a_growing_share_and_uniform() -> None:
+    users = range(1, 20_001)
+    at_5 = {u: assign(u, "exp-a", 0.05) for u in users}
+    assert at_5 == {u: assign(u, "exp-a", 0.05) for u in users}  # the same on every call / replica
+    at_25 = {u: assign(u, "exp-a", 0.25) for u in users}
+    assert all(at_25[u] == TREATMENT for u in users if at_5[u] == TREATMENT)  # a rollout only adds users
+    share = Counter(at_25.values())[TREATMENT] / len(at_25)
+    assert 0.24 < share < 0.26
+    # another salt reshuffles: the treated sets of two experiments are nearly independent
+    other = {u for u in users if assign(u, "exp-b", 0.25) == TREATMENT}
+    mine = {u for u in users if at_25[u] == TREATMENT}
+    assert 0.04 < len(mine & other) / len(users) < 0.085
+    assert all(0 <= bucket(u, "s") < 1 for u in range(100))
+    assert assign(7, "x", 0.0) == CONTROL and assign(7, "x", 1.0) == TREATMENT
+
+
+def test_the_definition_is_validated_and_preregistered_once(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="end at 1.0"):
+        ExperimentConfig(rollout_steps=[0.1, 0.5])
+    with pytest.raises(ValueError, match="increase"):
+        ExperimentConfig(rollout_steps=[0.5, 0.1, 1.0])
+    assert ExperimentConfig(primary_metric="completion_rate", metrics=["ctr"]).metrics[0] == "completion_rate"
+    with pytest.raises(DataNotFoundError, match="experiment:"):
+        load_definition(tmp_path)
+    first = ExperimentConfig(name="ranker-v2", expected_effect=0.1)
+    preregister(tmp_path, first)
+    preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.5))  # changed rules: kept out
+    assert load_definition(tmp_path, "ranker-v2").expected_effect == 0.1
+    with pytest.raises(ConfigError):
+        ServeArgs.parse({"experiment": {"name": "x", "unknown": 1}})
+
+
+# ------------------------------------------------------------------------------------ routing
+
+
+def _service(stages: Any, request_log: RequestLog | None = None) -> FunnelService:
+    res = ResilienceConfig()
+    return FunnelService(local_primary(lambda: stages, StageRunner(res, 10.0)), None, res, 10.0, request_log=request_log)
+
+
+def _variants(
+    world: Path, state: dict[str, Any], loads: list[int], **experiment: Any
+) -> tuple[Variants, RequestLog]:
+    args = ServeArgs.parse({"data_dir": str(world), "experiment": {"name": "routing", **experiment}})
+    log = RequestLog(world, RequestLogConfig(sample_rate=1.0), start=False)
+
+    def loader(version: int) -> LoadedStages:
+        loads.append(version)
+        if version == 99:
+            raise ValueError("bundle checksum mismatch")
+        return LoadedStages(PopularityStages.from_data_dir(world), "recommender")
+
+    v = Variants(
+        args,
+        fallback=lambda: None,
+        request_log=log,
+        registry_state=lambda: (dict(state["aliases"]), dict(state["states"])),
+        loader=loader,
+    )
+    return v, log
+
+
+def test_the_router_sends_treated_users_to_the_challenger_and_names_the_variant(world: Path) -> None:
+    state: dict[str, Any] = {"aliases": {"champion": 1}, "states": {}}
+    loads: list[int] = []
+    variants, log = _variants(world, state, loads, treatment_share=0.5)
+    control = _service(PopularityStages.from_data_dir(world), log)
+    router = ExperimentRouter(control, variants)
+
+    async def serve_all() -> dict[int, str | None]:
+        await variants.refresh()
+        out = {}
+        for u in range(1, 11):
+            r = await router(RecommendRequest(user_id=u, k=3))
+            out[u] = r.metadata.experiment_variant
+        return out
+
+    assert set(asyncio.run(serve_all()).values()) == {None}  # no challenger: nobody is in an experiment
+    state["aliases"]["challenger"] = 2
+    got = asyncio.run(serve_all())
+    assert loads == [2]
+    assert got == {u: assign(u, "routing", 0.5) for u in got}
+    assert variants.treatment is not None
+    n_treated = sum(v == TREATMENT for v in got.values())
+    assert sum(variants.treatment.served.values()) == n_treated > 0
+    assert sum(control.served.values()) == 10 + (10 - n_treated)
+    # the rollout's share in the registry wins over the definition's default
+    state["states"] = {"rollout": {"experiment": "routing", "version": 2, "step": 1, "share": 1.0, "since": "2026-12-01T00:00:00+00:00"}}
+    assert set(asyncio.run(serve_all()).values()) == {TREATMENT}
+    # a version that cannot load is refused once (not retried every poll); the old one keeps serving
+    state["aliases"]["challenger"] = 99
+    asyncio.run(variants.refresh())
+    asyncio.run(variants.refresh())
+    assert loads == [2, 99] and variants.challenger is not None and variants.challenger.version == 2
+    assert "challenger v99" in variants.refused
+    # the challenger alias cleared: everyone is back on the champion, out of the experiment
+    del state["aliases"]["challenger"]
+    assert set(asyncio.run(serve_all()).values()) == {None} and variants.treatment is None
+    log.flush()
+    reqs = read_requests(world)
+    assert set(reqs["variant"].dropna()) == {CONTROL, TREATMENT}
+    assert variants.describe()["experiment"] == "routing"
+
+
+def test_the_bundle_cap_keeps_the_shadow_and_challenger_out(world: Path) -> None:
+    state: dict[str, Any] = {"aliases": {"champion": 1, "challenger": 2, "shadow": 3}, "states": {}}
+    loads: list[int] = []
+    variants, _ = _variants(world, state, loads, max_bundles=2)
+    asyncio.run(variants.refresh())
+    assert loads == [2] and variants.shadow_bundle is None
+    variants1, _ = _variants(world, state, loads := [], max_bundles=1)
+    asyncio.run(variants1.refresh())
+    assert loads == [] and variants1.route(5) is None
+    held = variants.describe()["challenger"]
+    assert held["version"] == 2 and held["memory_mb"] >= 0 and held["load_seconds"] >= 0
+
+
+def test_events_are_stamped_with_the_users_variant_unless_they_carry_one(world: Path, tmp_path: Path) -> None:
+    store = DataStore(world)
+    events = EventLog(tmp_path / "log", store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy())
+    control = _service(PopularityStages.from_data_dir(world))
+    app = create_app(
+        control,
+        events,
+        ApiKeyAuth.from_config(auth_config(), environ={}),
+        variant_of=lambda user: TREATMENT if user == 1 else CONTROL,
+    )
+    body = {
+        "events": [
+            {"event_id": "e1", "user_id": 1, "item_id": 100, "event_type": "click"},
+            {"event_id": "e2", "user_id": 2, "item_id": 100, "event_type": "click"},
+            {"event_id": "e3", "user_id": 2, "item_id": 101, "event_type": "click", "experiment_variant": TREATMENT},
+        ]
+    }
+    with TestClient(app) as c:
+        assert c.post("/v1/events", json=body, headers={"X-API-Key": WRITE}).status_code == 200
+        bad = {"events": [{"user_id": 1, "item_id": 100, "event_type": "click", "experiment_variant": "a b"}]}
+        assert c.post("/v1/events", json=bad, headers={"X-API-Key": WRITE}).status_code == 422
+        r = c.post("/v1/recommend", json={"user_id": 1, "k": 2}, headers={"X-API-Key": READ})
+        assert r.json()["metadata"]["experiment_variant"] is None  # no router: not in an experiment
+    logged = events.read().set_index("event_id")["experiment_variant"].to_dict()
+    assert logged == {"e1": TREATMENT, "e2": CONTROL, "e3": TREATMENT}
+
+
+# ------------------------------------------------------------------------------------ shadow
+
+
+class _Broken(PopularityStages):
+    def user_context(self, request: Any, features: dict[str, Any] | None = None) -> Any:
+        raise RuntimeError("shadow bundle is broken")
+
+
+def test_a_failing_shadow_never_reaches_the_answer_and_its_runs_are_logged(world: Path) -> None:
+    log = RequestLog(world / "shadowed", RequestLogConfig(sample_rate=0.0), start=False)
+    pop = PopularityStages.from_data_dir(world)
+    control = _service(pop)
+    scorer = ShadowScorer(ExperimentConfig().shadow, ResilienceConfig(), 10.0, log)
+    control.after = scorer.observe
+    broken = _Broken.from_data_dir(world)
+
+    async def run() -> list[Any]:
+        scorer.set_stages(broken, "v9")
+        answers = [await control(RecommendRequest(user_id=u, k=3)) for u in (1, 2)]
+        await asyncio.sleep(0.5)
+        scorer.set_stages(pop, "v8")
+        answers.append(await control(RecommendRequest(user_id=3, k=3)))
+        await asyncio.sleep(0.5)
+        return answers
+
+    answers = asyncio.run(run())
+    assert all(a.items and a.metadata.degradation_level == "popularity" for a in answers)
+    assert scorer.errors + scorer.skipped >= 1 and scorer.runs >= 2
+    log.flush()
+    runs = read_shadow(world / "shadowed")
+    assert set(runs["shadow_version"]) <= {"v8", "v9"} and len(runs) == scorer.runs
+    assert (runs.loc[runs["shadow_version"] == "v9", "error"] == "RuntimeError").all()
+    assert runs.loc[runs["shadow_version"] == "v8", "error"].isna().all()
+    assert (runs["latency_ms"] > 0).all()
+
+
+def _cands(ids: list[int], scores: list[float]) -> Candidates:
+    n = len(ids)
+    return Candidates(np.arange(n), np.asarray(scores, np.float32), [[]] * n, ids=np.asarray(ids, np.int64))
+
+
+def test_paired_scores_correlation_and_psi() -> None:
+    a, b = paired_scores(_cands([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]), _cands([9, 5, 4, 3, 2], [0, 1.5, 2, 3, 4]))
+    assert list(a) == [4, 3, 2, 1] and list(b) == [4, 3, 2, 1.5]  # items 2..5, aligned by id
+    assert correlation(a, b) == pytest.approx(1.0)
+    assert math.isnan(correlation(a[:2], b[:2]))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=5000)
+    assert score_psi(x, rng.normal(size=5000)) < 0.02
+    assert score_psi(x, rng.normal(loc=1.0, size=5000)) > 0.25
+
+
+def test_shadow_report_names_each_blocking_gate(tmp_path: Path) -> None:
+    log = RequestLog(tmp_path, RequestLogConfig(sample_rate=0.0), start=False)
+    with pytest.raises(DataNotFoundError, match="set-alias shadow"):
+        shadow_report(tmp_path)
+    rng = np.random.default_rng(1)
+    for i in range(60):
+        prod = rng.normal(size=32)
+        log.record_shadow(
+            {
+                "request_id": f"r{i}",
+                "ts": 1.7e9 + i,
+                "user_id": i,
+                "model_version": "v1",
+                "shadow_version": "v2",
+                "latency_ms": 300.0 if i < 2 else 20.0,
+                "error": "TimeoutError" if i < 3 else None,
+                "common": 32,
+                "correlation": 0.9,
+                "production_scores": prod.tolist(),
+                "shadow_scores": (prod + 0.1 * rng.normal(size=32)).tolist(),
+            }
+        )
+    log.flush()
+    report = shadow_report(tmp_path, ShadowGates(min_requests=50))
+    assert report.requests == 60 and report.prediction_correlation == pytest.approx(0.9)
+    assert report.error_rate == pytest.approx(0.05) and report.score_psi < 0.05
+    assert not report.ready_for_canary
+    assert [b.split(":")[0] for b in report.blocking] == ["p99_latency_ms", "error_rate"]
+    ok = shadow_report(tmp_path, ShadowGates(min_requests=50, max_p99_latency_ms=400, max_error_rate=0.1))
+    assert ok.ready_for_canary and ok.blocking == []
+    assert json.loads(json.dumps(ok.to_dict()))["shadow_version"] == "v2"
+
+
+# ------------------------------------------------------------------------------------ rollout
+
+
+@dataclass
+class _Variant:
+    requests: int
+
+
+@dataclass
+class _Judged:
+    """An analysis outcome as :func:`rollout.advance` reads it (the statistics are tested apart)."""
+
+    decision: str
+    treatment_requests: int
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def variants(self) -> dict[str, _Variant]:
+        return {TREATMENT: _Variant(self.treatment_requests), CONTROL: _Variant(10 * self.treatment_requests)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision, "reasons": self.reasons}
+
+
+def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    data = reg.layout.root
+    cfg = ExperimentConfig(name="ranker-v2", rollout_steps=[0.05, 0.5, 1.0], min_requests_per_step=100)
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.110}))
+    v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.120}))
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    with pytest.raises(RegistryError, match="rollout start"):
+        rollout.advance(data, cfg, analysis=_Judged("continue", 0))
+    with pytest.raises(ConfigError, match="already the champion"):
+        rollout.start(data, cfg, v1.version)
+    assert rollout.current_share(data, cfg) == 0.0
+    rollout.start(data, cfg, v2.version)
+    assert rollout.current_share(data, cfg) == 0.05
+    held = rollout.advance(data, cfg, analysis=_Judged("continue", 40))
+    assert held.action == "held" and "40 of 100" in held.reasons[0]
+    step = rollout.advance(data, cfg, analysis=_Judged("continue", 150))  # the canary: guardrails held
+    assert (step.action, step.share) == ("advanced", 0.5) and rollout.current_share(data, cfg) == 0.5
+    assert rollout.advance(data, cfg, analysis=_Judged("continue", 150)).action == "held"  # the A/B needs a win
+    assert rollout.advance(data, cfg, analysis=_Judged("ship", 900, ["ctr +12%"])).share == 1.0
+    done = rollout.advance(data, cfg, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
+    assert done.action == "promoted"
+    assert reg.aliases() == {"champion": v2.version}
+    assert rollout.current_share(data, cfg) == 0.0
+    events = [(e.event, e.alias, e.version) for e in reg.history()]
+    assert events[:7] == [
+        ("rollout_promoted", "challenger", 2),
+        ("cleared", "challenger", 2),
+        ("promoted", "champion", 2),
+        ("rollout_advanced", "challenger", 2),
+        ("rollout_advanced", "challenger", 2),
+        ("rollout_started", "challenger", 2),
+        ("set", "challenger", 2),
+    ]
+    advanced = next(e for e in reg.history() if e.event == "rollout_advanced")
+    assert advanced.detail["share"] == 1.0 and advanced.detail["reasons"] == ["ctr +12%"]
+
+
+def test_a_guardrail_breach_rolls_the_challenger_back(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    data = reg.layout.root
+    cfg = ExperimentConfig(name="slow-ranker", min_requests_per_step=10)
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.110}))
+    v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.120}))
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    rollout.start(data, cfg, v2.version)
+    breach = "guardrail latency_p99: treatment 412 ms > control 95 ms x 1.5"
+    out = rollout.advance(data, cfg, analysis=_Judged("rollback", 5, [breach]))
+    assert out.action == "rolled_back"  # a breach acts at once, whatever the sample size
+    assert reg.aliases() == {"champion": v1.version} and rollout.current_share(data, cfg) == 0.0
+    last = reg.history()[0]
+    assert (last.event, last.version) == ("rollout_rolled_back", 2) and last.detail["reasons"] == [breach]
+    # a stopped A/B (enough data, no win) keeps the champion and ends the rollout
+    rollout.start(data, ExperimentConfig(name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10), v2.version)
+    flat = ExperimentConfig(name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10)
+    assert rollout.advance(data, flat, analysis=_Judged("no_difference", 500)).action == "stopped"
+    assert reg.aliases() == {"champion": v1.version}

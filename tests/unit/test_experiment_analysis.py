@@ -391,3 +391,28 @@ def test_summaries_of_random_traffic_reproduce_the_rates() -> None:
     )
     a = analyse(s, ExperimentConfig(name="ab", expected_effect=0.2), expected_share=0.5, n_items=500)
     assert a.decision == "ship", a.reasons
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def test_the_report_is_one_html_file_with_every_section(logged: Path, tmp_path: Path) -> None:
+    from streamrec.experiments.report import write_experiment_report
+
+    out = write_experiment_report(logged, tmp_path / "r" / "exp.html", expected_share=0.5)
+    page = out.read_text()
+    for anchor in (
+        "decision",
+        "definition",
+        "variants",
+        "effects",
+        "over-time",
+        "latency",
+        "checks",
+        "guardrails",
+    ):
+        assert f'id="{anchor}"' in page
+    assert "Decision: rollback" in page and "error_rate_increase breached" in page
+    assert "no experiment is registered" in page  # the defaults were used, and the page says so
+    assert page.count("data:image/png;base64,") == 3  # forest plot, CTR over time, latency
+    assert "<script" not in page and "by streamrec experiments report" in page

@@ -30,6 +30,7 @@ _SUBCOMMANDS: list[tuple[str, str | None]] = [
     ("serve", None),
     ("monitor", "monitor"),
     ("registry", "registry"),
+    ("experiments", "experiments"),
 ]
 
 

@@ -1,0 +1,249 @@
+"""``streamrec experiments``: simulate users against the API, analyse an experiment, write its report."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from streamrec.cli.monitor import NOT_CHECKED, DataDirOpt, JsonOpt, _num, _table
+from streamrec.errors import ConfigError, StreamRecError
+from streamrec.paths import resolve_data_dir
+
+if TYPE_CHECKING:
+    from streamrec.experiments.analysis import ExperimentAnalysis
+
+app = typer.Typer(
+    help="Experiments: simulated users over HTTP, the analysis of treatment vs control, the HTML report.",
+    no_args_is_help=True,
+)
+
+ExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--experiment", help="Experiment name (default: the newest registered in the data dir)."),
+]
+ShareOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--expected-share",
+        min=0.0,
+        max=1.0,
+        help="Treatment share the SRM check expects (default: the share in force from the registry).",
+    ),
+]
+SinceOpt = Annotated[
+    str | None, typer.Option("--since", help="First request time analysed, ISO 8601 (UTC when no zone).")
+]
+#: Decisions that exit 1.
+FAILING = frozenset({"rollback", "invalid"})
+
+
+def _since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError as err:
+        raise ConfigError(f"--since {value!r} is not an ISO 8601 time (e.g. 2026-11-20T12:00)") from err
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _definition(data_dir: Path, name: str | None) -> Any:
+    from streamrec.experiments.report import resolve_definition
+
+    config, registered = resolve_definition(data_dir, name)
+    if not registered:
+        typer.echo(
+            f"no experiment registered in {data_dir}: using the default definition (name '{config.name}')",
+            err=True,
+        )
+    return config
+
+
+def _comparison_lines(analysis: ExperimentAnalysis) -> list[str]:
+    rows = []
+    for m in analysis.metrics:
+        rows.append(
+            [
+                m.metric,
+                f"{_num(m.control[0], '.4f')} [{_num(m.control[1], '.4f')}, {_num(m.control[2], '.4f')}]",
+                f"{_num(m.treatment[0], '.4f')} [{_num(m.treatment[1], '.4f')}, {_num(m.treatment[2], '.4f')}]",
+                f"{_num(m.lift[0], '+.1%')} [{_num(m.lift[1], '+.1%')}, {_num(m.lift[2], '+.1%')}]",
+                _num(m.p_value, ".3g"),
+                "" if m.comparable else m.note,
+            ]
+        )
+    return [_table(["metric", "control", "treatment", "lift", "p", "note"], rows)]
+
+
+def _decision_lines(analysis: ExperimentAnalysis) -> list[str]:
+    lines = [f"decision: {analysis.decision}"]
+    lines += [f"  - {r}" for r in analysis.reasons]
+    return lines
+
+
+def _fail(err: StreamRecError, as_json: bool) -> NoReturn:
+    if as_json:
+        typer.echo(json.dumps({"checked": False, "error": str(err), "error_type": type(err).__name__}))
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(NOT_CHECKED)
+
+
+@app.command()
+def simulate(
+    users: Annotated[int, typer.Option("--users", min=1, help="Distinct simulated users.")],
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Recommend requests to send.")],
+    url: Annotated[str, typer.Option("--url", help="Base URL of the API.")] = "http://127.0.0.1:8000",
+    prefix: Annotated[str, typer.Option("--prefix", help="Route prefix of the API (e.g. /streamrec).")] = "",
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="Items per request.")] = 20,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the users and of their reactions.")] = 0,
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+    expected_share: ShareOpt = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulated users of the synthetic world call the API; print CTR per variant and the decision.
+
+    The API key comes from STREAMREC_API_KEY (read and write scopes). Exit 0 when the run
+    finished (whatever the decision), 2 when it could not run.
+    """
+    from streamrec.experiments.report import expected_share_of
+    from streamrec.experiments.simulate import simulate as run_simulation
+
+    key = os.environ.get("STREAMREC_API_KEY", "")
+    try:
+        if not key:
+            raise ConfigError(
+                "STREAMREC_API_KEY is not set: export the API key of the server (a key with the read and "
+                "write scopes) before simulating"
+            )
+        root = resolve_data_dir(data_dir)
+        config = _definition(root, experiment)
+        share = expected_share if expected_share is not None else expected_share_of(root, config)
+        result = run_simulation(
+            url,
+            key,
+            root,
+            users=users,
+            requests=requests,
+            k=k,
+            concurrency=concurrency,
+            seed=seed,
+            prefix=prefix,
+            config=config,
+            expected_share=share,
+            progress=progress,
+        )
+    except StreamRecError as err:
+        _fail(err, as_json)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    typer.echo(
+        f"{result.requests} requests to {result.url} in {result.wall_s:.1f} s, {result.events_posted} events "
+        f"posted, {result.retries} retries; experiment '{config.name}', expected treatment share {share:.2%}"
+    )
+    rows = [
+        [
+            r["variant"],
+            str(r["users"]),
+            str(r["requests"]),
+            str(r["impressions"]),
+            f"{_num(r['ctr'], '.4f')} [{_num(r['ctr_low'], '.4f')}, {_num(r['ctr_high'], '.4f')}]",
+            _num(r["completion_rate"], ".4f"),
+            _num(r["latency_p50_ms"], ".1f"),
+            _num(r["latency_p99_ms"], ".1f"),
+            str(r["errors"]),
+        ]
+        for r in result.variant_rows()
+    ]
+    header = [
+        "variant",
+        "users",
+        "requests",
+        "impressions",
+        "ctr",
+        "completion",
+        "p50_ms",
+        "p99_ms",
+        "errors",
+    ]
+    typer.echo(_table(header, rows))
+    if result.failures:
+        typer.echo("failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(result.failures.items())))
+    if result.analysis is None:
+        typer.echo("decision: none (control and treatment were not both served: is an experiment running?)")
+        return
+    typer.echo("\n".join(_comparison_lines(result.analysis) + _decision_lines(result.analysis)))
+
+
+@app.command()
+def analyse(
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+    since: SinceOpt = None,
+    expected_share: ShareOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Analyse the logged experiment: treatment vs control, guardrails, decision.
+
+    Exit 0: continue, ship or no_difference; 1: rollback or invalid; 2: nothing could be
+    analysed (no request log, no treatment traffic: the error says which).
+    """
+    from streamrec.experiments.analysis import analyse_experiment
+    from streamrec.experiments.report import expected_share_of
+
+    try:
+        root = resolve_data_dir(data_dir)
+        config = _definition(root, experiment)
+        share = expected_share if expected_share is not None else expected_share_of(root, config)
+        analysis = analyse_experiment(root, config, since=_since(since), expected_share=share)
+    except StreamRecError as err:
+        _fail(err, as_json)
+    if as_json:
+        typer.echo(json.dumps(analysis.to_dict()))
+    else:
+        typer.echo(f"experiment '{analysis.experiment}', expected treatment share {share:.2%}")
+        rows = [
+            [
+                s.variant,
+                str(s.users),
+                str(s.requests),
+                str(s.impressions),
+                str(s.clicks),
+                str(s.completions),
+                _num(s.error_rate, ".2%"),
+                _num(s.latency_p99_ms, ".1f"),
+            ]
+            for s in analysis.variants.values()
+        ]
+        header = ["variant", "users", "requests", "impressions", "clicks", "completions", "errors", "p99_ms"]
+        typer.echo(_table(header, rows))
+        typer.echo("\n".join(_comparison_lines(analysis) + _decision_lines(analysis)))
+    if analysis.decision in FAILING:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write.")],
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+    since: SinceOpt = None,
+    expected_share: ShareOpt = None,
+) -> None:
+    """Write the experiment's report (one HTML page) and print its path."""
+    from streamrec.experiments.report import write_experiment_report
+
+    path = write_experiment_report(
+        resolve_data_dir(data_dir), out, name=experiment, since=_since(since), expected_share=expected_share
+    )
+    typer.echo(str(path))

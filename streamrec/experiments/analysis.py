@@ -560,6 +560,17 @@ def _guardrails(
 ) -> list[GuardrailCheck]:
     g = config.guardrails
     out: list[GuardrailCheck] = []
+    fewest = min(control.requests, treatment.requests)
+    if fewest < g.min_requests:  # too few requests for a p99 or a rate: not judged yet
+        wait = f"not judged yet: {fewest:,} of the {g.min_requests:,} requests per variant it needs"
+        for name, limit in (
+            ("latency_p99_ratio", g.latency_p99_ratio),
+            ("latency_p99_ms", g.latency_p99_ms),
+            ("error_rate_increase", g.error_rate_increase),
+        ):
+            out.append(GuardrailCheck(name, math.nan, limit, True, wait))
+        out.append(_metric_drop(g.metric_drop, primary))
+        return out
     c99, t99 = control.latency_p99_ms, treatment.latency_p99_ms
     if math.isfinite(c99) and math.isfinite(t99) and c99 > 0:
         ratio = t99 / c99
@@ -602,22 +613,24 @@ def _guardrails(
             f"(limit +{g.error_rate_increase:.2%})",
         )
     )
+    out.append(_metric_drop(g.metric_drop, primary))
+    return out
+
+
+def _metric_drop(limit: float, primary: MetricComparison) -> GuardrailCheck:
+    """The primary metric significantly worse than ``-limit`` (relative) is a breach."""
     lift_high = primary.lift[2]
     measured = primary.comparable and math.isfinite(lift_high)
-    drop_breached = measured and primary.worse and lift_high < -g.metric_drop
-    out.append(
-        GuardrailCheck(
-            "metric_drop",
-            primary.lift[0],
-            g.metric_drop,
-            not drop_breached,
-            f"{primary.metric} {_effect_words(primary)}; the whole interval must not lie below "
-            f"{-g.metric_drop:+.1%}"
-            if measured
-            else f"{primary.metric} not measured: {primary.note or 'no baseline'}",
-        )
+    breached = measured and primary.worse and lift_high < -limit
+    return GuardrailCheck(
+        "metric_drop",
+        primary.lift[0],
+        limit,
+        not breached,
+        f"{primary.metric} {_effect_words(primary)}; the whole interval must not lie below {-limit:+.1%}"
+        if measured
+        else f"{primary.metric} not measured: {primary.note or 'no baseline'}",
     )
-    return out
 
 
 def _effect_words(m: MetricComparison) -> str:

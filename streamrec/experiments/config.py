@@ -45,12 +45,15 @@ class Guardrails(StrictModel):
             this much above control's (absolute).
         metric_drop: The primary metric's interval must not lie entirely below
             ``-metric_drop`` relative to control (a significantly worse treatment is a breach).
+        min_requests: Requests each variant needs before the latency and error-rate guardrails
+            are judged (one slow request among five is not a p99).
     """
 
     latency_p99_ratio: float = Field(default=1.5, gt=1.0)
     latency_p99_ms: float = Field(default=200.0, gt=0)
     error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     metric_drop: float = Field(default=0.0, ge=0, le=1)
+    min_requests: int = Field(default=50, ge=1)
 
 
 class ShadowGates(StrictModel):

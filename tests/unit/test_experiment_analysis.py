@@ -29,7 +29,7 @@ from streamrec.experiments.analysis import (
     load_summaries,
     summarise,
 )
-from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, Guardrails
+from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, Guardrails, preregister
 from streamrec.monitoring.drift import rate_interval
 from streamrec.monitoring.logs import RequestLog, RequestLogConfig, ServedRecord
 
@@ -353,8 +353,15 @@ def test_the_experiment_log_keeps_credited_impressions(logged: Path) -> None:
     ]  # fmt: skip
 
 
+#: The logged fixture has two requests per variant: guardrails judged from the first request.
+TINY = {"guardrails": {"min_requests": 1}}
+
+
 def test_analyse_experiment_runs_load_then_analyse(logged: Path) -> None:
-    a = analyse_experiment(logged, ExperimentConfig(name="ab"), expected_share=0.5)
+    patient = analyse_experiment(logged, ExperimentConfig(name="ab"), expected_share=0.5)
+    assert patient.decision == "continue"  # two requests a variant: no guardrail is judged yet
+    assert all("not judged yet" in g.message for g in patient.guardrails if g.name != "metric_drop")
+    a = analyse_experiment(logged, ExperimentConfig(name="ab", **TINY), expected_share=0.5)
     assert a.decision == "rollback"  # a quarter of treatment's requests fell back to popularity...
     assert any("error_rate_increase" in r for r in a.reasons)
     assert a.metric("coverage").comparable  # ... and the catalogue's 20 items came from the store
@@ -400,6 +407,10 @@ def test_the_report_is_one_html_file_with_every_section(logged: Path, tmp_path: 
     from streamrec.experiments.report import write_experiment_report
 
     out = write_experiment_report(logged, tmp_path / "r" / "exp.html", expected_share=0.5)
+    assert "Decision: continue" in out.read_text()  # the defaults wait for 50 requests a variant
+    assert "no experiment is registered" in out.read_text()  # the defaults were used, and the page says so
+    preregister(logged, ExperimentConfig(name="tiny", **TINY))
+    out = write_experiment_report(logged, tmp_path / "r" / "exp.html", name="tiny", expected_share=0.5)
     page = out.read_text()
     for anchor in (
         "decision",
@@ -413,6 +424,5 @@ def test_the_report_is_one_html_file_with_every_section(logged: Path, tmp_path: 
     ):
         assert f'id="{anchor}"' in page
     assert "Decision: rollback" in page and "error_rate_increase breached" in page
-    assert "no experiment is registered" in page  # the defaults were used, and the page says so
     assert page.count("data:image/png;base64,") == 3  # forest plot, CTR over time, latency
     assert "<script" not in page and "by streamrec experiments report" in page

@@ -44,7 +44,25 @@ import yaml
 from deployments import config
 
 cfg = config.load("configs/serve/local.yaml")
-cfg = config.override(cfg, args={"request_log": {"sample_rate": 1.0, "flush_interval_s": 1.0}})
+# Step 6's experiment: sized for the large effect the demo's weak model has (a 25% lift), small
+# steps of simulated traffic, replicas following the registry every 2 s.
+experiment = {
+    "name": "demo-ranker",
+    "expected_effect": 0.25,
+    "poll_s": 2.0,
+    "rollout_steps": [0.05, 0.25, 0.5, 1.0],
+    "min_requests_per_step": 40,
+    "guardrails": {"min_requests": 40, "latency_p99_ratio": 2.0},
+    "shadow": {"gates": {"min_requests": 100}},
+}
+cfg = config.override(
+    cfg,
+    args={
+        "request_log": {"sample_rate": 1.0, "flush_interval_s": 1.0},
+        "watch_champion_s": 2.0,
+        "experiment": experiment,
+    },
+)
 with open(sys.argv[1], "w") as f:
     yaml.safe_dump(cfg, f, sort_keys=False)
 EOF
@@ -77,6 +95,56 @@ for _ in $(seq 1 30); do
 done
 streamrec monitor report --data-dir "$DIR" --out "$DIR/report.html"
 echo "report: $DIR/report.html (open it in a browser; it works offline)"
+
+step "6. Experiments: shadow, canary, A/B and rollout, judged on simulated users over HTTP"
+URL="http://127.0.0.1:$PORT"
+simulate() {  # $1: requests, $2: seed; prints one line per variant
+  streamrec experiments simulate --users 2000 --requests "$1" --k 20 --concurrency 4 --seed "$2" \
+    --url "$URL" --data-dir "$DIR" --json | python3 scripts/show_experiment.py simulate
+}
+advance() {  # judge the current step: the decision and why on stderr, the action on stdout
+  { streamrec experiments rollout advance --data-dir "$DIR" --json 2>/dev/null || true; } |
+    python3 scripts/show_experiment.py advance
+}
+rollout() {  # $1: rounds at most, $2: seed base
+  local action=held
+  for round in $(seq 1 "$1"); do
+    simulate 600 "$2$round"
+    action=$(advance)
+    case "$action" in rolled_back|promoted|stopped) break ;; esac
+  done
+}
+VERSIONS=$(streamrec registry list --data-dir "$DIR" --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["versions"]))')
+if [ "$VERSIONS" = "1" ]; then
+  echo "-- a deliberately weak model (1 epoch, tiny embeddings; configs/training/demo-weak.yaml), registered, not promoted"
+  WEAK=$(streamrec train --data-dir "$DIR" --config configs/training/demo-weak.yaml --json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["registered_version"])')
+  echo "registered v$WEAK"
+  echo; echo "-- 6a. shadow: v$WEAK scores live requests off the response path; the canary gates judge it"
+  streamrec registry set-alias shadow "$WEAK" --data-dir "$DIR" >/dev/null
+  sleep 5
+  simulate 300 1
+  sleep 2
+  streamrec experiments shadow-report --data-dir "$DIR" || true
+  streamrec registry clear-alias shadow --data-dir "$DIR" >/dev/null
+  echo; echo "-- 6b. the weak model rolled out anyway: its guardrail (CTR significantly worse) rolls it back"
+  streamrec experiments rollout start --version "$WEAK" --data-dir "$DIR"
+  sleep 5
+  rollout 6 2
+  echo; echo "-- 6c. the reverse: the weak model as champion (forced, audited), v1 as the challenger"
+  streamrec registry set-alias champion "$WEAK" --force --data-dir "$DIR" >/dev/null
+  sleep 8
+  streamrec experiments rollout start --version 1 --data-dir "$DIR"
+  sleep 5
+  rollout 8 3
+  echo; echo "-- the registry's record of it all"
+  streamrec registry history --data-dir "$DIR" | head -16
+  streamrec experiments report --data-dir "$DIR" --out "$DIR/experiment.html"
+  echo "experiment report: $DIR/experiment.html"
+else
+  echo "experiments already ran on this world (delete $DIR to run them again); the registry's record:"
+  streamrec registry history --data-dir "$DIR" | head -16
+fi
 
 if [ "${DEMO_KEEP_SERVING:-0}" = "1" ]; then
   echo; echo "Serving on http://127.0.0.1:$PORT (Ctrl-C stops). API docs: http://127.0.0.1:$PORT/docs"

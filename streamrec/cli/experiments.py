@@ -6,11 +6,11 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from streamrec.cli.monitor import NOT_CHECKED, DataDirOpt, JsonOpt, _num, _table
+from streamrec.cli.monitor import DataDirOpt, JsonOpt, _num, _table, not_checked
 from streamrec.errors import ConfigError, StreamRecError
 from streamrec.paths import resolve_data_dir
 
@@ -86,13 +86,6 @@ def _decision_lines(analysis: ExperimentAnalysis) -> list[str]:
     return lines
 
 
-def _fail(err: StreamRecError, as_json: bool) -> NoReturn:
-    if as_json:
-        typer.echo(json.dumps({"checked": False, "error": str(err), "error_type": type(err).__name__}))
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(NOT_CHECKED)
-
-
 @app.command()
 def simulate(
     users: Annotated[int, typer.Option("--users", min=1, help="Distinct simulated users.")],
@@ -143,7 +136,7 @@ def simulate(
             progress=progress,
         )
     except StreamRecError as err:
-        _fail(err, as_json)
+        not_checked(err, as_json)
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
         return
@@ -207,7 +200,7 @@ def analyse(
         share = expected_share if expected_share is not None else expected_share_of(root, config)
         analysis = analyse_experiment(root, config, since=_since(since), expected_share=share)
     except StreamRecError as err:
-        _fail(err, as_json)
+        not_checked(err, as_json)
     if as_json:
         typer.echo(json.dumps(analysis.to_dict()))
     else:
@@ -247,3 +240,131 @@ def report(
         resolve_data_dir(data_dir), out, name=experiment, since=_since(since), expected_share=expected_share
     )
     typer.echo(str(path))
+
+
+@app.command("shadow-report")
+def shadow_report_cmd(
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+    since: SinceOpt = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Shadow model version (default: the latest shadowed, e.g. v3).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The shadow's report: requests, correlation with production, latency, errors, score shift.
+
+    ``is_ready_for_canary`` applies the experiment's shadow gates and names each blocking one.
+    Exit 0: ready for canary; 1: a gate blocks; 2: no shadow run is logged.
+    """
+    from streamrec.experiments.shadow import shadow_report
+
+    try:
+        root = resolve_data_dir(data_dir)
+        config = _definition(root, experiment)
+        rep = shadow_report(root, config.shadow.gates, since=_since(since), version=version)
+    except StreamRecError as err:
+        not_checked(err, as_json)
+    if as_json:
+        typer.echo(json.dumps({"checked": True, **rep.to_dict()}))
+    else:
+        rows = [
+            ["shadow version", rep.shadow_version],
+            ["requests", str(rep.requests)],
+            ["prediction correlation (median Spearman)", _num(rep.prediction_correlation, ".3f")],
+            ["p50 latency ms", _num(rep.p50_latency_ms, ".1f")],
+            ["p99 latency ms", _num(rep.p99_latency_ms, ".1f")],
+            ["error rate", _num(rep.error_rate, ".2%")],
+            ["score PSI vs production", _num(rep.score_psi, ".3f")],
+        ]
+        typer.echo(_table(["", "value"], rows))
+        typer.echo(f"is_ready_for_canary: {rep.ready_for_canary}")
+        for gate in rep.blocking:
+            typer.echo(f"  - blocked by {gate}")
+    if not rep.ready_for_canary:
+        raise typer.Exit(1)
+
+
+rollout_app = typer.Typer(
+    help="Gradual rollout of the registry's challenger: 1% -> 5% -> 25% -> 50% -> 100%, judged step by step.",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+
+
+def _print_decision(decision: Any, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(decision.to_dict(), default=str))
+        return
+    typer.echo(f"{decision.action}: v{decision.version}, treatment share now {decision.share:.0%}")
+    for r in decision.reasons:
+        typer.echo(f"  - {r}")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: Annotated[int, typer.Option("--version", help="Registry version to roll out (the challenger).")],
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+) -> None:
+    """Make VERSION the challenger at the first rollout step of the experiment's definition."""
+    from streamrec.experiments import rollout
+
+    root = resolve_data_dir(data_dir)
+    config = _definition(root, experiment)
+    state = rollout.start(root, config, version)
+    typer.echo(
+        f"v{state.version} is the challenger of '{config.name}' at {state.share:.0%} of users; "
+        f"steps {', '.join(f'{s:.0%}' for s in config.rollout_steps)}. Judge each step with "
+        "`streamrec experiments rollout advance` (cron, or --every)."
+    )
+
+
+@rollout_app.command("advance")
+def rollout_advance(
+    data_dir: DataDirOpt = None,
+    experiment: ExperimentOpt = None,
+    every: Annotated[
+        float, typer.Option("--every", min=0.0, help="Judge again every N seconds until the rollout ends (0: once).")
+    ] = 0.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Judge the current step: advance, hold, promote at 100%, or roll back on a guardrail breach.
+
+    Exit 0 after an advance, hold or promotion; 1 after a rollback or a stop (the challenger is off).
+    """
+    import time
+
+    from streamrec.experiments import rollout
+    from streamrec.pipeline.train import smoke_test
+
+    root = resolve_data_dir(data_dir)
+    config = _definition(root, experiment)
+    while True:
+        decision = rollout.advance(root, config, smoke_test=smoke_test)
+        _print_decision(decision, as_json)
+        if decision.action in ("rolled_back", "stopped"):
+            raise typer.Exit(1)
+        if every <= 0 or decision.action == "promoted":
+            return
+        time.sleep(every)
+
+
+@rollout_app.command("status")
+def rollout_status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """The rollout in progress (version, step, share, since when), if any."""
+    from streamrec.experiments.rollout import read_rollout
+    from streamrec.registry import ModelRegistry
+
+    aliases, states = ModelRegistry(data_dir=resolve_data_dir(data_dir)).serving_state()
+    state = read_rollout(states)
+    body = {"aliases": aliases, "rollout": None if state is None else state.to_json()}
+    if as_json:
+        typer.echo(json.dumps(body))
+    elif state is None:
+        typer.echo(f"no rollout in progress (aliases: {aliases or 'none'})")
+    else:
+        typer.echo(
+            f"experiment '{state.experiment}': v{state.version} at {state.share:.0%} of users "
+            f"(step {state.step + 1}) since {state.since.isoformat()}"
+        )

@@ -66,7 +66,7 @@ def _json_safe(v: Any) -> Any:
 NOT_CHECKED = 2
 
 
-def _not_checked(err: StreamRecError, as_json: bool) -> NoReturn:
+def not_checked(err: StreamRecError, as_json: bool) -> NoReturn:
     """Report a check that could not run and exit :data:`NOT_CHECKED`."""
     if as_json:
         typer.echo(json.dumps({"checked": False, "error": str(err), "error_type": type(err).__name__}))
@@ -98,7 +98,7 @@ def skew(
             resolve_data_dir(data_dir), model_version=model_version, config=cfg, bundle_dir=bundle
         )
     except StreamRecError as err:
-        _not_checked(err, as_json)
+        not_checked(err, as_json)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), default=str))
     else:
@@ -153,7 +153,7 @@ def drift(
         by_day = feature_drift_by_day(root, model_version=model_version, config=cfg, bundle_dir=bundle)
         quality = quality_by_day(root, config=cfg)
     except StreamRecError as err:
-        _not_checked(err, as_json)
+        not_checked(err, as_json)
     alerts = by_day[by_day["status"] == "alert"]
     if as_json:
         payload = {

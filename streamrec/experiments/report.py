@@ -42,6 +42,7 @@ from streamrec.monitoring.report import (
     naive_utc,
     pct_name,
     percentile_frame,
+    write_html,
 )
 from streamrec.paths import DataLayout
 
@@ -125,12 +126,7 @@ def write_experiment_report(
         stamp,
         generator="streamrec experiments report",
     )
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_html(out, page)
 
 
 # ---------------------------------------------------------------------------------------- sections

@@ -179,7 +179,8 @@ def advance(
     * below the A/B step (shares under 0.5) the step advances once the guardrails hold;
     * from the A/B step on, the step advances only on a significant win of the primary metric;
       with the minimum sample size reached and no win the rollout stops (champion kept);
-    * the last step (100%) promotes the challenger through the registry's gates.
+    * the step to 100% is the promotion of the challenger, through the registry's gates (with
+      no control left there would be nothing to compare).
 
     Args:
         data_dir: The data directory (registry and logs).
@@ -232,7 +233,7 @@ def advance(
             return RolloutDecision("stopped", state.version, 0.0, reasons, numbers)
         return RolloutDecision("held", state.version, state.share, reasons, numbers)
     steps = config.rollout_steps
-    if state.step + 1 >= len(steps):
+    if state.step + 1 >= len(steps) or steps[state.step + 1] >= 1.0:  # 100% is the champion: promote
         try:
             reg.promote(state.version, smoke_test=smoke_test)
         except PromotionRefusedError as err:

@@ -44,7 +44,7 @@ from streamrec.experiments.analysis import (
     summarise,
 )
 from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig
-from streamrec.monitoring.drift import rate_interval
+from streamrec.monitoring.drift import quality_row
 from streamrec.paths import resolve_data_dir
 
 #: Statuses retried (with the server's ``Retry-After`` when it gives one).
@@ -116,33 +116,21 @@ class SimulationResult:
     def variant_rows(self) -> list[dict[str, Any]]:
         """Per variant: counts, CTR and completion rate with their Wilson intervals, latency."""
         confidence = 1 - self.experiment.alpha
-        rows = []
-        for name, s in self.summaries.items():
-            ctr = rate_interval(s.clicks, s.impressions, confidence)
-            comp = rate_interval(s.completions, s.impressions, confidence)
-            rows.append(
-                {
-                    "variant": name,
-                    "users": s.users,
-                    "requests": s.requests,
-                    "impressions": s.impressions,
-                    "clicks": s.clicks,
-                    "completions": s.completions,
-                    "errors": s.errors,
-                    "error_rate": s.error_rate,
-                    "ctr": ctr[0],
-                    "ctr_low": ctr[1],
-                    "ctr_high": ctr[2],
-                    "completion_rate": comp[0],
-                    "completion_low": comp[1],
-                    "completion_high": comp[2],
-                    "latency_p50_ms": s.latency_p50_ms,
-                    "latency_p99_ms": s.latency_p99_ms,
-                    "distinct_items": s.distinct_items,
-                    "event_errors": self.event_errors.get(name, 0),
-                }
-            )
-        return rows
+        return [
+            {
+                "variant": name,
+                "users": s.users,
+                "requests": s.requests,
+                **quality_row(s.impressions, s.clicks, s.completions, confidence),
+                "errors": s.errors,
+                "error_rate": s.error_rate,
+                "latency_p50_ms": s.latency_p50_ms,
+                "latency_p99_ms": s.latency_p99_ms,
+                "distinct_items": s.distinct_items,
+                "event_errors": self.event_errors.get(name, 0),
+            }
+            for name, s in self.summaries.items()
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: the variants, the comparison, the decision and its reasons."""

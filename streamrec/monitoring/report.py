@@ -110,7 +110,11 @@ def write_report(
     Raises:
         DataNotFoundError: No request was ever logged under ``data_dir``.
     """
-    page = render_report(data_dir, generated_at=generated_at)
+    return write_html(out, render_report(data_dir, generated_at=generated_at))
+
+
+def write_html(out: str | os.PathLike[str], page: str) -> Path:
+    """Write ``page`` to ``out`` atomically (a reader never sees half a page); the path written."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -333,23 +333,23 @@ def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
     step = rollout.advance(data, cfg, analysis=_Judged("continue", 150))  # the canary: guardrails held
     assert (step.action, step.share) == ("advanced", 0.5) and rollout.current_share(data, cfg) == 0.5
     assert rollout.advance(data, cfg, analysis=_Judged("continue", 150)).action == "held"  # the A/B needs a win
-    assert rollout.advance(data, cfg, analysis=_Judged("ship", 900, ["ctr +12%"])).share == 1.0
-    done = rollout.advance(data, cfg, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
-    assert done.action == "promoted"
+    done = rollout.advance(data, cfg, analysis=_Judged("ship", 900, ["ctr +12%"]), smoke_test=smoke_ok)
+    assert (done.action, done.share) == ("promoted", 1.0)  # 100% is the promotion
     assert reg.aliases() == {"champion": v2.version}
     assert rollout.current_share(data, cfg) == 0.0
     events = [(e.event, e.alias, e.version) for e in reg.history()]
-    assert events[:7] == [
+    assert events[:6] == [
         ("rollout_promoted", "challenger", 2),
         ("cleared", "challenger", 2),
         ("promoted", "champion", 2),
         ("rollout_advanced", "challenger", 2),
-        ("rollout_advanced", "challenger", 2),
         ("rollout_started", "challenger", 2),
         ("set", "challenger", 2),
     ]
+    promoted = reg.history()[0]
+    assert promoted.detail["decision"] == "ship" and promoted.detail["reasons"] == ["ctr +12%"]
     advanced = next(e for e in reg.history() if e.event == "rollout_advanced")
-    assert advanced.detail["share"] == 1.0 and advanced.detail["reasons"] == ["ctr +12%"]
+    assert (advanced.detail["share"], advanced.detail["from_share"]) == (0.5, 0.05)
 
 
 def test_a_guardrail_breach_rolls_the_challenger_back(
@@ -373,3 +373,49 @@ def test_a_guardrail_breach_rolls_the_challenger_back(
     flat = ExperimentConfig(name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10)
     assert rollout.advance(data, flat, analysis=_Judged("no_difference", 500)).action == "stopped"
     assert reg.aliases() == {"champion": v1.version}
+
+
+# ------------------------------------------------------------------------------------ the CLI
+
+
+def test_the_rollout_and_shadow_commands(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+
+    cli = CliRunner()
+    data = str(reg.layout.root)
+    preregister(data, ExperimentConfig(name="cli", shadow={"gates": {"min_requests": 2}}))
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.110}))
+    v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.120}))
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    r = cli.invoke(app, ["experiments", "rollout", "status", "--data-dir", data])
+    assert r.exit_code == 0 and "no rollout in progress" in r.stdout
+    r = cli.invoke(app, ["experiments", "rollout", "start", "--version", str(v2.version), "--data-dir", data])
+    assert r.exit_code == 0 and "at 1% of users" in r.stdout, r.output
+    r = cli.invoke(app, ["experiments", "rollout", "status", "--data-dir", data, "--json"])
+    body = json.loads(r.stdout)
+    assert body["rollout"]["share"] == 0.01 and body["aliases"]["challenger"] == v2.version
+    r = cli.invoke(app, ["experiments", "rollout", "advance", "--data-dir", data])
+    assert r.exit_code != 0 and "request log" in str(r.exception or r.output)  # no traffic logged yet: says so
+
+    r = cli.invoke(app, ["experiments", "shadow-report", "--data-dir", data])
+    assert r.exit_code == 2 and "set-alias shadow" in r.stderr
+    log = RequestLog(data, RequestLogConfig(sample_rate=0.0), start=False)
+    for i in range(3):
+        scores = [float(x) for x in range(20)]
+        log.record_shadow(
+            {"request_id": f"r{i}", "ts": 1.7e9 + i, "user_id": i, "model_version": "v1", "shadow_version": "v2",
+             "latency_ms": 12.0, "error": None, "common": 20, "correlation": 0.95,
+             "production_scores": scores, "shadow_scores": scores}
+        )  # fmt: skip
+    log.flush()
+    r = cli.invoke(app, ["experiments", "shadow-report", "--data-dir", data, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["ready_for_canary"] is True
+    preregister(data, ExperimentConfig(name="strict", shadow={"gates": {"min_requests": 10}}))
+    r = cli.invoke(app, ["experiments", "shadow-report", "--data-dir", data, "--experiment", "strict"])
+    assert r.exit_code == 1 and "blocked by requests: 3 < 10" in r.stdout

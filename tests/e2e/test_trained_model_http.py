@@ -126,3 +126,106 @@ def test_hot_reload_follows_the_champion_alias(served: Served, trained: tuple[st
         stop.set()
         t.join(timeout=30)
     assert not failures, failures[:3]
+
+
+def test_an_experiment_routes_users_stamps_events_shadows_and_simulates(
+    served: Served, trained: tuple[str, Path]
+) -> None:
+    """A second gateway on the same registry with an experiment: challenger v2 for half the
+    users, their events stamped with the variant, then v2 as a shadow, then the HTTP simulator."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ray import serve
+
+    from deployments.app import Gateway
+    from streamrec.auth import hash_key
+    from streamrec.data.event_log import EventLog
+    from streamrec.experiments.config import ShadowGates, assign
+    from streamrec.experiments.shadow import shadow_report
+    from streamrec.registry import ModelRegistry
+    from tests.e2e.conftest import auth_args
+
+    _, d = trained
+    reg = ModelRegistry(data_dir=d)
+    assert reg.aliases().get("champion") == 1
+    sim_key = "sim-key-0123456789abcdef"
+    auth = auth_args()
+    auth["keys"] = [*auth["keys"], {"name": "sim", "key": hash_key(sim_key), "scopes": ["read", "write"]}]  # type: ignore[misc]
+    args = {
+        "data_dir": str(d), "composition": "fused", "stages": "recommender", "watch_champion_s": 0, "auth": auth,
+        "request_log": {"sample_rate": 1.0, "flush_interval_s": 1.0},
+        "experiment": {"name": "e2e", "treatment_share": 0.5, "poll_s": 1.0, "shadow": {"sample_rate": 1.0}},
+    }  # fmt: skip
+    prefix = "/experiment"
+    # (0.04 CPU: the session's other apps reserve 1.95 of the 2 CPUs)
+    serve.run(Gateway.options(ray_actor_options={"num_cpus": 0.04}).bind(args), name="experiment",
+              route_prefix=prefix, blocking=False)  # fmt: skip
+    try:
+        with served.client() as c:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                try:
+                    if c.get(f"{prefix}/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(1)
+            assert _recommend(c, prefix, sim_key, 1)["metadata"]["experiment_variant"] is None  # no challenger
+            reg.set_alias("challenger", 2)
+            deadline = time.monotonic() + 120
+            while _recommend(c, prefix, sim_key, 1)["metadata"]["experiment_variant"] is None:
+                assert time.monotonic() < deadline, "the challenger never reached the gateway"
+                time.sleep(0.5)
+            for u in range(1, 21):
+                md = _recommend(c, prefix, sim_key, u)["metadata"]
+                want = assign(u, "e2e", 0.5)
+                assert md["experiment_variant"] == want, u
+                assert md["model_version"] == ("v2" if want == "treatment" else "v1"), md
+            treated = next(u for u in range(1, 50) if assign(u, "e2e", 0.5) == "treatment")
+            ev = {"events": [{"event_id": "exp-e2e-1", "user_id": treated, "item_id": 1, "event_type": "click"}]}
+            assert c.post(f"{prefix}/v1/events", json=ev, headers={"X-API-Key": sim_key}).status_code == 200
+            logged = EventLog.open(d).read().set_index("event_id")["experiment_variant"]
+            assert logged["exp-e2e-1"] == "treatment"
+            status = c.get(f"{prefix}/v1/admin/status", headers={"X-API-Key": served.admin_key}).json()
+            held = status["stages"]["experiment"]["challenger"]
+            assert held["version"] == 2 and held["load_seconds"] > 0 and held["memory_mb"] >= 0
+
+            # the HTTP user simulator against the running service: both variants, each with its CTR
+            env = {**os.environ, "STREAMREC_API_KEY": sim_key}
+            p = subprocess.run(
+                [sys.executable, "-m", "streamrec", "experiments", "simulate", "--users", "40", "--requests", "120",
+                 "--url", served.base_url, "--prefix", prefix, "--data-dir", str(d), "--k", "10", "--json"],
+                capture_output=True, text=True, timeout=600, env=env,
+            )  # fmt: skip
+            assert p.returncode == 0, p.stderr[-3000:]
+            result = json.loads(p.stdout)
+            rows = {r["variant"]: r for r in result["variants"]}
+            assert set(rows) == {"control", "treatment"} and result["decision"] is not None
+            assert all(r["impressions"] > 0 and 0 <= r["ctr_low"] <= r["ctr"] <= r["ctr_high"] for r in rows.values())
+            assert result["events_posted"] > 0 and not result["failures"]
+
+            # v2 as the shadow instead: answers come from the champion alone, v2 scores them aside
+            reg.clear_alias("challenger")
+            reg.set_alias("shadow", 2)
+            deadline = time.monotonic() + 120
+            while True:
+                for u in range(1, 11):
+                    md = _recommend(c, prefix, sim_key, u)["metadata"]
+                    assert md["model_version"] == "v1" or md["experiment_variant"] is not None
+                try:
+                    report = shadow_report(d, ShadowGates(min_requests=5), version="v2")
+                    if report.requests >= 5:
+                        break
+                except Exception:  # not logged yet (the log flushes every second)
+                    pass
+                assert time.monotonic() < deadline, "no shadow runs were logged"
+                time.sleep(1)
+            assert report.error_rate == 0 and report.p50_latency_ms > 0
+            assert report.prediction_correlation == report.prediction_correlation  # not NaN: paired scores exist
+    finally:
+        reg.clear_alias("shadow")
+        reg.clear_alias("challenger")
+        serve.delete("experiment")

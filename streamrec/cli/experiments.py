@@ -64,6 +64,34 @@ def _definition(data_dir: Path, name: str | None) -> Any:
     return config
 
 
+def _window(
+    root: Path, config: Any, since: str | None, expected_share: float | None
+) -> tuple[datetime | None, datetime | None, float | None]:
+    """``(since, until, share)`` to judge: as given, else the rollout step :func:`advance` judges.
+
+    Without ``--since`` and ``--expected-share``, the current rollout step of the experiment (or
+    its last one, once the rollout ended): a window over several steps mixes shares and fails
+    the sample-ratio check by construction.
+    """
+    from streamrec.experiments.rollout import step_window
+
+    if since is None and expected_share is None:
+        try:
+            window = step_window(root, config)
+        except StreamRecError:  # no registry: the whole log, at the share in force
+            window = None
+        if window is not None:
+            start, until, share = window
+            typer.echo(
+                f"judging rollout step at {share:.0%} from {start.isoformat()}"
+                + (f" to {until.isoformat()}" if until else "")
+                + " (--since / --expected-share choose another window)",
+                err=True,
+            )
+            return start, until, share
+    return _since(since), None, expected_share
+
+
 def _comparison_lines(analysis: ExperimentAnalysis) -> list[str]:
     rows = []
     for m in analysis.metrics:
@@ -197,8 +225,9 @@ def analyse(
     try:
         root = resolve_data_dir(data_dir)
         config = _definition(root, experiment)
-        share = expected_share if expected_share is not None else expected_share_of(root, config)
-        analysis = analyse_experiment(root, config, since=_since(since), expected_share=share)
+        start, until, chosen = _window(root, config, since, expected_share)
+        share = chosen if chosen is not None else expected_share_of(root, config)
+        analysis = analyse_experiment(root, config, since=start, until=until, expected_share=share)
     except StreamRecError as err:
         not_checked(err, as_json)
     if as_json:
@@ -234,11 +263,11 @@ def report(
     expected_share: ShareOpt = None,
 ) -> None:
     """Write the experiment's report (one HTML page) and print its path."""
-    from streamrec.experiments.report import write_experiment_report
+    from streamrec.experiments.report import resolve_definition, write_experiment_report
 
-    path = write_experiment_report(
-        resolve_data_dir(data_dir), out, name=experiment, since=_since(since), expected_share=expected_share
-    )
+    root = resolve_data_dir(data_dir)
+    start, _, share = _window(root, resolve_definition(root, experiment)[0], since, expected_share)
+    path = write_experiment_report(root, out, name=experiment, since=start, expected_share=share)
     typer.echo(str(path))
 
 

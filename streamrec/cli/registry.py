@@ -158,6 +158,12 @@ def history(
         typer.echo("no recorded change yet")
     for e in events:
         why = e.detail.get("message") or e.detail.get("reason") or ""
+        if e.event.startswith("rollout_"):  # a rollout step: the share, the decision and its first reason
+            share = e.detail.get("share")
+            parts = [f"at {share:.0%}" if isinstance(share, int | float) else ""]
+            parts += [str(e.detail["decision"])] if e.detail.get("decision") else []
+            reasons = e.detail.get("reasons") or []
+            why = " ".join(p for p in parts if p) + (f": {reasons[0]}" if reasons else "") + (f" {why}" if why else "")
         prev = e.detail.get("previous", e.detail.get("rolled_back_from"))
         typer.echo(
             f"{e.at:%Y-%m-%d %H:%M:%S}Z {e.event:<11} {e.alias:<10} v{e.version}"

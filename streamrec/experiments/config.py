@@ -141,15 +141,39 @@ class ExperimentConfig(StrictModel):
         return steps
 
     @model_validator(mode="after")
-    def _primary_in_suite(self) -> ExperimentConfig:
+    def _consistent(self) -> ExperimentConfig:
         if self.primary_metric not in self.metrics:
             self.metrics = [self.primary_metric, *self.metrics]
+        if self.rollout_steps[0] >= 1.0:
+            raise ValueError("rollout_steps need a step below 1.0: at 100% there is no control to compare")
+        if self.min_requests_per_step < self.guardrails.min_requests:
+            raise ValueError(
+                f"min_requests_per_step ({self.min_requests_per_step}) must be at least guardrails.min_requests "
+                f"({self.guardrails.min_requests}): a step must not advance before its guardrails are judged"
+            )
         return self
 
     @property
     def hash_salt(self) -> str:
         """The salt users are hashed with."""
         return self.salt or self.name
+
+
+#: Fields that decide who is treated or how the result is judged: fixed once pre-registered
+#: (the others, e.g. ``poll_s``, ``max_bundles`` and the shadow settings, are operational).
+ANALYSED: tuple[str, ...] = (
+    "salt",
+    "treatment_share",
+    "primary_metric",
+    "metrics",
+    "expected_effect",
+    "alpha",
+    "power",
+    "srm_alpha",
+    "guardrails",
+    "rollout_steps",
+    "min_requests_per_step",
+)
 
 
 def bucket(user_id: int, salt: str) -> float:
@@ -176,11 +200,13 @@ def preregister(data_dir: str | os.PathLike[str] | None, config: ExperimentConfi
     """Write the definition once, before any data (``experiments/<name>/definition.json``).
 
     A definition already there is kept: analysing an experiment by rules changed after it began
-    is what pre-registration prevents. A different one is logged (rename the experiment to change
-    its rules).
+    is what pre-registration prevents. Operational settings may differ (``poll_s``...).
 
     Returns:
         The definition file.
+
+    Raises:
+        ConfigError: the registered definition differs in a field of :data:`ANALYSED`.
     """
     path = experiments_dir(data_dir) / config.name / "definition.json"
     payload = config.model_dump(mode="json")
@@ -189,14 +215,13 @@ def preregister(data_dir: str | os.PathLike[str] | None, config: ExperimentConfi
             kept = json.loads(path.read_text())
         except (OSError, ValueError):
             kept = None
-        if kept is not None and kept != payload:
-            log.warning(
-                "experiment '%s' is pre-registered with other settings (%s); the registered ones stay: "
-                "give a changed experiment a new name",
-                config.name,
-                path,
-            )
         if kept is not None:
+            changed = sorted(k for k in ANALYSED if kept.get(k) != payload.get(k))
+            if changed:
+                raise ConfigError(
+                    f"experiment '{config.name}' is pre-registered ({path}) with other {', '.join(changed)}: "
+                    "its rules cannot change once it ran; give the changed experiment a new name"
+                )
             return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from streamrec.errors import ConfigError, PromotionRefusedError, RegistryError
+from streamrec.errors import ConfigError, DataNotFoundError, PromotionRefusedError, RegistryError
 from streamrec.experiments.config import TREATMENT, ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,12 @@ def start(data_dir: str | os.PathLike[str] | None, config: ExperimentConfig, ver
     reg = _registry(data_dir)
     if reg.aliases().get("champion") == version:
         raise ConfigError(f"version {version} is already the champion; roll out another version")
-    reg.set_alias("challenger", version)
+    reg.get_version(version)  # exists?
     state = RolloutState(config.name, version, 0, config.rollout_steps[0], datetime.now(UTC))
+    # The state first: a replica polling between the two writes must not serve the definition's
+    # default share to a challenger that is meant to start at the first step.
     reg.write_state(STATE, state.to_json())
+    reg.set_alias("challenger", version)
     reg.record_event(
         version, "rollout_started", "challenger", experiment=config.name, share=state.share,
         steps=config.rollout_steps,
@@ -158,7 +161,35 @@ def _end(reg: Any, state: RolloutState, event: str, **detail: Any) -> None:
     if reg.aliases().get("challenger") == state.version:
         reg.clear_alias("challenger")
     reg.record_event(state.version, event, "challenger", experiment=state.experiment, step=state.step,
-                     share=state.share, **detail)
+                     share=state.share, step_since=state.since.isoformat(), **detail)
+
+
+def step_window(
+    data_dir: str | os.PathLike[str] | None, config: ExperimentConfig
+) -> tuple[datetime, datetime | None, float] | None:
+    """``(since, until, share)`` of the rollout step of ``config`` that runs, else of the last one.
+
+    Where :func:`advance` looks, so that ``experiments analyse`` and ``report`` judge the same
+    data by default: one step, one share (a window over several steps or experiments would fail
+    the sample-ratio check by construction). None when the registry has no rollout of it.
+    """
+    reg = _registry(data_dir)
+    skip = timedelta(seconds=2 * config.poll_s)
+    state = read_rollout(reg.serving_state()[1])
+    if state is not None and state.experiment == config.name:
+        return state.since + skip, None, state.share
+    for e in reg.history(limit=None):
+        if e.event in _ENDS and e.alias == "challenger" and e.detail.get("experiment") == config.name:
+            try:
+                since = datetime.fromisoformat(str(e.detail["step_since"]))
+            except (KeyError, ValueError):
+                return None
+            return since + skip, e.at, float(e.detail.get("share", 0.0))
+    return None
+
+
+#: Registry events that end a rollout.
+_ENDS = frozenset({"rollout_promoted", "rollout_rolled_back", "rollout_stopped"})
 
 
 def advance(
@@ -176,7 +207,9 @@ def advance(
 
     * a guardrail breach or a sample-ratio mismatch rolls back (challenger cleared);
     * fewer than ``min_requests_per_step`` treatment requests holds;
-    * below the A/B step (shares under 0.5) the step advances once the guardrails hold;
+    * nothing logged at the step yet holds (not a verdict);
+    * below the A/B step (shares under 0.5, and a next step that is not the promotion) the step
+      advances once the guardrails hold;
     * from the A/B step on, the step advances only on a significant win of the primary metric;
       with the minimum sample size reached and no win the rollout stops (champion kept);
     * the step to 100% is the promotion of the challenger, through the registry's gates (with
@@ -210,7 +243,10 @@ def advance(
     now = now or datetime.now(UTC)
     if analysis is None:
         since = state.since + timedelta(seconds=2 * config.poll_s)
-        analysis = analyse_experiment(data_dir, config, since=since, expected_share=state.share)
+        try:
+            analysis = analyse_experiment(data_dir, config, since=since, expected_share=state.share)
+        except DataNotFoundError as err:  # nothing logged at this step yet: not a verdict
+            return RolloutDecision("held", state.version, state.share, [f"not judged yet: {err}"])
     numbers = analysis.to_dict()
     treated = analysis.variants.get(TREATMENT)
     n_treated = 0 if treated is None else int(treated.requests)
@@ -226,13 +262,14 @@ def advance(
             "held", state.version, state.share,
             [f"{n_treated} of {config.min_requests_per_step} treatment requests logged at this step"], numbers,
         )
-    ab_step = state.share >= 0.5
+    steps = config.rollout_steps
+    # From 50% on, and whenever the next step is the promotion, only a significant win advances.
+    ab_step = state.share >= 0.5 or state.step + 1 >= len(steps) or steps[state.step + 1] >= 1.0
     if ab_step and decision != "ship":
         if decision == "no_difference":
             _end(reg, state, "rollout_stopped", **summary)
             return RolloutDecision("stopped", state.version, 0.0, reasons, numbers)
         return RolloutDecision("held", state.version, state.share, reasons, numbers)
-    steps = config.rollout_steps
     if state.step + 1 >= len(steps) or steps[state.step + 1] >= 1.0:  # 100% is the champion: promote
         try:
             reg.promote(state.version, smoke_test=smoke_test)

@@ -59,8 +59,8 @@ class HeldBundle:
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``/v1/admin/status``."""
-        return {
-            "version": self.version,
+        return {  # no integers: the status over several replicas sums them
+            "version": f"v{self.version}",
             "model_version": self.loaded.version,
             "load_seconds": round(self.loaded.load_seconds, 3),
             "memory_mb": round(self.memory_mb, 1),
@@ -109,7 +109,9 @@ class Variants:
         self._treatment_runner: StageRunner | None = None
         self.shadow_bundle: HeldBundle | None = None
         self.share = 0.0
-        self.refused: dict[str, str] = {}  # "role vN" -> why it did not load (not retried)
+        self.refused: dict[str, str] = {}  # "role vN" -> why it did not load (retried after a pause)
+        self._retry_at: dict[str, float] = {}
+        self._tries: dict[str, int] = {}
         self.polled_at: float | None = None
         preregister(args.data_dir, self.config)
 
@@ -134,8 +136,9 @@ class Variants:
                 request_log=self._request_log,
             )
             self._treatment_runner = runner
-        if old is not None:
-            old.close()
+        if old is not None:  # requests already routed to it finish first: close it after the budget
+            grace_s = 2 * self._args.resilience.request_budget_ms / 1e3 + 1.0
+            asyncio.get_running_loop().call_later(grace_s, old.close)
 
     def set_fallback(self, fallback: Stages | None) -> None:
         """The gateway's popularity level changed (a reload): the challenger's funnel uses it too."""
@@ -157,7 +160,10 @@ class Variants:
 
     # ------------------------------------------------------------------ keeping up with the registry
     async def refresh(self) -> None:
-        """Read the registry once; load, swap or drop bundles to match it (loads off the event loop)."""
+        """Read the registry once; load, swap or drop bundles to match it (loads off the event loop).
+
+        The share in force is applied together with the challenger swap, before the shadow loads.
+        """
         aliases, states = await asyncio.to_thread(self._state)
         champion = aliases.get("champion")
         cap = self.config.max_bundles
@@ -167,17 +173,28 @@ class Variants:
             want_ch = None  # the champion already serves everyone
         if want_sh is not None and want_sh in (champion, want_ch):
             want_sh = None  # its answers are already the production or treatment answers
+        named = {f"challenger v{want_ch}", f"shadow v{want_sh}"}
+        for key in [k for k in self.refused if k not in named]:  # the registry moved on: forget it
+            self.refused.pop(key)
+            self._retry_at.pop(key, None)
+            self._tries.pop(key, None)
+        share = share_in_force(aliases, states, self.config)
         held_ch = await self._keep("challenger", self.challenger, want_ch)
         if held_ch is not self.challenger:
             self._serve(held_ch)
+        self.share = share if self.treatment is not None else 0.0
         self.shadow_bundle = await self._keep("shadow", self.shadow_bundle, want_sh)
         if self.shadow is not None:
             sb = self.shadow_bundle
             self.shadow.set_stages(None if sb is None else sb.loaded.stages, "" if sb is None else sb.loaded.version)
-        self.share = share_in_force(aliases, states, self.config) if self.treatment is not None else 0.0
         self.polled_at = time.time()
 
     async def _keep(self, role: str, held: HeldBundle | None, want: int | None) -> HeldBundle | None:
+        """The bundle to hold for ``role``: ``held`` if it is the one wanted, else ``want`` loaded.
+
+        A version that cannot load is not served (None: the champion answers everyone) and is
+        tried again after a growing pause (a transient failure must not keep replicas apart).
+        """
         if want is None:
             if held is not None:
                 log.info("%s v%d is no longer named by the registry: unloaded", role, held.version)
@@ -185,15 +202,21 @@ class Variants:
         if held is not None and held.version == want:
             return held
         key = f"{role} v{want}"
-        if key in self.refused:
-            return held
+        if key in self.refused and time.monotonic() < self._retry_at.get(key, 0.0):
+            return None
         rss = _rss_mb()
         try:
             loaded = await asyncio.to_thread(self._load, want)
         except Exception as err:  # a bad bundle never serves; the champion keeps everyone
+            tries = self._tries.get(key, 0) + 1
+            self._tries[key] = tries
+            pause = min(self.config.poll_s * 2**tries, 600.0)
+            self._retry_at[key] = time.monotonic() + pause
             self.refused[key] = f"{type(err).__name__}: {err}"
-            log.error("%s could not load (%s); it is not served", key, self.refused[key])
-            return held
+            log.error("%s could not load (%s); not served, retried in %.0fs", key, self.refused[key], pause)
+            return None
+        self.refused.pop(key, None)
+        self._tries.pop(key, None)
         settle_heap()
         log.info("%s loaded in %.1fs", key, loaded.load_seconds)
         return HeldBundle(role, want, loaded, max(0.0, _rss_mb() - rss))
@@ -209,7 +232,6 @@ class Variants:
             "treatment_funnel": None if self.treatment is None else self.treatment.snapshot(),
             "refused": dict(self.refused),
             "polled_at": self.polled_at,
-            "max_bundles": self.config.max_bundles,
         }
 
 

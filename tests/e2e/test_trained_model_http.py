@@ -191,7 +191,7 @@ def test_an_experiment_routes_users_stamps_events_shadows_and_simulates(
             assert logged["exp-e2e-1"] == "treatment"
             status = c.get(f"{prefix}/v1/admin/status", headers={"X-API-Key": served.admin_key}).json()
             held = status["stages"]["experiment"]["challenger"]
-            assert held["version"] == 2 and held["load_seconds"] > 0 and held["memory_mb"] >= 0
+            assert held["version"] == "v2" and held["load_seconds"] > 0 and held["memory_mb"] >= 0
 
             # the HTTP user simulator against the running service: both variants, each with its CTR
             env = {**os.environ, "STREAMREC_API_KEY": sim_key}

@@ -83,9 +83,15 @@ def test_the_definition_is_validated_and_preregistered_once(tmp_path: Path) -> N
     assert ExperimentConfig(primary_metric="completion_rate", metrics=["ctr"]).metrics[0] == "completion_rate"
     with pytest.raises(DataNotFoundError, match="experiment:"):
         load_definition(tmp_path)
+    with pytest.raises(ValueError, match="below 1.0"):
+        ExperimentConfig(rollout_steps=[1.0])
+    with pytest.raises(ValueError, match="guardrails are judged"):
+        ExperimentConfig(min_requests_per_step=10)
     first = ExperimentConfig(name="ranker-v2", expected_effect=0.1)
     preregister(tmp_path, first)
-    preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.5))  # changed rules: kept out
+    with pytest.raises(ConfigError, match="other expected_effect, treatment_share"):  # rules fixed once registered
+        preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.5, treatment_share=0.5))
+    preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.1, poll_s=2))  # operational: fine
     assert load_definition(tmp_path, "ranker-v2").expected_effect == 0.1
     with pytest.raises(ConfigError):
         ServeArgs.parse({"experiment": {"name": "x", "unknown": 1}})
@@ -103,6 +109,7 @@ def _variants(
     world: Path, state: dict[str, Any], loads: list[int], **experiment: Any
 ) -> tuple[Variants, RequestLog]:
     args = ServeArgs.parse({"data_dir": str(world), "experiment": {"name": "routing", **experiment}})
+    # (each test's experiment has its own name: a pre-registered definition cannot change)
     log = RequestLog(world, RequestLogConfig(sample_rate=1.0), start=False)
 
     def loader(version: int) -> LoadedStages:
@@ -148,12 +155,19 @@ def test_the_router_sends_treated_users_to_the_challenger_and_names_the_variant(
     # the rollout's share in the registry wins over the definition's default
     state["states"] = {"rollout": {"experiment": "routing", "version": 2, "step": 1, "share": 1.0, "since": "2026-12-01T00:00:00+00:00"}}
     assert set(asyncio.run(serve_all()).values()) == {TREATMENT}
-    # a version that cannot load is refused once (not retried every poll); the old one keeps serving
+    # a version that cannot load is not served (the champion answers everyone, out of the
+    # experiment) and is not retried on every poll, only after a growing pause
     state["aliases"]["challenger"] = 99
     asyncio.run(variants.refresh())
     asyncio.run(variants.refresh())
-    assert loads == [2, 99] and variants.challenger is not None and variants.challenger.version == 2
+    assert loads == [2, 99] and variants.challenger is None and variants.route(1) is None
     assert "challenger v99" in variants.refused
+    variants._retry_at["challenger v99"] = 0.0  # the pause is over: tried again
+    asyncio.run(variants.refresh())
+    assert loads == [2, 99, 99]
+    state["aliases"]["challenger"] = 2  # the registry moved on: the refusal is forgotten
+    asyncio.run(variants.refresh())
+    assert loads == [2, 99, 99, 2] and not variants.refused and variants.route(1) is not None
     # the challenger alias cleared: everyone is back on the champion, out of the experiment
     del state["aliases"]["challenger"]
     assert set(asyncio.run(serve_all()).values()) == {None} and variants.treatment is None
@@ -166,14 +180,14 @@ def test_the_router_sends_treated_users_to_the_challenger_and_names_the_variant(
 def test_the_bundle_cap_keeps_the_shadow_and_challenger_out(world: Path) -> None:
     state: dict[str, Any] = {"aliases": {"champion": 1, "challenger": 2, "shadow": 3}, "states": {}}
     loads: list[int] = []
-    variants, _ = _variants(world, state, loads, max_bundles=2)
+    variants, _ = _variants(world, state, loads, name="cap", max_bundles=2)
     asyncio.run(variants.refresh())
     assert loads == [2] and variants.shadow_bundle is None
-    variants1, _ = _variants(world, state, loads := [], max_bundles=1)
+    variants1, _ = _variants(world, state, loads := [], name="cap", max_bundles=1)
     asyncio.run(variants1.refresh())
     assert loads == [] and variants1.route(5) is None
     held = variants.describe()["challenger"]
-    assert held["version"] == 2 and held["memory_mb"] >= 0 and held["load_seconds"] >= 0
+    assert held["version"] == "v2" and held["memory_mb"] >= 0 and held["load_seconds"] >= 0
 
 
 def test_events_are_stamped_with_the_users_variant_unless_they_carry_one(world: Path, tmp_path: Path) -> None:
@@ -323,11 +337,16 @@ def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
     reg.promote(v1.version, smoke_test=smoke_ok)
     with pytest.raises(RegistryError, match="rollout start"):
         rollout.advance(data, cfg, analysis=_Judged("continue", 0))
+    assert rollout.step_window(data, cfg) is None
     with pytest.raises(ConfigError, match="already the champion"):
         rollout.start(data, cfg, v1.version)
     assert rollout.current_share(data, cfg) == 0.0
     rollout.start(data, cfg, v2.version)
     assert rollout.current_share(data, cfg) == 0.05
+    nothing = rollout.advance(data, cfg)  # no request logged at this step yet: held, not an error
+    assert nothing.action == "held" and "not judged yet" in nothing.reasons[0]
+    since, until, share = rollout.step_window(data, cfg)  # type: ignore[misc]
+    assert until is None and share == 0.05
     held = rollout.advance(data, cfg, analysis=_Judged("continue", 40))
     assert held.action == "held" and "40 of 100" in held.reasons[0]
     step = rollout.advance(data, cfg, analysis=_Judged("continue", 150))  # the canary: guardrails held
@@ -337,6 +356,8 @@ def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
     assert (done.action, done.share) == ("promoted", 1.0)  # 100% is the promotion
     assert reg.aliases() == {"champion": v2.version}
     assert rollout.current_share(data, cfg) == 0.0
+    since, until, share = rollout.step_window(data, cfg)  # type: ignore[misc]
+    assert share == 0.5 and until is not None  # the last step, for analyse/report
     events = [(e.event, e.alias, e.version) for e in reg.history()]
     assert events[:6] == [
         ("rollout_promoted", "challenger", 2),
@@ -348,6 +369,12 @@ def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
     ]
     promoted = reg.history()[0]
     assert promoted.detail["decision"] == "ship" and promoted.detail["reasons"] == ["ctr +12%"]
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+
+    text = CliRunner().invoke(app, ["registry", "history", "--data-dir", str(data)]).stdout
+    assert "rollout_promoted challenger v2  at 50% ship: ctr +12%" in text
     advanced = next(e for e in reg.history() if e.event == "rollout_advanced")
     assert (advanced.detail["share"], advanced.detail["from_share"]) == (0.5, 0.05)
 
@@ -357,7 +384,7 @@ def test_a_guardrail_breach_rolls_the_challenger_back(
     tmp_path: Path,
 ) -> None:
     data = reg.layout.root
-    cfg = ExperimentConfig(name="slow-ranker", min_requests_per_step=10)
+    cfg = ExperimentConfig(name="slow-ranker", min_requests_per_step=10, guardrails={"min_requests": 10})
     v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.110}))
     v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.120}))
     reg.promote(v1.version, smoke_test=smoke_ok)
@@ -369,8 +396,10 @@ def test_a_guardrail_breach_rolls_the_challenger_back(
     last = reg.history()[0]
     assert (last.event, last.version) == ("rollout_rolled_back", 2) and last.detail["reasons"] == [breach]
     # a stopped A/B (enough data, no win) keeps the champion and ends the rollout
-    rollout.start(data, ExperimentConfig(name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10), v2.version)
-    flat = ExperimentConfig(name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10)
+    flat = ExperimentConfig(
+        name="flat", rollout_steps=[0.5, 1.0], min_requests_per_step=10, guardrails={"min_requests": 10}
+    )
+    rollout.start(data, flat, v2.version)
     assert rollout.advance(data, flat, analysis=_Judged("no_difference", 500)).action == "stopped"
     assert reg.aliases() == {"champion": v1.version}
 
@@ -400,7 +429,7 @@ def test_the_rollout_and_shadow_commands(
     body = json.loads(r.stdout)
     assert body["rollout"]["share"] == 0.01 and body["aliases"]["challenger"] == v2.version
     r = cli.invoke(app, ["experiments", "rollout", "advance", "--data-dir", data])
-    assert r.exit_code != 0 and "request log" in str(r.exception or r.output)  # no traffic logged yet: says so
+    assert r.exit_code == 0 and "held" in r.stdout and "request log" in r.stdout  # no traffic yet: says so
 
     r = cli.invoke(app, ["experiments", "shadow-report", "--data-dir", data])
     assert r.exit_code == 2 and "set-alias shadow" in r.stderr

@@ -98,9 +98,17 @@ echo "report: $DIR/report.html (open it in a browser; it works offline)"
 
 step "6. Experiments: shadow, canary, A/B and rollout, judged on simulated users over HTTP"
 URL="http://127.0.0.1:$PORT"
-simulate() {  # $1: requests, $2: seed; prints one line per variant
-  streamrec experiments simulate --users 2000 --requests "$1" --k 20 --concurrency 4 --seed "$2" \
-    --url "$URL" --data-dir "$DIR" --json | python3 scripts/show_experiment.py simulate
+simulate() {  # $1: requests, $2: seed; prints one line per variant (a failed run is reported, not fatal)
+  { streamrec experiments simulate --users 2000 --requests "$1" --k 20 --concurrency 4 --seed "$2" \
+    --url "$URL" --data-dir "$DIR" --json || true; } | python3 scripts/show_experiment.py simulate
+}
+serving() {  # wait until the gateways answer with model $1 (a hot reload takes a few seconds)
+  for _ in $(seq 1 60); do
+    if curl -fsS -X POST "$URL/v1/recommend" -H "X-API-Key: $STREAMREC_API_KEY" -H 'Content-Type: application/json' \
+      -d '{"user_id": 1, "k": 1}' | grep -q "\"model_version\":\"$1\""; then return 0; fi
+    sleep 1
+  done
+  echo "the gateways did not switch to $1 within 60 s (see $LOG)"
 }
 advance() {  # judge the current step: the decision and why on stderr, the action on stdout
   { streamrec experiments rollout advance --data-dir "$DIR" --json 2>/dev/null || true; } |
@@ -117,8 +125,20 @@ rollout() {  # $1: rounds at most, $2: seed base
 VERSIONS=$(streamrec registry list --data-dir "$DIR" --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["versions"]))')
 if [ "$VERSIONS" = "1" ]; then
   echo "-- a deliberately weak model (1 epoch, tiny embeddings; configs/training/demo-weak.yaml), registered, not promoted"
-  WEAK=$(streamrec train --data-dir "$DIR" --config configs/training/demo-weak.yaml --json 2>/dev/null |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["registered_version"])')
+  WEAK=$(streamrec train --data-dir "$DIR" --config configs/training/demo-weak.yaml --json 2>"$DIR/train-weak.log" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["registered_version"])') ||
+    { echo "training the weak model failed; see $DIR/train-weak.log"; tail -5 "$DIR/train-weak.log"; exit 1; }
+  champion() {
+    streamrec registry list --data-dir "$DIR" --json 2>/dev/null | python3 -c '
+import json, sys
+print(next((v["version"] for v in json.load(sys.stdin)["versions"] if "champion" in v["aliases"]), ""))'
+  }
+  # Whatever happens below, the demo never leaves the weak model as the champion.
+  restore() {
+    if [ "$(champion)" != "1" ]; then streamrec registry set-alias champion 1 --force --data-dir "$DIR" >/dev/null 2>&1 || true; fi
+    cleanup
+  }
+  trap restore EXIT
   echo "registered v$WEAK"
   echo; echo "-- 6a. shadow: v$WEAK scores live requests off the response path; the canary gates judge it"
   streamrec registry set-alias shadow "$WEAK" --data-dir "$DIR" >/dev/null
@@ -133,10 +153,13 @@ if [ "$VERSIONS" = "1" ]; then
   rollout 6 2
   echo; echo "-- 6c. the reverse: the weak model as champion (forced, audited), v1 as the challenger"
   streamrec registry set-alias champion "$WEAK" --force --data-dir "$DIR" >/dev/null
-  sleep 8
+  serving "v$WEAK"
   streamrec experiments rollout start --version 1 --data-dir "$DIR"
   sleep 5
   rollout 8 3
+  if [ "$(champion)" != "1" ]; then
+    echo "(v1 was not promoted in these rounds: the demo puts it back as the champion at exit)"
+  fi
   echo; echo "-- the registry's record of it all"
   streamrec registry history --data-dir "$DIR" | head -16
   streamrec experiments report --data-dir "$DIR" --out "$DIR/experiment.html"

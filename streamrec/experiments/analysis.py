@@ -13,11 +13,18 @@ summaries under the experiment's :class:`~streamrec.experiments.config.Experimen
 * From the HTTP user simulator (:mod:`streamrec.experiments.simulate`): it builds the same
   request frame from what it sent and what its simulated users did.
 
-The statistics are statsmodels' and scipy's: Wilson intervals of each rate, the Newcombe
-interval of the difference and the log-adjusted interval of the ratio
-(``confint_proportions_2indep``), the two-proportion z-test, the sample-ratio-mismatch
-chi-square (``scipy.stats.chisquare``) and the minimum sample size (Cohen's h with
-``NormalIndPower``).
+Users are the unit of randomisation, so CTR and completion rate are compared with users as
+clusters: each variant's rate is a ratio of per-user means (clicks or completions over
+impressions), its variance the delta method's over users (Deng et al. 2018, "Applying the Delta
+Method in Metric Analytics"), never a binomial variance over impressions, which would ignore
+that one user's impressions are correlated and understate the variance by the design effect
+1 + (m - 1) ICC. From these: the interval of the difference, a two-sided z-test on it, the
+delta-method interval of the relative lift, and the minimum sample size in users per variant
+(``NormalIndPower`` on the difference standardised by control's per-user standard deviation).
+Each variant's own rate keeps its Wilson interval (descriptive, per impression). Coverage, a
+share of the catalogue, keeps the two-proportion statistics (statsmodels' Newcombe interval of
+the difference, log-adjusted interval of the ratio, z-test). The sample-ratio-mismatch check is
+scipy's chi-square.
 
 Coverage (distinct items shown over the catalogue) grows with the number of requests, so a 1%
 canary would always look worse: it is computed on equal request counts, the larger variant's
@@ -36,11 +43,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chisquare
+from scipy.stats import chisquare, norm
 from statsmodels.stats.power import NormalIndPower
 from statsmodels.stats.proportion import (
     confint_proportions_2indep,
-    proportion_effectsize,
     proportions_ztest,
 )
 
@@ -74,6 +80,68 @@ NO_VARIANT = "none"
 
 
 @dataclass(frozen=True)
+class RatioEstimate:
+    """A per-impression rate of one variant with users as clusters.
+
+    With per user ``x`` (impressions) and ``y`` (clicks or completions) over ``n`` users, the
+    rate is ``R = sum(y) / sum(x)`` (a ratio of means) and, by the delta method (Deng et al.
+    2018), ``var(R) = per_user_variance / n`` with
+
+        per_user_variance = (s_y^2 - 2 R s_xy + R^2 s_x^2) / mean(x)^2
+                          = sum((y - R x)^2) / (n - 1) / mean(x)^2
+
+    (sample variances and covariance with ``n - 1``; the two forms are equal because
+    ``y - R x`` has mean 0). With one impression per user it is the binomial ``R (1 - R)``
+    (times ``n / (n - 1)``); when a user's impressions are all clicked or all not, it is ``m``
+    times the binomial variance per impression.
+
+    Attributes:
+        users: ``n``.
+        successes: ``sum(y)``.
+        trials: ``sum(x)``.
+        rate: ``R`` (NaN without trials).
+        per_user_variance: The variance above (NaN with fewer than 2 users, no trials or no
+            per-user sums).
+    """
+
+    users: int
+    successes: int
+    trials: int
+    rate: float
+    per_user_variance: float
+
+    @property
+    def variance(self) -> float:
+        """``var(R)``: the per-user variance over the number of users."""
+        return self.per_user_variance / self.users if self.users > 0 else math.nan
+
+    @property
+    def naive_variance(self) -> float:
+        """The binomial variance ``R (1 - R) / trials`` that treats impressions as independent."""
+        return self.rate * (1 - self.rate) / self.trials if self.trials > 0 else math.nan
+
+
+def ratio_estimate(
+    users: int,
+    trials: int,
+    successes: int,
+    trials_sq: int | None,
+    successes_sq: int | None,
+    cross: int | None,
+) -> RatioEstimate:
+    """:class:`RatioEstimate` from the sums over users of ``x``, ``y``, ``x^2``, ``y^2`` and ``x y``."""
+    rate = successes / trials if trials > 0 else math.nan
+    var = math.nan
+    if users >= 2 and trials > 0 and None not in (trials_sq, successes_sq, cross):
+        assert trials_sq is not None and successes_sq is not None and cross is not None
+        # sum((y - R x)^2) = sum(y^2) - 2 R sum(x y) + R^2 sum(x^2)
+        ss = float(successes_sq) - 2 * rate * float(cross) + rate * rate * float(trials_sq)
+        mean_x = trials / users
+        var = max(ss, 0.0) / (users - 1) / (mean_x * mean_x)
+    return RatioEstimate(int(users), int(successes), int(trials), rate, var)
+
+
+@dataclass(frozen=True)
 class VariantSummary:
     """What one variant served and what its users did.
 
@@ -91,6 +159,15 @@ class VariantSummary:
         distinct_items: Distinct items shown over all requests.
         coverage_requests: Requests of the equal-size subsample coverage is computed on.
         coverage_items: Distinct items shown in that subsample.
+        impressions_sq: Sum over users of (the user's impressions)^2.
+        clicks_sq: Sum over users of (the user's clicks)^2.
+        completions_sq: Sum over users of (the user's completions)^2.
+        clicks_x_impressions: Sum over users of the user's clicks times impressions.
+        completions_x_impressions: Sum over users of the user's completions times impressions.
+
+    With ``users`` and the totals (the sums of the per-user counts) the last five are the
+    sufficient statistics of the user-clustered comparison (:meth:`ratio`). None when unknown
+    (a summary not built by :func:`summarise`): the rates then cannot be compared.
     """
 
     variant: str
@@ -105,6 +182,11 @@ class VariantSummary:
     distinct_items: int
     coverage_requests: int = 0
     coverage_items: int = 0
+    impressions_sq: int | None = None
+    clicks_sq: int | None = None
+    completions_sq: int | None = None
+    clicks_x_impressions: int | None = None
+    completions_x_impressions: int | None = None
 
     @property
     def ctr(self) -> float:
@@ -121,6 +203,20 @@ class VariantSummary:
         """Errors per request (NaN without requests)."""
         return self.errors / self.requests if self.requests else math.nan
 
+    def ratio(self, metric: str) -> RatioEstimate:
+        """``ctr`` or ``completion_rate`` as a ratio of per-user means, with its variance over users.
+
+        Raises:
+            ValueError: ``metric`` is not a per-impression rate.
+        """
+        if metric == "ctr":
+            succ, succ_sq, cross = self.clicks, self.clicks_sq, self.clicks_x_impressions
+        elif metric == "completion_rate":
+            succ, succ_sq, cross = self.completions, self.completions_sq, self.completions_x_impressions
+        else:
+            raise ValueError(f"{metric!r} is not a per-impression rate (ctr, completion_rate)")
+        return ratio_estimate(self.users, self.impressions, succ, self.impressions_sq, succ_sq, cross)
+
     def to_dict(self) -> dict[str, Any]:
         """The counts and rates, JSON-safe (NaN as None)."""
         out = asdict(self)
@@ -132,18 +228,27 @@ class VariantSummary:
 class MetricComparison:
     """One pre-registered metric, treatment against control.
 
+    CTR and completion rate are compared with users as clusters (:class:`RatioEstimate`): the
+    difference's interval is ``diff +- z sqrt(var_c + var_t)``, the p-value the two-sided z-test
+    of that difference, the lift's interval the delta method's on ``R_t / R_c``. Coverage uses
+    the two-proportion statistics (Newcombe, log-adjusted ratio, pooled z-test).
+
     Attributes:
         metric: ``ctr``, ``completion_rate`` or ``coverage``.
-        control: Control's ``(rate, low, high)`` (Wilson interval at ``1 - alpha``).
+        control: Control's ``(rate, low, high)`` (Wilson interval at ``1 - alpha``, per impression:
+            descriptive; the comparison below is the clustered one).
         treatment: Treatment's ``(rate, low, high)``.
         control_counts: Control's ``(successes, trials)``.
         treatment_counts: Treatment's ``(successes, trials)``.
         diff: Absolute difference treatment - control and its interval ``(diff, low, high)``.
         lift: Relative lift treatment / control - 1 and its interval ``(lift, low, high)``.
-        p_value: Two-sided two-proportion z-test (NaN when it cannot be computed).
+        p_value: Two-sided z-test of the difference (NaN when it cannot be computed).
         significant: ``p_value < alpha``.
-        comparable: Whether the two rates may be compared (coverage: equal request counts).
-        note: What the numbers are counted on.
+        comparable: Whether the two rates may be compared (rates: at least 2 users and an
+            impression in each variant; coverage: equal request counts).
+        note: What the numbers are counted on, or why they cannot be compared.
+        design_effect: Variance of the clustered difference over the variance impressions as
+            independent trials would give it (rates only; NaN otherwise).
     """
 
     metric: str
@@ -157,6 +262,7 @@ class MetricComparison:
     significant: bool
     comparable: bool = True
     note: str = ""
+    design_effect: float = math.nan
 
     @property
     def better(self) -> bool:
@@ -198,9 +304,22 @@ class SrmCheck:
 class SampleSize:
     """Minimum sample size of the primary metric.
 
+    For CTR and completion rate it is in users (the unit of randomisation). With ``sigma^2``
+    control's per-user variance (:attr:`RatioEstimate.per_user_variance`, assumed for both
+    variants), ``delta = baseline * expected_effect`` (the target rate capped at 1) and ``k``
+    control users per treatment user (the observed allocation), the z-test of the difference has
+    power ``1 - beta`` at ``alpha`` (two-sided) when
+
+        n_treatment = (z_{1-alpha/2} + z_{1-beta})^2 * sigma^2 * (1 + 1/k) / delta^2,
+        n_control = k * n_treatment
+
+    (``per_variant``: ``k = 1``, ``2 (z + z)^2 sigma^2 / delta^2``); statsmodels'
+    ``NormalIndPower`` solves it with the standardised effect ``delta / sigma``. The implied
+    impressions are these times control's impressions per user.
+
     Attributes:
         metric: The primary metric.
-        unit: What is counted (``impressions``; ``requests`` for coverage).
+        unit: What is counted (``users``; ``requests`` for coverage).
         baseline: Control's observed rate the effect is relative to (NaN when unknown).
         expected_effect: Relative lift the test is sized for.
         per_variant: Minimum per variant with equal allocation (the classic number).
@@ -209,6 +328,12 @@ class SampleSize:
         control: Control's count so far.
         treatment: Treatment's count so far.
         enough: Both variants reached their minimum.
+        per_user_sd: Control's per-user standard deviation ``sigma`` the size rests on (NaN for
+            coverage or when unknown).
+        impressions_per_user: Control's impressions per user (NaN for coverage).
+        per_variant_impressions: ``per_variant`` in impressions.
+        control_impressions_required: ``control_required`` in impressions.
+        treatment_impressions_required: ``treatment_required`` in impressions.
     """
 
     metric: str
@@ -221,6 +346,11 @@ class SampleSize:
     control: int
     treatment: int
     enough: bool
+    per_user_sd: float = math.nan
+    impressions_per_user: float = math.nan
+    per_variant_impressions: float = math.nan
+    control_impressions_required: float = math.nan
+    treatment_impressions_required: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -311,7 +441,8 @@ def summarise(requests: pd.DataFrame, *, seed: int = 0) -> dict[str, VariantSumm
         seed: Seed of the subsample coverage is computed on.
 
     Returns:
-        Summaries by variant, sorted by name.
+        Summaries by variant, sorted by name, with the per-user sums of squares and
+        cross-products the clustered comparison needs.
     """
     out: dict[str, VariantSummary] = {}
     groups = {str(v): g for v, g in requests.groupby("variant", sort=True)}
@@ -323,6 +454,10 @@ def summarise(requests: pd.DataFrame, *, seed: int = 0) -> dict[str, VariantSumm
         for shown in g["items"]:
             items.update(int(i) for i in shown)
         cov_requests, cov_items = coverage.get(variant, (0, 0))
+        per_user = g.groupby("user_id", sort=False)[["impressions", "clicks", "completions"]].sum()
+        x, y_click, y_comp = (
+            per_user[c].to_numpy(np.int64) for c in ("impressions", "clicks", "completions")
+        )
         out[variant] = VariantSummary(
             variant=variant,
             users=int(g["user_id"].nunique()),
@@ -336,6 +471,11 @@ def summarise(requests: pd.DataFrame, *, seed: int = 0) -> dict[str, VariantSumm
             distinct_items=len(items),
             coverage_requests=cov_requests,
             coverage_items=cov_items,
+            impressions_sq=int(x @ x),
+            clicks_sq=int(y_click @ y_click),
+            completions_sq=int(y_comp @ y_comp),
+            clicks_x_impressions=int(y_click @ x),
+            completions_x_impressions=int(y_comp @ x),
         )
     return out
 
@@ -385,8 +525,10 @@ def analyse(
       ``latency_p99_ratio`` or above ``latency_p99_ms``; error rate more than
       ``error_rate_increase`` above control's; the primary metric significantly worse than
       ``-metric_drop`` relative to control).
-    * ``continue``: fewer samples than the minimum sample size for ``config.expected_effect``.
-    * ``ship``: the primary metric is significantly better (two-sided z-test at ``alpha``).
+    * ``continue``: fewer users than the minimum sample size for ``config.expected_effect``
+      (requests for coverage).
+    * ``ship``: the primary metric is significantly better (two-sided z-test at ``alpha``; for
+      CTR and completion rate with users as clusters, see :class:`MetricComparison`).
     * ``no_difference``: enough samples and no significant improvement.
 
     Args:
@@ -459,29 +601,86 @@ def analyse(
     )
 
 
-def _counts(metric: str, s: VariantSummary, n_items: int | None) -> tuple[int, int]:
-    if metric == "ctr":
-        return s.clicks, s.impressions
-    if metric == "completion_rate":
-        return s.completions, s.impressions
-    return s.coverage_items, n_items or 0
-
-
 def _compare(
     metric: str, control: VariantSummary, treatment: VariantSummary, alpha: float, n_items: int | None
 ) -> MetricComparison:
-    c_succ, c_n = _counts(metric, control, n_items)
-    t_succ, t_n = _counts(metric, treatment, n_items)
-    comparable, note = True, "per impression"
     if metric == "coverage":
-        note = (
-            f"distinct items over the catalogue ({n_items} items) on {control.coverage_requests:,} "
-            "requests of each variant (the larger variant subsampled)"
+        return _compare_coverage(control, treatment, alpha, n_items)
+    return _compare_rates(metric, control, treatment, alpha)
+
+
+def _compare_rates(
+    metric: str, control: VariantSummary, treatment: VariantSummary, alpha: float
+) -> MetricComparison:
+    """CTR or completion rate with users as clusters (see :class:`MetricComparison`)."""
+    c, t = control.ratio(metric), treatment.ratio(metric)
+    nan3 = (math.nan, math.nan, math.nan)
+    why: list[str] = []
+    for v, r in ((control, c), (treatment, t)):
+        if r.users < 2:
+            why.append(
+                f"{v.variant} has {r.users} user{'' if r.users == 1 else 's'} (a variance over users needs 2)"
+            )
+        elif r.trials == 0:
+            why.append(f"{v.variant} has no impressions")
+        elif not math.isfinite(r.per_user_variance):
+            why.append(f"{v.variant} has no per-user counts")
+    counts = (c.successes, c.trials), (t.successes, t.trials)
+    if why:
+        return MetricComparison(
+            metric, nan3, nan3, *counts, nan3, nan3, math.nan, False, comparable=False, note="; ".join(why)
         )
-        if not n_items:
-            comparable, note = False, "catalogue size unknown"
-        elif control.coverage_requests != treatment.coverage_requests or control.coverage_requests == 0:
-            comparable, note = False, "not computed on equal request counts"
+    z = float(norm.ppf(1 - alpha / 2))
+    diff_value = t.rate - c.rate
+    var = c.variance + t.variance
+    se = math.sqrt(var) if math.isfinite(var) else math.nan
+    diff = (diff_value, diff_value - z * se, diff_value + z * se)
+    p = float(2 * norm.sf(abs(diff_value) / se)) if se > 0 else math.nan
+    lift = nan3
+    if c.rate > 0:  # delta method on R_t / R_c (independent variants)
+        ratio = t.rate / c.rate
+        lift_se = math.sqrt(t.variance / c.rate**2 + t.rate**2 * c.variance / c.rate**4)
+        lift = (ratio - 1, ratio - 1 - z * lift_se, ratio - 1 + z * lift_se)
+    naive = c.naive_variance + t.naive_variance
+    deff = var / naive if naive > 0 else math.nan
+    confidence = 1 - alpha
+    return MetricComparison(
+        metric=metric,
+        control=rate_interval(c.successes, c.trials, confidence),
+        treatment=rate_interval(t.successes, t.trials, confidence),
+        control_counts=counts[0],
+        treatment_counts=counts[1],
+        diff=diff,
+        lift=lift,
+        p_value=p,
+        significant=math.isfinite(p) and p < alpha,
+        comparable=True,
+        note=(
+            f"per impression, users as clusters (delta method over {c.users:,} control and {t.users:,} "
+            f"treatment users; design effect {deff:.2f})"
+            if math.isfinite(deff)
+            else f"per impression, users as clusters ({c.users:,} control and {t.users:,} treatment users)"
+        ),
+        design_effect=deff,
+    )
+
+
+def _compare_coverage(
+    control: VariantSummary, treatment: VariantSummary, alpha: float, n_items: int | None
+) -> MetricComparison:
+    """Distinct items over the catalogue: two proportions of the catalogue (Newcombe, z-test)."""
+    n = n_items or 0
+    c_succ, c_n = control.coverage_items, n
+    t_succ, t_n = treatment.coverage_items, n
+    comparable = True
+    note = (
+        f"distinct items over the catalogue ({n_items} items) on {control.coverage_requests:,} "
+        "requests of each variant (the larger variant subsampled)"
+    )
+    if not n_items:
+        comparable, note = False, "catalogue size unknown"
+    elif control.coverage_requests != treatment.coverage_requests or control.coverage_requests == 0:
+        comparable, note = False, "not computed on equal request counts"
     confidence = 1 - alpha
     nan3 = (math.nan, math.nan, math.nan)
     diff, lift, p = nan3, nan3, math.nan
@@ -498,7 +697,7 @@ def _compare(
             if 0 < c_succ + t_succ < c_n + t_n:  # the z-test needs a pooled rate strictly in (0, 1)
                 p = float(proportions_ztest([t_succ, c_succ], [t_n, c_n])[1])
     return MetricComparison(
-        metric=metric,
+        metric="coverage",
         control=rate_interval(c_succ, c_n, confidence) if comparable else nan3,
         treatment=rate_interval(t_succ, t_n, confidence) if comparable else nan3,
         control_counts=(c_succ, c_n),
@@ -526,6 +725,7 @@ def _srm(control: VariantSummary, treatment: VariantSummary, expected: float, sr
 
 
 def _sample_size(config: ExperimentConfig, control: VariantSummary, treatment: VariantSummary) -> SampleSize:
+    """The minimum sample size of the primary metric (the formula: :class:`SampleSize`)."""
     metric = config.primary_metric
     if metric == "coverage":  # a catalogue share: judged once each variant served min_requests_per_step
         need = float(config.min_requests_per_step)
@@ -533,25 +733,41 @@ def _sample_size(config: ExperimentConfig, control: VariantSummary, treatment: V
         return SampleSize(
             metric, "requests", math.nan, config.expected_effect, need, need, need, c, t, min(c, t) >= need
         )
-    succ, c = _counts(metric, control, None)
-    t = treatment.impressions
-    baseline = succ / c if c else math.nan
+    est = control.ratio(metric)
+    c, t = control.users, treatment.users
+    baseline, sd = est.rate, math.sqrt(est.per_user_variance)
+    per_user = control.impressions / c if c else math.nan
     per_variant = c_req = t_req = math.inf
-    if math.isfinite(baseline) and 0 < baseline < 1:
-        target = min(baseline * (1 + config.expected_effect), 1.0 - 1e-9)
-        effect = abs(float(proportion_effectsize(target, baseline)))
-        power = NormalIndPower()
-        per_variant = float(
-            power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=1.0)
-        )
-        ratio = c / t if t else 1.0  # control's impressions per treatment impression
-        t_req = float(
-            power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=ratio)
-        )
-        c_req = t_req * ratio
+    if math.isfinite(baseline) and baseline > 0 and math.isfinite(sd) and sd > 0:
+        delta = min(baseline * (1 + config.expected_effect), 1.0) - baseline  # a rate is at most 1
+        if delta != 0:
+            effect = abs(delta) / sd  # the difference in units of the per-user standard deviation
+            power = NormalIndPower()
+            per_variant = float(
+                power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=1.0)
+            )
+            ratio = c / t if t else 1.0  # control's users per treatment user
+            t_req = float(
+                power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=ratio)
+            )
+            c_req = t_req * ratio
     enough = math.isfinite(t_req) and t >= t_req and c >= c_req
     return SampleSize(
-        metric, "impressions", baseline, config.expected_effect, per_variant, c_req, t_req, c, t, enough
+        metric,
+        "users",
+        baseline,
+        config.expected_effect,
+        per_variant,
+        c_req,
+        t_req,
+        c,
+        t,
+        enough,
+        per_user_sd=sd,
+        impressions_per_user=per_user,
+        per_variant_impressions=per_variant * per_user,
+        control_impressions_required=c_req * per_user,
+        treatment_impressions_required=t_req * per_user,
     )
 
 
@@ -646,14 +862,22 @@ def _effect_words(m: MetricComparison) -> str:
 
 def _size_reason(s: SampleSize) -> str:
     if not math.isfinite(s.treatment_required):
+        sd = f", per-user sd {s.per_user_sd:.4g}" if s.unit == "users" else ""
         return (
-            f"not enough data to size the test: control's {s.metric} is {s.baseline:.4g} "
+            f"not enough data to size the test: control's {s.metric} is {s.baseline:.4g}{sd} "
             f"({s.control:,} {s.unit}); keep the experiment running"
+        )
+    implied = ""
+    if math.isfinite(s.impressions_per_user):
+        implied = (
+            f" (about {math.ceil(s.control_impressions_required):,} and "
+            f"{math.ceil(s.treatment_impressions_required):,} impressions at control's "
+            f"{s.impressions_per_user:.1f} per user)"
         )
     return (
         f"below the minimum sample size for a {s.expected_effect:.0%} lift in {s.metric} over "
         f"{s.baseline:.4f}: control {s.control:,} of {math.ceil(s.control_required):,} {s.unit}, "
-        f"treatment {s.treatment:,} of {math.ceil(s.treatment_required):,}; keep the experiment running"
+        f"treatment {s.treatment:,} of {math.ceil(s.treatment_required):,}{implied}; keep the experiment running"
     )
 
 

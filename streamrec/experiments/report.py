@@ -190,8 +190,12 @@ def _effects_section(a: ExperimentAnalysis) -> Section:
         )
     shown = [m for m in a.metrics if m.comparable and math.isfinite(m.lift[0])]
     parts = [
-        f"<p>Treatment against control, {conf:.0%} intervals: the difference (Newcombe) and the relative "
-        "lift (ratio - 1, log-adjusted); two-sided two-proportion z-test.</p>"
+        f"<p>Treatment against control, {conf:.0%} intervals. CTR and completion rate with users as "
+        "clusters (users are randomised, their impressions are correlated): the difference and the "
+        "relative lift with delta-method variances over users, two-sided z-test of the difference; the "
+        "design effect in the note is how much wider that variance is than impressions as independent "
+        "trials would give it. Coverage: the difference (Newcombe), the relative lift (ratio - 1, "
+        "log-adjusted), two-sided two-proportion z-test.</p>"
     ]
     if shown:
         fig = Figure(figsize=(8, 0.8 + 0.7 * len(shown)))
@@ -311,6 +315,13 @@ def _checks_section(a: ExperimentAnalysis) -> Section:
         f"observed allocation control needs {size.control_required:,.0f} (has {size.control:,}) and treatment "
         f"{size.treatment_required:,.0f} (has {size.treatment:,})."
     )
+    if size.unit == "users" and math.isfinite(size.per_variant_impressions):
+        size_text += (
+            f" Sized on control's per-user standard deviation {size.per_user_sd:.4g} (delta method); at "
+            f"control's {size.impressions_per_user:.1f} impressions per user that is about "
+            f"{size.per_variant_impressions:,.0f} impressions per variant ({size.control_impressions_required:,.0f} "
+            f"for control and {size.treatment_impressions_required:,.0f} for treatment at the observed allocation)."
+        )
     body = (f"<p>{esc(srm_text)}</p>" if srm.valid else f'<p class="alert">{esc(srm_text)}</p>') + (
         f"<p>{esc(size_text)}</p>" if size.enough else missing_note(size_text + " Not enough yet.")
     )

@@ -1,11 +1,14 @@
-"""Experiment analysis: the statistics against hand-computed values, the decisions, and the log path
-(a request log written by the real RequestLog, events in the store and in the API's event log)."""
+"""Experiment analysis: the user-clustered statistics against hand-computed values (the delta method
+written out, the all-or-nothing and one-impression-per-user limits, A/A false positives), the
+decisions, and the log path (a request log written by the real RequestLog, events in the store and
+in the API's event log)."""
 
 from __future__ import annotations
 
 import json
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import norm
+from scipy.stats import binom, norm
+from statsmodels.stats.proportion import confint_proportions_2indep, proportion_effectsize, proportions_ztest
 
 from streamrec.api_models import EventIn
 from streamrec.data.event_log import EventLog
@@ -34,31 +38,59 @@ from streamrec.monitoring.drift import rate_interval
 from streamrec.monitoring.logs import RequestLog, RequestLogConfig, ServedRecord
 
 
+def users_with(
+    n: int, m: int | Sequence[int], ctr: float, completion: float = 0.0, *, clustered: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-user impressions, clicks and completions of ``n`` users, deterministic.
+
+    Impressions cycle through ``m``. Clicks and completions are the binomial quantiles of each
+    user's impressions (independent impressions, like a binomial draw but without the noise), or
+    with ``clustered`` all-or-nothing: ``round(ctr * n)`` users click every impression they saw.
+    """
+    x = np.resize(np.atleast_1d(np.asarray(m, np.int64)), n)
+    q = (np.arange(n) * 7919 % n + 0.5) / n  # quantiles, shuffled against the impression cycle
+    if clustered:
+        clicks = np.where(np.arange(n) < round(ctr * n), x, 0)
+    else:
+        clicks = binom.ppf(q, x, ctr).astype(np.int64)
+    completions = binom.ppf(q[::-1], x, completion).astype(np.int64)
+    return x, clicks, completions
+
+
 def summary(
     variant: str,
     *,
     users: int = 5000,
-    impressions: int = 100_000,
-    clicks: int = 5000,
-    completions: int = 1000,
+    m: int | Sequence[int] = 20,
+    ctr: float = 0.05,
+    completion: float = 0.01,
+    clustered: bool = False,
+    per_user: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     errors: int = 0,
     requests: int | None = None,
     p99: float = 50.0,
     coverage: tuple[int, int] = (1000, 300),
 ) -> VariantSummary:
+    """A variant's summary with the per-user sums of ``per_user`` (default: :func:`users_with`)."""
+    x, y, z = per_user if per_user is not None else users_with(users, m, ctr, completion, clustered=clustered)
     return VariantSummary(
         variant=variant,
-        users=users,
-        requests=requests if requests is not None else impressions // 10,
-        impressions=impressions,
-        clicks=clicks,
-        completions=completions,
+        users=len(x),
+        requests=requests if requests is not None else int(x.sum()) // 10,
+        impressions=int(x.sum()),
+        clicks=int(y.sum()),
+        completions=int(z.sum()),
         errors=errors,
         latency_p50_ms=p99 / 3,
         latency_p99_ms=p99,
         distinct_items=coverage[1],
         coverage_requests=coverage[0],
         coverage_items=coverage[1],
+        impressions_sq=int(x @ x),
+        clicks_sq=int(y @ y),
+        completions_sq=int(z @ z),
+        clicks_x_impressions=int(y @ x),
+        completions_x_impressions=int(z @ x),
     )
 
 
@@ -66,73 +98,197 @@ def pair(control: VariantSummary, treatment: VariantSummary) -> dict[str, Varian
     return {CONTROL: control, TREATMENT: treatment}
 
 
+def delta_method(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Ratio of means and its variance, Deng et al.'s formula written out: (R, var(R))."""
+    n = len(x)
+    r = y.sum() / x.sum()
+    s_xx, s_yy, s_xy = np.var(x, ddof=1), np.var(y, ddof=1), np.cov(x, y, ddof=1)[0, 1]
+    return float(r), float((s_yy - 2 * r * s_xy + r**2 * s_xx) / x.mean() ** 2 / n)
+
+
+Z95 = float(norm.ppf(0.975))
+Z_POWER = float(norm.ppf(0.8))
+
+
 # ------------------------------------------------------------------------------------ statistics
 
 
-def test_a_doubled_ctr_with_large_samples_ships_with_the_textbook_numbers() -> None:
+def test_a_doubled_ctr_ships_with_the_hand_computed_clustered_numbers() -> None:
     cfg = ExperimentConfig(name="ab", expected_effect=0.5)
-    c = summary(CONTROL, impressions=10_000, clicks=500)
-    t = summary(TREATMENT, impressions=10_000, clicks=1000)
+    cu, tu = users_with(4000, [10, 20, 30], 0.05), users_with(4000, [10, 20, 30], 0.10)
+    c, t = summary(CONTROL, per_user=cu), summary(TREATMENT, per_user=tu)
     a = analyse(pair(c, t), cfg, expected_share=0.5, n_items=1000)
     assert a.decision == "ship", a.reasons
     assert "ctr significantly better" in a.reasons[0]
     ctr = a.metric("ctr")
-    # pooled two-proportion z-test by hand
-    pooled = 1500 / 20_000
-    z = (0.10 - 0.05) / math.sqrt(pooled * (1 - pooled) * (2 / 10_000))
-    assert ctr.p_value == pytest.approx(2 * norm.sf(z), rel=1e-6)
-    # Newcombe's interval of the difference from the two Wilson intervals
-    p1, l1, u1 = rate_interval(1000, 10_000)
-    p2, l2, u2 = rate_interval(500, 10_000)
-    assert ctr.treatment == pytest.approx((p1, l1, u1)) and ctr.control == pytest.approx((p2, l2, u2))
-    d = p1 - p2
-    assert ctr.diff[0] == pytest.approx(0.05)
-    assert ctr.diff[1] == pytest.approx(d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), rel=1e-6)
-    assert ctr.diff[2] == pytest.approx(d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2), rel=1e-6)
-    # relative lift: 2x -> +100%, its interval around it and well above 0
-    assert ctr.lift[0] == pytest.approx(1.0) and 0.6 < ctr.lift[1] < 1.0 < ctr.lift[2] < 1.5
-    assert ctr.better and not ctr.worse
-    # Cohen's h for 0.05 -> 0.075 at alpha 0.05, power 0.8: about 1,450 per variant
-    h = 2 * math.asin(math.sqrt(0.075)) - 2 * math.asin(math.sqrt(0.05))
-    assert a.sample_size.per_variant == pytest.approx(
-        2 * ((norm.ppf(0.975) + norm.ppf(0.8)) / h) ** 2, rel=1e-4
+    rc, vc = delta_method(cu[0], cu[1])
+    rt, vt = delta_method(tu[0], tu[1])
+    assert rc == pytest.approx(0.05, abs=0.002) and rt == pytest.approx(0.10, abs=0.002)
+    # the difference: diff +- z sqrt(var_c + var_t), two-sided z-test on it
+    se = math.sqrt(vc + vt)
+    assert ctr.diff == pytest.approx((rt - rc, rt - rc - Z95 * se, rt - rc + Z95 * se), rel=1e-9)
+    assert ctr.p_value == pytest.approx(2 * norm.sf((rt - rc) / se), rel=1e-6)
+    # the lift: delta method on R_t / R_c
+    ratio = rt / rc
+    lift_se = ratio * math.sqrt(vt / rt**2 + vc / rc**2)
+    assert ctr.lift == pytest.approx(
+        (ratio - 1, ratio - 1 - Z95 * lift_se, ratio - 1 + Z95 * lift_se), rel=1e-9
     )
-    assert a.sample_size.enough and a.srm.valid
+    assert 0.6 < ctr.lift[1] < ctr.lift[0] < ctr.lift[2] < 1.5
+    # each variant's own rate keeps its Wilson interval per impression
+    assert ctr.control == pytest.approx(rate_interval(c.clicks, c.impressions))
+    assert ctr.treatment == pytest.approx(rate_interval(t.clicks, t.impressions))
+    assert ctr.control_counts == (c.clicks, c.impressions)
+    # independent impressions: the clustered variance is the binomial one, give or take
+    naive = rc * (1 - rc) / c.impressions + rt * (1 - rt) / t.impressions
+    assert ctr.design_effect == pytest.approx((vc + vt) / naive) and 0.85 < ctr.design_effect < 1.15
+    assert "users as clusters" in ctr.note and "4,000 control" in ctr.note
+    assert ctr.better and not ctr.worse
+    # minimum sample size in users: 2 (z + z)^2 sigma^2 / delta^2, sigma^2 = n var(R_c)
+    s = a.sample_size
+    sigma2, delta = 4000 * vc, 0.5 * rc
+    assert s.unit == "users" and s.per_user_sd == pytest.approx(math.sqrt(sigma2))
+    assert s.per_variant == pytest.approx(2 * (Z95 + Z_POWER) ** 2 * sigma2 / delta**2, rel=1e-4)
+    assert s.per_variant == pytest.approx(s.control_required) == pytest.approx(s.treatment_required)
+    assert s.impressions_per_user == pytest.approx(c.impressions / 4000)
+    assert s.per_variant_impressions == pytest.approx(s.per_variant * c.impressions / 4000)
+    assert (s.control, s.treatment) == (4000, 4000) and s.enough and a.srm.valid
     assert all(g.passed for g in a.guardrails)
     json.dumps(a.to_dict(), allow_nan=False)  # JSON-safe
 
 
-def test_equal_rates_with_enough_samples_is_no_difference() -> None:
+def test_all_or_nothing_users_widen_the_interval_by_sqrt_m_and_stop_a_false_ship() -> None:
+    n, m = 1500, 20
+    c = summary(CONTROL, users=n, m=m, ctr=75 / n, clustered=True)  # 75 users click all 20 items
+    t = summary(TREATMENT, users=n, m=m, ctr=95 / n, clustered=True)  # 95 users do
+    a = analyse(pair(c, t), ExperimentConfig(name="ab", expected_effect=0.5), expected_share=0.5)
+    ctr = a.metric("ctr")
+    pc, pt = c.ctr, t.ctr
+    assert (pc, pt) == (0.05, 95 / n)
+    # each user is one Bernoulli trial of weight m: var(R) = p (1 - p) / (n - 1), m n / (n - 1)
+    # times the binomial variance over the n m impressions
+    wald = Z95 * math.sqrt(pc * (1 - pc) / (n * m) + pt * (1 - pt) / (n * m))
+    half = (ctr.diff[2] - ctr.diff[1]) / 2
+    assert half == pytest.approx(Z95 * math.sqrt((pc * (1 - pc) + pt * (1 - pt)) / (n - 1)), rel=1e-9)
+    assert half / wald == pytest.approx(math.sqrt(m * n / (n - 1)), rel=1e-9)
+    assert ctr.design_effect == pytest.approx(m * n / (n - 1), rel=1e-9)
+    # the Newcombe interval the impressions-as-trials analysis reported is about sqrt(20) = 4.5x narrower
+    low, high = confint_proportions_2indep(t.clicks, t.impressions, c.clicks, c.impressions, compare="diff")
+    assert 4.2 < (ctr.diff[2] - ctr.diff[1]) / (high - low) < 4.8
+    # impressions as trials: overwhelmingly significant; users as clusters: not at all
+    assert proportions_ztest([t.clicks, c.clicks], [t.impressions, c.impressions])[1] < 1e-6
+    assert ctr.p_value == pytest.approx(2 * norm.sf((pt - pc) / (half / Z95)), rel=1e-9)
+    assert 0.05 < ctr.p_value < 0.2 and not ctr.significant
+    # enough users for a 50% lift (each user is one trial: about 1,200 needed), and no win
+    assert a.sample_size.enough and 1000 < a.sample_size.per_variant < n
+    assert a.decision == "no_difference", a.reasons
+    assert "no significant difference in ctr" in a.reasons[0]
+
+
+def test_one_impression_per_user_is_the_binomial_comparison() -> None:
+    n = 20_000
+    c = summary(CONTROL, users=n, m=1, ctr=0.05, completion=0.02)
+    t = summary(TREATMENT, users=n, m=1, ctr=0.0575, completion=0.02)
+    a = analyse(pair(c, t), ExperimentConfig(name="ab", expected_effect=0.15), expected_share=0.5)
+    ctr = a.metric("ctr")
+    pc, pt = c.ctr, t.ctr
+    assert c.clicks == 1000 and t.clicks == 1150
+    # var(R) = p (1 - p) / (n - 1): the Wald interval up to n / (n - 1)
+    wald = Z95 * math.sqrt(pc * (1 - pc) / n + pt * (1 - pt) / n)
+    assert (ctr.diff[2] - ctr.diff[1]) / 2 / wald == pytest.approx(math.sqrt(n / (n - 1)), rel=1e-9)
+    assert ctr.design_effect == pytest.approx(n / (n - 1), rel=1e-9)
+    # ... and close to what statsmodels gives for two proportions
+    low, high = confint_proportions_2indep(t.clicks, n, c.clicks, n, compare="diff")
+    assert ctr.diff[1] == pytest.approx(low, rel=0.02) and ctr.diff[2] == pytest.approx(high, rel=0.02)
+    pooled = proportions_ztest([t.clicks, c.clicks], [n, n])[1]
+    assert ctr.p_value == pytest.approx(pooled, rel=0.05) and ctr.p_value < 0.05
+    # the size in users is the classic two-proportion size in impressions at control's variance
+    # p (1 - p) (times n / (n - 1)) when a user is one impression ...
+    classic = 2 * (Z95 + Z_POWER) ** 2 * 0.05 * 0.95 / (0.05 * 0.15) ** 2
+    assert a.sample_size.per_variant == pytest.approx(classic * n / (n - 1), rel=1e-4)
+    # ... and near Cohen's h's (the arcsine spreads the variance over both rates: about 7% more)
+    h = abs(float(proportion_effectsize(0.05 * 1.15, 0.05)))
+    assert a.sample_size.per_variant == pytest.approx(2 * ((Z95 + Z_POWER) / h) ** 2, rel=0.1)
+    assert a.sample_size.per_variant_impressions == pytest.approx(a.sample_size.per_variant)
+    assert a.decision == "ship", a.reasons
+
+
+def test_clustered_ab_tests_keep_false_ships_near_alpha_where_impressions_as_trials_do_not() -> None:
+    """A/A experiments of users with their own CTR (beta): the clustered test is significant about
+    alpha of the time; the two-proportion z-test on impressions several times as often."""
+    rng = np.random.default_rng(7)
+    runs, n, m = 200, 300, 20
+    clustered = naive = 0
+    cfg = ExperimentConfig(name="aa", expected_effect=0.5)
+    for _ in range(runs):
+        arms = []
+        for _variant in (CONTROL, TREATMENT):
+            x = rng.integers(1, 2 * m, n)
+            y = rng.binomial(x, rng.beta(0.2, 3.8, n))  # mean CTR 5%, ICC 0.2
+            arms.append((x, y, np.zeros(n, np.int64)))
+        c, t = summary(CONTROL, per_user=arms[0]), summary(TREATMENT, per_user=arms[1])
+        clustered += analyse(pair(c, t), cfg, expected_share=0.5).metric("ctr").significant
+        naive += proportions_ztest([t.clicks, c.clicks], [t.impressions, c.impressions])[1] < 0.05
+    assert 0.01 <= clustered / runs <= 0.10
+    assert naive / runs > 0.3  # about 0.4: the design effect here is about 5
+
+
+def test_fewer_than_two_users_cannot_be_compared() -> None:
     cfg = ExperimentConfig(name="ab")
-    c = summary(CONTROL, impressions=300_000, clicks=15_000)
-    t = summary(TREATMENT, impressions=300_000, clicks=15_000)
+    c = summary(CONTROL, users=100)
+    one = summary(TREATMENT, users=1, m=20, ctr=0.1)
+    a = analyse(pair(c, one), cfg, expected_share=1 / 101)
+    ctr = a.metric("ctr")
+    assert not ctr.comparable and not ctr.significant and math.isnan(ctr.p_value)
+    assert ctr.note == "treatment has 1 user (a variance over users needs 2)"
+    assert ctr.treatment_counts == (one.clicks, 20)
+    assert a.decision == "continue", a.reasons  # one user is far below the minimum
+    assert any(g.name == "metric_drop" and "not measured" in g.message for g in a.guardrails)
+    # a summary without per-user sums (not built by summarise) is not compared either
+    bare = replace(c, impressions_sq=None, clicks_sq=None, clicks_x_impressions=None)
+    b = analyse(pair(bare, summary(TREATMENT, users=100)), cfg, expected_share=0.5)
+    assert not b.metric("ctr").comparable and b.metric("ctr").note == "control has no per-user counts"
+    assert not b.sample_size.enough and "not enough data to size the test" in b.reasons[0]
+
+
+def test_equal_rates_with_enough_users_is_no_difference() -> None:
+    cfg = ExperimentConfig(name="ab")
+    c = summary(CONTROL, users=10_000)
+    t = summary(TREATMENT, users=10_000)  # the very same users' counts
     a = analyse(pair(c, t), cfg, expected_share=0.5, n_items=1000)
-    assert a.sample_size.per_variant > 100_000  # 5% lift over 5% CTR needs ~120k per variant
+    # 5% lift over 5% CTR with 20 independent impressions per user: about 6,000 users per variant
+    assert 5000 < a.sample_size.per_variant < 7000 and a.sample_size.unit == "users"
+    assert a.sample_size.per_variant_impressions == pytest.approx(20 * a.sample_size.per_variant)
     assert a.sample_size.enough
     assert a.decision == "no_difference", a.reasons
     assert a.metric("ctr").p_value == pytest.approx(1.0) and a.metric("ctr").diff[0] == 0
     assert "no significant difference in ctr" in a.reasons[0]
 
 
-def test_tiny_samples_continue_and_say_how_many_are_needed() -> None:
+def test_tiny_samples_continue_and_say_how_many_users_are_needed() -> None:
     cfg = ExperimentConfig(name="ab")
-    c = summary(CONTROL, users=50, impressions=200, clicks=10, completions=2)
-    t = summary(TREATMENT, users=50, impressions=200, clicks=20, completions=4)
+    c = summary(CONTROL, users=50, m=4, ctr=0.05, completion=0.01)
+    t = summary(TREATMENT, users=50, m=4, ctr=0.10, completion=0.02)
     a = analyse(pair(c, t), cfg, expected_share=0.5)
     assert a.decision == "continue", a.reasons
-    assert not a.sample_size.enough and a.sample_size.treatment_required > 100_000
-    assert "minimum sample size" in a.reasons[0] and "200 of" in a.reasons[0]
+    assert not a.sample_size.enough and a.sample_size.treatment_required > 10_000
+    reason = a.reasons[0]
+    assert "minimum sample size" in reason and "control 50 of" in reason and " users" in reason
+    assert "impressions at control's 4.0 per user" in reason
 
 
 def test_sample_size_follows_the_allocation_of_a_canary() -> None:
-    cfg = ExperimentConfig(name="canary", expected_effect=0.5)
-    c = summary(CONTROL, users=9900, impressions=99_000, clicks=4950)
-    t = summary(TREATMENT, users=100, impressions=500, clicks=25, completions=5)
+    cfg = ExperimentConfig(name="canary", expected_effect=0.2)
+    c = summary(CONTROL, users=9900, m=10)
+    t = summary(TREATMENT, users=100, m=5)
     a = analyse(pair(c, t), cfg, expected_share=0.01)
     s = a.sample_size
-    # at 198 control impressions per treatment one, the treatment needs about half the equal-split number
+    # at 99 control users per treatment user, the treatment needs about half the equal-split number:
+    # n_t = (z + z)^2 sigma^2 (1 + 1/99) / delta^2
     assert s.treatment_required < s.per_variant < s.control_required
-    assert s.control_required == pytest.approx(99_000 / 500 * s.treatment_required)
+    assert s.treatment_required == pytest.approx(s.per_variant / 2 * (1 + 1 / 99), rel=1e-3)
+    assert s.control_required == pytest.approx(99 * s.treatment_required)
+    assert s.control_impressions_required == pytest.approx(10 * s.control_required)
     assert a.decision == "continue" and a.srm.valid
 
 
@@ -160,13 +316,19 @@ def test_an_error_rate_increase_rolls_back() -> None:
 
 
 def test_a_significantly_worse_primary_metric_rolls_back_unless_within_metric_drop() -> None:
-    c = summary(CONTROL, impressions=100_000, clicks=5000)
-    t = summary(TREATMENT, impressions=100_000, clicks=4500)  # -10%
+    c = summary(CONTROL, ctr=0.05)
+    t = summary(TREATMENT, ctr=0.045)  # -10%
     a = analyse(pair(c, t), ExperimentConfig(name="ab"), expected_share=0.5)
+    assert a.metric("ctr").worse and a.metric("ctr").lift[2] < 0
     assert a.decision == "rollback" and any("metric_drop" in r for r in a.reasons)
     lenient = ExperimentConfig(name="ab", guardrails=Guardrails(metric_drop=0.2), expected_effect=0.2)
     b = analyse(pair(c, t), lenient, expected_share=0.5)
     assert b.decision == "no_difference" and "significantly worse" in b.reasons[0]
+    # all-or-nothing users: the same -10% is well within the noise of 5,000 users, no rollback
+    cc = summary(CONTROL, ctr=0.05, clustered=True)
+    tc = summary(TREATMENT, ctr=0.045, clustered=True)
+    d = analyse(pair(cc, tc), ExperimentConfig(name="ab"), expected_share=0.5)
+    assert not d.metric("ctr").significant and d.decision != "rollback", d.reasons
 
 
 def test_a_60_40_split_at_an_expected_50_50_is_invalid_before_anything_else() -> None:
@@ -226,6 +388,13 @@ def test_summarise_counts_per_variant() -> None:
     assert (s[TREATMENT].errors, s[TREATMENT].error_rate, s[TREATMENT].ctr) == (1, 0.5, 1.0)
     assert s[TREATMENT].latency_p99_ms == pytest.approx(20.0)  # the unanswered request has no latency
     assert s[TREATMENT].coverage_requests == s[CONTROL].coverage_requests == 2
+    # per-user sums: user 1's two requests are one user with 3 impressions, 1 click, 1 completion
+    c, t = s[CONTROL], s[TREATMENT]
+    assert (c.impressions_sq, c.clicks_sq, c.completions_sq) == (9, 1, 1)
+    assert (c.clicks_x_impressions, c.completions_x_impressions) == (3, 3)
+    assert (t.impressions_sq, t.clicks_sq, t.clicks_x_impressions, t.completions_sq) == (4, 4, 4, 0)
+    assert math.isnan(c.ratio("ctr").per_user_variance)  # one user: no variance over users
+    assert t.ratio("ctr").rate == 1.0 and t.ratio("ctr").users == 2
 
 
 # -------------------------------------------------------------------------------------- log path
@@ -334,6 +503,14 @@ def test_load_summaries_joins_the_logs_and_both_event_sources(logged: Path) -> N
     assert c.distinct_items == 4 and t.distinct_items == 3
     assert c.latency_p50_ms == pytest.approx(30.0) and t.latency_p99_ms == pytest.approx(29.75)
     assert c.coverage_requests == t.coverage_requests == 2
+    # users 1 and 2: (3 impressions, 1 click), (2, 1); users 3 and 4: (3, 2 clicks, 1 completion), (1, 1)
+    assert (c.impressions_sq, c.clicks_sq, c.clicks_x_impressions) == (13, 2, 5)
+    assert (t.impressions_sq, t.clicks_sq, t.clicks_x_impressions, t.completions_x_impressions) == (
+        10,
+        5,
+        7,
+        3,
+    )
 
 
 def test_load_summaries_honours_the_label_window_and_until(logged: Path) -> None:

@@ -48,6 +48,16 @@ def test_analyse_json_and_a_registered_experiment(logged: Path) -> None:  # noqa
     assert payload["experiment"] == "lenient" and payload["decision"] == "continue"
     assert set(payload["variants"]) == {CONTROL, TREATMENT}
     assert payload["config"]["guardrails"]["error_rate_increase"] == 1.0
+    # users are the clusters: per-user sums in the variants, the minimum sample size in users
+    assert payload["variants"][CONTROL]["impressions_sq"] == 3**2 + 2**2  # users 1 and 2 saw 3 and 2 items
+    size = payload["sample_size"]
+    assert size["unit"] == "users" and (size["control"], size["treatment"]) == (2, 2)
+    assert size["control_impressions_required"] == pytest.approx(2.5 * size["control_required"])
+    ctr = next(m for m in payload["metrics"] if m["metric"] == "ctr")
+    assert ctr["comparable"] and "users as clusters" in ctr["note"] and ctr["design_effect"] > 0
+    reason = payload["reasons"][0]
+    assert "control 2 of" in reason and " users, treatment 2 of " in reason
+    assert "impressions at control's 2.5 per user" in reason
     missing = runner.invoke(
         app, ["experiments", "analyse", "--data-dir", str(logged), "--experiment", "nope"]
     )

@@ -136,6 +136,13 @@ def test_simulation_sends_real_requests_and_posts_what_the_users_did(
     assert rows[TREATMENT]["latency_p99_ms"] >= rows[TREATMENT]["latency_p50_ms"] > 0
     assert payload["decision"] == "continue" and payload["reasons"]
     assert {m["metric"] for m in payload["comparison"]} == {"ctr", "completion_rate", "coverage"}
+    # the simulator's summaries carry the per-user sums the user-clustered comparison needs
+    for s in (c, t):
+        assert s.impressions_sq is not None and s.impressions_sq * s.users >= s.impressions**2
+        assert s.clicks_x_impressions is not None and s.clicks_x_impressions >= s.clicks
+    ctr = result.analysis.metric("ctr")
+    assert ctr.comparable and f"{c.users:,} control and {t.users:,} treatment users" in ctr.note
+    assert result.analysis.sample_size.unit == "users" and result.analysis.sample_size.control == c.users
 
 
 def test_the_same_seed_gives_the_same_users_and_reactions(

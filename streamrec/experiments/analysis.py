@@ -818,15 +818,23 @@ def _guardrails(
         )
     )
     increase = treatment.error_rate - control.error_rate
+    # Breached only when the increase is above the limit with confidence 1 - alpha (the one-sided
+    # lower bound of Newcombe's interval): 5 failed of 61 against 3% is noise, not a verdict.
+    low = float(
+        confint_proportions_2indep(
+            treatment.errors, treatment.requests, control.errors, control.requests,
+            method="newcomb", compare="diff", alpha=2 * config.alpha,
+        )[0]
+    )  # fmt: skip
     out.append(
         GuardrailCheck(
             "error_rate_increase",
             increase,
             g.error_rate_increase,
-            increase <= g.error_rate_increase,
+            not low > g.error_rate_increase,
             f"treatment error rate {treatment.error_rate:.2%} ({treatment.errors:,} of {treatment.requests:,} "
-            f"requests) vs control {control.error_rate:.2%}: {increase:+.2%} "
-            f"(limit +{g.error_rate_increase:.2%})",
+            f"requests) vs control {control.error_rate:.2%}: {increase:+.2%}, at least {low:+.2%} with "
+            f"{1 - config.alpha:.0%} confidence (limit +{g.error_rate_increase:.2%})",
         )
     )
     out.append(_metric_drop(g.metric_drop, primary))

@@ -23,7 +23,7 @@ from typing import Any
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, assign, preregister
 from streamrec.experiments.rollout import share_in_force
-from streamrec.funnel.stages import Stages
+from streamrec.funnel.stages import Stages, run_funnel
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
@@ -42,6 +42,20 @@ def _rss_mb() -> float:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**20
     except OSError:  # pragma: no cover - not Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+#: Requests a new challenger answers, unrecorded, before it serves users.
+WARM_UP_REQUESTS = 3
+
+
+async def _warm(runner: StageRunner, stages: Stages, source_timeout_s: float) -> None:
+    """Run a few requests through ``runner`` (failures ignored: the funnel service handles them later)."""
+    for user in range(1, WARM_UP_REQUESTS + 1):
+        try:
+            await run_funnel(runner.call_for(stages), RecommendRequest(user_id=user, k=10),
+                             tuple(stages.source_names), source_timeout_s)  # fmt: skip
+        except Exception as err:
+            log.debug("challenger warm-up request failed: %s", err)
 
 
 class HeldBundle:
@@ -115,17 +129,22 @@ class Variants:
         self.polled_at: float | None = None
         preregister(args.data_dir, self.config)
 
-    def _serve(self, held: HeldBundle | None) -> None:
-        """Make ``held`` the challenger: its funnel service over its own stage runner (own breakers)."""
+    async def _serve(self, held: HeldBundle | None) -> None:
+        """Make ``held`` the challenger: its funnel service over its own stage runner (own breakers).
+
+        The new runner is warmed first (:data:`WARM_UP_REQUESTS` requests through its threads,
+        recorded nowhere): a cold bundle's first answers (thread start, first ranker pass) would
+        miss their deadline and count against the challenger as fallbacks.
+        """
         old = self._treatment_runner
-        self.challenger = held
         if held is None:
-            self.treatment, self._treatment_runner = None, None
+            self.challenger, self.treatment, self._treatment_runner = None, None, None
         else:
             a, stages = self._args, held.loaded.stages
             runner = StageRunner(
                 a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.treatment_faults, metrics=self._metrics
             )
+            await _warm(runner, stages, a.source_timeout_ms / 1e3)
             self.treatment = FunnelService(
                 local_primary(lambda: stages, runner),
                 self._fallback(),
@@ -135,7 +154,7 @@ class Variants:
                 metrics=self._metrics,
                 request_log=self._request_log,
             )
-            self._treatment_runner = runner
+            self.challenger, self._treatment_runner = held, runner
         if old is not None:  # requests already routed to it finish first: close it after the budget
             grace_s = 2 * self._args.resilience.request_budget_ms / 1e3 + 1.0
             asyncio.get_running_loop().call_later(grace_s, old.close)
@@ -181,7 +200,7 @@ class Variants:
         share = share_in_force(aliases, states, self.config)
         held_ch = await self._keep("challenger", self.challenger, want_ch)
         if held_ch is not self.challenger:
-            self._serve(held_ch)
+            await self._serve(held_ch)
         self.share = share if self.treatment is not None else 0.0
         self.shadow_bundle = await self._keep("shadow", self.shadow_bundle, want_sh)
         if self.shadow is not None:

@@ -26,13 +26,13 @@ def test_analyse_prints_the_table_and_exits_1_on_rollback(logged: Path) -> None:
     r = runner.invoke(app, ["experiments", "analyse", "--data-dir", str(logged), "--expected-share", "0.5"])
     assert r.exit_code == 0 and "decision: continue" in r.stdout, r.output  # guardrails wait for 50 requests
     assert "no experiment registered" in r.stderr  # the defaults were used, and it says so
-    preregister(logged, ExperimentConfig(name="tiny", guardrails={"min_requests": 1}))
+    preregister(logged, ExperimentConfig(name="tiny", guardrails={"min_requests": 1, "latency_p99_ms": 25.0}))
     r = runner.invoke(
         app, ["experiments", "analyse", "--data-dir", str(logged), "--experiment", "tiny", "--expected-share", "0.5"]
     )
     assert r.exit_code == 1, r.output
     assert "control" in r.stdout and "treatment" in r.stdout and "ctr" in r.stdout
-    assert "decision: rollback" in r.stdout and "error_rate_increase" in r.stdout
+    assert "decision: rollback" in r.stdout and "latency_p99_ms" in r.stdout
 
 
 def test_analyse_json_and_a_registered_experiment(logged: Path) -> None:  # noqa: F811
@@ -92,7 +92,7 @@ def test_report_writes_the_page_and_prints_its_path(logged: Path, tmp_path: Path
 
 
 def test_the_console_entry_point_keeps_the_exit_code(logged: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    preregister(logged, ExperimentConfig(name="tiny", guardrails={"min_requests": 1}))
+    preregister(logged, ExperimentConfig(name="tiny", guardrails={"min_requests": 1, "latency_p99_ms": 25.0}))
     argv = ["streamrec", "experiments", "analyse", "--data-dir", str(logged), "--expected-share", "0.5"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as ex:

@@ -151,7 +151,7 @@ print(next((v["version"] for v in json.load(sys.stdin)["versions"] if "champion"
   streamrec experiments rollout start --version "$WEAK" --data-dir "$DIR"
   sleep 5
   rollout 6 2
-  echo; echo "-- 6c. the reverse: the weak model as champion (forced, audited), v1 as the challenger"
+  echo; echo "-- 6c. the reverse: the weak model as champion (forced, audited), v1 as the challenger through canary and A/B"
   streamrec registry set-alias champion "$WEAK" --force --data-dir "$DIR" >/dev/null
   serving "v$WEAK"
   streamrec experiments rollout start --version 1 --data-dir "$DIR"

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from streamrec.data.synth import (
     DAY_US,
+    SYNTH_DEVICES,
     ClickModelParams,
     ItemTruth,
     SynthConfig,
@@ -106,6 +107,7 @@ class UserSimulator:
         self.user_latent = np.load(truth / payload["files"]["users_latent"], mmap_mode="r")
         self.user_affinity = np.load(truth / payload["files"]["users_affinity"], mmap_mode="r")
         self.user_activity = np.load(truth / payload["files"]["users_activity"], mmap_mode="r")
+        self._devices: npt.NDArray[np.int64] | None = None
 
     @property
     def n_users(self) -> int:
@@ -116,6 +118,22 @@ class UserSimulator:
     def n_items(self) -> int:
         """Number of items (ids ``1..n_items``)."""
         return self.items.n
+
+    def preferred_devices(self, user_ids: npt.ArrayLike) -> list[str]:
+        """Each user's preferred device (the generator's user attribute; most of their sessions use it).
+
+        A client simulating these users sends it as ``context.device``, as their recorded sessions
+        did: without it serving sees ``unknown``, a device the ranker never saw in training.
+
+        Raises:
+            DataNotFoundError: An id is not in the world.
+        """
+        if self._devices is None:
+            from streamrec.data.synth import WorldGenerator
+
+            self._devices = np.asarray(WorldGenerator(self.config).users(0, self.n_users).device, np.int64)
+        rows = self._rows(user_ids, self.n_users, "user")
+        return [SYNTH_DEVICES[int(d)] for d in self._devices[rows]]
 
     @property
     def window_end(self) -> datetime:

@@ -324,7 +324,9 @@ async def _one(
     failures: dict[str, int],
 ) -> None:
     """Send one request, simulate the user's reaction, post the events."""
-    resp, latency_ms, failure = await call("/v1/recommend", {"user_id": r.user_id, "k": k})
+    device = world.preferred_devices([r.user_id])[0]  # as the user's recorded sessions were
+    body = {"user_id": r.user_id, "k": k, "context": {"device": device}}
+    resp, latency_ms, failure = await call("/v1/recommend", body)
     r.ts = time.time()
     if resp is None:
         r.failure = failure or "no answer"
@@ -363,6 +365,7 @@ async def _one(
                 "item_id": item,
                 "event_type": event_type,
                 "timestamp": now,
+                "device": device,
             }
             if event_type == "complete" and math.isfinite(watch):
                 ev["watch_fraction"] = min(max(float(watch), 0.0), 1.0)

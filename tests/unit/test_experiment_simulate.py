@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from streamrec.api_models import EventIn, RecommendRequest, RecommendResponse
 from streamrec.auth import hash_key
 from streamrec.data.event_log import EventLog
+from streamrec.data.simulator import UserSimulator
 from streamrec.data.store import DataStore
 from streamrec.data.synth import SynthConfig, synthesize
 from streamrec.errors import DataError, ServingError
@@ -122,6 +123,10 @@ def test_simulation_sends_real_requests_and_posts_what_the_users_did(
     assert kinds.get("click", 0) == c.clicks + t.clicks
     assert kinds.get("complete", 0) == c.completions + t.completions
     assert set(stored["event_type"]) <= {"click", "complete", "skip"}
+    # each user's events carry the device their recorded sessions mostly used (serving sees it too)
+    sim = UserSimulator(world)
+    by_user = stored.groupby("user_id")["device"].agg(set).to_dict()
+    assert by_user and all(devs == {sim.preferred_devices([u])[0]} for u, devs in by_user.items())
     if "experiment_variant" in EventIn.model_fields:  # the API takes the field (issue 16)
         raw = [json.loads(line) for seg in log.segments() for line in seg.read_text().splitlines()]
         variants = {r["user_id"]: r.get("experiment_variant") for r in raw}

@@ -219,7 +219,7 @@ def analyse(
     Exit 0: continue, ship or no_difference; 1: rollback or invalid; 2: nothing could be
     analysed (no request log, no treatment traffic: the error says which).
     """
-    from streamrec.experiments.analysis import analyse_experiment
+    from streamrec.experiments.logged import analyse_experiment
     from streamrec.experiments.report import expected_share_of
 
     try:

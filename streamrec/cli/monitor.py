@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from streamrec.errors import StreamRecError
+from streamrec.jsonsafe import json_safe
 from streamrec.paths import resolve_data_dir
 
 app = typer.Typer(
@@ -50,16 +51,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 #: Exit code of a check that could not run (0: clean, 1: alerts).
@@ -162,7 +153,7 @@ def drift(
             "feature_drift": by_day.to_dict(orient="records"),
             "quality": quality.to_dict(orient="records"),
         }
-        typer.echo(json.dumps(_json_safe(payload), default=str))
+        typer.echo(json.dumps(json_safe(payload), default=str))
         return
     version = by_day["model_version"].iloc[0] if len(by_day) else "?"
     typer.echo(

@@ -1,6 +1,6 @@
 """The experiment report: one static HTML page of an experiment's analysis (``streamrec experiments report``).
 
-Built from the request log and the events (:func:`streamrec.experiments.analysis.load_experiment_log`)
+Built from the request log and the events (:func:`streamrec.experiments.logged.load_experiment_log`)
 with the monitoring report's page and plot helpers: inline base64 PNG plots (matplotlib Agg), no
 scripts, nothing fetched. Sections: the decision and its reasons, the pre-registered definition,
 the variants, effect sizes with their intervals, CTR by variant over time, latency by variant,
@@ -20,14 +20,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from streamrec.errors import DataNotFoundError
-from streamrec.experiments.analysis import (
-    ExperimentAnalysis,
-    ExperimentLog,
-    analyse,
-    load_experiment_log,
-    summarise,
-)
+from streamrec.experiments.analysis import ExperimentAnalysis, analyse, summarise
 from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, load_definition
+from streamrec.experiments.logged import ExperimentLog, load_experiment_log
 from streamrec.monitoring.drift import rate_interval
 from streamrec.monitoring.report import (
     PERCENTILES,

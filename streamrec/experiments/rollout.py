@@ -3,7 +3,7 @@
 The rollout's state (which version, which step, since when) is kept in the model registry with
 the ``challenger`` alias, so every serving replica reads one source of truth when it polls
 (:mod:`streamrec.service.variants`). :func:`advance` judges the current step on the data logged
-since it began (:func:`~streamrec.experiments.analysis.analyse_experiment`) and moves on,
+since it began (:func:`~streamrec.experiments.logged.analyse_experiment`) and moves on,
 holds, promotes or rolls back; every step is recorded with its numbers in the registry history
 (``streamrec registry history``).
 """
@@ -227,7 +227,7 @@ def advance(
     Raises:
         RegistryError: no rollout runs, or the registry could not be read or written.
     """
-    from streamrec.experiments.analysis import analyse_experiment
+    from streamrec.experiments.logged import analyse_experiment
 
     reg = _registry(data_dir)
     aliases, states = reg.serving_state()

@@ -44,6 +44,7 @@ from streamrec.experiments.analysis import (
     summarise,
 )
 from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig
+from streamrec.jsonsafe import json_safe
 from streamrec.monitoring.drift import quality_row
 from streamrec.paths import resolve_data_dir
 
@@ -150,7 +151,7 @@ class SimulationResult:
             "reasons": [] if analysis is None else analysis["reasons"],
             "analysis": analysis,
         }
-        return _json_safe(out)
+        return json_safe(out)
 
 
 def simulate(
@@ -449,11 +450,3 @@ def _progress_bar(total: int) -> Any:
     return tqdm(total=total, unit="req", desc="simulate", file=sys.stderr)
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v

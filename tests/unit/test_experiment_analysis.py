@@ -23,17 +23,14 @@ from streamrec.api_models import EventIn
 from streamrec.data.event_log import EventLog
 from streamrec.data.store import DataStore
 from streamrec.errors import DataNotFoundError
-from streamrec.experiments.analysis import (
+from streamrec.experiments.analysis import VariantSummary, analyse, equal_request_coverage, summarise
+from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, Guardrails, preregister
+from streamrec.experiments.logged import (
     ExperimentLog,
-    VariantSummary,
-    analyse,
     analyse_experiment,
-    equal_request_coverage,
     load_experiment_log,
     load_summaries,
-    summarise,
 )
-from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig, Guardrails, preregister
 from streamrec.monitoring.drift import rate_interval
 from streamrec.monitoring.logs import RequestLog, RequestLogConfig, ServedRecord
 

@@ -31,9 +31,30 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamrec.errors import StageVersionMismatchError
+from streamrec.resilience import CircuitOpenError, DeadlineExceededError
 
 #: Extra wait past a source's deadline before the orchestration itself gives up on the call.
 _OUTER_GRACE_S = 0.02
+
+#: Why a source was left out, as the value of its ``timings['missing:<source>']`` entry.
+MISS_CAUSES: dict[float, str] = {1.0: "timeout", 2.0: "error", 3.0: "circuit_open"}
+_MISS_CODES = {cause: code for code, cause in MISS_CAUSES.items()}
+
+
+def miss_cause(err: BaseException) -> str:
+    """``timeout``, ``circuit_open`` or ``error``: why a retrieval call failed."""
+    if isinstance(err, CircuitOpenError):
+        return "circuit_open"
+    if isinstance(err, (TimeoutError, DeadlineExceededError)):
+        return "timeout"
+    return "error"
+
+
+def missed_sources(timings: dict[str, float]) -> dict[str, str]:
+    """``source -> cause`` of the sources :func:`run_funnel` left out."""
+    return {
+        k.split(":", 1)[1]: MISS_CAUSES.get(v, "error") for k, v in timings.items() if k.startswith("missing:")
+    }
 
 
 @dataclass
@@ -185,7 +206,8 @@ async def run_funnel(
 
     ``call`` hides where a stage runs (in-process or behind a handle). Retrieval sources run
     concurrently, each with ``source_timeout_s``; a source that times out or fails is left out
-    of the union (its name recorded under ``timings['missing:<source>']``).
+    of the union (its name recorded under ``timings['missing:<source>']``, the value coding the
+    cause in :data:`MISS_CAUSES`; :func:`missed_sources` reads them back).
 
     Returns:
         (context, per-source candidates, merged, ranked, rerank output, timings in ms).
@@ -195,6 +217,8 @@ async def run_funnel(
     ctx: UserContext = await call("user_context", request)
     t1 = time.perf_counter()
     timings["features"] = (t1 - t0) * 1e3
+
+    causes: dict[str, str] = {}
 
     async def one(name: str) -> Candidates | None:
         try:
@@ -206,14 +230,15 @@ async def run_funnel(
             return result
         except StageVersionMismatchError:  # not a missing source: this request cannot be served
             raise
-        except Exception:  # a failing source degrades recall, never the request
+        except Exception as err:  # a failing source degrades recall, never the request
+            causes[name] = miss_cause(err)
             return None
 
     results = await asyncio.gather(*(one(n) for n in source_names))
     parts = {n: r for n, r in zip(source_names, results, strict=True) if r is not None}
     for n, r in zip(source_names, results, strict=True):
         if r is None:
-            timings[f"missing:{n}"] = 1.0
+            timings[f"missing:{n}"] = _MISS_CODES[causes.get(n, "error")]
     t2 = time.perf_counter()
     timings["retrieval"] = (t2 - t1) * 1e3
     merged: Candidates = await call("merge", ctx, parts)

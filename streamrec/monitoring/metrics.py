@@ -75,8 +75,8 @@ CATALOGUE: dict[str, MetricSpec] = {
         MetricSpec(
             "streamrec_source_missing_total",
             "counter",
-            "Requests a retrieval source missed (timeout, error or open breaker)",
-            ("source",),
+            "Requests a retrieval source missed, by cause: timeout, error or circuit_open",
+            ("source", "cause"),
         ),
         MetricSpec(
             "streamrec_breaker_state",
@@ -158,6 +158,8 @@ CATALOGUE: dict[str, MetricSpec] = {
 
 #: Stages of the funnel's ``timings_ms`` exported as ``streamrec_stage_latency_ms``.
 STAGES: tuple[str, ...] = ("features", "retrieval", "ranking", "reranking")
+#: The values of ``streamrec_source_missing_total``'s ``cause`` tag.
+MISS_CAUSE_TAGS: tuple[str, ...] = ("timeout", "error", "circuit_open")
 
 #: Components a degradation reason can name (the ``reason`` tag is ``<component>_<cause>``).
 _COMPONENTS = ("online_store", "ranker", "full", "funnel", "batch", "popularity", "cached", "source")
@@ -268,12 +270,13 @@ class ServingMetrics:
             if stage in timings_ms:
                 self._record("streamrec_stage_latency_ms", "observe", timings_ms[stage], {"stage": stage})
 
-    def sources(self, counts: dict[str, int], missing: list[str]) -> None:
-        """Candidates per retrieval source of one request, and the sources it missed."""
+    def sources(self, counts: dict[str, int], missing: dict[str, str]) -> None:
+        """Candidates per retrieval source of one request, and the sources it missed (``source -> cause``)."""
         for source, n in counts.items():
             self._record("streamrec_source_candidates", "observe", n, {"source": _sanitise(source)})
-        for source in missing:
-            self._record("streamrec_source_missing_total", "inc", 1, {"source": _sanitise(source)})
+        for source, cause in missing.items():
+            tags = {"source": _sanitise(source), "cause": cause if cause in MISS_CAUSE_TAGS else "error"}
+            self._record("streamrec_source_missing_total", "inc", 1, tags)
 
     def online_read(self, ms: float, outcome: str) -> None:
         """One online-store read (``ok``, ``timeout``, ``error``, ``circuit_open``)."""

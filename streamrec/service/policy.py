@@ -22,7 +22,7 @@ from typing import Any
 from streamrec.api_models import RecommendedItem, RecommendRequest, RecommendResponse
 from streamrec.errors import ServingError, StageVersionMismatchError
 from streamrec.funnel.fallback import BatchTopN, Item, ResponseCache
-from streamrec.funnel.stages import Candidates, Stages, run_funnel
+from streamrec.funnel.stages import Candidates, Stages, missed_sources, run_funnel
 from streamrec.monitoring.logs import REQUEST_ID, RequestLog, ServedRecord
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.resilience import (
@@ -152,16 +152,14 @@ class FunnelService:
     async def _run_primary(self, request: RecommendRequest, attempt: _Attempt) -> RecommendResponse:
         call, sources = await self._primary()
         _, parts, _, ranked, out, timings = await run_funnel(call, request, sources, self._source_timeout_s)
-        self.metrics.sources(
-            {n: len(c) for n, c in parts.items()}, [k.split(":", 1)[1] for k in timings if k.startswith("missing:")]
-        )
+        misses = missed_sources(timings)
+        self.metrics.sources({n: len(c) for n, c in parts.items()}, misses)
         attempt.ranked = ranked
         resp = as_response(out)
         if not resp.items:  # the later levels may have items; if none has, this is the answer
             attempt.empty.append(resp)
-            missing = [k.split(":", 1)[1] for k in timings if k.startswith("missing:")]
             raise EmptyFunnelError(
-                "the funnel found no candidates" + (f" (sources missing: {', '.join(missing)})" if missing else "")
+                "the funnel found no candidates" + (f" (sources missing: {', '.join(misses)})" if misses else "")
             )
         resp.metadata.timings_ms = {k: round(v, 3) for k, v in timings.items()}
         return resp

@@ -120,7 +120,7 @@ def test_rays_own_metrics_api_accepts_every_declaration() -> None:
     m = ServingMetrics(ray_metrics)
     assert m.declared == len(CATALOGUE)  # a refused declaration is logged and that metric never exported
     m.request("full", None, 3.0, {"features": 1.0})
-    m.sources({"two_tower": 0}, ["trending"])
+    m.sources({"two_tower": 0}, {"trending": "timeout"})
     assert m.enabled
 
 
@@ -187,6 +187,28 @@ def test_the_funnel_records_latency_levels_sources_and_online_reads(world: Path)
     assert sources == set(stages.source_names)
     assert rec.total("streamrec_online_store_read_ms", outcome="ok") > 0
     assert len(rec.values["streamrec_online_store_read_ms"][(("outcome", "error"),)]) == 1
+
+
+def test_a_missed_source_is_counted_with_its_cause(world: Path) -> None:
+    class TwoSources(Blocking):
+        def retrieve(self, source: str, ctx: Any) -> Any:
+            if source == "broken":
+                raise RuntimeError("index file gone")
+            return self._inner.retrieve("popularity", ctx)
+
+    rec = Recorder()
+    stages = TwoSources(world)
+    stages.source_names = ("broken", "popularity")
+    service = _service(world, stages, ServingMetrics(rec), None)
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    assert resp.metadata.degradation_level == "full" and len(resp.items) == 5
+    assert rec.total("streamrec_source_missing_total", source="broken", cause="error") == 1
+    assert rec.total("streamrec_source_missing_total", source="popularity") == 0
+    m = ServingMetrics(rec)
+    m.sources({}, {"two_tower": "timeout", "cf": "circuit_open", "x": "unheard-of"})
+    assert rec.total("streamrec_source_missing_total", source="two_tower", cause="timeout") == 1
+    assert rec.total("streamrec_source_missing_total", source="cf", cause="circuit_open") == 1
+    assert rec.total("streamrec_source_missing_total", source="x", cause="error") == 1  # bounded values
 
 
 # ------------------------------------------------------------------------------------ request log

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -230,3 +232,23 @@ def test_report_shows_a_skew_alert(tmp_path: Path) -> None:
     quality = sections(page)["quality"]
     assert IMG in quality and "<h3>By model version</h3>" in quality
     assert "no click or completion" in quality
+
+
+def test_the_cli_writes_the_report_and_prints_its_path(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+
+    log_requests(tmp_path, 60)
+    out = tmp_path / "reports" / "monitoring.html"
+    result = CliRunner().invoke(app, ["monitor", "report", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out) and out.is_file()
+    assert "<td>Requests logged</td><td>60</td>" in out.read_text(encoding="utf-8")
+    # no request log: a non-zero exit that says how to get one, and no file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "streamrec", "monitor", "report", "--data-dir", str(empty), "--out", str(empty / "r.html")]
+    missing = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # the installed entry point
+    assert missing.returncode != 0 and "request_log.sample_rate" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr and not (empty / "r.html").exists()

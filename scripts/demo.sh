@@ -169,6 +169,11 @@ else
   streamrec registry history --data-dir "$DIR" | head -16
 fi
 
+step "7. Monitoring report, now with the experiments' traffic"
+sleep 2  # one request-log flush (flush_interval_s: 1 s)
+streamrec monitor report --data-dir "$DIR" --out "$DIR/report.html" >/dev/null
+echo "report: $DIR/report.html (latency, levels, skew, drift and quality by model version; open it in a browser)"
+
 if [ "${DEMO_KEEP_SERVING:-0}" = "1" ]; then
   echo; echo "Serving on http://127.0.0.1:$PORT (Ctrl-C stops). API docs: http://127.0.0.1:$PORT/docs"
   wait "$SERVE_PID"

@@ -6,6 +6,7 @@ metrics export port (fixture ``metrics_port``), which is what Prometheus scrapes
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -26,6 +27,8 @@ EXPECTED = (
     "ray_streamrec_health_alert",
     "ray_streamrec_model_version",
     "ray_streamrec_skew_alerts",
+    "ray_streamrec_skew_check_age_seconds",
+    "ray_streamrec_rate_limited_total",
 )
 
 
@@ -59,6 +62,10 @@ def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: 
             ev = {"events": [{"event_id": f"metrics-{app}", "user_id": user, "item_id": item, "event_type": "click"}]}
             assert c.post(f"/{app}/v1/events", json=ev, headers={"X-API-Key": WRITE_KEY}).status_code == 200
             assert c.post(f"/{app}/v1/recommend", json={"user_id": 1}, headers={}).status_code == 401
+        # Past the per-address bucket for missing keys (burst 20): 429 with Retry-After, counted.
+        anon = [c.post("/fused/v1/recommend", json={"user_id": 1}, headers={}) for _ in range(40)]
+        limited = [r for r in anon if r.status_code == 429]
+        assert limited and all("retry-after" in r.headers for r in limited), [r.status_code for r in anon]
     def requests_counted(text: str, app: str) -> bool:
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_requests_total{")]
         return any(f'application="{app}"' in ln and 'level="' in ln and 'reason="' in ln for ln in lines)
@@ -79,6 +86,7 @@ def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: 
     assert re.search(r'ray_streamrec_http_responses_total\{[^}]*route="recommend"[^}]*status_class="4xx"', text) or \
         re.search(r'ray_streamrec_http_responses_total\{[^}]*status_class="4xx"[^}]*route="recommend"', text)
     assert re.search(r'ray_streamrec_events_total\{[^}]*outcome="accepted"', text)
+    assert re.search(r'ray_streamrec_rate_limited_total\{[^}]*limiter="', text)
     # The cluster's stage replicas export their own breakers (the ranker's lives in Ranker).
     assert re.search(r'ray_streamrec_breaker_state\{[^}]*deployment="Ranker"[^}]*\}', text) or _wait_for(
         metrics_port, r'ray_streamrec_breaker_state\{[^}]*deployment="Ranker"'
@@ -107,3 +115,34 @@ def test_sampled_requests_are_written_to_the_request_log(served: Served) -> None
     assert list(imps[imps["request_id"] == rid].sort_values("position")["item_id"]) == [
         i["item_id"] for i in r.json()["items"]
     ]
+
+
+def test_a_health_alert_reaches_readyz_while_it_fires_and_leaves_when_it_clears(served: Served) -> None:
+    """A skew check with alerts (as ``streamrec monitor skew`` leaves it) turns into a /readyz warning."""
+    path = served.data_dir / "monitoring" / "skew" / "latest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    facts = {"checked_at_epoch": time.time(), "alerts": 2, "alerted_features": ["e2e_feature_a", "e2e_feature_b"]}
+    path.write_text(json.dumps(facts))
+
+    def warnings(c: httpx.Client) -> list[str]:
+        r = c.get("/fused/readyz")
+        assert r.status_code == 200  # still ready: a degraded answer is an answer
+        return list(r.json().get("warnings") or [])
+
+    def wait(c: httpx.Client, firing: bool) -> list[str]:
+        deadline = time.monotonic() + 45  # the health loop runs every 10 s
+        seen = warnings(c)
+        while any("e2e_feature_a" in w for w in seen) != firing and time.monotonic() < deadline:
+            time.sleep(1)
+            seen = warnings(c)
+        return seen
+
+    try:
+        with served.client() as c:
+            seen = wait(c, firing=True)
+            assert any("2 feature(s) differ" in w and "e2e_feature_a" in w for w in seen), seen
+            path.unlink()
+            seen = wait(c, firing=False)
+            assert not any("e2e_feature_a" in w for w in seen), seen
+    finally:
+        path.unlink(missing_ok=True)

@@ -45,6 +45,7 @@ from streamrec.monitoring.health import HealthMonitor
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
+from streamrec.service.cluster import call_with_retry
 from streamrec.service.http import build_gateway
 from streamrec.service.loading import (
     LoadedStages,
@@ -384,20 +385,30 @@ class Gateway:
         return self._cluster_call, self._source_names
 
     async def _cluster_call(self, name: str, *args: Any) -> Any:
+        """One stage call through its deployment handle, resent once if its replica is lost.
+
+        Every stage call is a read, so a call whose replica died mid-request is sent again
+        (Serve routes it to a live replica or the replacement, within the funnel's timeout).
+        """
         assert self._features and self._retriever and self._ranker and self._reranker
         if name == "user_context":
-            return await self._features.user_context.remote(*args)
+            features = self._features
+            return await call_with_retry(name, lambda: features.user_context.remote(*args))
         if name == "retrieve":
-            return await self._retriever.retrieve.remote(*args)
+            retriever = self._retriever
+            return await call_with_retry(name, lambda: retriever.retrieve.remote(*args))
         if name == "merge":
             return _Deferred(args[1])
         if name == "rank":
             ctx, merged = args
+            ranker = self._ranker
             if isinstance(merged, _Deferred):
-                return await self._ranker.merge_rank.remote(ctx, merged.parts)
-            return await self._ranker.rank.remote(ctx, merged)
+                parts = merged.parts
+                return await call_with_retry(name, lambda: ranker.merge_rank.remote(ctx, parts))
+            return await call_with_retry(name, lambda: ranker.rank.remote(ctx, merged))
         if name == "rerank":
-            return await self._reranker.rerank.remote(*args)
+            reranker = self._reranker
+            return await call_with_retry(name, lambda: reranker.rerank.remote(*args))
         raise KeyError(f"unknown stage call '{name}'")
 
     # ------------------------------------------------------------------ health

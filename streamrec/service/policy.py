@@ -35,6 +35,7 @@ from streamrec.resilience import (
     LevelFailure,
     ResilienceConfig,
 )
+from streamrec.service.cluster import ReplicaLostError
 from streamrec.service.runner import Call, StageRunner
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class FunnelService:
             # of the funnel's health; nor does a funnel late on a starved CPU (each such request
             # costs only its level timeout, and a hung dependency has its own breaker inside):
             # only errors open this breaker, so a short CPU stall is not 10 s of batch answers.
-            ignore=(EmptyFunnelError, StageVersionMismatchError, TimeoutError),
+            # Nor does a stage replica lost twice in a row (cluster): Serve is replacing it.
+            ignore=(EmptyFunnelError, StageVersionMismatchError, TimeoutError, ReplicaLostError),
         )
         #: Called with (request, response, ranked candidates) after each answer is complete
         #: (the shadow scorer); it must not block, and its failures never reach the answer.

@@ -95,6 +95,8 @@ def test_metrics_are_exported_for_both_compositions_with_bounded_labels(served: 
     ours = [ln for ln in text.splitlines() if ln.startswith("ray_streamrec_")]
     labels = {m.group(1) for ln in ours for m in re.finditer(r'(\w+)="', ln)}
     assert not {"user_id", "item_id", "user", "item", "request_id"} & labels
+    values = {(m.group(1), m.group(2)) for ln in ours for m in re.finditer(r'(\w+)="([^"]*)"', ln) if m.group(1) != "le"}
+    assert not [kv for kv in values if kv[1].isdigit()], "a label value looks like an id"
 
 
 def test_sampled_requests_are_written_to_the_request_log(served: Served) -> None:

@@ -1,12 +1,11 @@
-"""The request funnel over one trained bundle: retrieval -> merge -> rank -> re-rank.
+"""The computations of one trained bundle: request context, retrieval, merge, ranker scores, re-rank.
 
-:class:`Funnel` is plain Python (numpy, torch, FAISS). It is used
-
-* online, by :mod:`streamrec.funnel.recommender` (one request at a time, user features from the
-  online store, item features from the in-memory item table), and
-* offline, by the training pipeline's evaluation (every test user, features as of the cutoff),
-
-so the evaluation measures exactly the code that serves.
+:class:`Funnel` is plain Python (numpy, torch, FAISS). It does not orchestrate:
+:class:`~streamrec.funnel.recommender.RecommenderStages` puts it behind the stage interface and
+:func:`~streamrec.funnel.stages.run_funnel` runs those stages everywhere: in both Serve
+compositions (user features from the online store) and offline
+(:mod:`streamrec.funnel.offline`: the evaluation and the batch precompute, features as of a
+cutoff), so the evaluation measures exactly the code that serves.
 """
 
 from __future__ import annotations
@@ -287,22 +286,14 @@ class Funnel:
             source_scores=source_scores,
         )
 
-    def score_many(self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]) -> list[F32]:
-        """Ranker scores of several requests' candidates in ONE forward pass.
+    def score_with_inputs(
+        self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]
+    ) -> tuple[list[F32], list[F32]]:
+        """Ranker scores of several requests' candidates in ONE forward pass, with their logged inputs.
 
         Scores are row-wise, so each request gets the scores it would get alone (up to float
         rounding in the matrix multiply); batching trades several small matrix multiplies (and,
         on a GPU, transfers and kernel launches) for one larger one.
-
-        Raises:
-            ModelError: no ranker is loaded.
-        """
-        return self.score_with_inputs(ctxs, items, source_scores)[0]
-
-    def score_with_inputs(
-        self, ctxs: list[FunnelContext], items: list[I64], source_scores: list[F32]
-    ) -> tuple[list[F32], list[F32]]:
-        """:meth:`score_many` plus each request's logged ranker inputs (rows aligned with its items).
 
         The logged inputs are the dense columns followed by :data:`SKEW_CATEGORICAL`'s sparse
         ids (as floats): columns :attr:`logged_input_names`.
@@ -342,19 +333,6 @@ class Funnel:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""
         return np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)].astype(np.int64)
 
-    def rank(self, ctx: FunnelContext, merged: MergedCandidates, source_scores: F32, k: int = 0) -> Ranked:
-        """Score the merged candidates with the ranker and keep the best of them.
-
-        Keeps ``settings.ranked``, or ``k`` when more are asked for (as the serving stages do).
-        """
-        items = merged.items
-        if items.size == 0:
-            return Ranked(items, np.empty(0, np.float32), [])
-        scores = merged.scores if self.ranker is None else self.score_many([ctx], [items], [source_scores])[0]
-        keep = self.keep_best(scores, k)
-        prov = merged.provenance()
-        return Ranked(items[keep], scores[keep].astype(np.float32), [prov[i] for i in keep])
-
     def rerank(self, ctx: FunnelContext, ranked: Ranked, k: int) -> ReRankResult:
         """Apply the business rules (policy, seen, promotion, freshness, diversity, fairness)."""
         # The history goes in as *seen* items, the request's ``exclude`` as excluded rows: the
@@ -367,24 +345,4 @@ class Funnel:
             seen_ids=self.table.item_ids[ctx.history],
             exclude_rows=ctx.exclude_rows,
             now=ctx.now,
-        )
-
-    def without_excluded(self, ctx: FunnelContext, ranked: Ranked, k: int) -> Ranked:
-        """The ranker's order minus excluded and already-seen items, cut to ``k`` (no rules)."""
-        keep = ~np.isin(ranked.items, np.concatenate([ctx.exclude_rows, ctx.history]))
-        idx = np.flatnonzero(keep)[:k]
-        return Ranked(ranked.items[idx], ranked.scores[idx], [ranked.sources[i] for i in idx])
-
-    def recommend(self, ctx: FunnelContext, k: int, *, rerank: bool = True) -> Ranked:
-        """The whole funnel in-process (offline evaluation, the fused deployment)."""
-        parts = {name: self.retrieve(name, ctx) for name in SOURCE_NAMES}
-        merged, src = self.merge(parts)
-        ranked = self.rank(ctx, merged, src, k)
-        if not rerank:
-            return self.without_excluded(ctx, ranked, k)
-        res = self.rerank(ctx, ranked, k)
-        return Ranked(
-            np.asarray([it.item_index for it in res.items], dtype=np.int64),
-            np.asarray([it.score for it in res.items], dtype=np.float32),
-            [list(it.sources) for it in res.items],
         )

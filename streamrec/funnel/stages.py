@@ -201,6 +201,8 @@ async def run_funnel(
     request: Any,
     source_names: tuple[str, ...],
     source_timeout_s: float,
+    *,
+    rerank: bool = True,
 ) -> tuple[UserContext, dict[str, Candidates], Candidates, Candidates, Any, dict[str, float]]:
     """Run the funnel once through ``call(stage_name, *args)``.
 
@@ -208,6 +210,8 @@ async def run_funnel(
     concurrently, each with ``source_timeout_s``; a source that times out or fails is left out
     of the union (its name recorded under ``timings['missing:<source>']``, the value coding the
     cause in :data:`MISS_CAUSES`; :func:`missed_sources` reads them back).
+
+    ``rerank=False`` stops after ranking (the batch precompute); the rerank output is then None.
 
     Returns:
         (context, per-source candidates, merged, ranked, rerank output, timings in ms).
@@ -245,6 +249,9 @@ async def run_funnel(
     ranked: Candidates = await call("rank", ctx, merged)
     t3 = time.perf_counter()
     timings["ranking"] = (t3 - t2) * 1e3
+    if not rerank:
+        timings["total"] = (t3 - t0) * 1e3
+        return ctx, parts, merged, ranked, None, timings
     out = await call("rerank", ctx, ranked)
     t4 = time.perf_counter()
     timings["reranking"] = (t4 - t3) * 1e3

@@ -46,6 +46,8 @@ from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.snapshot import features_as_of
 from streamrec.funnel.core import SOURCE_NAMES, Funnel, RetrievalModels
+from streamrec.funnel.offline import recommend_offline
+from streamrec.funnel.recommender import RecommenderStages
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.train_loop import RankerData, TwoTowerData
 from streamrec.models.two_tower import HISTORY_PAD
@@ -426,18 +428,26 @@ def evaluate(
         ks,
     )
 
-    # The full funnel (serving code) for every test user, features as of T_test.
+    # The serving funnel (same stages, same orchestration) for every test user, features as of T_test.
     ufeat = features_as_of(fc, "user", state.t_test).set_index("user_id")
-    now = _epoch(state.t_test)
     raw_users = m.users.raw_ids[users]
-    full, no_rerank = [], []
+    t0 = time.perf_counter()
+    answers = recommend_offline(
+        RecommenderStages(funnel, None, "evaluation"),
+        raw_users,
+        lambda u: _user_feature_dict(ufeat, u),
+        k=kmax,
+        now=_epoch(state.t_test),
+    )
+    t_funnel = time.perf_counter() - t0
+    full = [a.served for a in answers if a.served is not None]
+    no_rerank = [a.unranked_top(kmax).items for a in answers]
+    # Funnel measurement: every source and the merge at the same candidate count.
     per_source: dict[str, list[I64]] = {s: [] for s in SOURCE_NAMES}
     merged_at: dict[int, list[I64]] = {n: [] for n in cfg.candidate_counts}
     n_big = max(cfg.candidate_counts)
-    t_funnel = 0.0
-    for u in raw_users:
-        ctx = funnel.context(int(u), _user_feature_dict(ufeat, int(u)), now=now)
-        # Funnel measurement: every source and the merge at the same candidate count.
+    for a in answers:
+        ctx = a.context.state
         big = {name: funnel.retrieve(name, ctx, n_big) for name in SOURCE_NAMES}
         for name in SOURCE_NAMES:
             per_source[name].append(big[name][0])
@@ -448,15 +458,6 @@ def evaluate(
                     cut, n, funnel.settings.agreement_bonus, normalisation=funnel.settings.normalisation
                 ).items
             )
-        # The serving funnel itself.
-        t0 = time.perf_counter()
-        parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}
-        merged, src = funnel.merge(parts)
-        ranked = funnel.rank(ctx, merged, src)
-        no_rerank.append(funnel.without_excluded(ctx, ranked, kmax).items)
-        res = funnel.rerank(ctx, ranked, kmax)
-        full.append(np.asarray([it.item_index for it in res.items], dtype=np.int64))
-        t_funnel += time.perf_counter() - t0
     ms_per_user = 1000 * t_funnel / max(len(raw_users), 1)
 
     methods = [dict(b) for b in baselines]
@@ -596,12 +597,17 @@ def precompute_fallback(
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             uids = batch["user_id"]
-            items, scores = [], []
-            for u in uids:
-                ctx = self.funnel.context(int(u), _user_feature_dict(self.ufeat, int(u)), now=self.now)
-                r = self.funnel.recommend(ctx, top_n, rerank=False)
-                items.append(self.funnel.table.item_ids[r.items].astype(np.int64))
-                scores.append(r.scores.astype(np.float32))
+            answers = recommend_offline(
+                RecommenderStages(self.funnel, None, "batch"),
+                uids,
+                lambda u: _user_feature_dict(self.ufeat, u),
+                k=top_n,
+                now=self.now,
+                rerank=False,
+            )
+            tops = [a.unranked_top(top_n) for a in answers]
+            items = [self.funnel.table.item_ids[t.items].astype(np.int64) for t in tops]
+            scores = [t.scores.astype(np.float32) for t in tops]
             return {
                 "user_id": uids,
                 "item_ids": np.array(items, dtype=object),

@@ -176,6 +176,29 @@ def _funnel(stages: Any, req: RecommendRequest, *, across_processes: bool) -> An
     return asyncio.run(service(req))
 
 
+def test_offline_evaluation_serves_what_a_replica_serves(trained: tuple[Path, dict[str, Any]]) -> None:
+    """The evaluation and the batch precompute (``recommend_offline``) run the serving stages through
+    the same orchestration: given the same features and time they answer what a replica answers."""
+    from datetime import UTC, datetime
+
+    from streamrec.funnel.offline import recommend_offline
+    from streamrec.funnel.recommender import build_stages
+
+    stages = build_stages(trained[0])
+    users = [int(u) for u in stages.funnel.models.users.raw_ids[:8]] + [10**9]  # and a cold start
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    offline = recommend_offline(stages, users, stages.read_features, k=10, now=now.timestamp())
+    top = recommend_offline(stages, users, stages.read_features, k=10, now=now.timestamp(), rerank=False)
+    for user, answer, unranked in zip(users, offline, top, strict=True):
+        req = RecommendRequest(user_id=user, k=10, context={"timestamp": now})
+        served = _funnel(stages, req, across_processes=False)
+        assert served.metadata.degradation_level == "full"
+        ids = stages.funnel.table.item_ids
+        assert list(ids[answer.served]) == [i.item_id for i in served.items]
+        assert unranked.served is None and len(unranked.unranked_top(10)) == 10
+        assert not set(ids[unranked.unranked_top(10).items]) & set(ids[answer.context.history])
+
+
 @pytest.mark.parametrize("across_processes", [False, True], ids=["in_process", "across_processes"])
 def test_in_stage_degradation_levels(
     trained: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, across_processes: bool

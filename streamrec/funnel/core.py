@@ -22,6 +22,7 @@ from streamrec.data.ids import IdMap
 from streamrec.data.schema import storable_id
 from streamrec.errors import ModelError
 from streamrec.features.item_table import ItemFeatureTable
+from streamrec.funnel.stages import Candidates
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
 from streamrec.ranking.features import (
@@ -87,15 +88,6 @@ class FunnelContext:
     cf_vector: F32 | None
     unknown_exclude_ids: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Ranked:
-    """Candidates in ranker order (parallel arrays)."""
-
-    items: I64
-    scores: F32
-    sources: list[list[str]]
 
 
 def item_metadata(table: ItemFeatureTable, exposure: npt.ArrayLike | None = None) -> ItemMetadata:
@@ -333,7 +325,7 @@ class Funnel:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""
         return np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)].astype(np.int64)
 
-    def rerank(self, ctx: FunnelContext, ranked: Ranked, k: int) -> ReRankResult:
+    def rerank(self, ctx: FunnelContext, ranked: Candidates, k: int) -> ReRankResult:
         """Apply the business rules (policy, seen, promotion, freshness, diversity, fairness)."""
         # The history goes in as *seen* items, the request's ``exclude`` as excluded rows: the
         # seen-item rule (``suppress_seen``) then applies to it and counts it on its own.

@@ -22,7 +22,7 @@ import pandas as pd
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
 from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
-from streamrec.funnel.core import Funnel, FunnelContext, Ranked
+from streamrec.funnel.core import Funnel, FunnelContext
 from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Candidates, UserContext, check_context_version
 from streamrec.reranking.config import ReRankConfig
@@ -265,7 +265,7 @@ class RecommenderStages:
         degraded = [*ctx.degraded, *ranked.degraded]
         items: list[dict[str, Any]] = []
         if len(ranked):
-            res = f.rerank(fctx, Ranked(ranked.items, ranked.scores, ranked.sources), ctx.k)
+            res = f.rerank(fctx, ranked, ctx.k)
             items = [
                 {
                     "item_id": int(it.item_id),

@@ -389,8 +389,8 @@ def test_ids_beyond_int64_are_unknown_not_errors(trained: tuple[Path, dict[str, 
 def test_rerank_rules_come_from_the_serve_args(trained: tuple[Path, dict[str, Any]]) -> None:
     """``args.rerank`` of the Serve config reaches the re-ranker; seen items are the seen rule's."""
     from streamrec.errors import ConfigError
-    from streamrec.funnel.core import Ranked
     from streamrec.funnel.recommender import build_stages
+    from streamrec.funnel.stages import Candidates
 
     d = trained[0]
     with pytest.raises(ConfigError, match="max_per_cat"):
@@ -407,7 +407,7 @@ def test_rerank_rules_come_from_the_serve_args(trained: tuple[Path, dict[str, An
     f = strict.funnel
     user = int(f.models.users.raw_ids[2])
     rows = np.arange(min(60, len(f.table)), dtype=np.int64)
-    ranked = Ranked(rows, np.linspace(1.0, 0.0, rows.size, dtype=np.float32), [["cf"]] * rows.size)
+    ranked = Candidates(rows, np.linspace(1.0, 0.0, rows.size, dtype=np.float32), [["cf"]] * rows.size)
     seen_id = int(f.table.item_ids[rows[0]])  # the best-scored candidate is in the user's history
     ctx = f.context(user, {"recent_item_ids": [seen_id]}, now=1.8e9)
 

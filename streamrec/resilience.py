@@ -133,10 +133,12 @@ class ResilienceConfig(StrictModel):
             user's last known features (``stale_features``).
         ranker_ms: Budget of the ranker's forward pass; past it the request is ordered by the
             merged retrieval score (``simple_ranking``).
+        context_ms: Budget of building the request context (history, the user tower's forward
+            pass); past it the funnel fails for this request and a later level answers.
         breaker: Default settings of the request path's breakers (open after 5 consecutive
             failures, a trial call after 10 s: a dependency back up is used again within seconds).
         breakers: Per-dependency overrides of ``breaker``, by dependency name (``online_store``,
-            ``ranker``, ``source:<name>``, ``funnel``).
+            ``ranker``, ``context``, ``source:<name>``, ``funnel``).
         cached_users: Users whose last good response is kept for the ``cached`` level (LRU).
     """
 
@@ -146,6 +148,7 @@ class ResilienceConfig(StrictModel):
     )
     online_store_ms: float = Field(default=40.0, gt=0)
     ranker_ms: float = Field(default=60.0, gt=0)
+    context_ms: float = Field(default=100.0, gt=0)
     breaker: CircuitBreakerConfig = Field(default_factory=lambda: CircuitBreakerConfig(reset_timeout_s=10.0))
     breakers: dict[str, CircuitBreakerConfig] = Field(default_factory=dict)
     cached_users: int = Field(default=10_000, ge=0)

@@ -19,8 +19,6 @@ the event loop keeps answering other requests and ``/healthz`` whatever a depend
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import threading
 import time
@@ -87,9 +85,11 @@ class StageRunner:
         self._faults = faults or FaultInjection()
         # Context building (the user tower) and retrieval in separate pools: a hung source holds
         # one retrieval thread, never the thread every request needs for its context.
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="context")
         self._retrieval = ThreadPoolExecutor(max(2, source_threads), thread_name_prefix="retrieval")
         mismatch = (StageVersionMismatchError,)  # a reload in progress, not a sick dependency
+        self.context = Dependency(
+            "context", resilience.context_ms / 1e3, resilience.breaker_for("context"), 1, ignore=mismatch
+        )
         self.online = Dependency(
             "online_store", resilience.online_store_ms / 1e3, resilience.breaker_for("online_store"), workers=2
         )
@@ -104,7 +104,7 @@ class StageRunner:
     async def _compute_call(self, stages: Stages, fn: Callable[..., Any], *args: Any) -> Any:
         if not getattr(stages, "blocking", False):
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._compute, functools.partial(fn, *args))
+        return await self.context.call(fn, *args)
 
     def _source(self, name: str) -> Dependency:
         dep = self._sources.get(name)
@@ -251,7 +251,7 @@ class StageRunner:
 
     def snapshot(self) -> dict[str, Any]:
         """Every breaker this runner holds, by dependency name."""
-        deps = [self.online, self.ranker, *self._sources.values()]
+        deps = [self.online, self.context, self.ranker, *self._sources.values()]
         out = {d.name: d.snapshot() for d in deps}
         if self._faults.active:
             out["faults"] = self._faults.model_dump()
@@ -259,9 +259,8 @@ class StageRunner:
 
     def close(self) -> None:
         """Stop the worker pools."""
-        self._compute.shutdown(wait=False, cancel_futures=True)
         self._retrieval.shutdown(wait=False, cancel_futures=True)
-        for d in (self.online, self.ranker, *self._sources.values()):
+        for d in (self.online, self.context, self.ranker, *self._sources.values()):
             d.close()
 
 

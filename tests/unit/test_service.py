@@ -279,6 +279,36 @@ def test_funnel_failure_serves_the_batch_list_then_popularity_then_cached(world:
     assert [i.item_id for i in resp.items] == [i.item_id for i in good.items]
 
 
+def test_a_hung_context_build_costs_its_budget_then_its_breaker_answers_from_batch(world: Path) -> None:
+    stages = Blocking(world)
+    batch = BatchTopN("v9", {3: (np.asarray(ITEMS[10:25], np.int64), np.linspace(1, 0, 15, dtype=np.float32))})
+    res = _res(context_ms=30, level_timeouts_ms={"full": 500})
+    runner = StageRunner(res, 1.0)
+    service = FunnelService(local_primary(lambda: stages, runner), None, res, 1.0, batch=lambda: batch)
+    inner = stages.user_context
+
+    def hung(request: Any, features: Any = None) -> Any:
+        stages.release.wait(10)  # the user tower stuck (a wedged thread, a deadlock)
+        return inner(request, features)
+
+    stages.user_context = hung  # type: ignore[method-assign]
+    took, reasons = [], []
+    try:
+        for _ in range(4):
+            t0 = time.perf_counter()
+            resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+            took.append(time.perf_counter() - t0)
+            assert resp.metadata.degradation_level == "batch" and len(resp.items) == 5
+            reasons.append(resp.metadata.degradation_reason or "")
+    finally:
+        stages.release.set()
+    assert max(took) < 0.4  # the context budget (30 ms), never the level's 500 ms or the hang
+    assert reasons == ["full: timeout"] * 2 + ["full: error (CircuitOpenError)"] * 2
+    snap = runner.snapshot()["context"]
+    assert snap["state"] == "open" and snap["timeouts"] == 2 and snap["refused"] == 2  # threshold 2
+    runner.close()
+
+
 def test_a_short_answer_is_filled_to_k_from_later_levels(world: Path) -> None:
     stages = Blocking(world)
     batch = BatchTopN("v1", {3: (np.asarray(ITEMS[30:33], np.int64), np.ones(3, np.float32))})

@@ -16,8 +16,11 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from streamrec.api_models import RecommendRequest
+from streamrec.funnel.popularity import PopularityStages
+from streamrec.resilience import CircuitBreakerConfig, ResilienceConfig
 from streamrec.service.cluster import ReplicaLostError, call_with_retry
-from tests.unit.test_service import Blocking, _service, world  # noqa: F401 - the fixture
+from streamrec.service.policy import FunnelService
+from tests.unit.test_service import world  # noqa: F401 - the fixture
 
 
 class FakeMethod:
@@ -102,14 +105,18 @@ def test_cluster_gateway_resends_every_stage_call() -> None:
 
 
 def test_lost_replicas_do_not_open_the_funnel_breaker(world: Path) -> None:  # noqa: F811 - the fixture
-    stages = Blocking(world)
-    service = _service(world, stages)
+    """The cluster gateway's ``call`` raising ``ReplicaLostError`` (as ``_cluster_call`` does, lost twice)."""
+    res = ResilienceConfig(breaker=CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=60.0))
 
-    def lost(*_: Any) -> Any:
-        raise ReplicaLostError("stage 'user_context': replica lost on 2 attempt(s) (ActorDiedError)")
+    async def call(name: str, *args: Any) -> Any:
+        raise ReplicaLostError(f"stage '{name}': replica lost on 2 attempt(s) (ActorDiedError)")
 
-    stages.user_context = lost  # type: ignore[method-assign]
+    async def primary() -> tuple[Any, tuple[str, ...]]:
+        return call, ("popularity",)
+
+    service = FunnelService(primary, PopularityStages.from_data_dir(world), res, 1.0)
     for user in range(1, 6):  # more than the breaker's failure threshold (2)
         resp = asyncio.run(service(RecommendRequest(user_id=user, k=5)))
-        assert resp.metadata.degradation_level in ("batch", "popularity") and len(resp.items) == 5
+        assert resp.metadata.degradation_level == "popularity" and len(resp.items) == 5
+        assert "ReplicaLostError" in (resp.metadata.degradation_reason or "")
     assert service.breaker.snapshot()["state"] == "closed"

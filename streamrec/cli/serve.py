@@ -34,6 +34,12 @@ def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
     gets a share. Ray's proxy actor becomes HAProxy's fallback on ``port + 100``; HAProxy's stats
     and Prometheus listeners move to ``port + 101`` and ``port + 102`` (from 8404 and 9101). The
     port quarantine is off so that a restarted or reloaded replica gets its port back at once.
+    HAProxy resends a request to another replica (or the fallback proxy) not only when it could
+    not connect (Ray's default, ``conn-failure``) but also when the replica closed the connection
+    without answering (``empty-response``: a replica killed mid-request), so such a request is
+    retried instead of failing. Safe for this API: ``/v1/recommend`` is a read and events are
+    deduplicated by ``event_id``; HAProxy never resends a request larger than its buffer (16 KiB)
+    (docs/adr/ADR-010, "Dead replicas").
     Must be in the environment of the processes that start Ray (docs/operations.md, ADR-008).
 
     Raises:
@@ -50,6 +56,7 @@ def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port + PROXY_PORT_OFFSET),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(port + PROXY_PORT_OFFSET + 1),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + PROXY_PORT_OFFSET + 2),
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
     }
 
 

@@ -16,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,9 @@ class FaultApps:
     base_url: str
     world: FaultWorld
     headers: dict[str, str] = field(default_factory=lambda: {"X-API-Key": READ_KEY})
+    #: The deployed Serve config (every application): :func:`deploy_extra` adds to it.
+    config: dict[str, Any] = field(default_factory=dict)
+    port: int = 0
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=30.0)
@@ -120,7 +124,25 @@ def fault_apps(ray_session: None, fault_world: FaultWorld) -> FaultApps:  # noqa
     merged = config.merge(*cfgs)
     merged["proxy_location"] = "HeadOnly"
     config.deploy(merged, timeout_s=300)
-    return FaultApps(f"http://127.0.0.1:{port}", fault_world)
+    return FaultApps(f"http://127.0.0.1:{port}", fault_world, config=merged, port=port)
+
+
+@contextmanager
+def deploy_extra(apps: FaultApps, *cfgs: dict[str, Any], timeout_s: float = 300) -> Iterator[None]:
+    """Serve ``cfgs``' applications beside :data:`APPS` for a block, then remove them again.
+
+    Deploying is declarative (the config names every application), so the fault apps are
+    deployed unchanged alongside and the original config is deployed again afterwards.
+    """
+    from deployments import config
+
+    merged = config.merge(apps.config, *cfgs)
+    merged["proxy_location"] = apps.config.get("proxy_location", "HeadOnly")
+    try:
+        config.deploy(merged, timeout_s=timeout_s)
+        yield
+    finally:
+        config.deploy(apps.config, timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------- load and checks
@@ -135,11 +157,18 @@ class Outcome:
     level: str = ""
     items: int = 0
     reason: str = ""
+    #: When it was sent, in ms from the start of the run (what was in flight at a given moment).
+    sent_ms: float = 0.0
+    retry_after: str | None = None
 
 
 async def _open_loop(base_url: str, path: str, headers: dict[str, str], rps: float, seconds: float,
-                     users: range) -> list[Outcome]:  # fmt: skip
-    """``rps`` requests a second for ``seconds``, fired on schedule whatever the answers (open loop)."""
+                     users: range, at: tuple[float, Callable[[float], None]] | None = None) -> list[Outcome]:  # fmt: skip
+    """``rps`` requests a second for ``seconds``, fired on schedule whatever the answers (open loop).
+
+    ``at``: ``(t_s, action)``: ``action(elapsed_ms)`` is called ``t_s`` into the run (a fault
+    injected at a known moment, on the clock of :attr:`Outcome.sent_ms`).
+    """
     out: list[Outcome] = []
     n = int(rps * seconds)
 
@@ -148,21 +177,30 @@ async def _open_loop(base_url: str, path: str, headers: dict[str, str], rps: flo
         async def one(i: int) -> None:
             body = {"user_id": users[i % len(users)], "k": 10}
             t0 = time.perf_counter()
+            sent = (t0 - start) * 1e3
             try:
                 r = await client.post(path, json=body, headers=headers)
             except httpx.HTTPError:
-                out.append(Outcome(0, (time.perf_counter() - t0) * 1e3))
+                out.append(Outcome(0, (time.perf_counter() - t0) * 1e3, sent_ms=sent))
                 return
             ms = (time.perf_counter() - t0) * 1e3
             if r.status_code != 200:
-                out.append(Outcome(r.status_code, ms))
+                out.append(Outcome(r.status_code, ms, sent_ms=sent, retry_after=r.headers.get("retry-after")))
                 return
             meta = r.json()["metadata"]
             out.append(Outcome(200, ms, meta["degradation_level"], len(r.json()["items"]),
-                               meta.get("degradation_reason") or ""))  # fmt: skip
+                               meta.get("degradation_reason") or "", sent))  # fmt: skip
 
         start = time.perf_counter()
         tasks = []
+        if at is not None:
+            t_s, action = at
+
+            async def inject() -> None:
+                await asyncio.sleep(max(0.0, start + t_s - time.perf_counter()))
+                action((time.perf_counter() - start) * 1e3)
+
+            tasks.append(asyncio.create_task(inject()))
         for i in range(n):
             delay = start + i / rps - time.perf_counter()
             if delay > 0:
@@ -172,9 +210,10 @@ async def _open_loop(base_url: str, path: str, headers: dict[str, str], rps: flo
     return out
 
 
-def open_loop(apps: FaultApps, app: str, rps: float, seconds: float, users: range) -> list[Outcome]:
+def open_loop(apps: FaultApps, app: str, rps: float, seconds: float, users: range,
+              at: tuple[float, Callable[[float], None]] | None = None) -> list[Outcome]:  # fmt: skip
     """Run :func:`_open_loop` against ``/<app>/v1/recommend``."""
-    return asyncio.run(_open_loop(apps.base_url, f"/{app}/v1/recommend", apps.headers, rps, seconds, users))
+    return asyncio.run(_open_loop(apps.base_url, f"/{app}/v1/recommend", apps.headers, rps, seconds, users, at))
 
 
 def pct(outcomes: list[Outcome], q: int) -> float:

@@ -26,14 +26,22 @@ Guarantees and counts:
   network filesystems across nodes), a retry on another node may be logged twice:
   :meth:`EventLog.export_to_store` removes such duplicates (and the events store itself is
   unique by ``event_id`` within an event date), but the sink has then seen the event twice.
-* **all or nothing per batch**: a batch naming users or items the catalogue does not know is
-  rejected whole (nothing written) and the unknown ids are reported (the API answers 422).
+* **all or nothing per batch**: a batch naming items the catalogue does not know is rejected
+  whole (nothing written) and the unknown ids are reported (the API answers 422). A user the
+  catalogue does not know is a *new user*, created implicitly (``accept_new_users``, the
+  default): the events are logged and pushed like any other, and the export adds the user to
+  the users table (see below). With ``accept_new_users=False`` unknown users are refused like
+  unknown items. A user id beyond int64 is refused either way (no store can hold it).
 * **invariant**: ``received == stored + duplicates + rejected`` at all times
   (:meth:`EventLogStats.balanced`).
 
 :meth:`EventLog.export_to_store` moves logged events into the validated events store
 (:meth:`streamrec.data.store.DataStore.append_events`, through the data contract) for the next
-training run; it is incremental (a byte watermark per segment) and safe to re-run.
+training run; it is incremental (a byte watermark per segment) and safe to re-run. Users named by
+exported events but absent from the users table (new users, see above) are first added to it
+(:func:`implicit_users`: ``signup_at`` = their first event, demographics unknown), so an
+acknowledged event is never quarantined as ``unknown_user`` and the next feature build and
+training know the user; a later ingest carrying the user's profile replaces that row.
 :func:`export_event_log` is what ``streamrec data export-events`` and the daily ``streamrec
 retrain`` run: the export, then :meth:`EventLog.prune`.
 
@@ -108,7 +116,8 @@ class EventLogStats:
         received: Events offered to :meth:`EventLog.append`.
         stored: Events written to the log.
         duplicates: Events whose ``event_id`` was already logged (or repeated within a batch).
-        rejected: Events refused (a batch naming unknown users or items).
+        rejected: Events refused (a batch naming unknown items, or unknown users when new users
+            are not accepted).
         push_failed: Stored events the sink failed to take (they are still in the log).
         pushed: Stored events the sink took.
         push_calls: Calls to the sink (concurrent appends share one, so under load this grows
@@ -141,7 +150,8 @@ class AppendOutcome:
         duplicates: Events already logged (not written again).
         rejected: Events refused (the whole batch when any id is unknown).
         push_failed: Stored events the sink failed to take.
-        unknown_user_ids: User ids not known to the catalogue (sorted, unique).
+        unknown_user_ids: User ids refused (sorted, unique): not known to the catalogue while new
+            users are not accepted, or beyond int64.
         unknown_item_ids: Item ids not in the catalogue (sorted, unique).
     """
 
@@ -182,6 +192,8 @@ class ExportResult:
         quarantined: Events refused by the data contract (written to the quarantine).
         corrupt_lines: Lines that could not be parsed (written to the quarantine).
         quarantine_path: The quarantine file, when one was written.
+        new_users: Users added to the users table because exported events named them (new
+            users created implicitly by their first events).
     """
 
     read: int
@@ -191,6 +203,7 @@ class ExportResult:
     quarantined: int
     corrupt_lines: int
     quarantine_path: str | None = None
+    new_users: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,38 @@ def _unknown(known: np.ndarray | None, ids: Sequence[int]) -> list[int]:
     pos = np.minimum(np.searchsorted(known, arr), known.size - 1)
     missing: list[int] = arr[known[pos] != arr].tolist()
     return missing + huge
+
+
+def _beyond_int64(ids: Sequence[int]) -> list[int]:
+    """The ids of ``ids`` that no store can hold (sorted, unique)."""
+    return sorted({i for i in ids if not storable_id(i)})
+
+
+def implicit_users(events: pd.DataFrame, known_users: np.ndarray | Iterable[int]) -> pd.DataFrame:
+    """Rows of the users table for the users of ``events`` not in ``known_users``.
+
+    A new user is created by their first events: ``signup_at`` is the earliest of their event
+    timestamps; demographics are unknown (null, the features' defaults), as for users derived
+    from a ratings file.
+
+    Args:
+        events: Events with ``user_id`` and ``timestamp`` (nulls ignored).
+        known_users: Ids already in the users table.
+    """
+    ok = events[events["user_id"].notna() & events["timestamp"].notna()]
+    known = np.asarray(list(known_users) if not isinstance(known_users, np.ndarray) else known_users)
+    ok = ok[~ok["user_id"].isin(known)]
+    if ok.empty:
+        return pd.DataFrame(
+            {"user_id": pd.Series(dtype="int64"), "signup_at": pd.Series(dtype="datetime64[ns, UTC]")}
+        )
+    first = ok.groupby(ok["user_id"].astype("int64"))["timestamp"].min()
+    return pd.DataFrame(
+        {
+            "user_id": first.index.to_numpy(dtype=np.int64),
+            "signup_at": pd.to_datetime(first.to_numpy(), utc=True),
+        }
+    )
 
 
 def _export_now(records: list[dict[str, Any]], now: datetime | None) -> datetime:
@@ -299,7 +344,8 @@ class EventLog:
 
     Args:
         root: The log directory (usually ``DataLayout.event_log``).
-        known_users: User ids events may name (None: any).
+        known_users: User ids the catalogue knows (None: any). Only checked when
+            ``accept_new_users`` is off.
         known_items: Item ids events may name (None: any).
         sink: Called with the records of each batch's newly stored events after the durable
             write (e.g. the feature client's ``push_interactions``); its exceptions are counted,
@@ -318,6 +364,9 @@ class EventLog:
             not hold, at most every ``catalogue_refresh_s`` (users and items ingested after
             the gateway started are accepted without a restart or reload). None: fixed sets.
         catalogue_refresh_s: Shortest pause between two such re-reads.
+        accept_new_users: Accept events of users the catalogue does not know (new users, created
+            implicitly; the export adds them to the users table). Off: such a batch is refused
+            like one naming unknown items.
     """
 
     def __init__(
@@ -335,12 +384,14 @@ class EventLog:
         clock: Callable[[], float] = time.time,
         catalogue: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
         catalogue_refresh_s: float = 60.0,
+        accept_new_users: bool = True,
     ) -> None:
         self.root = Path(root)
         self.segments_dir = self.root / "segments"
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         self.known_users = _sorted_ids(known_users)
         self.known_items = _sorted_ids(known_items)
+        self.accept_new_users = bool(accept_new_users)
         self.sink = sink
         self.sink_breaker = sink_breaker or CircuitBreaker(
             "event_sink", failure_threshold=5, reset_timeout_s=30.0
@@ -401,8 +452,10 @@ class EventLog:
     def append(self, events: Sequence[EventIn], received_at: datetime | None = None) -> AppendOutcome:
         """Log a batch durably; return what happened to it.
 
-        The batch is rejected whole when it names unknown users or items. Otherwise every event
-        whose id is new is written in one ``write`` + ``fsync``, then handed to the sink.
+        The batch is rejected whole when it names unknown items (or unknown users, when new
+        users are not accepted). Otherwise every event whose id is new is written in one
+        ``write`` + ``fsync``, then handed to the sink. Events of new users are logged and
+        pushed like any other.
 
         Args:
             events: Validated events.
@@ -413,11 +466,14 @@ class EventLog:
                 with a server error and the client retries — ids make the retry safe).
         """
         n = len(events)
-        bad_users = _unknown(self.known_users, [e.user_id for e in events])
+        user_ids = [e.user_id for e in events]
+        # New users accepted: any id a store can hold (the user is created implicitly).
+        bad_users = _beyond_int64(user_ids) if self.accept_new_users else _unknown(self.known_users, user_ids)
         bad_items = _unknown(self.known_items, [e.item_id for e in events])
         if bad_users or bad_items:
             self._refresh_catalogue()  # (or another thread just did: check the current sets again)
-            bad_users = _unknown(self.known_users, bad_users)
+            if not self.accept_new_users:
+                bad_users = _unknown(self.known_users, bad_users)
             bad_items = _unknown(self.known_items, bad_items)
         if bad_users or bad_items:
             with self._lock:
@@ -701,7 +757,8 @@ class EventLog:
         ids, applies the data contract (:func:`~streamrec.data.contract.validate_events`; refused
         and unparseable lines go to ``quarantine/event_log-<utc>.parquet``), appends the valid
         rows with :meth:`DataStore.append_events` (which skips ids already stored), then advances
-        the watermarks. Safe to re-run and to run while replicas keep appending; exports and
+        the watermarks. Users the events name that the users table lacks (new users) are added to
+        it first (:func:`implicit_users`), so their events are stored, not quarantined. Safe to re-run and to run while replicas keep appending; exports and
         prunes take turns (``export.lock``).
 
         Args:
@@ -740,7 +797,20 @@ class EventLog:
         dups = before - len(frame)
         users = store.users()["user_id"].to_numpy(dtype=np.int64)
         items = store.items()["item_id"].to_numpy(dtype=np.int64)
-        result = validate_events(frame, users, items, source=str(self.root), now=_export_now(records, now))
+        # Users the store lacks are new users, created by these events: they count as known for the
+        # contract, and those with a valid event join the users table before their events do.
+        candidates = implicit_users(frame, users)
+        result = validate_events(
+            frame,
+            np.union1d(users, candidates["user_id"].to_numpy(dtype=np.int64)),
+            items,
+            source=str(self.root),
+            now=_export_now(records, now),
+        )
+        new_users = candidates[candidates["user_id"].isin(result.valid["user_id"])]
+        if len(new_users):  # re-read: never replace a profile an ingest stored meanwhile
+            new_users = new_users[~new_users["user_id"].isin(store.users()["user_id"])]
+            store.upsert_users(new_users)
         appended = store.append_events(result.valid) if len(result.valid) else None
         qpath: str | None = None
         quarantine = result.quarantined
@@ -764,6 +834,7 @@ class EventLog:
             quarantined=len(result.quarantined),
             corrupt_lines=len(corrupt),
             quarantine_path=qpath,
+            new_users=len(new_users),
         )
 
     def _marks(self) -> dict[str, int]:
@@ -920,4 +991,5 @@ __all__ = [
     "POSITIVE_TYPES",
     "Sink",
     "event_record",
+    "implicit_users",
 ]

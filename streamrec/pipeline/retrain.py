@@ -59,7 +59,8 @@ def retrain(
         ex = event_log["export"]
         log(
             f"event log: {ex['added']} new event(s) exported to the events store "
-            f"({ex['already_present']} already there, {ex['quarantined'] + ex['corrupt_lines']} quarantined)"
+            f"({ex['already_present']} already there, {ex['quarantined'] + ex['corrupt_lines']} quarantined, "
+            f"{ex['new_users']} new user(s) added to the users table)"
         )
     fp = data_fingerprint(data_dir)
     if marker.is_file() and not force:

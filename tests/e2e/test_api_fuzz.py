@@ -157,7 +157,7 @@ def _config(trained_dir: Path, *, key: str | None, max_examples: int) -> schemat
             "body.events[*].item_id": known_item,
         },
         "checks": {
-            # Valid JSON naming ids the catalogue lacks is a 422 (`unknown_ids`), and timestamps
+            # Valid JSON naming items the catalogue lacks is a 422 (`unknown_ids`), and timestamps
             # outside the contract's window are 422s the schema cannot express: both are client
             # errors by design, so schema-valid data is not required to be accepted.
             "positive_data_acceptance": {"enabled": False},

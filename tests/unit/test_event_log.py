@@ -92,7 +92,8 @@ def test_idempotent_by_event_id_within_batch_and_across_restarts(store: DataStor
     assert sorted(r["event_id"] for r in log_lines(reopened)) == ["a", "b", "c", "d"]
 
 
-def test_unknown_ids_reject_the_whole_batch_and_are_named(log_: EventLog) -> None:
+def test_unknown_ids_reject_the_whole_batch_and_are_named(store: DataStore) -> None:
+    log_ = EventLog.open(store.layout.root, accept_new_users=False)  # unknown users refused too
     out = log_.append([ev("ok"), ev("u", user=999), ev("i", item=5), ev("both", user=998, item=2**70)])
     assert not out.accepted and out.stored == 0 and out.rejected == 4
     assert out.unknown_user_ids == (998, 999)
@@ -108,8 +109,9 @@ def test_invariant_count_in_equals_stored_plus_duplicates_plus_rejected(log_: Ev
     for _ in range(60):
         batch = []
         for _ in range(rng.randint(1, 8)):
-            user = rng.choice([*USERS, 777]) if rng.random() < 0.05 else rng.choice(USERS)
-            batch.append(ev(f"e{rng.randint(0, 120)}", user=user, item=rng.choice(ITEMS)))
+            user = rng.choice([*USERS, 777]) if rng.random() < 0.05 else rng.choice(USERS)  # 777: new
+            item = rng.choice([*ITEMS, 5]) if rng.random() < 0.05 else rng.choice(ITEMS)  # 5: unknown
+            batch.append(ev(f"e{rng.randint(0, 120)}", user=user, item=item))
         sent += len(batch)
         log_.append(batch)
     s = log_.stats
@@ -348,8 +350,8 @@ def test_unreadable_watermarks_mean_a_full_re_export_not_a_failure(store: DataSt
 
 
 def test_users_and_items_ingested_after_start_are_accepted_without_a_restart(store: DataStore) -> None:
-    fresh = EventLog.open(store.layout.root, catalogue_refresh_s=0.0)
-    slow = EventLog.open(store.layout.root)  # default: at most one re-read a minute
+    fresh = EventLog.open(store.layout.root, catalogue_refresh_s=0.0, accept_new_users=False)
+    slow = EventLog.open(store.layout.root, accept_new_users=False)  # at most one re-read a minute
     assert fresh.append([ev("n1", user=999, item=100)]).unknown_user_ids == (999,)
     store.upsert_users(pd.DataFrame({"user_id": [999], "signup_at": [NOW]}))  # ingested meanwhile
     assert slow.append([ev("n1", user=999, item=100)]).unknown_user_ids == (999,)  # not re-read yet
@@ -375,7 +377,14 @@ def test_a_batch_that_waited_for_another_threads_catalogue_re_read_uses_its_resu
         release.wait(10)
         return users, np.asarray(ITEMS, dtype=np.int64)
 
-    log_ = EventLog(store.layout.event_log, USERS, ITEMS, catalogue=slow_catalogue, catalogue_refresh_s=60.0)
+    log_ = EventLog(
+        store.layout.event_log,
+        USERS,
+        ITEMS,
+        catalogue=slow_catalogue,
+        catalogue_refresh_s=60.0,
+        accept_new_users=False,
+    )
     log_._catalogue_read_at = time.monotonic() - 120  # due for a re-read
     out: dict[str, Any] = {}
     first = threading.Thread(target=lambda: out.__setitem__("a", log_.append([ev("w1", user=999)])))
@@ -392,13 +401,84 @@ def test_a_batch_that_waited_for_another_threads_catalogue_re_read_uses_its_resu
 
 def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time
-    log.append([ev("fine"), ev("ghost", user=4242)])
+    log.append([ev("fine"), ev("ghost", item=5)])
     with open(log.segments()[0], "ab") as fh:
         fh.write(b"not json\n")
     res = log.export_to_store(store, now=NOW)
     assert (res.added, res.quarantined, res.corrupt_lines) == (1, 1, 1)
     q = pd.read_parquet(res.quarantine_path)
-    assert sorted(q["reason"]) == ["malformed_line", "unknown_user"]
+    assert sorted(q["reason"]) == ["malformed_line", "unknown_item"]
+
+
+# ------------------------------------------------------------------------ new users
+NEW = 5000  # a user id the catalogue has never seen
+
+
+def test_new_users_events_are_accepted_durable_pushed_and_exactly_once(
+    store: DataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pushed: list[list[tuple[object, object]]] = []
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    log = EventLog.open(
+        store.layout.root, sink=lambda recs: pushed.append([(r["user_id"], r["item_id"]) for r in recs])
+    )
+    assert log.accept_new_users  # the default
+    out = log.append([ev("n1", user=NEW, item=100), ev("n2", user=NEW, item=101, kind="view"), ev("k1")])
+    assert out.accepted and (out.stored, out.duplicates, out.rejected, out.push_failed) == (3, 0, 0, 0)
+    assert out.unknown_user_ids == () and out.unknown_item_ids == ()
+    assert synced, "a new user's events are fsync'd before the append returns, like any other"
+    assert pushed == [[(NEW, 100), (NEW, 101), (1, 100)]]  # streamed exactly like a known user's
+    assert log.append([ev("n1", user=NEW, item=100)]).duplicates == 1  # a retry: not stored, not pushed
+    log.close()
+    restarted = EventLog.open(store.layout.root)  # a restarted replica still recognises the retry
+    assert restarted.append([ev("n2", user=NEW, item=101, kind="view")]).duplicates == 1
+    assert sorted(r["event_id"] for r in log_lines(restarted)) == ["k1", "n1", "n2"]
+    assert len(pushed) == 1 and log.stats.balanced() and restarted.stats.balanced()
+
+
+def test_unknown_items_stay_refused_whole_for_new_users_too(store: DataStore) -> None:
+    pushed: list[object] = []
+    log = EventLog.open(store.layout.root, sink=pushed.append)
+    out = log.append([ev("a", user=NEW, item=100), ev("b", user=NEW, item=5), ev("c", item=10**9)])
+    assert not out.accepted and (out.stored, out.rejected) == (0, 3)
+    assert out.unknown_item_ids == (5, 10**9) and out.unknown_user_ids == ()  # a new user is no problem
+    assert "unknown item_id(s) [5, 1000000000]" in out.problem()
+    assert log_lines(log) == [] and pushed == []
+    huge = log.append([ev("h", user=2**70)])  # no store can hold this id: refused, new user or not
+    assert not huge.accepted and huge.unknown_user_ids == (2**70,)
+    assert log.stats.balanced() and log.stats.rejected == 4
+
+
+def test_export_adds_new_users_to_the_users_table_and_quarantines_none_of_their_events(
+    store: DataStore,
+) -> None:
+    log = EventLog.open(store.layout.root)
+    early = ev("n1", user=NEW, item=100, timestamp=NOW - timedelta(hours=2))
+    log.append([ev("n2", user=NEW, item=101), early, ev("n3", user=NEW + 1, item=102, kind="view"), ev("k1")])
+    res = log.export_to_store(store, now=NOW)
+    assert (res.added, res.quarantined, res.new_users) == (4, 0, 2)
+    users = store.users().set_index("user_id")
+    assert {NEW, NEW + 1} <= set(users.index) and len(users) == len(USERS) + 2
+    assert users.loc[NEW, "signup_at"] == pd.Timestamp(NOW - timedelta(hours=2))  # their first event
+    assert pd.isna(users.loc[NEW, "age"]) and pd.isna(users.loc[NEW, "gender"])  # demographics unknown
+    stored = store.events(columns=["event_id", "user_id"])
+    assert sorted(stored.loc[stored["user_id"] >= NEW, "event_id"]) == ["n1", "n2", "n3"]
+    # The next export knows them: nothing new, and an ingest with a profile replaces the row.
+    log.append([ev("n4", user=NEW, item=103)])
+    again = log.export_to_store(store, now=NOW)
+    assert (again.added, again.new_users) == (1, 0)
+    store.upsert_users(pd.DataFrame({"user_id": [NEW], "age": [31], "signup_at": [NOW]}))
+    assert store.users().set_index("user_id").loc[NEW, "age"] == 31
+
+
+def test_a_new_user_whose_only_event_is_quarantined_is_not_created(store: DataStore) -> None:
+    log = EventLog(store.layout.event_log)  # no id checks at append time: the contract decides
+    log.append([ev("x", user=NEW, item=5)])
+    res = log.export_to_store(store, now=NOW)
+    assert (res.added, res.quarantined, res.new_users) == (0, 1, 0)
+    assert NEW not in set(store.users()["user_id"])
 
 
 # ------------------------------------------------------------------------ retention

@@ -373,7 +373,9 @@ def test_events_are_stored_once_and_counted(world: Path, tmp_path: Path) -> None
     assert log.stats.balanced() and log.stats.stored == 2
 
 
-def test_events_with_unknown_ids_are_422_naming_them(world: Path, tmp_path: Path) -> None:
+def test_events_with_unknown_items_are_422_naming_them_and_new_users_are_accepted(
+    world: Path, tmp_path: Path
+) -> None:
     c, log, _ = make_client(world, tmp_path)
     body = events_body(
         {"event_id": "k1", "user_id": 1, "item_id": 100},
@@ -382,12 +384,16 @@ def test_events_with_unknown_ids_are_422_naming_them(world: Path, tmp_path: Path
     )
     with c:
         r = c.post("/v1/events", json=body, headers={"X-API-Key": WRITE})
-    assert r.status_code == 422
-    out = r.json()
-    assert out["error"] == "unknown_ids"
-    assert out["detail"]["unknown_user_ids"] == [4242] and out["detail"]["unknown_item_ids"] == [77]
-    assert "4242" in out["detail"]["message"] and "77" in out["detail"]["message"]
-    assert log.stats.rejected == 3 and log.stats.stored == 0 and log.stats.balanced()
+        assert r.status_code == 422
+        out = r.json()
+        assert out["error"] == "unknown_ids"
+        assert out["detail"]["unknown_user_ids"] == [] and out["detail"]["unknown_item_ids"] == [77]
+        assert "77" in out["detail"]["message"] and "4242" not in out["detail"]["message"]
+        assert log.stats.rejected == 3 and log.stats.stored == 0 and log.stats.balanced()
+        # A user the catalogue has never seen (4242) is a new user: their events are stored.
+        new_user = events_body({"event_id": "k2", "user_id": 4242, "item_id": 100})
+        r = c.post("/v1/events", json=new_user, headers={"X-API-Key": WRITE})
+        assert r.status_code == 200 and r.json()["stored"] == 1
 
 
 def test_events_before_the_epoch_are_refused_so_none_is_quarantined_at_export(

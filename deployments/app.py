@@ -45,6 +45,7 @@ from streamrec.monitoring.health import HealthMonitor
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
+from streamrec.service.catalogue import CatalogueSync
 from streamrec.service.cluster import call_with_retry
 from streamrec.service.http import build_gateway
 from streamrec.service.loading import (
@@ -211,8 +212,16 @@ class Ranker(_StageHost):
 class Reranker(_StageHost):
     """Cluster stage: business rules and response assembly."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self._init_host(args)
+        self._catalogue = CatalogueSync(self._args.data_dir)
+        self._catalogue_task = asyncio.get_running_loop().create_task(
+            every(1.0, self._apply_catalogue, "catalogue sync")
+        )
+
+    async def _apply_catalogue(self) -> None:
+        """Keep the re-ranking metadata at the catalogue log (promoted, categories)."""
+        await self._catalogue.apply(self.stages)
 
     async def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:
         """:meth:`Stages.rerank`."""
@@ -281,6 +290,7 @@ class Gateway:
             self._batch = await asyncio.to_thread(load_batch, self._args, None)
         self._fallback = await asyncio.to_thread(load_fallback, self._args, self._local)
         settle_heap()
+        self._catalogue = CatalogueSync(a.data_dir)
         self._service = FunnelService(
             self._primary,
             self._fallback.stages if self._fallback else None,
@@ -289,6 +299,7 @@ class Gateway:
             batch=self._current_batch,
             metrics=self._metrics,
             request_log=self._request_log,
+            flagged=self._catalogue.flagged,
         )
         self._shadow: ShadowScorer | None = None
         self._variants: Variants | None = None
@@ -301,6 +312,7 @@ class Gateway:
                 metrics=self._metrics,
                 request_log=self._request_log,
                 shadow=self._shadow,
+                flagged=self._catalogue.flagged,
             )
             try:
                 await self._variants.refresh()  # start with the challenger and shadow in place
@@ -329,6 +341,9 @@ class Gateway:
                 every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll")
             )
         )
+        self._catalogue_task = asyncio.get_running_loop().create_task(
+            every(1.0, self._apply_catalogue, "catalogue sync")
+        )
         self._watcher: asyncio.Task[None] | None = None
         if (
             self._args.watch_champion_s > 0
@@ -350,6 +365,7 @@ class Gateway:
             behind_ray_proxy=True,
             metrics=self._metrics,
             variant_of=self._router.variant_of,
+            upsert_items=self._upsert_items,
         )
         return app
 
@@ -368,6 +384,18 @@ class Gateway:
             assert self._features is not None
             d = await self._features.describe.remote()
         return d.get("details"), d.get("loaded_at")
+
+    # ------------------------------------------------------------------ catalogue
+    async def _apply_catalogue(self) -> None:
+        """Keep the in-process stages' re-ranking metadata at the catalogue log (fused)."""
+        if self._local is not None:
+            await self._catalogue.apply(self._local.stages)
+
+    async def _upsert_items(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """``POST /v1/admin/items``: durable in the log, then in force on this replica at once."""
+        result = await self._catalogue.upsert(items)
+        await self._apply_catalogue()
+        return result
 
     # ------------------------------------------------------------------ stages
     def _current_batch(self) -> BatchTopN | None:
@@ -461,6 +489,7 @@ class Gateway:
         out["reloads"] = self._history.snapshot()
         out["health_alerts"] = self._health.warnings
         out["request_log"] = self._request_log.snapshot() if self._request_log is not None else None
+        out["catalogue"] = self._catalogue.snapshot()
         if self._local is not None:
             out["stages"] = self._local.describe()
         else:

@@ -29,6 +29,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
@@ -289,6 +290,59 @@ class EventsResponse(ApiModel):
     stored: int = Field(ge=0)
     duplicates: int = Field(ge=0)
     push_failed: int = Field(default=0, ge=0)
+
+
+# ------------------------------------------------------------------------------ /admin/items
+
+#: Most items in one ``POST /v1/admin/items`` body.
+MAX_CATALOGUE_ITEMS = 10_000
+
+
+class CatalogueItem(ApiModel):
+    """One item upsert: the fields given replace the item's; the others keep their value.
+
+    Attributes:
+        item_id: The item.
+        title: Display title.
+        categories: Category names (replace the item's categories).
+        creator: Creator name.
+        published_at: Publication time (UTC).
+        promoted: Whether the promotion rule boosts it.
+        flagged: Content-policy flag: a flagged item is never served once the upsert is answered.
+    """
+
+    item_id: Id
+    title: Annotated[str, Field(max_length=1000)] | None = None
+    categories: Annotated[list[ShortStr], Field(max_length=64)] | None = None
+    creator: ShortStr | None = None
+    published_at: Timestamp | None = None
+    promoted: StrictBool | None = None
+    flagged: StrictBool | None = None
+
+    @field_validator("published_at")
+    @classmethod
+    def _to_utc(cls, value: datetime | None) -> datetime | None:
+        return _as_utc(value)
+
+
+class ItemsUpsertRequest(ApiModel):
+    """Body of ``POST /v1/admin/items``: 1 to 10,000 item upserts."""
+
+    items: Annotated[list[CatalogueItem], Field(min_length=1, max_length=MAX_CATALOGUE_ITEMS)]
+
+
+class ItemsUpsertResponse(ApiModel):
+    """Body returned by ``POST /v1/admin/items``.
+
+    Attributes:
+        accepted: Upserts written to the catalogue log (durable when this is answered).
+        catalogue_lines: Lines in the catalogue log after them.
+        flagged: Item ids this request flagged: no replica serves them from now on.
+    """
+
+    accepted: int = Field(ge=0)
+    catalogue_lines: int = Field(ge=0)
+    flagged: list[int]
 
 
 # ------------------------------------------------------------------------------------- errors

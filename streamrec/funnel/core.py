@@ -10,6 +10,7 @@ cutoff), so the evaluation measures exactly the code that serves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,7 @@ class Funnel:
         if exposure is None:
             exposure = np.asarray(models.train.sum(axis=0)).ravel()
         self.reranker = ReRanker(item_metadata(table, exposure), rerank or ReRankConfig())
+        self._bundle_metadata = self.reranker.metadata
         self._tt_source = AnnSource(models.tt_index, lambda ctx: None, "two_tower", models.train)
 
     # ------------------------------------------------------------------ context
@@ -324,6 +326,14 @@ class Funnel:
     def keep_best(self, scores: npt.NDArray[np.floating[Any]], k: int = 0) -> I64:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""
         return np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)].astype(np.int64)
+
+    def apply_catalogue(self, changes: Mapping[int, Mapping[str, Any]]) -> None:
+        """Re-rank with the bundle's item metadata plus catalogue ``changes``.
+
+        Changes to items the bundle holds (promoted, flagged, categories, publication time) are
+        applied to a copy, swapped in by one assignment.
+        """
+        self.reranker = ReRanker(self._bundle_metadata.with_changes(changes), self.reranker.config)
 
     def rerank(self, ctx: FunnelContext, ranked: Candidates, k: int) -> ReRankResult:
         """Apply the business rules (policy, seen, promotion, freshness, diversity, fairness)."""

@@ -21,6 +21,7 @@ import pandas as pd
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
+from streamrec.data.catalogue import CatalogueState
 from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
 from streamrec.funnel.core import Funnel, FunnelContext
 from streamrec.funnel.fallback import BatchTopN
@@ -73,10 +74,25 @@ class RecommenderStages:
         self.batch = batch or BatchTopN.empty(model_version)
         self.titles = titles
         self.snapshot = snapshot
+        #: Catalogue log lines applied (:meth:`apply_catalogue`).
+        self.catalogue_lines = 0
+
+    def apply_catalogue(self, state: CatalogueState) -> bool:
+        """Serve with the catalogue changes of ``state`` (blocking: rebuilds the re-ranking metadata).
+
+        Returns:
+            Whether anything was applied (False when ``state`` is the one already in force).
+        """
+        if state.lines == self.catalogue_lines:
+            return False
+        self.funnel.apply_catalogue(state.items)
+        self.catalogue_lines = state.lines
+        return True
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""
         return {
+            "catalogue_lines": self.catalogue_lines,
             "model_version": self.model_version,
             "items": len(self.funnel.table),
             "users": len(self.funnel.models.users),

@@ -151,6 +151,52 @@ class ItemMetadata:
             creator_names=self.creator_names,
         )
 
+    def with_changes(self, changes: Mapping[int, Mapping[str, Any]]) -> ItemMetadata:
+        """A copy with catalogue changes applied to the items it holds (others are ignored).
+
+        Args:
+            changes: ``item_id -> fields``; the fields read are ``categories`` (names; a name
+                not seen before gets a new code), ``published_at`` (ISO time or epoch
+                seconds), ``promoted`` and ``flagged``.
+        """
+        ids = np.fromiter(changes.keys(), dtype=np.int64, count=len(changes))
+        rows = self.indices_of(ids)
+        promoted, flagged = self.promoted.copy(), self.flagged.copy()
+        published = self.published_at.copy()
+        names = list(self.category_names)
+        code = {n: i for i, n in enumerate(names)}
+        categories: list[list[int]] = [list(t) for t in self.category_tuples]
+        for iid, row in zip(ids.tolist(), rows.tolist(), strict=True):
+            if row < 0:
+                continue
+            fields = changes[iid]
+            if "promoted" in fields:
+                promoted[row] = bool(fields["promoted"])
+            if "flagged" in fields:
+                flagged[row] = bool(fields["flagged"])
+            if "published_at" in fields:
+                when = fields["published_at"]
+                published[row] = float(when) if isinstance(when, int | float) else _epoch(str(when))
+            if "categories" in fields:
+                cats = []
+                for name in fields["categories"]:
+                    if name not in code:
+                        code[name] = len(names)
+                        names.append(name)
+                    cats.append(code[name])
+                categories[row] = cats
+        return ItemMetadata(
+            self.item_ids,
+            [c or [-1] for c in categories],
+            self.creators,
+            published,
+            promoted,
+            flagged,
+            self.exposure,
+            category_names=names,
+            creator_names=self.creator_names,
+        )
+
     @classmethod
     def from_records(
         cls,
@@ -241,3 +287,11 @@ def _category_matrix(categories: CategoryInput) -> IntArray:
         if len(r):
             out[i, : len(r)] = r
     return out  # a length mismatch with ``n`` is reported by the caller
+
+
+def _epoch(iso: str) -> float:
+    """Epoch seconds of an ISO time (UTC when it names no zone)."""
+    from datetime import UTC, datetime
+
+    when = datetime.fromisoformat(iso)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

@@ -71,6 +71,7 @@ def build_gateway(
     behind_ray_proxy: bool = False,
     metrics: ServingMetrics | None = None,
     variant_of: Callable[[int], str | None] | None = None,
+    upsert_items: Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]] | None = None,
 ) -> tuple[FastAPI, EventLog | None]:
     """The gateway app for ``args`` plus its event log.
 
@@ -78,6 +79,7 @@ def build_gateway(
     ``status``: the admin status over every replica (see ``create_app``).
     ``metrics``: where responses and rate-limited requests are counted.
     ``variant_of``: the experiment variant of a user (stamps events that carry none).
+    ``upsert_items``: records catalogue upserts (``POST /v1/admin/items``).
 
     Raises:
         ConfigError: no API key is configured while authentication is enabled.
@@ -103,5 +105,6 @@ def build_gateway(
         echo_request_id=not behind_ray_proxy,
         metrics=metrics,
         variant_of=variant_of,
+        upsert_items=upsert_items,
     )
     return app, events

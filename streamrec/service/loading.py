@@ -8,6 +8,7 @@ import logging
 import time
 from typing import Any
 
+from streamrec.data.catalogue import CatalogueView
 from streamrec.errors import ConfigError
 from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Stages
@@ -107,6 +108,7 @@ def load_stages(args: ServeArgs, version: int | None = None) -> LoadedStages:
         check = getattr(stages, "self_check", None)
         if callable(check):
             check()  # a bundle that loads but cannot answer a request must not serve
+        stages.apply_catalogue(CatalogueView(args.data_dir).state)  # the changes since the bundle
         return LoadedStages(stages, "recommender", load_seconds=time.perf_counter() - t0)
     except ModuleNotFoundError as err:
         if args.stages == "recommender":

@@ -82,6 +82,9 @@ class FunnelService:
         batch: ``() -> BatchTopN`` of the serving model version (None: no batch level).
         metrics: Where latency, levels, reasons and per-source counts are recorded (None: off).
         request_log: The sampled request / impression log (None: off).
+        flagged: ``async () -> item ids never to serve`` (the catalogue's content-policy flags),
+            read before each answer leaves: such items are removed at every level and the
+            answer is filled up to ``k`` from the later levels.
     """
 
     def __init__(
@@ -93,8 +96,11 @@ class FunnelService:
         batch: Callable[[], BatchTopN | None] | None = None,
         metrics: ServingMetrics | None = None,
         request_log: RequestLog | None = None,
+        flagged: Callable[[], Awaitable[frozenset[int]]] | None = None,
     ) -> None:
         self._primary = primary
+        self._flagged = flagged
+        self._blocked: frozenset[int] = frozenset()
         self.metrics = metrics or ServingMetrics(None)
         self.request_log = request_log
         self._fallback = fallback
@@ -167,7 +173,7 @@ class FunnelService:
         return resp
 
     def _drop(self, request: RecommendRequest) -> set[int]:
-        return {int(i) for i in request.exclude if isinstance(i, int)}
+        return {int(i) for i in request.exclude if isinstance(i, int)} | self._blocked
 
     async def _batch_items(self, request: RecommendRequest) -> list[Item]:
         batch = self._batch()
@@ -250,6 +256,13 @@ class FunnelService:
         reasons = [_failure_text(f) for f in result.failures]
         if resp.metadata.degradation_reason:
             reasons.insert(0, resp.metadata.degradation_reason)
+        if self._flagged is not None:  # read as late as possible: a flag acknowledged by now holds
+            self._blocked = await self._flagged()
+            if self._blocked:
+                kept = [it for it in resp.items if it.item_id not in self._blocked]
+                if len(kept) < len(resp.items):
+                    reasons.append(f"{len(resp.items) - len(kept)} flagged item(s) removed")
+                    resp.items = kept
         if result.failures:
             self.fallbacks += 1
             f = result.failures[0]

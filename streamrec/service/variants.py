@@ -17,7 +17,7 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
@@ -93,6 +93,7 @@ class Variants:
         request_log: Where the challenger's sampled answers are logged.
         shadow: The replica's shadow scorer (its stages are set here).
         registry_state: ``() -> (aliases, states)`` of the registry (tests inject one).
+        flagged: The catalogue's flagged items (the treatment's answers never hold them either).
         loader: ``version -> LoadedStages`` (default: the trained recommender of that registry
             version, :func:`~streamrec.service.loading.load_stages`; tests inject one).
     """
@@ -107,7 +108,9 @@ class Variants:
         shadow: ShadowScorer | None = None,
         registry_state: Callable[[], tuple[dict[str, int], dict[str, Any]]] | None = None,
         loader: Callable[[int], LoadedStages] | None = None,
+        flagged: Callable[[], Awaitable[frozenset[int]]] | None = None,
     ) -> None:
+        self._flagged = flagged
         if args.experiment is None:
             raise ValueError("Variants needs args.experiment")
         self.config: ExperimentConfig = args.experiment
@@ -153,6 +156,7 @@ class Variants:
                 batch=lambda: getattr(stages, "batch", None),
                 metrics=self._metrics,
                 request_log=self._request_log,
+                flagged=self._flagged,
             )
             self.challenger, self._treatment_runner = held, runner
         if old is not None:  # requests already routed to it finish first: close it after the budget

@@ -11,6 +11,7 @@ Endpoints:
 ``POST /v1/recommend``     read     :class:`~streamrec.api_models.RecommendRequest` -> response
 ``POST /v1/events``        write    :class:`~streamrec.api_models.EventsRequest` -> counts
 ``POST /v1/admin/reload``  admin    ask the stages factory for a fresh model, swap atomically
+``POST /v1/admin/items``   admin    :class:`~streamrec.api_models.ItemsUpsertRequest`: catalogue upserts
 ``GET /v1/admin/status``   admin    stages, event-log counters, rate limits
 ``GET /healthz``           -        liveness (the process answers)
 ``GET /readyz``            -        readiness (stages loaded); 503 until then
@@ -57,6 +58,8 @@ from streamrec.api_models import (
     ErrorBody,
     EventsRequest,
     EventsResponse,
+    ItemsUpsertRequest,
+    ItemsUpsertResponse,
     RecommendRequest,
     RecommendResponse,
     error_from_validation,
@@ -233,6 +236,7 @@ def create_app(
     clock: Callable[[], float] = time.monotonic,
     metrics: ServingMetrics | None = None,
     variant_of: Callable[[int], str | None] | None = None,
+    upsert_items: Callable[[list[dict[str, Any]]], Awaitable[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     """Build the gateway app.
 
@@ -257,6 +261,8 @@ def create_app(
             which does both itself (see :class:`RequestIdMiddleware`).
         clock: Monotonic clock of the per-address and admin-reload limiters (tests inject one).
         metrics: Where responses and rate-limited requests are counted (None: off).
+        upsert_items: ``async (items) -> {accepted, catalogue_lines, flagged}``: durably record
+            catalogue upserts (``POST /v1/admin/items``; 501 when None).
         variant_of: ``user_id -> experiment variant or None``: stamps events that carry no
             ``experiment_variant`` with the variant their user is in (None: no experiment).
 
@@ -547,6 +553,39 @@ def create_app(
             )
         return _json({"status": "reloaded", **result})
 
+    @app.post(
+        "/v1/admin/items",
+        response_model=ItemsUpsertResponse,
+        responses=error_responses,
+        summary="Upsert catalogue items (new items, categories, promoted, flagged)",
+        tags=["admin"],
+        openapi_extra=_body_schema("ItemsUpsertRequest"),
+    )
+    async def items_endpoint(request: Request) -> Response:
+        """Record item upserts durably (scope ``admin``); every replica applies them.
+
+        When this answers, a ``flagged`` item is served by no replica on the data directory;
+        promoted and category changes reach every replica's re-ranker within seconds.
+        """
+        rid = _rid(request)
+        try:
+            principal = authorize(request, "admin")
+            charge(principal, 1.0)
+            req: ItemsUpsertRequest = parse(ItemsUpsertRequest, await read_body(request), rid)
+        except _ClientError as err:
+            return fail(err, rid)
+        if upsert_items is None:
+            return _error(501, "not_supported", "this deployment takes no catalogue changes", rid)
+        items = [it.model_dump(exclude_none=True) for it in req.items]
+        try:
+            result = await upsert_items(items)
+        except OSError as err:
+            log.error("request_id=%s catalogue write failed: %s", rid, err)
+            return _error(503, "catalogue_unavailable", "the upserts could not be stored; retry", rid,
+                          {"Retry-After": "1"})  # fmt: skip
+        log.info("request_id=%s catalogue: %d upsert(s), flagged %s", rid, len(items), result.get("flagged"))
+        return Response(ItemsUpsertResponse.model_validate(result).model_dump_json(), media_type=_JSON)
+
     @app.get("/v1/admin/status", responses=error_responses, summary="Serving status", tags=["admin"])
     async def status_endpoint(request: Request) -> Response:
         """Stages, event-log counters and limits (scope ``admin``)."""
@@ -651,7 +690,7 @@ def _install_openapi(app: FastAPI) -> None:
         )
         comps = schema.setdefault("components", {})
         schemas = comps.setdefault("schemas", {})
-        for model in (RecommendRequest, EventsRequest):
+        for model in (RecommendRequest, EventsRequest, ItemsUpsertRequest):
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in js.pop("$defs", {}).items():
                 schemas.setdefault(name, sub)

@@ -460,3 +460,34 @@ def test_retrain_is_idempotent_per_day(tmp_path: Path) -> None:
     assert again["skipped"] is True and again["registered_version"] == 1
     assert again["event_log"]["export"]["read"] == 0  # nothing new since the first run
     assert (tmp_path / "models" / "retrain" / "2026-11-27.json").is_file()
+
+
+def test_catalogue_changes_reach_the_trained_reranker_and_survive_a_reload(
+    trained: tuple[Path, dict[str, Any]],
+) -> None:
+    """Promoted and flagged upserts change what the trained model serves; a (re)load reads them all."""
+    import shutil
+
+    from streamrec.data.catalogue import CatalogueLog, CatalogueView
+    from streamrec.funnel.recommender import build_stages
+    from streamrec.service.args import ServeArgs
+    from streamrec.service.loading import load_stages
+
+    d = trained[0]
+    stages = build_stages(d)
+    user = int(stages.funnel.models.users.raw_ids[3])
+    before = [i.item_id for i in _funnel(stages, RecommendRequest(user_id=user, k=10), across_processes=False).items]
+    first, promote = before[0], before[-1]
+    try:
+        CatalogueLog(d).append([{"item_id": first, "flagged": True}, {"item_id": promote, "promoted": True}])
+        assert stages.apply_catalogue(CatalogueView(d).state) is True
+        assert stages.apply_catalogue(CatalogueView(d).state) is False  # already in force
+        after = _funnel(stages, RecommendRequest(user_id=user, k=10), across_processes=False).items
+        assert first not in [i.item_id for i in after] and len(after) == 10
+        boosted = [i for i in after if i.item_id == promote]
+        assert boosted and "promoted_boost" in (boosted[0].reasons or [])
+        assert stages.describe()["catalogue_lines"] == 2
+        reloaded = load_stages(ServeArgs.parse({"data_dir": str(d), "stages": "recommender"}))
+        assert reloaded.stages.catalogue_lines == 2  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(d / "catalogue", ignore_errors=True)  # the module's other tests serve the bundle as trained

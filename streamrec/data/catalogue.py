@@ -1,0 +1,197 @@
+"""Catalogue changes while serving: a durable, append-only log of item upserts, and a view of it.
+
+An operator's upsert (``POST /v1/admin/items`` or ``streamrec catalogue sync``) is appended to
+``<data_dir>/catalogue/updates.jsonl`` (one JSON line per item, under an exclusive ``flock``,
+fsynced before the call returns). Every serving process keeps a :class:`CatalogueView` of it: a
+``stat`` tells whether the file grew, and only the new lines are read. Replicas on one data
+directory therefore agree on the catalogue without a broadcast, and a restarted replica reads
+the whole log (the state survives restarts). ADR-013 has the reasoning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streamrec.errors import DataError
+from streamrec.paths import DataLayout, exclusive_file_lock
+
+#: Fields an upsert may set besides ``item_id`` (an absent field keeps its current value).
+ITEM_FIELDS: tuple[str, ...] = ("title", "categories", "creator", "published_at", "promoted", "flagged")
+
+
+def catalogue_dir(data_dir: str | os.PathLike[str] | None) -> Path:
+    """``<data_dir>/catalogue``."""
+    return DataLayout.at(data_dir).root / "catalogue"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clean(update: Mapping[str, Any]) -> dict[str, Any]:
+    """One update as stored: ``item_id`` plus the fields it sets (JSON-safe)."""
+    if "item_id" not in update:
+        raise DataError("every catalogue update needs an item_id")
+    out: dict[str, Any] = {"item_id": int(update["item_id"])}
+    for name in ITEM_FIELDS:
+        if name not in update or update[name] is None:
+            continue
+        value = update[name]
+        if name == "published_at":
+            when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+            value = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+        elif name == "categories":
+            value = [str(c) for c in value]
+        elif name in ("promoted", "flagged"):
+            value = bool(value)
+        else:
+            value = str(value)
+        out[name] = value
+    return out
+
+
+class CatalogueLog:
+    """The append-only log of item upserts of one data directory.
+
+    Args:
+        data_dir: The data directory (``<data_dir>/catalogue/updates.jsonl``).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None) -> None:
+        self.dir = catalogue_dir(data_dir)
+        self.path = self.dir / "updates.jsonl"
+
+    def append(self, updates: Sequence[Mapping[str, Any]], source: str = "api") -> int:
+        """Durably append ``updates``; returns how many lines the log holds after them.
+
+        The lines are on disk (fsynced) when this returns: a reader that starts after it sees them.
+
+        Raises:
+            DataError: an update has no ``item_id`` or an unreadable ``published_at``.
+        """
+        try:
+            rows = [_clean(u) for u in updates]
+        except (TypeError, ValueError) as err:
+            raise DataError(f"invalid catalogue update: {err}") from err
+        if not rows:
+            return self.count()
+        at = datetime.now(UTC).isoformat()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_file_lock(self.dir / "append.lock"):
+            new = not self.path.exists()
+            with open(self.path, "ab") as fh:
+                fh.write(b"".join(json.dumps({**r, "at": at, "source": source}).encode() + b"\n" for r in rows))
+                fh.flush()
+                os.fsync(fh.fileno())
+            if new:
+                _fsync_dir(self.dir)
+            return self.count()
+
+    def count(self) -> int:
+        """Lines in the log."""
+        try:
+            with open(self.path, "rb") as fh:
+                return sum(1 for _ in fh)
+        except FileNotFoundError:
+            return 0
+
+    def size(self) -> int:
+        """Bytes in the log (0 when absent)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def read_from(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The complete lines after byte ``offset``, and the offset after the last of them."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return [], 0
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        return rows, offset + end
+
+
+@dataclass
+class CatalogueState:
+    """The catalogue changes applied so far (immutable once published by a view).
+
+    Attributes:
+        items: ``item_id -> fields`` (the newest value of every field ever set).
+        flagged: Items whose newest ``flagged`` is true: never served.
+        lines: Log lines applied.
+    """
+
+    items: dict[int, dict[str, Any]] = field(default_factory=dict)
+    flagged: frozenset[int] = frozenset()
+    lines: int = 0
+
+
+class CatalogueView:
+    """One process's view of the catalogue log, brought up to date by :meth:`refresh`.
+
+    :meth:`refresh` costs one ``stat`` when nothing changed. A new state is built aside and
+    published by one reference swap (copy-on-write): a reader holds a consistent state.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None) -> None:
+        self.log = CatalogueLog(data_dir)
+        self._offset = 0
+        self._lock = threading.Lock()
+        self.state = CatalogueState()
+        self.refresh()
+
+    @property
+    def flagged(self) -> frozenset[int]:
+        """Items never to serve, as of the last refresh."""
+        return self.state.flagged
+
+    def stale(self) -> bool:
+        """Whether the log changed since the last refresh (one ``stat``)."""
+        return self.log.size() != self._offset
+
+    def refresh(self) -> bool:
+        """Apply the lines appended since the last refresh; True when the state changed."""
+        if not self.stale():
+            return False
+        with self._lock:
+            size = self.log.size()
+            offset = 0 if size < self._offset else self._offset  # a replaced log: read it again
+            rows, end = self.log.read_from(offset)
+            if not rows and end == offset:
+                self._offset = end
+                return False
+            base = CatalogueState() if offset == 0 else self.state
+            items = dict(base.items)
+            for row in rows:
+                iid = int(row["item_id"])
+                items[iid] = {**items.get(iid, {}), **{k: row[k] for k in ITEM_FIELDS if k in row}}
+            flagged = frozenset(i for i, f in items.items() if f.get("flagged"))
+            self.state = CatalogueState(items, flagged, base.lines + len(rows))
+            self._offset = end
+            return True
+
+
+def differences(current: Iterable[Mapping[str, Any]], known: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The items of ``current`` whose fields differ from ``known`` (what a sync must upsert)."""
+    out = []
+    for row in current:
+        new = _clean(row)
+        old = known.get(new["item_id"])
+        if old is None or any(old.get(k) != v for k, v in new.items() if k != "item_id"):
+            out.append(new)
+    return out

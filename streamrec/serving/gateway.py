@@ -472,7 +472,8 @@ def create_app(
         """Log 1-1000 events durably (scope ``write``), then push them to streaming features.
 
         Idempotent by ``event_id``: a retried event is counted in ``duplicates``, not stored
-        twice. A batch naming unknown users or items is refused whole with 422 naming them.
+        twice. A batch naming unknown items is refused whole with 422 naming them; a user id the
+        catalogue has never seen is a new user, accepted (created implicitly by the event log).
         """
         rid = _rid(request)
         try:

@@ -108,7 +108,9 @@ def load_stages(args: ServeArgs, version: int | None = None) -> LoadedStages:
         check = getattr(stages, "self_check", None)
         if callable(check):
             check()  # a bundle that loads but cannot answer a request must not serve
-        stages.apply_catalogue(CatalogueView(args.data_dir).state)  # the changes since the bundle
+        apply = getattr(stages, "apply_catalogue", None)
+        if callable(apply):
+            apply(CatalogueView(args.data_dir).state)  # the catalogue changes since the bundle
         return LoadedStages(stages, "recommender", load_seconds=time.perf_counter() - t0)
     except ModuleNotFoundError as err:
         if args.stages == "recommender":

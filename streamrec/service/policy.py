@@ -256,12 +256,14 @@ class FunnelService:
         reasons = [_failure_text(f) for f in result.failures]
         if resp.metadata.degradation_reason:
             reasons.insert(0, resp.metadata.degradation_reason)
+        removed = 0
         if self._flagged is not None:  # read as late as possible: a flag acknowledged by now holds
             self._blocked = await self._flagged()
             if self._blocked:
                 kept = [it for it in resp.items if it.item_id not in self._blocked]
-                if len(kept) < len(resp.items):
-                    reasons.append(f"{len(resp.items) - len(kept)} flagged item(s) removed")
+                removed = len(resp.items) - len(kept)
+                if removed:
+                    reasons.append(f"{removed} flagged item(s) removed")
                     resp.items = kept
         if result.failures:
             self.fallbacks += 1
@@ -269,7 +271,7 @@ class FunnelService:
             log.warning("primary funnel did not serve (%s: %s); served %s", f.reason, f.error, result.level)
             resp.metadata.timings_ms[f"failed:{f.level}"] = round(f.elapsed_ms, 3)
         if len(resp.items) < request.k:
-            reasons += await self._backfill(request, resp, result.level)
+            reasons += await self._backfill(request, resp, result.level, refill=removed)
         level = resp.metadata.degradation_level
         if reasons:
             resp.metadata.degradation_reason = "; ".join(reasons)
@@ -327,19 +329,26 @@ class FunnelService:
         )
 
     async def _backfill(
-        self, request: RecommendRequest, resp: RecommendResponse, served: DegradationLevel
+        self, request: RecommendRequest, resp: RecommendResponse, served: DegradationLevel, refill: int = 0
     ) -> list[str]:
-        """Fill ``resp`` up to ``k`` items from the levels after ``served``; what was added."""
+        """Fill ``resp`` up to ``k`` items from the levels after ``served``; what was added.
+
+        ``refill``: items were removed from the answer after ``served`` produced it (flagged
+        since): ``served`` itself may then refill, asked for that many more.
+        """
         have = {it.item_id for it in resp.items} | self._drop(request)
         notes: list[str] = []
+        ask = request if not refill else request.model_copy(update={"k": request.k + refill})
         for level, fetch in self._fill.items():
             if len(resp.items) >= request.k:
                 break
             levels = self._chain.levels
-            if level not in levels or levels.index(level) <= levels.index(served):
+            if level not in levels or levels.index(level) < levels.index(served):
+                continue
+            if level == served and not refill:
                 continue
             try:
-                extra = await fetch(request)
+                extra = await fetch(ask)
             except Exception as err:  # a filler level failing only leaves the answer short
                 log.debug("backfill from %s failed: %s", level, err)
                 continue

@@ -98,6 +98,39 @@ def test_champion_serves_over_http(served: Served, trained: tuple[str, Path]) ->
         assert bad.status_code == 422
 
 
+def test_catalogue_upserts_reach_the_trained_model_without_a_reload(served: Served, trained: tuple[str, Path]) -> None:
+    """A promotion reaches the trained re-ranker within seconds; a flagged item is gone at once."""
+    from streamrec.data.store import DataStore
+
+    prefix, d = trained
+    items = DataStore(d).items().set_index("item_id")
+    admin = {"X-API-Key": served.admin_key}
+    with served.client() as c:
+        before = [i["item_id"] for i in _recommend(c, prefix, served.read_key, 4)["items"]]
+        flag, promote = before[0], before[-1]
+        original = [
+            {"item_id": i, "flagged": bool(items.loc[i, "flagged"]), "promoted": bool(items.loc[i, "promoted"])}
+            for i in (flag, promote)
+        ]
+        upserts = [{"item_id": flag, "flagged": True}, {"item_id": promote, "promoted": True}]
+        t0 = time.monotonic()
+        assert c.post(f"{prefix}/v1/admin/items", json={"items": upserts}, headers=admin).status_code == 200
+        try:
+            boosted: list[str] = []
+            while time.monotonic() - t0 < 30:
+                body = _recommend(c, prefix, served.read_key, 4)
+                assert flag not in [i["item_id"] for i in body["items"]] and len(body["items"]) == 10
+                boosted = [r for i in body["items"] if i["item_id"] == promote for r in (i.get("reasons") or [])]
+                if "promoted_boost" in boosted:
+                    break
+                time.sleep(0.2)
+            took = time.monotonic() - t0
+            assert "promoted_boost" in boosted, f"item {promote} not boosted {took:.1f} s after its promotion"
+            print(f"promotion of item {promote} served {took:.2f} s after the upsert was sent")
+        finally:
+            assert c.post(f"{prefix}/v1/admin/items", json={"items": original}, headers=admin).status_code == 200
+
+
 def test_hot_reload_follows_the_champion_alias(served: Served, trained: tuple[str, Path]) -> None:
     from streamrec.registry import ModelRegistry
 

@@ -160,6 +160,24 @@ def test_a_flagged_item_is_never_served_at_any_level_and_the_answer_is_refilled(
     assert asyncio.run(sync.flagged()) == frozenset()
 
 
+def test_an_answer_from_the_last_levels_is_refilled_by_its_own_level(world: Path, tmp_path: Path) -> None:
+    """Popularity served (the funnel failing, no batch list): the flagged item's slot is refilled
+    by popularity itself, asked for one more, not left empty."""
+    data = tmp_path / "replica-data"
+    sync = CatalogueSync(data)
+    pop = PopularityStages.from_data_dir(world)
+    service = FunnelService(_broken, pop, ResilienceConfig(), 1.0, flagged=sync.flagged)
+    first = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    assert first.metadata.degradation_level == "popularity"
+    top = first.items[0].item_id
+    # flagged by another replica: this one's popularity stages still rank it first
+    asyncio.run(CatalogueSync(data).upsert([{"item_id": top, "flagged": True}]))
+    resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    ids = [it.item_id for it in resp.items]
+    assert top not in ids and len(ids) == 5 and len(set(ids)) == 5
+    assert "backfilled from popularity" in (resp.metadata.degradation_reason or "")
+
+
 async def _broken() -> Any:
     raise RuntimeError("index file gone")
 

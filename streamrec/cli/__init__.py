@@ -31,6 +31,7 @@ _SUBCOMMANDS: list[tuple[str, str | None]] = [
     ("monitor", "monitor"),
     ("registry", "registry"),
     ("experiments", "experiments"),
+    ("catalogue", "catalogue"),
 ]
 
 

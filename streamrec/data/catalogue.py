@@ -48,9 +48,10 @@ def _clean(update: Mapping[str, Any]) -> dict[str, Any]:
         if name not in update or update[name] is None:
             continue
         value = update[name]
-        if name == "published_at":
+        if name == "published_at":  # whole seconds: what the serving item table holds
             when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-            value = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+            when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+            value = datetime(*when.timetuple()[:6], tzinfo=UTC).isoformat()
         elif name == "categories":
             value = [str(c) for c in value]
         elif name in ("promoted", "flagged"):
@@ -186,12 +187,90 @@ class CatalogueView:
             return True
 
 
+def _differs(name: str, old: Any, new: Any) -> bool:
+    if name == "categories" and old is not None:
+        return sorted(old) != sorted(new)  # the feature table keeps categories in vocabulary order
+    return bool(old != new)
+
+
 def differences(current: Iterable[Mapping[str, Any]], known: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The items of ``current`` whose fields differ from ``known`` (what a sync must upsert)."""
     out = []
     for row in current:
         new = _clean(row)
         old = known.get(new["item_id"])
-        if old is None or any(old.get(k) != v for k, v in new.items() if k != "item_id"):
+        if old is None or any(_differs(k, old.get(k), v) for k, v in new.items() if k != "item_id"):
             out.append(new)
     return out
+
+
+#: Fields :func:`sync_from_store` compares (what serving uses of an item's metadata).
+SYNC_FIELDS: tuple[str, ...] = ("categories", "published_at", "promoted", "flagged")
+
+
+def serving_baseline(data_dir: str | os.PathLike[str] | None) -> dict[int, dict[str, Any]]:
+    """What serving knows of each item before the log: the feature store's item table.
+
+    Empty when no features were built (then every item counts as changed).
+    """
+    from streamrec.errors import StreamRecError
+    from streamrec.features.client import FeatureClient
+
+    try:
+        table = FeatureClient(data_dir).item_table()
+    except (StreamRecError, OSError) as err:
+        import logging
+
+        logging.getLogger(__name__).info("no feature item table (%s): every item is new to serving", err)
+        return {}
+    vocab = table.category_vocab
+    out: dict[int, dict[str, Any]] = {}
+    for iid, cats, pub, promoted, flagged in zip(
+        table.item_ids.tolist(),
+        table.category_lists(),
+        table.published_at.tolist(),
+        table.promoted.tolist(),
+        table.flagged.tolist(),
+        strict=True,
+    ):
+        out[int(iid)] = {
+            "categories": [vocab[c] for c in cats],
+            "published_at": datetime.fromtimestamp(int(pub), UTC).isoformat(),
+            "promoted": bool(promoted),
+            "flagged": bool(flagged),
+        }
+    return out
+
+
+def sync_from_store(data_dir: str | os.PathLike[str] | None, *, dry_run: bool = False) -> dict[str, Any]:
+    """Upsert what the ingested items table changed since serving last knew it (``catalogue sync``).
+
+    Serving knows the feature store's item table (the last feature build) plus the catalogue
+    log; every ingested item whose categories, publication time, promoted or flagged differ
+    from that, and every item serving has never seen (with all its fields), is appended.
+
+    Returns:
+        ``{"items": ingested items, "changed": upserts written, "new": of them new to serving,
+        "flagged": ids flagged by this sync, "catalogue_lines": lines after it}``.
+    """
+    from streamrec.data.store import DataStore
+
+    items = DataStore(data_dir).items()
+    known = serving_baseline(data_dir)
+    for iid, fields in CatalogueView(data_dir).state.items.items():
+        known[iid] = {**known.get(iid, {}), **fields}
+    rows = []
+    for rec in items.to_dict("records"):
+        row = {k: rec[k] for k in ("item_id", *SYNC_FIELDS) if k in rec}
+        if int(rec["item_id"]) not in known:  # new to serving: every field
+            row.update({k: rec[k] for k in ("title", "creator") if isinstance(rec.get(k), str)})
+        cats = row.get("categories")
+        row["categories"] = [] if cats is None else [str(c) for c in cats if c is not None]
+        rows.append(row)
+    changed = differences(rows, known)
+    new = [r for r in changed if r["item_id"] not in known]
+    flagged = sorted(r["item_id"] for r in changed if r.get("flagged") and not known.get(r["item_id"], {}).get("flagged"))
+    log = CatalogueLog(data_dir)
+    lines = log.count() if dry_run or not changed else log.append(changed, source="sync")
+    return {"items": len(rows), "changed": len(changed), "new": len(new), "flagged": flagged, "catalogue_lines": lines}
+

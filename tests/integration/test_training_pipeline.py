@@ -478,6 +478,10 @@ def test_catalogue_changes_reach_the_trained_reranker_and_survive_a_reload(
     user = int(stages.funnel.models.users.raw_ids[3])
     before = [i.item_id for i in _funnel(stages, RecommendRequest(user_id=user, k=10), across_processes=False).items]
     first, promote = before[0], before[-1]
+    from streamrec.data.catalogue import sync_from_store
+
+    # After a feature build nothing is out of step: a sync finds no change (no false positives).
+    assert sync_from_store(d, dry_run=True)["changed"] == 0
     try:
         CatalogueLog(d).append([{"item_id": first, "flagged": True}, {"item_id": promote, "promoted": True}])
         assert stages.apply_catalogue(CatalogueView(d).state) is True

@@ -218,3 +218,33 @@ def test_without_an_upsert_hook_the_route_says_so(world: Path) -> None:
     with TestClient(create_app(service, None, auth), raise_server_exceptions=False) as c:
         r = c.post("/v1/admin/items", json={"items": [{"item_id": 1}]}, headers={"X-API-Key": ADMIN})
         assert r.status_code == 501 and r.json()["error"] == "not_supported"
+
+
+# ----------------------------------------------------------------------------------- the sync
+
+
+def test_sync_sends_what_the_ingest_changed_once(tmp_path: Path) -> None:
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+    from streamrec.data.store import DataStore
+
+    data = make_world(tmp_path / "data")  # no features built: every item is new to serving
+    runner = CliRunner()
+    dry = runner.invoke(app, ["catalogue", "sync", "--data-dir", str(data), "--dry-run", "--json"])
+    assert dry.exit_code == 0 and json.loads(dry.stdout)["changed"] == 40 and CatalogueLog(data).count() == 0
+    first = json.loads(runner.invoke(app, ["catalogue", "sync", "--data-dir", str(data), "--json"]).stdout)
+    assert first == {"items": 40, "changed": 40, "new": 40, "flagged": [139], "catalogue_lines": 40}
+    assert CatalogueView(data).state.items[100]["title"] == "Item 100"
+    again = runner.invoke(app, ["catalogue", "sync", "--data-dir", str(data)])
+    assert again.exit_code == 0 and "sent 0 change(s)" in again.stdout
+    store = DataStore(data)
+    items = store.items()
+    items.loc[items["item_id"] == 105, "promoted"] = True
+    items.loc[items["item_id"] == 106, "categories"] = pd.Series([["a", "b"]], index=items.index[items["item_id"] == 106])
+    store.upsert_items(items)
+    third = json.loads(runner.invoke(app, ["catalogue", "sync", "--data-dir", str(data), "--json"]).stdout)
+    assert third["changed"] == 2 and third["new"] == 0 and third["catalogue_lines"] == 42
+    state = CatalogueView(data).state
+    assert state.items[105]["promoted"] is True and state.items[106]["categories"] == ["a", "b"]

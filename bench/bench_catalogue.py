@@ -1,6 +1,7 @@
 """What a catalogue change costs a replica (``POST /v1/admin/items``, ``streamrec catalogue sync``).
 
-For a catalogue of ``--items`` items and upserts of 1 to all of them: the durable append (flock,
+For a catalogue of ``--items`` items and upserts of 1 to all of them (promoted and flagged; every
+tenth also changes its categories): the durable append (flock,
 write, fsync), a replica's view reading the log, the per-answer ``stat`` that tells whether the
 log changed, and the re-ranking metadata rebuild that applies promoted / categories (in a worker
 thread, once per change). Writes ``bench/results/catalogue.json`` and prints a markdown table.
@@ -43,7 +44,9 @@ def main() -> None:
     rows = []
     for changed in sorted({1, 100, 10_000, n}):
         ids = rng.choice(n, min(changed, n), replace=False)
-        changes = {int(i): {"promoted": True, "flagged": bool(i % 2)} for i in ids}
+        changes: dict[int, dict[str, object]] = {int(i): {"promoted": True, "flagged": bool(i % 2)} for i in ids}
+        for i in ids[::10]:  # every tenth also changes its categories, one of them new
+            changes[int(i)]["categories"] = ["c1", "brand-new"]
         with tempfile.TemporaryDirectory() as d:
             log = CatalogueLog(d)
             t = time.perf_counter()

@@ -282,8 +282,12 @@ def ranker_rows(
     """
     assert state.t_rank is not None and state.t_test is not None
     ev = state.events
-    win = ev[(ev["timestamp"] >= state.t_rank) & (ev["timestamp"] < state.t_test) & (ev["label"] > 0)]
+    in_window = ev[(ev["timestamp"] >= state.t_rank) & (ev["timestamp"] < state.t_test)]
+    win = in_window[in_window["label"] > 0]
     by_user = {u: g for u, g in win.groupby("user_id")}
+    from_impressions = state.cfg.ranker_sampling.negatives_from == "impressions"
+    shown_by_user = {u: g["item_id"].to_numpy() for u, g in in_window[in_window["label"] <= 0].groupby("user_id")}
+    negatives = negatives_shown = 0
     users = np.array(sorted(by_user))
     if users.size > max_users:
         users = np.sort(rng.choice(users, max_users, replace=False))
@@ -306,7 +310,16 @@ def ranker_rows(
         hit += int(is_pos.sum())
         neg_idx = np.flatnonzero(~is_pos)
         n_neg = min(neg_idx.size, k_neg * max(int(is_pos.sum()), 1))
-        chosen = np.concatenate([np.flatnonzero(is_pos), rng.choice(neg_idx, n_neg, replace=False)])
+        shown_rows = funnel.table.index_of(shown_by_user.get(u, np.empty(0, np.int64)))
+        if from_impressions:  # shown and not engaged first, then the rest
+            shown = np.isin(merged.items[neg_idx], shown_rows)
+            first, rest = rng.permutation(neg_idx[shown]), rng.permutation(neg_idx[~shown])
+            negs = np.concatenate([first, rest])[:n_neg]
+        else:
+            negs = rng.choice(neg_idx, n_neg, replace=False)
+        negatives += negs.size
+        negatives_shown += int(np.isin(merged.items[negs], shown_rows).sum())
+        chosen = np.concatenate([np.flatnonzero(is_pos), negs])
         if chosen.size == 0:
             continue
         items = merged.items[chosen]
@@ -370,6 +383,7 @@ def ranker_rows(
         "ranker_rows": float(len(frame)),
         "ranker_positive_rate": float(frame["label"].mean()),
         "ranker_window_candidate_recall": hit / max(total, 1),
+        "ranker_negatives_shown_share": negatives_shown / max(negatives, 1),
     }
     return RankerData(dense, sparse, frame["label"].to_numpy(np.float32)), stats
 

@@ -495,3 +495,19 @@ def test_catalogue_changes_reach_the_trained_reranker_and_survive_a_reload(
         assert reloaded.stages.catalogue_lines == 2  # type: ignore[attr-defined]
     finally:
         shutil.rmtree(d / "catalogue", ignore_errors=True)  # the module's other tests serve the bundle as trained
+
+
+def test_ranker_negatives_from_impressions_are_shown_items(
+    trained: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """``ranker_sampling.negatives_from: impressions`` trains on what users were shown and skipped."""
+    d = tmp_path / "world"
+    synthesize(SynthConfig(users=400, items=300, days=8, seed=3), d, progress=False)
+    cfg = small_config(use_ray=False)
+    cfg.ranker_sampling.negatives_from = "impressions"
+    cfg.gates.promote = False
+    report = run_pipeline(d, cfg, log=lambda m: None)
+    from_candidates = trained[1]["training"]["ranker_negatives_shown_share"]
+    from_impressions = report["training"]["ranker_negatives_shown_share"]
+    assert from_impressions > 0.5 and from_impressions > 2 * from_candidates, (from_impressions, from_candidates)
+    assert report["registered_version"] == 1 and report["summary"]["ndcg@10_vs_best_baseline"] >= 0.0

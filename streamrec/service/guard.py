@@ -43,6 +43,10 @@ class Dependency:
         max_abandoned: Calls left behind past their budget that may still hold a thread; once
             reached, calls are refused at once until one returns (None: only the pool bounds
             them). On a shared pool this keeps one hung dependency from taking every thread.
+        timeouts_trip: Whether a call past its budget (or refused as saturated) counts as a
+            failure of the breaker. False for work that only the replica's own CPU can slow
+            down: a short CPU stall must not hold the breaker open for its reset time; a hung
+            call is then bounded by ``max_abandoned`` instead.
     """
 
     def __init__(
@@ -54,8 +58,10 @@ class Dependency:
         pool: ThreadPoolExecutor | None = None,
         ignore: tuple[type[BaseException], ...] = (),
         max_abandoned: int | None = None,
+        timeouts_trip: bool = True,
     ) -> None:
         self.name = name
+        self._timeouts_trip = timeouts_trip
         self.budget_s = budget_s
         self.breaker = CircuitBreaker.from_config(name, breaker)
         self._ignore = ignore
@@ -80,8 +86,7 @@ class Dependency:
             self.counts["refused"] += 1
             raise CircuitOpenError(self.name, self.breaker.retry_after())
         if self._max_abandoned is not None and self._abandoned >= self._max_abandoned:
-            self.breaker.record_failure()
-            self.counts["timeouts"] += 1
+            self._timed_out()
             raise DependencySaturatedError(f"{self.name} still has {self._abandoned} call(s) past their budget")
         loop = asyncio.get_running_loop()
         cfut = self._pool.submit(fn, *args)
@@ -89,8 +94,7 @@ class Dependency:
         try:
             result = await asyncio.wait_for(fut, max(budget, 0.0))
         except TimeoutError:
-            self.breaker.record_failure()
-            self.counts["timeouts"] += 1
+            self._timed_out()
             if not cfut.done():  # still running in its thread: it holds that thread until it returns
                 with self._lock:
                     self._abandoned += 1
@@ -109,6 +113,13 @@ class Dependency:
         self.breaker.record_success()
         self.counts["ok"] += 1
         return result
+
+    def _timed_out(self) -> None:
+        self.counts["timeouts"] += 1
+        if self._timeouts_trip:
+            self.breaker.record_failure()
+        else:
+            self.breaker.release()
 
     def _returned(self, _: Any) -> None:
         with self._lock:

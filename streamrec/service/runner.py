@@ -87,8 +87,16 @@ class StageRunner:
         # one retrieval thread, never the thread every request needs for its context.
         self._retrieval = ThreadPoolExecutor(max(2, source_threads), thread_name_prefix="retrieval")
         mismatch = (StageVersionMismatchError,)  # a reload in progress, not a sick dependency
+        # Context building is the replica's own CPU work: a stall must not open its breaker (only
+        # errors do); a hung call holds the one thread, and the next calls are refused at once.
         self.context = Dependency(
-            "context", resilience.context_ms / 1e3, resilience.breaker_for("context"), 1, ignore=mismatch
+            "context",
+            resilience.context_ms / 1e3,
+            resilience.breaker_for("context"),
+            1,
+            ignore=mismatch,
+            max_abandoned=1,
+            timeouts_trip=False,
         )
         self.online = Dependency(
             "online_store", resilience.online_store_ms / 1e3, resilience.breaker_for("online_store"), workers=2

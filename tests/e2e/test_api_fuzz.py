@@ -101,6 +101,7 @@ def trained_app(trained_dir: Path) -> Iterator[FastAPI]:
                 "level_timeouts_ms": {"full": long_ms},
                 "online_store_ms": long_ms,
                 "ranker_ms": long_ms,
+                "context_ms": long_ms,
             },
             "auth": {
                 "enabled": True,

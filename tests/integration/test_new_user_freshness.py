@@ -67,6 +67,7 @@ def client(world: Path) -> Iterator[TestClient]:
                 "level_timeouts_ms": {"full": long_ms},
                 "online_store_ms": long_ms,
                 "ranker_ms": long_ms,
+                "context_ms": long_ms,
             },
             "auth": {
                 "enabled": True,

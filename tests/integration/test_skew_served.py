@@ -92,7 +92,7 @@ def serve(d: Path, requests: list[RecommendRequest], read_features: Any = None) 
     stages = build_stages(d)
     if read_features is not None:
         stages.read_features = read_features(stages.read_features)  # type: ignore[method-assign]
-    res = ResilienceConfig(request_budget_ms=60_000, online_store_ms=30_000, ranker_ms=30_000,
+    res = ResilienceConfig(request_budget_ms=60_000, online_store_ms=30_000, ranker_ms=30_000, context_ms=30_000,
                            level_timeouts_ms={"full": 60_000})  # fmt: skip
     log = RequestLog(d, RequestLogConfig(sample_rate=1.0), start=False)
     service = FunnelService(

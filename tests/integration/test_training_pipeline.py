@@ -159,7 +159,7 @@ def _funnel(stages: Any, req: RecommendRequest, *, across_processes: bool) -> An
     from streamrec.service.policy import FunnelService
     from streamrec.service.runner import StageRunner
 
-    res = ResilienceConfig(request_budget_ms=60_000, online_store_ms=30_000, ranker_ms=30_000,
+    res = ResilienceConfig(request_budget_ms=60_000, online_store_ms=30_000, ranker_ms=30_000, context_ms=30_000,
                            level_timeouts_ms={"full": 60_000})  # fmt: skip
     local = StageRunner(res, 30.0).call_for(stages)
 

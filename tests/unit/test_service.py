@@ -279,19 +279,23 @@ def test_funnel_failure_serves_the_batch_list_then_popularity_then_cached(world:
     assert [i.item_id for i in resp.items] == [i.item_id for i in good.items]
 
 
-def test_a_hung_context_build_costs_its_budget_then_its_breaker_answers_from_batch(world: Path) -> None:
+def test_a_hung_context_build_costs_one_budget_then_answers_come_from_batch_at_once(world: Path) -> None:
     stages = Blocking(world)
     batch = BatchTopN("v9", {3: (np.asarray(ITEMS[10:25], np.int64), np.linspace(1, 0, 15, dtype=np.float32))})
     res = _res(context_ms=30, level_timeouts_ms={"full": 500})
     runner = StageRunner(res, 1.0)
     service = FunnelService(local_primary(lambda: stages, runner), None, res, 1.0, batch=lambda: batch)
     inner = stages.user_context
+    mode = {"fault": "hang"}
 
-    def hung(request: Any, features: Any = None) -> Any:
-        stages.release.wait(10)  # the user tower stuck (a wedged thread, a deadlock)
+    def faulty(request: Any, features: Any = None) -> Any:
+        if mode["fault"] == "hang":
+            stages.release.wait(10)  # the user tower stuck (a wedged thread, a deadlock)
+        if mode["fault"] == "raise":
+            raise RuntimeError("user tower weights missing")
         return inner(request, features)
 
-    stages.user_context = hung  # type: ignore[method-assign]
+    stages.user_context = faulty  # type: ignore[method-assign]
     took, reasons = [], []
     try:
         for _ in range(4):
@@ -302,10 +306,19 @@ def test_a_hung_context_build_costs_its_budget_then_its_breaker_answers_from_bat
             reasons.append(resp.metadata.degradation_reason or "")
     finally:
         stages.release.set()
-    assert max(took) < 0.4  # the context budget (30 ms), never the level's 500 ms or the hang
-    assert reasons == ["full: timeout"] * 2 + ["full: error (CircuitOpenError)"] * 2
+    # the first waits the context budget (30 ms), never the level's 500 ms or the hang; while the
+    # hung call holds the thread the next ones are refused at once
+    assert max(took) < 0.4 and all(t < 0.1 for t in took[1:]), took
+    assert reasons == ["full: timeout"] * 4
     snap = runner.snapshot()["context"]
-    assert snap["state"] == "open" and snap["timeouts"] == 2 and snap["refused"] == 2  # threshold 2
+    assert snap["state"] == "closed" and snap["timeouts"] == 4  # a CPU stall never opens it
+    # errors do open it (threshold 2): then refused without calling
+    time.sleep(0.05)  # the released call returns
+    mode["fault"] = "raise"
+    for _ in range(3):
+        asyncio.run(service(RecommendRequest(user_id=3, k=5)))
+    snap = runner.snapshot()["context"]
+    assert snap["state"] == "open" and snap["errors"] == 2 and snap["refused"] == 1
     runner.close()
 
 

@@ -47,7 +47,7 @@ from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
 from streamrec.service.catalogue import CatalogueSync
-from streamrec.service.dispatch import ClusterStages, Deferred, cluster_call
+from streamrec.service.dispatch import ClusterStages
 from streamrec.service.http import build_gateway
 from streamrec.service.observe import GatewayObserver, every
 from streamrec.service.policy import FunnelService
@@ -74,7 +74,6 @@ from streamrec.serving.gateway import merge_replica_status
 _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}
 
 #: (the library's; this name is kept for tests/unit/test_cluster_retry.py)
-_Deferred = Deferred
 
 
 @serve.deployment(name="Features", **_STAGE_OPTS)
@@ -288,10 +287,6 @@ class Gateway:
         request_log = getattr(self, "_request_log", None)
         if request_log is not None:
             request_log.close()
-
-    async def _cluster_call(self, name: str, *args: Any) -> Any:
-        """:func:`~streamrec.service.dispatch.cluster_call` over this gateway's stage handles."""
-        return await cluster_call(self._features, self._retriever, self._ranker, self._reranker, name, *args)
 
     # ------------------------------------------------------------------ status
     async def local_status(self) -> dict[str, Any]:

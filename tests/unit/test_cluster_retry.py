@@ -73,7 +73,7 @@ def test_an_error_from_a_live_replica_is_not_resent() -> None:
 
 
 def test_cluster_gateway_resends_every_stage_call() -> None:
-    from deployments.app import Gateway, _Deferred
+    from streamrec.service.dispatch import ClusterStages, Deferred
 
     died = ActorDiedError
     gw = SimpleNamespace(
@@ -82,15 +82,15 @@ def test_cluster_gateway_resends_every_stage_call() -> None:
         _ranker=FakeHandle(merge_rank=FakeMethod([died()]), rank=FakeMethod([died()])),
         _reranker=FakeHandle(rerank=FakeMethod([died()])),
     )
-    call = Gateway.func_or_class._cluster_call
+    call = ClusterStages(gw._features, gw._retriever, gw._ranker, gw._reranker)
 
     async def run() -> list[Any]:
         return [
-            await call(gw, "user_context", "req"),
-            await call(gw, "retrieve", "two_tower", "ctx"),
-            await call(gw, "rank", "ctx", _Deferred({"two_tower": "c"})),
-            await call(gw, "rank", "ctx", "merged"),
-            await call(gw, "rerank", "ctx", "ranked"),
+            await call("user_context", "req"),
+            await call("retrieve", "two_tower", "ctx"),
+            await call("rank", "ctx", Deferred({"two_tower": "c"})),
+            await call("rank", "ctx", "merged"),
+            await call("rerank", "ctx", "ranked"),
         ]
 
     assert asyncio.run(run()) == [
@@ -105,7 +105,7 @@ def test_cluster_gateway_resends_every_stage_call() -> None:
 
 
 def test_lost_replicas_do_not_open_the_funnel_breaker(world: Path) -> None:  # noqa: F811 - the fixture
-    """The cluster gateway's ``call`` raising ``ReplicaLostError`` (as ``_cluster_call`` does, lost twice)."""
+    """The cluster gateway's ``call`` raising ``ReplicaLostError`` (as ``cluster_call`` does, lost twice)."""
     res = ResilienceConfig(breaker=CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=60.0))
 
     async def call(name: str, *args: Any) -> Any:

@@ -41,7 +41,7 @@ from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle
 
 from streamrec.api_models import RecommendRequest
-from streamrec.funnel.stages import Candidates, UserContext
+from streamrec.funnel.stages import Candidates, Stages, UserContext
 from streamrec.monitoring.health import HealthMonitor
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
@@ -72,9 +72,6 @@ from streamrec.service.variants import ExperimentRouter
 from streamrec.serving.gateway import merge_replica_status
 
 _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}
-
-#: (the library's; this name is kept for tests/unit/test_cluster_retry.py)
-
 
 @serve.deployment(name="Features", **_STAGE_OPTS)
 class Features(StageHost):
@@ -258,7 +255,7 @@ class Gateway:
             else loop.create_task(every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll"))
         )
         self._catalogue_task = loop.create_task(
-            every(1.0, lambda: self._stages.apply_catalogue(self._catalogue), "catalogue sync")
+            every(1.0, lambda: self._stages.apply_catalogue(self._catalogue, self._treatment()), "catalogue sync")
         )
         self._watcher: asyncio.Task[None] | None = None
         if a.watch_champion_s > 0 and follows_champion(a):
@@ -266,6 +263,10 @@ class Gateway:
             self._watcher = loop.create_task(
                 watch_champion(a.data_dir, a.watch_champion_s, self._reloads.reload, lambda: _replica_rank() == 0)
             )
+
+    def _treatment(self) -> Stages | None:
+        """The experiment challenger's stages, if one is held (they follow the catalogue too)."""
+        return self._variants.challenger_stages() if self._variants is not None else None
 
     def __serve_build_asgi_app__(self) -> Any:
         app, self._stages.events = build_gateway(

@@ -37,8 +37,10 @@ def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
     HAProxy resends a request to another replica (or the fallback proxy) not only when it could
     not connect (Ray's default, ``conn-failure``) but also when the replica closed the connection
     without answering (``empty-response``: a replica killed mid-request), so such a request is
-    retried instead of failing. Safe for this API: ``/v1/recommend`` is a read and events are
-    deduplicated by ``event_id``; HAProxy never resends a request larger than its buffer (16 KiB)
+    retried instead of failing. Safe for this API: ``/v1/recommend`` is a read and events that
+    carry their ``event_id`` are deduplicated (events without one get a fresh id from each
+    replica, so a resent batch of those can be stored twice: clients should send ids); HAProxy
+    never resends a request larger than its buffer (16 KiB)
     (docs/adr/ADR-010, "Dead replicas").
     Must be in the environment of the processes that start Ray (docs/operations.md, ADR-008).
 

@@ -11,6 +11,7 @@ the whole log (the state survives restarts). ADR-013 has the reasoning.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 from streamrec.errors import DataError
 from streamrec.paths import DataLayout, exclusive_file_lock
+
+log = logging.getLogger(__name__)
 
 #: Fields an upsert may set besides ``item_id`` (an absent field keeps its current value).
 ITEM_FIELDS: tuple[str, ...] = ("title", "categories", "creator", "published_at", "promoted", "flagged")
@@ -53,7 +56,7 @@ def _clean(update: Mapping[str, Any]) -> dict[str, Any]:
             when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
             value = datetime(*when.timetuple()[:6], tzinfo=UTC).isoformat()
         elif name == "categories":
-            value = [str(c) for c in value]
+            value = list(dict.fromkeys(str(c) for c in value))  # each once, in order
         elif name in ("promoted", "flagged"):
             value = bool(value)
         else:
@@ -91,6 +94,8 @@ class CatalogueLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         with exclusive_file_lock(self.dir / "append.lock"):
             new = not self.path.exists()
+            if not new:
+                self._cut_torn_tail()
             with open(self.path, "ab") as fh:
                 fh.write(b"".join(json.dumps({**r, "at": at, "source": source}).encode() + b"\n" for r in rows))
                 fh.flush()
@@ -98,6 +103,23 @@ class CatalogueLog:
             if new:
                 _fsync_dir(self.dir)
             return self.count()
+
+    def _cut_torn_tail(self) -> None:
+        """Drop a last line without its newline (an append that failed midway was never acknowledged)."""
+        with open(self.path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(max(0, size - (1 << 20)))
+            tail = fh.read()
+            keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+            log.warning("catalogue log %s: cut a torn last line (%d bytes)", self.path, size - keep)
 
     def count(self) -> int:
         """Lines in the log."""
@@ -123,7 +145,17 @@ class CatalogueLog:
         except FileNotFoundError:
             return [], 0
         end = data.rfind(b"\n") + 1  # a line still being written is read next time
-        rows = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        rows = []
+        for line in data[:end].splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                int(row["item_id"])
+            except (ValueError, KeyError, TypeError):  # never written by append: skip, say so
+                log.warning("catalogue log %s: skipped an unreadable line: %r", self.path, line[:200])
+                continue
+            rows.append(row)
         return rows, offset + end
 
 
@@ -151,7 +183,8 @@ class CatalogueView:
 
     def __init__(self, data_dir: str | os.PathLike[str] | None) -> None:
         self.log = CatalogueLog(data_dir)
-        self._offset = 0
+        self._offset = 0  # end of the last complete line applied
+        self._seen = 0  # the log's size at the last refresh (a partial tail is not re-read)
         self._lock = threading.Lock()
         self.state = CatalogueState()
         self.refresh()
@@ -163,24 +196,32 @@ class CatalogueView:
 
     def stale(self) -> bool:
         """Whether the log changed since the last refresh (one ``stat``)."""
-        return self.log.size() != self._offset
+        return self.log.size() != self._seen
 
     def refresh(self) -> bool:
-        """Apply the lines appended since the last refresh; True when the state changed."""
+        """Apply the lines appended since the last refresh; True when the state changed.
+
+        A log that shrank (replaced, emptied, deleted) is read again from the start.
+        """
         if not self.stale():
             return False
         with self._lock:
             size = self.log.size()
-            offset = 0 if size < self._offset else self._offset  # a replaced log: read it again
+            replaced = size < self._offset
+            offset = 0 if replaced else self._offset
             rows, end = self.log.read_from(offset)
-            if not rows and end == offset:
+            self._seen = size
+            if not rows and not replaced:
                 self._offset = end
                 return False
             base = CatalogueState() if offset == 0 else self.state
             items = dict(base.items)
             for row in rows:
                 iid = int(row["item_id"])
-                items[iid] = {**items.get(iid, {}), **{k: row[k] for k in ITEM_FIELDS if k in row}}
+                fields = {k: row[k] for k in ITEM_FIELDS if k in row}
+                if "flagged" in fields:  # who set the flag: a sync never clears an operator's
+                    fields["flagged_by"] = str(row.get("source", "api"))
+                items[iid] = {**items.get(iid, {}), **fields}
             flagged = frozenset(i for i, f in items.items() if f.get("flagged"))
             self.state = CatalogueState(items, flagged, base.lines + len(rows))
             self._offset = end
@@ -245,9 +286,12 @@ def serving_baseline(data_dir: str | os.PathLike[str] | None) -> dict[int, dict[
 def sync_from_store(data_dir: str | os.PathLike[str] | None, *, dry_run: bool = False) -> dict[str, Any]:
     """Upsert what the ingested items table changed since serving last knew it (``catalogue sync``).
 
-    Serving knows the feature store's item table (the last feature build) plus the catalogue
-    log; every ingested item whose categories, publication time, promoted or flagged differ
-    from that, and every item serving has never seen (with all its fields), is appended.
+    Categories, publication time and promoted are compared with what serving knows: the feature
+    store's item table (the last feature build) plus the catalogue log. Flags are compared with
+    the log alone, the only source every replica filters on at every level: every ingested
+    flagged item is made flagged there (also when a feature build already holds it), and an
+    ingest clears only flags that a sync set, never one an operator set through the API. Items
+    serving has never seen are sent with all their fields.
 
     Returns:
         ``{"items": ingested items, "changed": upserts written, "new": of them new to serving,
@@ -257,15 +301,22 @@ def sync_from_store(data_dir: str | os.PathLike[str] | None, *, dry_run: bool = 
 
     items = DataStore(data_dir).items()
     known = serving_baseline(data_dir)
-    for iid, fields in CatalogueView(data_dir).state.items.items():
+    logged = CatalogueView(data_dir).state.items
+    for iid, fields in logged.items():
         known[iid] = {**known.get(iid, {}), **fields}
+    for iid, fields in known.items():  # flags: the log's word only
+        fields["flagged"] = bool(logged.get(iid, {}).get("flagged", False))
     rows = []
     for rec in items.to_dict("records"):
+        iid = int(rec["item_id"])
         row = {k: rec[k] for k in ("item_id", *SYNC_FIELDS) if k in rec}
-        if int(rec["item_id"]) not in known:  # new to serving: every field
+        if iid not in known:  # new to serving: every field
             row.update({k: rec[k] for k in ("title", "creator") if isinstance(rec.get(k), str)})
         cats = row.get("categories")
         row["categories"] = [] if cats is None else [str(c) for c in cats if c is not None]
+        mine = logged.get(iid, {})
+        if not row.get("flagged") and mine.get("flagged") and mine.get("flagged_by") != "sync":
+            row["flagged"] = True  # an operator's flag stands until an operator clears it
         rows.append(row)
     changed = differences(rows, known)
     new = [r for r in changed if r["item_id"] not in known]
@@ -273,4 +324,3 @@ def sync_from_store(data_dir: str | os.PathLike[str] | None, *, dry_run: bool = 
     log = CatalogueLog(data_dir)
     lines = log.count() if dry_run or not changed else log.append(changed, source="sync")
     return {"items": len(rows), "changed": len(changed), "new": len(new), "flagged": flagged, "catalogue_lines": lines}
-

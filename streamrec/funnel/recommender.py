@@ -76,6 +76,7 @@ class RecommenderStages:
         self.snapshot = snapshot
         #: Catalogue log lines applied (:meth:`apply_catalogue`).
         self.catalogue_lines = 0
+        self._catalogue_state: CatalogueState | None = None
 
     def apply_catalogue(self, state: CatalogueState) -> bool:
         """Serve with the catalogue changes of ``state`` (blocking: rebuilds the re-ranking metadata).
@@ -83,16 +84,17 @@ class RecommenderStages:
         Returns:
             Whether anything was applied (False when ``state`` is the one already in force).
         """
-        if state.lines == self.catalogue_lines:
+        if state is self._catalogue_state:  # a view publishes a new state object per change
             return False
         self.funnel.apply_catalogue(state.items)
+        self._catalogue_state = state
         self.catalogue_lines = state.lines
         return True
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""
         return {
-            "catalogue_lines": self.catalogue_lines,
+            "catalogue_lines": str(self.catalogue_lines),  # text: the status over replicas sums ints
             "model_version": self.model_version,
             "items": len(self.funnel.table),
             "users": len(self.funnel.models.users),

@@ -164,7 +164,7 @@ MISS_CAUSE_TAGS: tuple[str, ...] = ("timeout", "error", "circuit_open")
 #: Components a degradation reason can name (the ``reason`` tag is ``<component>_<cause>``).
 _COMPONENTS = ("online_store", "ranker", "full", "funnel", "batch", "popularity", "cached", "source")
 _CAUSES = (("circuit open", "circuit_open"), ("timeout", "timeout"), ("error", "error"), ("no ", "empty"))
-_ROUTES = ("recommend", "events", "reload", "status", "healthz", "readyz")
+_ROUTES = ("recommend", "events", "reload", "items", "status", "healthz", "readyz")
 
 
 def variant_tag(variant: str | None) -> str:
@@ -183,6 +183,8 @@ def reason_tag(reason: str | None) -> str:
     first = reason.split(";", 1)[0].strip()
     if "backfilled from" in first:
         return "backfill"
+    if "flagged item(s) removed" in first:
+        return "flagged_removed"
     head, _, rest = first.partition(":")
     component = head.strip().split(":", 1)[0]
     if component not in _COMPONENTS:

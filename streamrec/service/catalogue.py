@@ -34,11 +34,22 @@ class CatalogueSync:
         self.view = CatalogueView(data_dir)
         self.applied_at: float | None = None
         self.apply_errors = 0
+        self.read_errors = 0
 
     async def refresh(self) -> None:
-        """Read new log lines, off the event loop (a no-op after one ``stat`` when none)."""
-        if self.view.stale():
+        """Read new log lines, off the event loop (a no-op after one ``stat`` when none).
+
+        A log that cannot be read keeps the last state in force (logged, counted): flags
+        acknowledged before stay filtered, and answers keep flowing.
+        """
+        if not self.view.stale():
+            return
+        try:
             await asyncio.to_thread(self.view.refresh)
+        except OSError as err:
+            self.read_errors += 1
+            if self.read_errors == 1 or self.read_errors % 1000 == 0:
+                log.error("catalogue log unreadable (%d time(s)): %s; the last state stays in force", self.read_errors, err)
 
     async def flagged(self) -> frozenset[int]:
         """Items never to serve, as of now (the log re-read if it changed)."""
@@ -82,4 +93,5 @@ class CatalogueSync:
             "flagged": str(len(state.flagged)),
             "applied_at": self.applied_at,
             "apply_errors": self.apply_errors,
+            "read_errors": self.read_errors,
         }

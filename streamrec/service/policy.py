@@ -36,6 +36,7 @@ from streamrec.resilience import (
     ResilienceConfig,
 )
 from streamrec.service.cluster import ReplicaLostError
+from streamrec.service.guard import DependencySaturatedError, DependencyTimeoutError
 from streamrec.service.runner import Call, StageRunner
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,16 @@ class FunnelService:
             # of the funnel's health; nor does a funnel late on a starved CPU (each such request
             # costs only its level timeout, and a hung dependency has its own breaker inside):
             # only errors open this breaker, so a short CPU stall is not 10 s of batch answers.
-            # Nor does a stage replica lost twice in a row (cluster): Serve is replacing it.
-            ignore=(EmptyFunnelError, StageVersionMismatchError, TimeoutError, ReplicaLostError),
+            # Nor does a stage replica lost twice in a row (cluster): Serve is replacing it. A
+            # dependency past its budget (the context build) is such a timeout too.
+            ignore=(
+                EmptyFunnelError,
+                StageVersionMismatchError,
+                TimeoutError,
+                DependencyTimeoutError,
+                DependencySaturatedError,
+                ReplicaLostError,
+            ),
         )
         #: Called with (request, response, ranked candidates) after each answer is complete
         #: (the shadow scorer); it must not block, and its failures never reach the answer.

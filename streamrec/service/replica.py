@@ -272,10 +272,15 @@ class GatewayStages:
         """Drop what phase 1 prepared under ``token``."""
         self._pending.drop(token)
 
-    async def apply_catalogue(self, catalogue: CatalogueSync) -> None:
-        """Keep the in-process stages' re-ranking metadata at the catalogue log (fused)."""
-        if self.local is not None:
-            await catalogue.apply(self.local.stages)
+    async def apply_catalogue(self, catalogue: CatalogueSync, *extra: Stages | None) -> None:
+        """Keep the in-process stages' re-ranking metadata at the catalogue log (fused).
+
+        ``extra``: other stages this replica serves (an experiment's challenger: control and
+        treatment must see the same catalogue).
+        """
+        for stages in (self.local.stages if self.local is not None else None, *extra):
+            if stages is not None:
+                await catalogue.apply(stages)
 
     async def upsert_items(self, catalogue: CatalogueSync, items: list[dict[str, Any]]) -> dict[str, Any]:
         """``POST /v1/admin/items``: durable in the log, then in force on this replica at once."""

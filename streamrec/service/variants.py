@@ -244,6 +244,11 @@ class Variants:
         log.info("%s loaded in %.1fs", key, loaded.load_seconds)
         return HeldBundle(role, want, loaded, max(0.0, _rss_mb() - rss))
 
+    def challenger_stages(self) -> Stages | None:
+        """The challenger's stages while one is held (None otherwise)."""
+        held = self.challenger
+        return held.loaded.stages if held is not None else None
+
     def describe(self) -> dict[str, Any]:
         """Facts for ``/v1/admin/status``: the experiment, the share, each bundle and its cost."""
         return {

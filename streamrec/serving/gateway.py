@@ -77,7 +77,7 @@ from streamrec.auth import (
 from streamrec.auth import Scope as AuthScope
 from streamrec.config import StrictModel
 from streamrec.data.event_log import EventLog
-from streamrec.errors import StreamRecError
+from streamrec.errors import DataError, StreamRecError
 from streamrec.monitoring.logs import REQUEST_ID
 from streamrec.monitoring.metrics import ServingMetrics
 
@@ -580,6 +580,8 @@ def create_app(
         items = [it.model_dump(exclude_none=True) for it in req.items]
         try:
             result = await upsert_items(items)
+        except DataError as err:  # what the schema cannot say (e.g. a time outside the log's range)
+            return _error(422, "invalid_request", [{"message": str(err)}], rid)
         except OSError as err:
             log.error("request_id=%s catalogue write failed: %s", rid, err)
             return _error(503, "catalogue_unavailable", "the upserts could not be stored; retry", rid,

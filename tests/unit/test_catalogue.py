@@ -85,10 +85,11 @@ def test_a_view_applies_new_lines_only_and_a_new_view_reads_the_whole_log(tmp_pa
     log.append([{"item_id": 1, "flagged": True}, {"item_id": 2, "promoted": True}])
     assert view.stale() and view.refresh() and not view.stale()
     assert view.flagged == {1} and view.state.items[2] == {"promoted": True} and view.state.lines == 2
+    assert view.state.items[1]["flagged_by"] == "api"
     before = view.state
     log.append([{"item_id": 1, "flagged": False, "categories": ["x"]}])
     assert view.refresh() and view.flagged == frozenset()
-    assert view.state.items[1] == {"flagged": False, "categories": ["x"]}
+    assert view.state.items[1] == {"flagged": False, "flagged_by": "api", "categories": ["x"]}
     assert before.flagged == {1}  # copy-on-write: a reader's state never changes under it
     restarted = CatalogueView(tmp_path)  # a restarted replica: the whole log
     assert restarted.state.items == view.state.items and restarted.state.lines == 3
@@ -248,3 +249,48 @@ def test_sync_sends_what_the_ingest_changed_once(tmp_path: Path) -> None:
     assert third["changed"] == 2 and third["new"] == 0 and third["catalogue_lines"] == 42
     state = CatalogueView(data).state
     assert state.items[105]["promoted"] is True and state.items[106]["categories"] == ["a", "b"]
+
+
+def test_a_torn_last_line_is_cut_by_the_next_append_and_never_breaks_a_reader(tmp_path: Path) -> None:
+    log = CatalogueLog(tmp_path)
+    log.append([{"item_id": 1, "flagged": True}])
+    with open(log.path, "ab") as fh:  # an append that died midway (disk full, a kill)
+        fh.write(b'{"item_id": 2, "flag')
+    view = CatalogueView(tmp_path)
+    assert view.flagged == {1} and not view.stale()  # the partial tail is not re-read per answer
+    assert log.append([{"item_id": 3, "flagged": True}]) == 2  # the torn line was cut first
+    assert view.refresh() and view.flagged == {1, 3}
+    with open(log.path, "ab") as fh:  # a line no append wrote: skipped, never an exception
+        fh.write(b"not json\n")
+    log.append([{"item_id": 4, "flagged": True}])
+    assert view.refresh() and view.flagged == {1, 3, 4}
+    assert CatalogueView(tmp_path).flagged == {1, 3, 4}
+
+
+def test_an_emptied_or_deleted_log_resets_the_state(tmp_path: Path) -> None:
+    log = CatalogueLog(tmp_path)
+    log.append([{"item_id": 1, "flagged": True}])
+    view = CatalogueView(tmp_path)
+    log.path.write_bytes(b"")
+    assert view.refresh() and view.flagged == frozenset() and view.state.items == {}
+    log.append([{"item_id": 2, "flagged": True}])
+    assert view.refresh() and view.flagged == {2}
+    log.path.unlink()
+    assert view.refresh() and view.flagged == frozenset()
+
+
+def test_a_sync_never_clears_an_operators_flag_but_clears_its_own(tmp_path: Path) -> None:
+    from streamrec.data.catalogue import sync_from_store
+    from streamrec.data.store import DataStore
+
+    data = make_world(tmp_path / "data")  # item 139 flagged at ingest
+    assert sync_from_store(data)["flagged"] == [139]
+    CatalogueLog(data).append([{"item_id": 100, "flagged": True}])  # an operator, through the API
+    assert sync_from_store(data)["changed"] == 0  # the ingest says 100 is fine: the flag stands
+    assert CatalogueView(data).flagged == {100, 139}
+    store = DataStore(data)
+    items = store.items()
+    items.loc[items["item_id"] == 139, "flagged"] = False  # the ingest clears its own flag
+    store.upsert_items(items)
+    out = sync_from_store(data)
+    assert out["changed"] == 1 and CatalogueView(data).flagged == {100}

@@ -446,3 +446,8 @@ def test_the_gateway_counts_responses_by_route_and_429s_by_limiter() -> None:
     assert rec.total("streamrec_rate_limited_total", limiter="address") == 1
     assert rec.total("streamrec_http_responses_total", route="recommend", status_class="2xx") == 2
     assert rec.total("streamrec_http_responses_total", route="recommend", status_class="4xx") == 3
+
+
+def test_catalogue_reasons_and_route_have_their_own_tags() -> None:
+    assert reason_tag("1 flagged item(s) removed; 1 item(s) backfilled from popularity") == "flagged_removed"
+    assert route_tag("/fused/v1/admin/items") == "items"

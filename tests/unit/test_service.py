@@ -284,7 +284,8 @@ def test_a_hung_context_build_costs_one_budget_then_answers_come_from_batch_at_o
     batch = BatchTopN("v9", {3: (np.asarray(ITEMS[10:25], np.int64), np.linspace(1, 0, 15, dtype=np.float32))})
     res = _res(context_ms=30, level_timeouts_ms={"full": 500})
     runner = StageRunner(res, 1.0)
-    service = FunnelService(local_primary(lambda: stages, runner), None, res, 1.0, batch=lambda: batch)
+    pop = PopularityStages.from_data_dir(world)  # with a fallback the funnel has its breaker
+    service = FunnelService(local_primary(lambda: stages, runner), pop, res, 1.0, batch=lambda: batch)
     inner = stages.user_context
     mode = {"fault": "hang"}
 
@@ -298,7 +299,7 @@ def test_a_hung_context_build_costs_one_budget_then_answers_come_from_batch_at_o
     stages.user_context = faulty  # type: ignore[method-assign]
     took, reasons = [], []
     try:
-        for _ in range(4):
+        for _ in range(6):
             t0 = time.perf_counter()
             resp = asyncio.run(service(RecommendRequest(user_id=3, k=5)))
             took.append(time.perf_counter() - t0)
@@ -309,16 +310,18 @@ def test_a_hung_context_build_costs_one_budget_then_answers_come_from_batch_at_o
     # the first waits the context budget (30 ms), never the level's 500 ms or the hang; while the
     # hung call holds the thread the next ones are refused at once
     assert max(took) < 0.4 and all(t < 0.1 for t in took[1:]), took
-    assert reasons == ["full: timeout"] * 4
+    assert reasons == ["full: timeout"] * 6
     snap = runner.snapshot()["context"]
-    assert snap["state"] == "closed" and snap["timeouts"] == 4  # a CPU stall never opens it
+    assert snap["state"] == "closed" and snap["timeouts"] == 6  # a CPU stall never opens it ...
+    assert service.breaker.snapshot()["state"] == "closed"  # ... nor the funnel's (threshold 2)
     # errors do open it (threshold 2): then refused without calling
     time.sleep(0.05)  # the released call returns
     mode["fault"] = "raise"
     for _ in range(3):
         asyncio.run(service(RecommendRequest(user_id=3, k=5)))
     snap = runner.snapshot()["context"]
-    assert snap["state"] == "open" and snap["errors"] == 2 and snap["refused"] == 1
+    assert snap["state"] == "open" and snap["errors"] == 2  # the third: the funnel breaker, open too
+    assert service.breaker.snapshot()["state"] == "open"
     runner.close()
 
 

@@ -490,8 +490,9 @@ def test_catalogue_changes_reach_the_trained_reranker_and_survive_a_reload(
     assert dry["changed"] == len(flagged_ids) and dry["flagged"] == flagged_ids
     try:
         CatalogueLog(d).append([{"item_id": first, "flagged": True}, {"item_id": promote, "promoted": True}])
-        assert stages.apply_catalogue(CatalogueView(d).state) is True
-        assert stages.apply_catalogue(CatalogueView(d).state) is False  # already in force
+        view = CatalogueView(d)
+        assert stages.apply_catalogue(view.state) is True
+        assert stages.apply_catalogue(view.state) is False  # the same published state: in force
         after = _funnel(stages, RecommendRequest(user_id=user, k=10), across_processes=False).items
         assert first not in [i.item_id for i in after] and len(after) == 10
         boosted = [i for i in after if i.item_id == promote]

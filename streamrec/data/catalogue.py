@@ -75,6 +75,7 @@ class CatalogueLog:
     def __init__(self, data_dir: str | os.PathLike[str] | None) -> None:
         self.dir = catalogue_dir(data_dir)
         self.path = self.dir / "updates.jsonl"
+        self._counted = (0, 0)  # (bytes, lines) of the last count
 
     def append(self, updates: Sequence[Mapping[str, Any]], source: str = "api") -> int:
         """Durably append ``updates``; returns how many lines the log holds after them.
@@ -122,12 +123,19 @@ class CatalogueLog:
             log.warning("catalogue log %s: cut a torn last line (%d bytes)", self.path, size - keep)
 
     def count(self) -> int:
-        """Lines in the log."""
+        """Lines in the log (only the bytes added since the last count are read)."""
         try:
             with open(self.path, "rb") as fh:
-                return sum(1 for _ in fh)
+                size = fh.seek(0, os.SEEK_END)
+                if size < self._counted[0]:  # cut or replaced: count again
+                    self._counted = (0, 0)
+                fh.seek(self._counted[0])
+                lines = self._counted[1] + fh.read().count(b"\n")
         except FileNotFoundError:
+            self._counted = (0, 0)
             return 0
+        self._counted = (size, lines)
+        return lines
 
     def size(self) -> int:
         """Bytes in the log (0 when absent)."""

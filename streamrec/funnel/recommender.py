@@ -76,7 +76,8 @@ class RecommenderStages:
         self.snapshot = snapshot
         #: Catalogue log lines applied (:meth:`apply_catalogue`).
         self.catalogue_lines = 0
-        self._catalogue_state: CatalogueState | None = None
+        #: The catalogue state in force (the object a view published; identity says "unchanged").
+        self.catalogue_state: CatalogueState | None = None
 
     def apply_catalogue(self, state: CatalogueState) -> bool:
         """Serve with the catalogue changes of ``state`` (blocking: rebuilds the re-ranking metadata).
@@ -84,10 +85,10 @@ class RecommenderStages:
         Returns:
             Whether anything was applied (False when ``state`` is the one already in force).
         """
-        if state is self._catalogue_state:  # a view publishes a new state object per change
+        if state is self.catalogue_state:  # a view publishes a new state object per change
             return False
         self.funnel.apply_catalogue(state.items)
-        self._catalogue_state = state
+        self.catalogue_state = state
         self.catalogue_lines = state.lines
         return True
 

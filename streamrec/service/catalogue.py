@@ -67,8 +67,8 @@ class CatalogueSync:
         """Bring ``stages``' re-ranking metadata up to the log (in a worker thread); True if changed."""
         await self.refresh()
         apply = getattr(stages, "apply_catalogue", None)
-        if apply is None:
-            return False
+        if apply is None or getattr(stages, "catalogue_state", None) is self.view.state:
+            return False  # nothing new: no thread hop every second
         try:
             changed = bool(await asyncio.to_thread(apply, self.view.state))
         except Exception as err:  # keep serving the previous metadata; the flagged filter still holds

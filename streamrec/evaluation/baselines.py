@@ -9,6 +9,12 @@ Scores are computed densely per batch of users and the top K taken with seen-ite
 * :class:`MostPopular` - item interaction counts; the floor every model must beat.
 * :class:`ItemKNN` - cosine item-item similarity on the binary matrix, top-k neighbours per item.
 * :class:`ALS` / :class:`BPR` - matrix factorisation from the ``implicit`` library (CPU).
+* :class:`EASE` - the closed-form linear item-item autoencoder (Steck 2019); dense, so bounded
+  by :attr:`~streamrec.evaluation.config.EASEConfig.max_items`.
+
+Hyper-parameters live in :mod:`streamrec.evaluation.config` (re-exported here);
+:func:`make_baseline` builds any baseline by name from them, which is how
+:mod:`streamrec.evaluation.tuning` searches grids.
 
 :func:`evaluate_recommender` computes the metrics of one fitted model on a test matrix and
 :func:`compare` fits and evaluates several methods in one run, returning a table (list of dicts).
@@ -22,6 +28,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+import scipy.linalg
 import scipy.sparse as sp
 from implicit.als import AlternatingLeastSquares
 from implicit.bpr import BayesianPersonalizedRanking
@@ -29,6 +36,13 @@ from threadpoolctl import threadpool_limits
 
 from streamrec.config import StrictModel
 from streamrec.errors import ModelError, TrainingDataError
+from streamrec.evaluation.config import (
+    ALSConfig,
+    BPRConfig,
+    EASEConfig,
+    ItemKNNConfig,
+    baseline_config,
+)
 from streamrec.evaluation.metrics import ranking_metrics, topk_items
 
 IntArray = npt.NDArray[np.int64]
@@ -208,49 +222,6 @@ class ItemKNN(ScoringRecommender):
         return np.asarray(self.similarity[np.unique(idx)].sum(axis=0), dtype=np.float32).ravel()
 
 
-class ALSConfig(StrictModel):
-    """Hyper-parameters of :class:`ALS`.
-
-    Defaults were chosen on a validation split carved from the *training* window of ML-100K
-    (temporal, last 15% of the training time), never on the test window.
-
-    Attributes:
-        factors: Latent dimension.
-        regularization: L2 weight.
-        alpha: Confidence scale: an interaction of value ``r`` gets confidence ``1 + alpha * r``.
-        iterations: ALS sweeps.
-        num_threads: Worker threads (0 = all cores; use 1 in tests on shared machines).
-        seed: Random seed for reproducible factors.
-    """
-
-    factors: int = 32
-    regularization: float = 0.1
-    alpha: float = 1.0
-    iterations: int = 15
-    num_threads: int = 0
-    seed: int = 42
-
-
-class BPRConfig(StrictModel):
-    """Hyper-parameters of :class:`BPR` (defaults chosen like :class:`ALSConfig`'s).
-
-    Attributes:
-        factors: Latent dimension (``implicit`` adds one bias column).
-        learning_rate: SGD step.
-        regularization: L2 weight.
-        iterations: Epochs.
-        num_threads: Worker threads (0 = all cores).
-        seed: Random seed.
-    """
-
-    factors: int = 32
-    learning_rate: float = 0.01
-    regularization: float = 0.01
-    iterations: int = 50
-    num_threads: int = 0
-    seed: int = 42
-
-
 class _ImplicitMF(ScoringRecommender):
     """Shared code of the ``implicit`` ALS/BPR wrappers: factors and dot-product scoring."""
 
@@ -380,6 +351,90 @@ class BPR(_ImplicitMF):
             random_state=c.seed,
             use_gpu=False,
         )
+
+
+class EASE(ScoringRecommender):
+    """Embarrassingly Shallow Autoencoder (Steck 2019): a closed-form item-item linear model.
+
+    With ``X`` the binary training matrix, ``P = (X^T X + lambda I)^-1`` and
+    ``B = I - P diagMat(1 / diag(P))``, i.e. ``B_ij = -P_ij / P_jj`` off the diagonal and
+    ``B_jj = 0`` (an item may not predict itself). A user's scores are ``x_u @ B``.
+
+    The Gram matrix and its inverse are dense ``n_items x n_items`` float64 arrays, so
+    :meth:`fit` refuses catalogues above ``config.max_items``.
+
+    Args:
+        config: Hyper-parameters (``l2`` = lambda) and the size guard.
+        batch_size: Users scored per dense batch.
+    """
+
+    name = "ease"
+
+    def __init__(self, config: EASEConfig | None = None, batch_size: int = 1024) -> None:
+        super().__init__(batch_size)
+        self.config = config or EASEConfig()
+        self.weights: FloatArray = np.empty((0, 0), np.float32)
+
+    @staticmethod
+    def check_size(n_items: int, max_items: int) -> None:
+        """Raise before allocating anything when ``n_items`` is too large for a dense EASE.
+
+        Raises:
+            ModelError: ``n_items > max_items``; the message says what it would cost and what to do.
+        """
+        if n_items > max_items:
+            gib = 16 * n_items**2 / 2**30
+            raise ModelError(
+                f"EASE needs two dense {n_items:,} x {n_items:,} float64 matrices (about {gib:.1f} GiB) and "
+                f"a cubic-time inversion; {n_items:,} items exceed max_items={max_items:,}. Drop 'ease' from "
+                "evaluation.baselines for this catalogue, or raise evaluation.ease_max_items "
+                "(EASEConfig.max_items) on a machine with that much memory"
+            )
+
+    def _fit(self, train: sp.csr_matrix) -> None:
+        n_items = int(train.shape[1])
+        self.check_size(n_items, self.config.max_items)
+        x = sp.csr_matrix(train.astype(bool), dtype=np.float64)
+        gram = np.asarray((x.T @ x).toarray(), dtype=np.float64)
+        gram[np.diag_indices(n_items)] += self.config.l2
+        p = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)
+        p /= -np.diag(p)[None, :]
+        p[np.diag_indices(n_items)] = 0.0
+        self.weights = p.astype(np.float32)
+
+    def score(self, user_indices: npt.ArrayLike) -> FloatArray:
+        """``x_u @ B`` for each user."""
+        users = np.asarray(user_indices, dtype=np.int64).ravel()
+        return np.asarray(self.train_matrix[users] @ self.weights, dtype=np.float32)
+
+
+def make_baseline(
+    name: str, params: Mapping[str, Any] | StrictModel | None = None, batch_size: int = 1024
+) -> ScoringRecommender:
+    """Build an unfitted baseline by name.
+
+    Args:
+        name: One of :data:`~streamrec.evaluation.config.BASELINE_NAMES`.
+        params: Hyper-parameters over the baseline's defaults (a dict or its config model).
+        batch_size: Users scored per dense batch.
+
+    Returns:
+        The unfitted recommender.
+
+    Raises:
+        ConfigError: unknown baseline or invalid hyper-parameters.
+    """
+    cfg = params if isinstance(params, StrictModel) else baseline_config(name, params)
+    if isinstance(cfg, ItemKNNConfig):
+        return ItemKNN(cfg.neighbours, cfg.shrink, cfg.block, batch_size)
+    if isinstance(cfg, ALSConfig):
+        return ALS(cfg, batch_size)
+    if isinstance(cfg, BPRConfig):
+        return BPR(cfg, batch_size)
+    if isinstance(cfg, EASEConfig):
+        return EASE(cfg, batch_size)
+    baseline_config(name, {})  # MostPopular takes no parameters (and an unknown name raises)
+    return MostPopular(batch_size)
 
 
 def evaluate_recommender(

@@ -110,6 +110,56 @@ def _dcg_weights(k: int) -> npt.NDArray[np.float64]:
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
 
 
+#: The per-user metrics :func:`per_user_metrics` returns at each K (coverage is catalogue-level).
+PER_USER_METRICS: tuple[str, ...] = ("recall", "ndcg", "hit_rate")
+
+
+def per_user_metrics(
+    ranked: npt.ArrayLike,
+    truth: sp.spmatrix | sp.sparray,
+    ks: Iterable[int] = (10, 20),
+) -> tuple[dict[str, npt.NDArray[np.float64]], IntArray]:
+    """Recall, NDCG and HitRate at each K for every user with a relevant item, one value per user.
+
+    The per-user values are what :func:`ranking_metrics` averages and what confidence intervals
+    over users resample (:mod:`streamrec.evaluation.intervals`). Coverage has no per-user value
+    (it counts distinct items over all users) and is left out.
+
+    Args:
+        ranked: ``(n_users, K_max)`` item indices, best first (``-1`` = padding).
+        truth: ``(n_users, n_items)`` relevance matrix, rows aligned with ``ranked``.
+        ks: Cut-offs; each must be ``<= K_max``.
+
+    Returns:
+        ``({"recall@K", "ndcg@K", "hit_rate@K" for each K: float64 array}, rows)``: each array
+        has one value per row of ``truth`` with a relevant item, in row order; ``rows`` holds
+        those row numbers.
+
+    Raises:
+        TrainingDataError: no row of ``truth`` has a relevant item.
+        ValueError: shapes disagree or a K exceeds the ranking depth.
+    """
+    r = np.asarray(ranked, dtype=np.int64)
+    hits = hit_matrix(r, truth)
+    n_rel = np.diff(sp.csr_matrix(truth).indptr)
+    rows = np.flatnonzero(n_rel > 0)
+    if rows.size == 0:
+        raise TrainingDataError("nothing to evaluate: no user has a held-out positive")
+    hits, n_rel = hits[rows], n_rel[rows]
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    for k in sorted(set(ks)):
+        if k > r.shape[1]:
+            raise ValueError(f"K={k} exceeds the ranking depth {r.shape[1]}")
+        hk = hits[:, :k]
+        n_hits = hk.sum(axis=1)
+        w = _dcg_weights(k)
+        idcg = np.cumsum(w)[np.minimum(n_rel, k) - 1]
+        out[f"recall@{k}"] = n_hits / n_rel
+        out[f"ndcg@{k}"] = (hk @ w) / idcg
+        out[f"hit_rate@{k}"] = (n_hits > 0).astype(np.float64)
+    return out, rows.astype(np.int64)
+
+
 def ranking_metrics(
     ranked: npt.ArrayLike,
     truth: sp.spmatrix | sp.sparray,
@@ -117,6 +167,8 @@ def ranking_metrics(
     n_items: int | None = None,
 ) -> dict[str, float]:
     """Recall, NDCG, HitRate and Coverage at each K, averaged over users with relevant items.
+
+    The means are those of :func:`per_user_metrics`; coverage counts the same users' top K.
 
     Args:
         ranked: ``(n_users, K_max)`` item indices, best first (``-1`` = padding).
@@ -132,28 +184,16 @@ def ranking_metrics(
         ValueError: shapes disagree or a K exceeds the ranking depth.
     """
     r = np.asarray(ranked, dtype=np.int64)
-    hits = hit_matrix(r, truth)
-    n_rel = np.diff(sp.csr_matrix(truth).indptr)
-    users = n_rel > 0
-    if not users.any():
-        raise TrainingDataError("nothing to evaluate: no user has a held-out positive")
-    hits, r, n_rel = hits[users], r[users], n_rel[users]
+    per_user, rows = per_user_metrics(r, truth, ks)
+    r = r[rows]
     catalogue = int(n_items if n_items is not None else truth.shape[1])
     out: dict[str, float] = {}
     for k in sorted(set(ks)):
-        if k > r.shape[1]:
-            raise ValueError(f"K={k} exceeds the ranking depth {r.shape[1]}")
-        hk = hits[:, :k]
-        n_hits = hk.sum(axis=1)
-        w = _dcg_weights(k)
-        dcg = hk @ w
-        idcg = np.cumsum(w)[np.minimum(n_rel, k) - 1]
+        for name in PER_USER_METRICS:
+            out[f"{name}@{k}"] = float(np.mean(per_user[f"{name}@{k}"]))
         top = r[:, :k]
-        out[f"recall@{k}"] = float(np.mean(n_hits / n_rel))
-        out[f"ndcg@{k}"] = float(np.mean(dcg / idcg))
-        out[f"hit_rate@{k}"] = float(np.mean(n_hits > 0))
         out[f"coverage@{k}"] = float(np.unique(top[top >= 0]).size / catalogue)
-    out["n_users"] = float(users.sum())
+    out["n_users"] = float(rows.size)
     return out
 
 

@@ -43,6 +43,10 @@ class TwoTowerConfig(StrictModel):
         lr: AdamW learning rate.
         weight_decay: AdamW (decoupled) weight decay.
         grad_clip_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
+        sparse_embeddings: Train the user-id and item-id tables with sparse gradients and a
+            row-wise AdamW (only the rows a batch looks up are read and written), instead of a
+            dense AdamW over every row each step. Same saved weights either way; measured in
+            ``docs/benchmarks.md`` (two-tower training cost at catalogue scale).
         seed: Seed of weight init (when building through this config), shuffling and dropout.
     """
 
@@ -63,6 +67,7 @@ class TwoTowerConfig(StrictModel):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
+    sparse_embeddings: bool = True
     seed: int = 42
 
     def build_model(
@@ -128,6 +133,8 @@ class RankerConfig(StrictModel):
         grad_clip_norm: Clip the global gradient norm to this value; ``None`` disables clipping.
         val_fraction: Share of rows held out for validation metrics when no validation set is
             given (0 disables validation).
+        sparse_embeddings: Train the sparse fields' embedding table with sparse gradients and a
+            row-wise AdamW (see ``TwoTowerConfig.sparse_embeddings``).
         seed: Seed of weight init (when building through this config), split, shuffling, dropout.
     """
 
@@ -144,6 +151,7 @@ class RankerConfig(StrictModel):
     weight_decay: float = Field(1e-5, ge=0.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    sparse_embeddings: bool = True
     seed: int = 42
 
     def build_model(self, *, n_dense: int, sparse_cardinalities: list[int]) -> DCNv2:

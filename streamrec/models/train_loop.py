@@ -9,6 +9,13 @@ For data-parallel training, pass ``rank``/``world_size``: every worker then draw
 seeded permutation each epoch and takes its own equal-sized shard of it, so all workers run
 the same number of steps (as ``DistributedDataParallel`` requires). A DDP-wrapped model works:
 the loops only call ``model(...)``, and unwrap ``model.module`` for the dense statistics.
+
+Embedding tables (``nn.Embedding``: the two-tower's user and item ids, the ranker's sparse
+fields) train with sparse gradients by default (``sparse_embeddings`` in the configs): a step
+then reads and writes only the rows its batch looked up, through a row-wise ("lazy") AdamW, where
+a dense AdamW touched every row of a 200,000-item table per step. See
+:class:`SparseAwareAdamW`. A DDP-wrapped model keeps dense gradients (NCCL has no sparse
+all-reduce).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -49,6 +57,7 @@ class _CommonTrainSettings(Protocol):
     weight_decay: float
     grad_clip_norm: float | None
     standardize_dense: bool
+    sparse_embeddings: bool
     seed: int
 
 
@@ -314,17 +323,132 @@ def _t(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(arr).to(dtype)
 
 
-def _optimizer(model: nn.Module, cfg: _CommonTrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+class SparseAwareAdamW:
+    """AdamW for dense parameters, row-wise ("lazy") AdamW for sparse-gradient embedding tables.
+
+    Dense parameters use :class:`torch.optim.AdamW` unchanged. Parameters whose gradients are
+    sparse (``nn.Embedding(sparse=True)`` weights) use :class:`torch.optim.SparseAdam`, which
+    updates the moments and weights of the rows a step's batch looked up and leaves every other
+    row as it is, plus AdamW's decoupled weight decay applied to those same rows. The cost of a
+    step then follows the batch, not the table: with dense AdamW each step read and wrote the
+    weights, gradient and both moments of every row (200,000 items x 64 floats, four times).
+
+    It differs from dense AdamW in that a row not in the batch does not move (dense AdamW keeps
+    moving it on its decaying momentum and decays its weight); the quality effect is measured in
+    ``docs/benchmarks.md`` ("Two-tower training cost at catalogue scale").
+
+    Args:
+        dense: Parameters with dense gradients.
+        sparse: Parameters with sparse (row) gradients.
+        lr: Learning rate of both.
+        weight_decay: Decoupled weight decay of both (sparse rows: only rows a step touches).
+    """
+
+    def __init__(
+        self,
+        dense: list[torch.Tensor],
+        sparse: list[torch.Tensor],
+        lr: float,
+        weight_decay: float,
+    ) -> None:
+        self.lr, self.weight_decay = lr, weight_decay
+        self.dense_params, self.sparse_params = dense, sparse
+        self.dense = torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay) if dense else None
+        self.sparse = torch.optim.SparseAdam(sparse, lr=lr) if sparse else None
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (``set_to_none``)."""
+        for p in (*self.dense_params, *self.sparse_params):
+            p.grad = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so that their global L2 norm is at most ``max_norm``.
+
+        Same result as :func:`torch.nn.utils.clip_grad_norm_`, which rejects sparse gradients.
+
+        Returns:
+            The global norm before clipping.
+        """
+        if not self.sparse_params:
+            return torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
+        grads = []
+        for p in self.sparse_params:
+            if p.grad is not None:
+                p.grad = p.grad.coalesce()
+                grads.append(p.grad.values())
+        grads += [p.grad for p in self.dense_params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in (*self.sparse_params, *self.dense_params):
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        return total
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient."""
+        if self.dense is not None:
+            self.dense.step()
+        if self.sparse is None:
+            return
+        decay = 1.0 - self.lr * self.weight_decay
+        for p in self.sparse_params:
+            if p.grad is None:
+                continue
+            if not p.grad.is_sparse:
+                raise TypeError("a parameter on the sparse path got a dense gradient")
+            p.grad = p.grad.coalesce()
+            if decay != 1.0:  # AdamW decays before the Adam update: p *= 1 - lr * wd
+                rows = p.grad.indices()[0]
+                p.index_copy_(0, rows, p.index_select(0, rows) * decay)
+        self.sparse.step()
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None) -> None:
-    opt.zero_grad(set_to_none=True)
+@contextmanager
+def sparse_embedding_grads(model: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """Switch the model's ``nn.Embedding`` tables to sparse gradients for the duration.
+
+    The flag only changes how ``backward`` writes the table's gradient (the forward pass, the
+    weights and the ``state_dict`` are unchanged, so saved models load either way); it is
+    restored on exit, so a later caller with its own optimiser still gets dense gradients.
+
+    Args:
+        model: The model (a DDP-wrapped model is left dense: DDP fixed its gradient layout when
+            it was built, and NCCL has no sparse all-reduce).
+        enabled: ``False`` yields an empty list and changes nothing.
+
+    Yields:
+        The embedding weights that now get sparse gradients.
+    """
+    if not enabled or isinstance(model, DistributedDataParallel):
+        if enabled:
+            logger.info("sparse embedding gradients are off under DistributedDataParallel")
+        yield []
+        return
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    before = [m.sparse for m in tables]
+    for m in tables:
+        m.sparse = True
+    try:
+        yield [m.weight for m in tables]
+    finally:
+        for m, flag in zip(tables, before, strict=True):
+            m.sparse = flag
+
+
+def _optimizer(model: nn.Module, cfg: _CommonTrainSettings, sparse: list[torch.Tensor]) -> SparseAwareAdamW:
+    ids = {id(p) for p in sparse}
+    dense: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return SparseAwareAdamW(dense, sparse, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _step(opt: SparseAwareAdamW, loss: torch.Tensor, clip: float | None) -> None:
+    opt.zero_grad()
     loss.backward()
     if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.clip_grad_norm_(clip)
     opt.step()
 
 
@@ -399,55 +523,56 @@ def train_two_tower(
         len(data), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
     )
     loader = _loader(tensors(data), sampler, device)
-    opt = _optimizer(model, cfg)
+    with sparse_embedding_grads(model, cfg.sparse_embeddings) as tables:
+        opt = _optimizer(model, cfg, tables)
 
-    def batch_loss(batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-        uidx, udense, hist, iidx = (t.to(device, non_blocking=True) for t in batch)
-        u, v = model(uidx, udense, hist, iidx, cats[iidx], idense[iidx])
-        loss = in_batch_softmax_loss(
-            u,
-            v,
-            log_q=None if log_q is None else log_q[iidx],
-            temperature=cfg.temperature,
-            item_idx=iidx if cfg.remove_accidental_hits else None,
-        )
-        return loss, int(uidx.shape[0])
+        def batch_loss(batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+            uidx, udense, hist, iidx = (t.to(device, non_blocking=True) for t in batch)
+            u, v = model(uidx, udense, hist, iidx, cats[iidx], idense[iidx])
+            loss = in_batch_softmax_loss(
+                u,
+                v,
+                log_q=None if log_q is None else log_q[iidx],
+                temperature=cfg.temperature,
+                item_idx=iidx if cfg.remove_accidental_hits else None,
+            )
+            return loss, int(uidx.shape[0])
 
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        sampler.set_epoch(epoch)
-        total, rows = torch.zeros((), device=device), 0  # summed on device: no sync per step
-        for batch in loader:
-            loss, b = batch_loss(batch)
-            _step(model, opt, loss, cfg.grad_clip_norm)
-            total += loss.detach() * b
-            rows += b
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "epoch": float(epoch),
-            "train_loss": float(total) / max(rows, 1),
-            "seconds": seconds,
-            "rows_per_s": rows / seconds if seconds > 0 else float("nan"),
-        }
-        if val_data is not None:
-            model.eval()
-            vs = ShardedBatchSampler(len(val_data), cfg.batch_size, shuffle=False, drop_last=True)
-            vtotal, vrows = 0.0, 0
-            with torch.no_grad():
-                for batch in _loader(tensors(val_data), vs, device):
-                    loss, b = batch_loss(batch)
-                    vtotal += float(loss) * b
-                    vrows += b
-            metrics["val_loss"] = vtotal / max(vrows, 1)
+        history: list[dict[str, float]] = []
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
             model.train()
-        logger.info("two-tower epoch %d: %s", epoch, _fmt(metrics))
-        history.append(metrics)
-        if callback is not None and callback(metrics):
-            logger.info("callback stopped training after epoch %d", epoch)
-            break
+            sampler.set_epoch(epoch)
+            total, rows = torch.zeros((), device=device), 0  # summed on device: no sync per step
+            for batch in loader:
+                loss, b = batch_loss(batch)
+                _step(opt, loss, cfg.grad_clip_norm)
+                total += loss.detach() * b
+                rows += b
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            metrics = {
+                "epoch": float(epoch),
+                "train_loss": float(total) / max(rows, 1),
+                "seconds": seconds,
+                "rows_per_s": rows / seconds if seconds > 0 else float("nan"),
+            }
+            if val_data is not None:
+                model.eval()
+                vs = ShardedBatchSampler(len(val_data), cfg.batch_size, shuffle=False, drop_last=True)
+                vtotal, vrows = 0.0, 0
+                with torch.no_grad():
+                    for batch in _loader(tensors(val_data), vs, device):
+                        loss, b = batch_loss(batch)
+                        vtotal += float(loss) * b
+                        vrows += b
+                metrics["val_loss"] = vtotal / max(vrows, 1)
+                model.train()
+            logger.info("two-tower epoch %d: %s", epoch, _fmt(metrics))
+            history.append(metrics)
+            if callback is not None and callback(metrics):
+                logger.info("callback stopped training after epoch %d", epoch)
+                break
     return history
 
 
@@ -509,35 +634,36 @@ def train_ranker(
     sampler = ShardedBatchSampler(len(data), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     tensors = [_t(data.dense, torch.float32), _t(data.sparse, torch.int64), torch.from_numpy(labels)]
     loader = _loader(tensors, sampler, device)
-    opt = _optimizer(model, cfg)
-    history: list[dict[str, float]] = []
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        sampler.set_epoch(epoch)
-        total, rows = torch.zeros((), device=device), 0  # summed on device: no sync per step
-        for batch in loader:
-            dense, sparse, y = (t.to(device, non_blocking=True) for t in batch)
-            loss = F.binary_cross_entropy_with_logits(model(dense, sparse), y)
-            _step(model, opt, loss, cfg.grad_clip_norm)
-            total += loss.detach() * y.shape[0]
-            rows += int(y.shape[0])
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        metrics = {
-            "epoch": float(epoch),
-            "train_loss": float(total) / max(rows, 1),
-            "seconds": seconds,
-            "rows_per_s": rows / seconds if seconds > 0 else float("nan"),
-        }
-        if val_data is not None:
-            metrics.update(evaluate_ranker(model, val_data, device, batch_size=max(cfg.batch_size, 8192)))
+    with sparse_embedding_grads(model, cfg.sparse_embeddings) as tables:
+        opt = _optimizer(model, cfg, tables)
+        history: list[dict[str, float]] = []
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
             model.train()
-        logger.info("ranker epoch %d: %s", epoch, _fmt(metrics))
-        history.append(metrics)
-        if callback is not None and callback(metrics):
-            logger.info("callback stopped training after epoch %d", epoch)
-            break
+            sampler.set_epoch(epoch)
+            total, rows = torch.zeros((), device=device), 0  # summed on device: no sync per step
+            for batch in loader:
+                dense, sparse, y = (t.to(device, non_blocking=True) for t in batch)
+                loss = F.binary_cross_entropy_with_logits(model(dense, sparse), y)
+                _step(opt, loss, cfg.grad_clip_norm)
+                total += loss.detach() * y.shape[0]
+                rows += int(y.shape[0])
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            metrics = {
+                "epoch": float(epoch),
+                "train_loss": float(total) / max(rows, 1),
+                "seconds": seconds,
+                "rows_per_s": rows / seconds if seconds > 0 else float("nan"),
+            }
+            if val_data is not None:
+                metrics.update(evaluate_ranker(model, val_data, device, batch_size=max(cfg.batch_size, 8192)))
+                model.train()
+            logger.info("ranker epoch %d: %s", epoch, _fmt(metrics))
+            history.append(metrics)
+            if callback is not None and callback(metrics):
+                logger.info("callback stopped training after epoch %d", epoch)
+                break
     return history
 
 

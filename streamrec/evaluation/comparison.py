@@ -89,6 +89,8 @@ def run_baselines(
     grids: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     validation_fraction: float = 0.15,
     metric: str = "ndcg@10",
+    max_validation_users: int = 0,
+    seed: int = 0,
     fixed: Mapping[str, Mapping[str, Any]] | None = None,
     log: Callable[[str], None] = lambda m: None,
 ) -> tuple[list[MethodScores], dict[str, Any]]:
@@ -110,6 +112,8 @@ def run_baselines(
         grids: Per baseline, the grid to search (absent or empty = defaults, not searched).
         validation_fraction: Share of the training period used as the validation window.
         metric: Validation metric to maximise.
+        max_validation_users: Score at most this many validation users per grid point (0 = all).
+        seed: Seed of that sample.
         fixed: Per baseline, settings under every point and the refit (threads, size guards).
         log: Progress lines.
 
@@ -157,7 +161,9 @@ def run_baselines(
         base = dict(fixed.get(name, {}))
         params: Mapping[str, Any] = base
         if window is not None and grids.get(name):
-            result = tune(name, grids[name], window, base=base, metric=metric)
+            result = tune(
+                name, grids[name], window, base=base, metric=metric, max_users=max_validation_users, seed=seed
+            )
             report["tuning"][name] = result.as_dict()
             params = result.params
             chosen = result.best.params if result.best else {}

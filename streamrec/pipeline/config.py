@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from streamrec.config import StrictModel, load_config
+from streamrec.errors import ConfigError
+from streamrec.evaluation.config import DEFAULT_GRIDS, BaselineName, IntervalMethod, validate_grid
 from streamrec.models.config import RankerConfig, TwoTowerConfig
 from streamrec.retrieval.config import RetrievalSettings
 
@@ -59,7 +62,63 @@ class RankerSampling(StrictModel):
     negatives_from: Literal["candidates", "impressions"] = "candidates"
 
 
-BaselineName = Literal["most_popular", "item_knn", "als", "bpr"]
+class TuningSettings(StrictModel):
+    """Hyper-parameter search of the baselines (:mod:`streamrec.evaluation.tuning`).
+
+    The validation window is the last ``validation_fraction`` of the training period (events
+    before the test cutoff, by time quantile); each grid point is fit on what precedes it and
+    scored on its new positives, the best point is refit on the whole training period. The test
+    window is never used for choosing.
+
+    Attributes:
+        enabled: Search the grids; ``False`` runs every baseline with its default parameters.
+        validation_fraction: Share of the training period that forms the validation window.
+        metric: Validation metric to maximise (``ndcg@K``, ``recall@K`` or ``hit_rate@K``).
+        max_users: Score each grid point on at most this many validation users (sampled with
+            the seed; 0 = all): ranking cost grows with users x catalogue.
+        grids: Per baseline, hyper-parameter name to candidate values (cartesian product).
+            Baselines not named keep their default grid
+            (:data:`~streamrec.evaluation.config.DEFAULT_GRIDS`); ``{}`` means defaults only.
+    """
+
+    enabled: bool = True
+    validation_fraction: float = Field(0.15, gt=0, lt=1)
+    metric: str = Field("ndcg@10", pattern=r"^(recall|ndcg|hit_rate)@[1-9][0-9]*$")
+    max_users: int = Field(5000, ge=0)
+    grids: dict[BaselineName, dict[str, list[Any]]] = Field(
+        default_factory=lambda: copy.deepcopy(DEFAULT_GRIDS)
+    )
+
+    @field_validator("grids", mode="before")
+    @classmethod
+    def _merge_defaults(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {**copy.deepcopy(DEFAULT_GRIDS), **v}
+        return v
+
+    @field_validator("grids")
+    @classmethod
+    def _valid_grids(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for name, grid in v.items():
+            try:
+                validate_grid(name, grid)
+            except ConfigError as err:  # pydantic reports ValueErrors with the key's location
+                raise ValueError(str(err)) from None
+        return v
+
+
+class IntervalSettings(StrictModel):
+    """Bootstrap confidence intervals over test users (:mod:`streamrec.evaluation.intervals`).
+
+    Attributes:
+        confidence: Two-sided level.
+        n_resamples: Bootstrap resamples (the seed is the run's ``seed``).
+        method: ``percentile`` (linear in users), ``basic`` or ``BCa`` (quadratic in users).
+    """
+
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_resamples: int = Field(1000, ge=10)
+    method: IntervalMethod = "percentile"
 
 
 class EvaluationSettings(StrictModel):
@@ -70,13 +129,22 @@ class EvaluationSettings(StrictModel):
         candidate_counts: Candidate counts for the funnel's per-source recall.
         max_users: Evaluate at most this many test users (sampled with the seed); 0 = all.
         baselines: Baselines run side by side (ItemKNN's dense similarity blocks grow with the
-            catalogue: drop it for corpora of 10^5+ items).
+            catalogue: drop it for corpora of 10^5+ items; EASE is skipped, with the reason in
+            the report, above ``ease_max_items``).
+        tuning: Hyper-parameter search of the baselines on a validation window.
+        intervals: Confidence intervals of every per-user metric and of the paired differences.
+        ease_max_items: Largest catalogue EASE accepts (memory 16 bytes * items^2).
+        baseline_threads: Threads of the ALS/BPR baselines (0 = all cores).
     """
 
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
     candidate_counts: list[int] = Field(default_factory=lambda: [100, 300])
     max_users: int = Field(0, ge=0)
     baselines: list[BaselineName] = Field(default_factory=lambda: list(get_args(BaselineName)))
+    tuning: TuningSettings = Field(default_factory=TuningSettings)
+    intervals: IntervalSettings = Field(default_factory=IntervalSettings)
+    ease_max_items: int = Field(20_000, ge=1)
+    baseline_threads: int = Field(1, ge=0)
 
 
 class GateSettings(StrictModel):

@@ -9,7 +9,8 @@ Steps (each logged with its duration)::
        features by the feature store's point-in-time join (get_historical_features)
     -> retrieval B: fit on events < T_test     (two-tower on Ray Train, FAISS index, CF, ...)
     -> ranker: DCN-V2 on Ray Train
-    -> evaluate at T_test: baselines and the full funnel (the serving code) side by side
+    -> evaluate at T_test: baselines (tuned on a validation window before T_test) and the full
+       funnel (the serving code) side by side, with bootstrap intervals over test users
     -> bundle -> registry (gates) -> batch fallback (Ray Data) -> write embeddings, materialize
 
 Item indices everywhere are rows of the item feature table; user indices come from the
@@ -40,8 +41,9 @@ from streamrec.config import record_config, utc_stamp
 from streamrec.data.ids import IdMap
 from streamrec.data.store import DataStore
 from streamrec.errors import TrainingDataError
-from streamrec.evaluation.baselines import ALS, BPR, ALSConfig, ItemKNN, MostPopular, compare
-from streamrec.evaluation.metrics import candidate_recall, ranking_metrics
+from streamrec.evaluation.baselines import ALSConfig
+from streamrec.evaluation.comparison import add_intervals, paired_vs_best, run_baselines, score_ranking
+from streamrec.evaluation.metrics import candidate_recall
 from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.snapshot import features_as_of
@@ -402,7 +404,14 @@ def evaluate(
     funnel: Funnel,
     rng: np.random.Generator,
 ) -> dict[str, Any]:
-    """Baselines and the full funnel on the test window, side by side, plus the funnel by stage."""
+    """Baselines and the full funnel on the test window, side by side, plus the funnel by stage.
+
+    The baselines' hyper-parameters are chosen on a validation window cut from the end of the
+    training period (never the test window) and refit on the whole of it; every per-user metric
+    gets a bootstrap interval over the test users, and ``summary["paired_vs_best_baseline"]``
+    holds StreamRec minus the best baseline, user by user, with its interval. The tuning record
+    (validation window, grid scores, chosen parameters, skipped baselines) is ``baselines``.
+    """
     assert state.t_test is not None
     cfg = state.cfg.evaluation
     m = funnel.models
@@ -426,21 +435,27 @@ def evaluate(
     sub_truth = truth[users]
     n_items = truth.shape[1]
 
-    # Baselines on the same training matrix, the same users, the same truth.
-    mask_users = sp.csr_matrix((np.ones(users.size), (users, users)), shape=(truth.shape[0],) * 2)
-    test_for_baselines = sp.csr_matrix(mask_users @ truth)
-    factories: dict[str, Callable[[], Any]] = {
-        "most_popular": MostPopular,
-        "item_knn": ItemKNN,
-        "als": lambda: ALS(ALSConfig(num_threads=1)),
-        "bpr": BPR,
-    }
-    baselines = compare(
-        {str(name): factories[name]() for name in cfg.baselines},
+    # Baselines on the same training matrix, the same users, the same truth; hyper-parameters
+    # chosen on a validation window cut from the end of the training period (events < T_test).
+    tuning = cfg.tuning
+    threads = {"num_threads": cfg.baseline_threads}
+    baseline_scores, baseline_report = run_baselines(
+        [str(name) for name in cfg.baselines],
         m.train,
-        test_for_baselines,
+        users,
+        sub_truth,
         ks,
+        events=ev if tuning.enabled else None,
+        test_cutoff=state.t_test,
+        grids={str(name): grid for name, grid in tuning.grids.items()},
+        validation_fraction=tuning.validation_fraction,
+        metric=tuning.metric,
+        max_validation_users=tuning.max_users,
+        seed=state.cfg.seed,
+        fixed={"als": threads, "bpr": threads, "ease": {"max_items": cfg.ease_max_items}},
+        log=state.log,
     )
+    baselines = [s.row for s in baseline_scores]
 
     # The serving funnel (same stages, same orchestration) for every test user, features as of T_test.
     ufeat = features_as_of(fc, "user", state.t_test).set_index("user_id")
@@ -474,21 +489,21 @@ def evaluate(
             )
     ms_per_user = 1000 * t_funnel / max(len(raw_users), 1)
 
-    methods = [dict(b) for b in baselines]
-    methods.append(
-        {
-            "method": "streamrec_ranked",
-            **ranking_metrics(_pad(no_rerank, kmax), sub_truth, ks, n_items),
-            "recommend_ms_per_user": ms_per_user,
-        }
-    )
-    methods.append(
-        {
-            "method": "streamrec_full",
-            **ranking_metrics(_pad(full, kmax), sub_truth, ks, n_items),
-            "recommend_ms_per_user": ms_per_user,
-        }
-    )
+    after = {"recommend_ms_per_user": ms_per_user}
+    scores = [
+        *baseline_scores,
+        score_ranking("streamrec_ranked", _pad(no_rerank, kmax), sub_truth, ks, n_items, after=after),
+        score_ranking("streamrec_full", _pad(full, kmax), sub_truth, ks, n_items, after=after),
+    ]
+    iv = cfg.intervals
+    interval_args: dict[str, Any] = {
+        "confidence": iv.confidence,
+        "n_resamples": iv.n_resamples,
+        "seed": state.cfg.seed,
+        "method": iv.method,
+    }
+    add_intervals(scores, **interval_args)
+    methods = [s.row for s in scores]
     funnel_rows: list[dict[str, Any]] = []
     for n in cfg.candidate_counts:
         row: dict[str, Any] = {"candidates": n}
@@ -506,8 +521,12 @@ def evaluate(
         "ndcg@10_vs_best_baseline": (full_ndcg / best_baseline["ndcg@10"])
         if best_baseline and best_baseline.get("ndcg@10")
         else float("nan"),
+        "intervals": {"over": "test users", **interval_args},
+        "paired_vs_best_baseline": paired_vs_best(
+            scores, ("streamrec_ranked", "streamrec_full"), [b["method"] for b in baselines], **interval_args
+        ),
     }
-    return {"methods": methods, "funnel": funnel_rows, "summary": summary}
+    return {"methods": methods, "funnel": funnel_rows, "summary": summary, "baselines": baseline_report}
 
 
 # --------------------------------------------------------------------------- bundle & registry

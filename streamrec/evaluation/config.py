@@ -111,7 +111,7 @@ BASELINE_CONFIGS: dict[str, type[StrictModel]] = {
     "ease": EASEConfig,
 }
 
-#: Small default grids (70 fits in all, about 30 s on ML-100K with one thread on the 2-core box):
+#: Small default grids (58 fits in all, about 25 s on ML-100K with one thread on the 2-core box):
 #: each holds its baseline's default and a step either side of the settings that matter most.
 DEFAULT_GRIDS: dict[BaselineName, dict[str, list[Any]]] = {
     "item_knn": {"neighbours": [10, 20, 50, 100, 200], "shrink": [0.0, 10.0]},

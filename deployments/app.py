@@ -77,8 +77,9 @@ _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ong
 class Features(StageHost):
     """Cluster stage: user context (online features, history, exclude list)."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
+        self.start_catalogue_sync()  # new items' rows (the history of users who clicked them)
 
     async def user_context(self, request: RecommendRequest) -> UserContext:
         """:meth:`StageRunner.user_context` (guarded online-store read, context off the loop)."""
@@ -93,8 +94,9 @@ class Features(StageHost):
 class Retriever(StageHost):
     """Cluster stage: candidate retrieval (one call per source; the gateway calls them concurrently)."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
+        self.start_catalogue_sync()  # new items join the sources
 
     async def retrieve(self, source: str, ctx: UserContext) -> Candidates:
         """:meth:`StageRunner.retrieve` (in a worker thread, under the source's budget and breaker)."""
@@ -110,8 +112,9 @@ class Ranker(StageHost):
     runs per request (:func:`~streamrec.service.replica.merge_rank_batch`).
     """
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
+        self.start_catalogue_sync()  # new items' features and vectors
         self._merge_rank_batch.set_max_batch_size(self._args.ranker_batch.max_batch_size)
         self._merge_rank_batch.set_batch_wait_timeout_s(self._args.ranker_batch.batch_wait_timeout_s)
 

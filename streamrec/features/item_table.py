@@ -14,6 +14,7 @@ dense lookup array (or a hash map when ids are sparse); then ``table.dense[rows]
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +166,69 @@ class ItemFeatureTable:
             self.embedding,
         )  # fmt: skip
         return int(sum(a.nbytes for a in arrays)) + (self._lut.nbytes if self._lut is not None else 0)
+
+    def with_items(
+        self,
+        item_ids: Sequence[int],
+        categories: Sequence[Sequence[str]],
+        published_at: Sequence[int],
+        dense_defaults: Mapping[str, float],
+    ) -> ItemFeatureTable:
+        """A copy with new items appended as rows ``len(self) ..`` in the order given.
+
+        The rows of the items already held keep their index (what makes a swap safe for requests
+        in flight), so ``item_ids`` stop being sorted once items are appended. Category names the
+        table's vocabulary does not hold are left out of the rows (the models know only the
+        vocabulary they were trained with); creators are unknown (-1).
+
+        Args:
+            item_ids: New item ids (none of them in the table).
+            categories: Category names of each new item.
+            published_at: Publication time of each, Unix seconds (0 unknown).
+            dense_defaults: Value of each :data:`DENSE_FEATURES` column for a new item.
+
+        Raises:
+            ValueError: an id is already in the table, or the arguments differ in length.
+        """
+        ids = np.asarray(item_ids, dtype=np.int64).ravel()
+        if not (len(ids) == len(categories) == len(published_at)):
+            raise ValueError("item_ids, categories and published_at must have one entry per new item")
+        if bool((self.index_of(ids) >= 0).any()) or len(np.unique(ids)) != len(ids):
+            raise ValueError("with_items appends new items only; an id is already in the table or repeated")
+        k = len(ids)
+        index = {c: i for i, c in enumerate(self.category_vocab)}
+        codes = [[index[c] for c in dict.fromkeys(map(str, cs)) if c in index] for cs in categories]
+        lengths = np.fromiter((len(c) for c in codes), dtype=np.int64, count=k)
+        indptr = np.concatenate([self.categories_indptr, self.categories_indptr[-1] + np.cumsum(lengths)])
+        indices = np.concatenate(
+            [
+                self.categories_indices,
+                np.fromiter((c for cs in codes for c in cs), np.int32, int(lengths.sum())),
+            ]
+        )
+        row = np.asarray([dense_defaults.get(name, 0.0) for name in self.dense_names], dtype=np.float32)
+        return ItemFeatureTable(
+            item_ids=np.concatenate([self.item_ids, ids]),
+            dense=np.ascontiguousarray(np.vstack([self.dense, np.tile(row, (k, 1))]), dtype=np.float32),
+            dense_names=self.dense_names,
+            category_id=np.concatenate(
+                [self.category_id, np.asarray([c[0] if c else -1 for c in codes], np.int32)]
+            ),
+            categories_indptr=indptr.astype(np.int64),
+            categories_indices=indices.astype(np.int32),
+            creator_id=np.concatenate([self.creator_id, np.full(k, -1, np.int32)]),
+            published_at=np.concatenate([self.published_at, np.asarray(published_at, np.int64)]),
+            promoted=np.concatenate([self.promoted, np.zeros(k, bool)]),
+            flagged=np.concatenate([self.flagged, np.zeros(k, bool)]),
+            trending_updated_at=np.concatenate([self.trending_updated_at, np.zeros(k, np.int64)]),
+            embedding=np.vstack([self.embedding, np.zeros((k, self.embedding.shape[1]), np.float32)]),
+            embedding_version=np.concatenate(
+                [self.embedding_version.astype(object), np.full(k, "none", dtype=object)]
+            ),
+            category_vocab=self.category_vocab,
+            creator_vocab=self.creator_vocab,
+            materialized_until=dict(self.materialized_until),
+        )
 
     @classmethod
     def from_frame(

@@ -10,8 +10,10 @@ cutoff), so the evaluation measures exactly the code that serves.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch
 from streamrec.data.ids import IdMap
 from streamrec.data.schema import storable_id
 from streamrec.errors import ModelError
-from streamrec.features.item_table import ItemFeatureTable
+from streamrec.features.defaults import apply_defaults
+from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.funnel.stages import Candidates
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
@@ -91,6 +94,17 @@ class FunnelContext:
     notes: list[str] = field(default_factory=list)
 
 
+def _built_from(fields: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
+    """What a new item's rows are built from: its category names and publication time (epoch s)."""
+    when = fields.get("published_at")
+    published = 0
+    if when is not None:
+        published = (
+            int(when) if isinstance(when, int | float) else int(datetime.fromisoformat(str(when)).timestamp())
+        )
+    return tuple(str(c) for c in fields.get("categories") or ()), published
+
+
 def item_metadata(table: ItemFeatureTable, exposure: npt.ArrayLike | None = None) -> ItemMetadata:
     """Re-ranking metadata from the item table (catalog row = table row)."""
     cats = [c or [-1] for c in table.category_lists()]
@@ -141,6 +155,10 @@ class Funnel:
         self.reranker = ReRanker(item_metadata(table, exposure), rerank or ReRankConfig())
         self._bundle_metadata = self.reranker.metadata
         self._tt_source = AnnSource(models.tt_index, lambda ctx: None, "two_tower", models.train)
+        #: The funnel over the bundle alone (new items are appended to a copy of it).
+        self._base: Funnel = self
+        #: Catalogue items appended after the bundle's, in row order, with the fields they were built from.
+        self.added: dict[int, tuple[tuple[str, ...], int]] = {}
 
     # ------------------------------------------------------------------ context
     def context(
@@ -229,7 +247,18 @@ class Funnel:
         raise KeyError(f"unknown retrieval source '{source}'; known: {', '.join(SOURCE_NAMES)}")
 
     def merge(self, parts: dict[str, tuple[I64, F32]]) -> tuple[MergedCandidates, F32]:
-        """Union of the sources with agreement bonus; also each source's normalised score per item."""
+        """Union of the sources with agreement bonus; also each source's normalised score per item.
+
+        Rows this funnel does not hold yet are left out: in the cluster composition another
+        stage replica may have appended a new catalogue item a moment earlier.
+        """
+        n = len(self.table)
+        parts = {
+            name: (items, scores)
+            if not items.size or int(items.max()) < n
+            else (items[items < n], scores[items < n])
+            for name, (items, scores) in parts.items()
+        }
         merged = merge_candidates(
             parts,
             self.settings.merged,
@@ -263,11 +292,11 @@ class Funnel:
         m = self.models
         q = ctx.retrieval.query_vector
         tt = (m.item_vectors[items] @ q[0]) if q is not None else np.zeros(items.size, np.float32)
-        cf = (
-            m.cf.model.item_factors[items] @ ctx.cf_vector
-            if ctx.cf_vector is not None
-            else np.zeros(items.size, np.float32)
-        )
+        cf = np.zeros(items.size, np.float32)
+        if ctx.cf_vector is not None:  # items appended from the catalogue have no CF factors: 0
+            factors = m.cf.model.item_factors
+            known = items < factors.shape[0]
+            cf[known] = factors[items[known]] @ ctx.cf_vector
         return self.features.build(
             user_dense=ctx.user_dense,
             category_prefs=ctx.category_prefs,
@@ -323,26 +352,116 @@ class Funnel:
         layout = self.features.layout
         return (*layout.dense, *(n for n in SKEW_CATEGORICAL if n in layout.sparse))
 
-    def keep_best(self, scores: npt.NDArray[np.floating[Any]], k: int = 0) -> I64:
-        """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first."""
-        return np.argsort(-scores, kind="stable")[: max(self.settings.ranked, k)].astype(np.int64)
+    def keep_best(
+        self,
+        scores: npt.NDArray[np.floating[Any]],
+        k: int = 0,
+        items: I64 | None = None,
+        now: float | None = None,
+    ) -> I64:
+        """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first.
 
-    def apply_catalogue(self, changes: Mapping[int, Mapping[str, Any]]) -> None:
-        """Re-rank with the bundle's item metadata plus catalogue ``changes``.
-
-        Changes to items the bundle holds (promoted, flagged, categories, publication time) are
-        applied to a copy, swapped in by one assignment.
+        With ``items`` (their rows) and ``now``, the best fresh candidates below the cut are kept
+        too (as many as the re-ranker's freshness quota asks for), after the others: a new
+        item has no engagement for the ranker to score, and the quota can only place fresh
+        items that reach the re-ranker.
         """
-        self.reranker = ReRanker(self._bundle_metadata.with_changes(changes), self.reranker.config)
+        order = np.argsort(-scores, kind="stable")
+        cut = max(self.settings.ranked, k)
+        keep = order[:cut]
+        fresh_cfg = self.reranker.config.freshness
+        if items is None or now is None or fresh_cfg.min_items <= 0 or order.size <= cut:
+            return keep.astype(np.int64)
+        meta = self.reranker.metadata
+        rest = order[cut:]
+        rows = items[rest]
+        pub = np.zeros(rows.size)
+        known = rows < len(meta)
+        pub[known] = meta.published_at[rows[known]]
+        fresh = (pub >= now - fresh_cfg.window_hours * 3600.0) & (pub <= now)
+        extra = rest[fresh][: fresh_cfg.min_items]
+        return np.concatenate([keep, extra]).astype(np.int64)
+
+    def with_catalogue(self, changes: Mapping[int, Mapping[str, Any]]) -> Funnel:
+        """A funnel serving the bundle plus the catalogue ``changes`` (this one is unchanged).
+
+        Changes to items the bundle holds (promoted, flagged, categories, publication time) go
+        into the re-ranking metadata. Items the bundle does not hold are appended as new rows,
+        in the order of ``changes`` (the catalogue log's order, so every replica numbers them
+        alike): into the item table, the two-tower vectors (the item tower on their categories)
+        and its ANN index, the affinity and trending sources and the re-ranking metadata (the
+        freshness quota sees their publication time). Rows only ever grow, so a request that
+        began on this funnel can finish on the returned one. Appending continues from this
+        funnel when the earlier new items are unchanged, else starts again from the bundle's.
+
+        Args:
+            changes: ``item_id -> fields`` in force (:attr:`CatalogueState.items`).
+        """
+        base = self._base
+        new_ids = [iid for iid in changes if base.table.index(iid) < 0]
+        built = {iid: _built_from(changes[iid]) for iid in new_ids}
+        added = list(self.added)
+        if new_ids[: len(added)] == added and all(built[i] == self.added[i] for i in added):
+            start, todo = self, new_ids[len(added) :]
+        else:  # an earlier new item changed (or the log was reset): number them again
+            start, todo = base, new_ids
+        out = start._appended(todo, built) if todo else copy.copy(start)
+        out.reranker = ReRanker(out._bundle_metadata.with_changes(changes), self.reranker.config)
+        return out
+
+    def _appended(self, ids: list[int], built: Mapping[int, tuple[tuple[str, ...], int]]) -> Funnel:
+        """A copy with ``ids`` appended as new rows (see :meth:`with_catalogue`)."""
+        m = self.models
+        table = self.table.with_items(
+            ids,
+            [built[i][0] for i in ids],
+            [built[i][1] for i in ids],
+            apply_defaults({}, features=DENSE_FEATURES),
+        )
+        first = len(self.table)
+        rows = np.arange(first, len(table), dtype=np.int64)
+        width = m.two_tower.n_categories
+        cats = np.zeros((len(ids), width), np.float32)
+        new_codes = [
+            table.categories_indices[table.categories_indptr[r] : table.categories_indptr[r + 1]]
+            for r in rows
+        ]
+        for j, codes in enumerate(new_codes):
+            codes = codes[codes < width]
+            cats[j, codes] = 1.0
+        with torch.inference_mode():
+            vectors = m.two_tower.encode_items(
+                cats if width else None, np.zeros((len(ids), 0), np.float32), np.full(len(ids), -1, np.int64)
+            )
+        tt_index = m.tt_index.with_added(vectors, rows)
+        models = replace(
+            m,
+            item_vectors=np.ascontiguousarray(np.vstack([m.item_vectors, vectors])),
+            tt_index=tt_index,
+            affinity=m.affinity.with_items([c.tolist() for c in new_codes]),
+            trending=m.trending.with_items(len(ids)),
+        )
+        out = copy.copy(self)
+        out.models, out.table = models, table
+        out.features = self.features.with_table(table)
+        out._bundle_metadata = self._bundle_metadata.with_items(ids)
+        out._tt_source = AnnSource(tt_index, lambda ctx: None, "two_tower", m.train)
+        out.added = {**self.added, **{i: built[i] for i in ids}}
+        return out
 
     def rerank(self, ctx: FunnelContext, ranked: Candidates, k: int) -> ReRankResult:
         """Apply the business rules (policy, seen, promotion, freshness, diversity, fairness)."""
         # The history goes in as *seen* items, the request's ``exclude`` as excluded rows: the
         # seen-item rule (``suppress_seen``) then applies to it and counts it on its own.
-        return self.reranker.rerank_arrays(
-            ranked.items,
-            ranked.scores,
-            ranked.sources,
+        reranker = self.reranker
+        items, scores, sources = ranked.items, ranked.scores, ranked.sources
+        if items.size and int(items.max()) >= len(reranker.metadata):  # rows another replica added first
+            keep = np.flatnonzero(items < len(reranker.metadata))
+            items, scores, sources = items[keep], scores[keep], [sources[i] for i in keep]
+        return reranker.rerank_arrays(
+            items,
+            scores,
+            sources,
             k=k,
             seen_ids=self.table.item_ids[ctx.history],
             exclude_rows=ctx.exclude_rows,

@@ -73,6 +73,7 @@ class RecommenderStages:
         self.source_names = funnel.source_names
         self.batch = batch or BatchTopN.empty(model_version)
         self.titles = titles
+        self._bundle_titles = titles
         self.snapshot = snapshot
         #: Catalogue log lines applied (:meth:`apply_catalogue`).
         self.catalogue_lines = 0
@@ -87,7 +88,11 @@ class RecommenderStages:
         """
         if state is self.catalogue_state:  # a view publishes a new state object per change
             return False
-        self.funnel.apply_catalogue(state.items)
+        funnel = self.funnel.with_catalogue(state.items)
+        if self._bundle_titles is not None:  # the appended items' titles, in row order
+            added = (state.items.get(i, {}).get("title") for i in funnel.added)
+            self.titles = [*self._bundle_titles, *added]
+        self.funnel = funnel  # one assignment: a request sees the old funnel or the new one
         self.catalogue_state = state
         self.catalogue_lines = state.lines
         return True
@@ -231,7 +236,8 @@ class RecommenderStages:
         n_src = len(f.source_names)
         states = [self._same_model(c) for c in ctxs]
         srcs = [
-            c.features if c.features is not None else np.zeros((len(c), n_src), np.float32) for c in candidates
+            c.features if c.features is not None else np.zeros((len(c), n_src), np.float32)
+            for c in candidates
         ]
         scores, dense = f.score_with_inputs(states, [c.items for c in candidates], srcs)
         return [
@@ -259,7 +265,7 @@ class RecommenderStages:
         degraded = [*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded)
         if scores is None or not len(candidates):
             return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
-        keep = self.funnel.keep_best(scores, ctx.k)
+        keep = self.funnel.keep_best(scores, ctx.k, candidates.items, self._same_model(ctx).now)
         items = candidates.items[keep]
         sample = None
         if inputs is not None and len(inputs):
@@ -312,8 +318,8 @@ class RecommenderStages:
         )
 
     def _title(self, row: int) -> str | None:
-        return self.titles[row] if self.titles is not None else None
-
+        titles = self.titles
+        return titles[row] if titles is not None and row < len(titles) else None
 
 
 def _trained_at(bundle: Path) -> float | None:

@@ -19,6 +19,7 @@ Sparse columns (int64): item row, primary category, creator, device.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,19 @@ class RankerFeatures:
             sparse=("item", "primary_category", "creator", "device"),
             cardinalities=(n, c, max(len(table.creator_vocab), 1), len(DEVICES)),
         )
+
+    def with_table(self, table: ItemFeatureTable) -> RankerFeatures:
+        """The same layout (the trained model's) over ``table``, e.g. with items appended.
+
+        The sparse ``item`` id of a row beyond the layout's cardinality reads the model's
+        unknown-item embedding.
+        """
+        out = copy.copy(self)
+        out.table = table
+        cats = table.category_matrix()
+        counts = np.maximum(np.asarray(cats.sum(axis=1)).ravel(), 1.0)
+        out.item_categories = sp.csr_matrix(sp.diags(1.0 / counts) @ cats, dtype=np.float32)
+        return out
 
     def build(
         self,

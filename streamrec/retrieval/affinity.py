@@ -18,11 +18,13 @@ bounds per-request work to ``n_categories * top_per_category`` multiply-adds.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
+from pydantic import Field
 
 from streamrec.config import StrictModel
 from streamrec.errors import TrainingDataError
@@ -44,11 +46,16 @@ class AffinityConfig(StrictModel):
         prior_strength: Dirichlet prior strength ``alpha`` in pseudo-interactions.
         popularity_smoothing: Pseudo-count ``beta`` added to every item's count.
         top_per_category: Items kept per category.
+        new_item_quantile: A catalogue item added while serving (no interactions yet) enters each
+            of its categories at this quantile of the category's kept weights (0.5: the median
+            item; 1.0: as the most popular), so that the category's fans see it and it can
+            gather the engagement the next training counts.
     """
 
     prior_strength: float = 10.0
     popularity_smoothing: float = 1.0
     top_per_category: int = 1000
+    new_item_quantile: float = Field(default=0.9, ge=0.0, le=1.0)
 
 
 def category_matrix(
@@ -163,6 +170,48 @@ class AffinitySource(RetrievalSource):
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(cats.shape[1], cats.shape[0]),
         )
+
+    def with_items(self, item_categories: Sequence[Sequence[int]]) -> AffinitySource:
+        """A copy with new items (indices ``n_items ..``, in order) joining their categories.
+
+        A new item has no interactions, so the model's own ``p(i | g)`` would put it last in
+        every category. It enters each of its categories at the ``new_item_quantile`` of the
+        category's kept weights instead (a cold-start prior), so it is retrieved for the users
+        who like the category until the next training counts its interactions. This source is
+        unchanged.
+
+        Args:
+            item_categories: Category indices of each new item (may be empty).
+        """
+        n_cat = self._cats.shape[1]
+        rows = [[c for c in cs if 0 <= c < n_cat] for cs in item_categories]
+        out = copy.copy(self)
+        out._cats = sp.csr_matrix(sp.vstack([self._cats, category_matrix(rows, n_cat)]), dtype=np.float32)
+        kept = self.item_given_category
+        sizes = np.diff(kept.indptr)
+        q = self.config.new_item_quantile
+        prior = np.array(
+            [
+                float(np.quantile(kept.data[kept.indptr[g] : kept.indptr[g + 1]], q)) if sizes[g] else 0.0
+                for g in range(n_cat)
+            ],
+            dtype=np.float32,
+        )
+        first = self._cats.shape[0]
+        new_rows = sp.csr_matrix(
+            (
+                np.concatenate([prior[r] for r in rows]) if rows else np.empty(0, np.float32),
+                np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.empty(0, np.int64),
+                np.concatenate([[0], np.cumsum([len(r) for r in rows])]),
+            ),
+            shape=(len(rows), n_cat),
+            dtype=np.float32,
+        )
+        out._kept_items = np.concatenate(
+            [self._kept_items, np.arange(first, first + len(rows), dtype=np.int64)]
+        )
+        out._kept_matrix = sp.csr_matrix(sp.vstack([self._kept_matrix, new_rows]), dtype=np.float32)
+        return out
 
     def preferences(self, ctx: UserContext | int) -> FloatArray:
         """Posterior-mean category preferences ``theta_u`` (sums to 1).

@@ -160,6 +160,44 @@ class VectorIndex:
             ids = np.where(ids >= 0, self.ids[np.maximum(ids, 0)], -1)
         return ids, scores.astype(np.float32)
 
+    def with_added(self, vectors: npt.ArrayLike, ids: npt.ArrayLike) -> VectorIndex:
+        """A copy of the index with ``vectors`` added as items ``ids`` (this index is unchanged).
+
+        Copy-on-write, so searches running on this index in other threads are never torn. An
+        IVF index assigns the new vectors to its trained lists; an inner-product IVF index adds
+        them through the same norm augmentation, so a vector longer than the build's largest
+        scores a little under its true inner product (it is still found).
+
+        Args:
+            vectors: ``(n, dim)`` item vectors.
+            ids: Item index of each vector.
+
+        Raises:
+            ModelError: the vectors have the wrong width or are not finite.
+        """
+        x = _f32(vectors)
+        new_ids = np.asarray(ids, dtype=np.int64).ravel()
+        if x.shape[1] != self.dim or x.shape[0] != new_ids.size:
+            raise ModelError(f"expected ({new_ids.size}, {self.dim}) vectors to add, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ModelError("item vectors to add contain NaN or infinite values")
+        n = len(self)
+        index = faiss.clone_index(self.index)
+        if self.reduced:
+            norms2 = (x.astype(np.float64) ** 2).sum(axis=1)
+            extra = np.sqrt(np.maximum(self.max_norm**2 - norms2, 0.0)).astype(np.float32)
+            x = np.hstack([x, extra[:, None]])
+        index.add(np.ascontiguousarray(x))
+        row_ids = self.ids
+        if row_ids is None and not np.array_equal(new_ids, np.arange(n, n + new_ids.size)):
+            row_ids = np.arange(n, dtype=np.int64)  # rows stop being the item indices
+        if row_ids is not None:
+            row_ids = np.concatenate([row_ids, new_ids])
+        out = VectorIndex(index, self.kind, self.metric, self.dim, self.max_norm, row_ids)
+        params = self.search_params
+        out.set_search_params(nprobe=params.get("nprobe"), ef_search=params.get("ef_search"))
+        return out
+
     @property
     def search_params(self) -> dict[str, int]:
         """Current query-time parameters (``nprobe`` or ``ef_search``; empty for flat)."""

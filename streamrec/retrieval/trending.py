@@ -14,6 +14,7 @@ filtered), which makes it the last personalised-looking source left for cold use
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -95,6 +96,14 @@ class TrendingSource(RetrievalSource):
         src = cls(n_items, **kwargs)
         src.add(item_indices, timestamps, weights)
         return src
+
+    def with_items(self, n_new: int) -> TrendingSource:
+        """A copy with ``n_new`` more items (indices ``n_items ..``) at no engagement yet."""
+        out = copy.copy(self)
+        out.n_items = self.n_items + n_new
+        out._score = np.concatenate([self._score, np.zeros(n_new)])
+        out._cache = None
+        return out
 
     @property
     def reference_time(self) -> float | None:

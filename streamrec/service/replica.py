@@ -80,7 +80,7 @@ class StageHost:
         settle_heap()
 
     def start_catalogue_sync(self) -> None:
-        """Keep the re-ranking metadata (promoted, categories) at the catalogue log, every second.
+        """Keep the stages at the catalogue log (new items, promoted, flagged, categories), every second.
 
         Needs the running event loop (an async ``__init__``).
         """

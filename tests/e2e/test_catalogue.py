@@ -48,3 +48,4 @@ def test_a_flagged_item_is_served_by_no_replica_of_either_composition_once_ackno
         while item not in _items(c, served, "fused", 1) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert item in _items(c, served, "cluster", 1)  # unflagged: served again
+

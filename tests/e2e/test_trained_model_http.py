@@ -131,6 +131,48 @@ def test_catalogue_upserts_reach_the_trained_model_without_a_reload(served: Serv
             assert c.post(f"{prefix}/v1/admin/items", json={"items": original}, headers=admin).status_code == 200
 
 
+def test_a_new_item_is_served_within_seconds_of_its_upsert(served: Served, trained: tuple[str, Path]) -> None:
+    """An item the bundle never saw, upserted over HTTP, is served without a reload: retrieved for
+    its category's fans (affinity, and the two-tower index through the item tower), kept past the
+    ranker's cut and placed by the freshness quota. Flagged, it is gone again."""
+    from collections import Counter
+    from datetime import UTC, datetime
+
+    from streamrec.data.store import DataStore
+
+    prefix, d = trained
+    items = DataStore(d).items().set_index("item_id")
+    users = range(1, 41)
+    admin = {"X-API-Key": served.admin_key}
+
+    def served_ids(c: httpx.Client, user: int) -> list[int]:
+        return [int(i["item_id"]) for i in _recommend(c, prefix, served.read_key, user)["items"]]
+
+    with served.client() as c:
+        shown = Counter(cat for u in users[:10] for i in served_ids(c, u) for cat in items.loc[i, "categories"])
+        category = shown.most_common(1)[0][0]
+        new_id = int(items.index.max()) + 10_000
+        body = {"items": [{"item_id": new_id, "title": "Brand new", "categories": [category],
+                           "published_at": datetime.now(UTC).isoformat()}]}  # fmt: skip
+        assert c.post(f"{prefix}/v1/admin/items", json=body, headers=admin).status_code == 200
+        acked = time.monotonic()
+        took = None
+        try:
+            while took is None and time.monotonic() - acked < 60:
+                hits = [u for u in users if new_id in served_ids(c, u)]
+                if hits:
+                    took = time.monotonic() - acked
+            print(f"new item {new_id} ({category}) served after {took} s to {len(hits)} of {len(users)} users")
+            assert took is not None
+            answer = _recommend(c, prefix, served.read_key, hits[0])
+            hit = next(i for i in answer["items"] if i["item_id"] == new_id)
+            assert hit["title"] == "Brand new" and answer["metadata"]["degradation_level"] == "full"
+        finally:
+            flag = {"items": [{"item_id": new_id, "flagged": True}]}
+            assert c.post(f"{prefix}/v1/admin/items", json=flag, headers=admin).status_code == 200
+        assert not [u for u in users if new_id in served_ids(c, u)]
+
+
 def test_hot_reload_follows_the_champion_alias(served: Served, trained: tuple[str, Path]) -> None:
     from streamrec.registry import ModelRegistry
 

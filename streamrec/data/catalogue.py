@@ -253,6 +253,42 @@ def differences(current: Iterable[Mapping[str, Any]], known: Mapping[int, Mappin
     return out
 
 
+def new_item_rows(
+    items: Mapping[int, Mapping[str, Any]], known: Iterable[int], now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Items-table rows for the items the catalogue log added that ``known`` lacks, in log order.
+
+    Rows are in :data:`~streamrec.data.schema.ITEM_SCHEMA` (``known``: the stored item ids).
+
+    An upsert that never set ``published_at`` is published ``now``; missing categories are
+    empty, promoted and flagged false.
+
+    Args:
+        items: The log's items (:attr:`CatalogueState.items`).
+        known: Item ids the items table holds.
+        now: Publication time of items without one (default: now).
+    """
+    have = set(int(i) for i in known)
+    when = now or datetime.now(UTC)
+    rows = []
+    for iid, f in items.items():
+        if iid in have:
+            continue
+        pub = f.get("published_at")
+        rows.append(
+            {
+                "item_id": int(iid),
+                "title": f.get("title"),
+                "categories": list(f.get("categories") or []),
+                "creator": f.get("creator"),
+                "published_at": datetime.fromisoformat(str(pub)) if pub is not None else when,
+                "promoted": bool(f.get("promoted", False)),
+                "flagged": bool(f.get("flagged", False)),
+            }
+        )
+    return rows
+
+
 #: Fields :func:`sync_from_store` compares (what serving uses of an item's metadata).
 SYNC_FIELDS: tuple[str, ...] = ("categories", "published_at", "promoted", "flagged")
 

@@ -66,7 +66,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import asdict, dataclass
@@ -79,6 +79,7 @@ import pandas as pd
 
 from streamrec.api_models import EventIn
 from streamrec.config import utc_stamp
+from streamrec.data.catalogue import CatalogueView, new_item_rows
 from streamrec.data.contract import quarantine_rows, validate_events
 from streamrec.data.schema import EVENT_SCHEMA, storable_id
 from streamrec.data.store import DataStore
@@ -194,6 +195,8 @@ class ExportResult:
         quarantine_path: The quarantine file, when one was written.
         new_users: Users added to the users table because exported events named them (new
             users created implicitly by their first events).
+        new_items: Items added to the items table from the catalogue log (items upserted
+            while serving, :mod:`streamrec.data.catalogue`), so that training knows them.
     """
 
     read: int
@@ -204,6 +207,7 @@ class ExportResult:
     corrupt_lines: int
     quarantine_path: str | None = None
     new_users: int = 0
+    new_items: int = 0
 
 
 @dataclass(frozen=True)
@@ -367,6 +371,10 @@ class EventLog:
         accept_new_users: Accept events of users the catalogue does not know (new users, created
             implicitly; the export adds them to the users table). Off: such a batch is refused
             like one naming unknown items.
+        added_items: ``() -> ids`` of items added while serving (the catalogue log,
+            :mod:`streamrec.data.catalogue`), asked on every batch naming items the sets do not
+            hold (it should cost a ``stat`` when nothing changed): a new item can be clicked as
+            soon as its upsert is acknowledged. None: none.
     """
 
     def __init__(
@@ -385,8 +393,10 @@ class EventLog:
         catalogue: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
         catalogue_refresh_s: float = 60.0,
         accept_new_users: bool = True,
+        added_items: Callable[[], Container[int]] | None = None,
     ) -> None:
         self.root = Path(root)
+        self._added_items = added_items
         self.segments_dir = self.root / "segments"
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         self.known_users = _sorted_ids(known_users)
@@ -445,7 +455,14 @@ class EventLog:
                 dtype=np.int64
             )
 
+        view = CatalogueView(data_dir)
+
+        def added_items() -> Container[int]:
+            view.refresh()  # one stat when the log did not change
+            return view.state.items.keys()
+
         users, items = catalogue()
+        kwargs.setdefault("added_items", added_items)
         return cls(store.layout.event_log, users, items, sink, catalogue=catalogue, **kwargs)
 
     # ------------------------------------------------------------------------ writing
@@ -475,6 +492,9 @@ class EventLog:
             if not self.accept_new_users:
                 bad_users = _unknown(self.known_users, bad_users)
             bad_items = _unknown(self.known_items, bad_items)
+            if bad_items and self._added_items is not None:
+                added = self._added_items()
+                bad_items = [i for i in bad_items if i not in added]
         if bad_users or bad_items:
             with self._lock:
                 self.stats.received += n
@@ -758,7 +778,8 @@ class EventLog:
         and unparseable lines go to ``quarantine/event_log-<utc>.parquet``), appends the valid
         rows with :meth:`DataStore.append_events` (which skips ids already stored), then advances
         the watermarks. Users the events name that the users table lacks (new users) are added to
-        it first (:func:`implicit_users`), so their events are stored, not quarantined. Safe to re-run and to run while replicas keep appending; exports and
+        it first (:func:`implicit_users`), and items upserted while serving (the catalogue log) join
+        the items table, so their events are stored, not quarantined. Safe to re-run and to run while replicas keep appending; exports and
         prunes take turns (``export.lock``).
 
         Args:
@@ -797,6 +818,12 @@ class EventLog:
         dups = before - len(frame)
         users = store.users()["user_id"].to_numpy(dtype=np.int64)
         items = store.items()["item_id"].to_numpy(dtype=np.int64)
+        # Items upserted while serving (the catalogue log) join the items table first: events
+        # naming them are then stored, and the next training knows them.
+        added = new_item_rows(CatalogueView(store.layout.root).state.items, items, now)
+        if added:
+            store.upsert_items(pd.DataFrame(added))
+            items = np.union1d(items, [r["item_id"] for r in added])
         # Users the store lacks are new users, created by these events: they count as known for the
         # contract, and those with a valid event join the users table before their events do.
         candidates = implicit_users(frame, users)
@@ -835,6 +862,7 @@ class EventLog:
             corrupt_lines=len(corrupt),
             quarantine_path=qpath,
             new_users=len(new_users),
+            new_items=len(added),
         )
 
     def _marks(self) -> dict[str, int]:

@@ -60,7 +60,8 @@ def retrain(
         log(
             f"event log: {ex['added']} new event(s) exported to the events store "
             f"({ex['already_present']} already there, {ex['quarantined'] + ex['corrupt_lines']} quarantined, "
-            f"{ex['new_users']} new user(s) added to the users table)"
+            f"{ex['new_users']} new user(s) added to the users table, "
+            f"{ex.get('new_items', 0)} item(s) upserted while serving added to the items table)"
         )
     fp = data_fingerprint(data_dir)
     if marker.is_file() and not force:

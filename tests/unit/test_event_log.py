@@ -473,6 +473,29 @@ def test_export_adds_new_users_to_the_users_table_and_quarantines_none_of_their_
     assert store.users().set_index("user_id").loc[NEW, "age"] == 31
 
 
+def test_items_upserted_while_serving_can_be_clicked_at_once_and_join_the_items_table(
+    store: DataStore,
+) -> None:
+    from streamrec.data.catalogue import CatalogueLog
+
+    log = EventLog.open(store.layout.root)
+    assert not log.append([ev("x0", item=5000)]).accepted  # unknown: 422
+    CatalogueLog(store.layout.root).append(
+        [{"item_id": 5000, "title": "New", "categories": ["drama"], "published_at": NOW - timedelta(hours=1)},
+         {"item_id": 5001, "flagged": True}]
+    )  # fmt: skip
+    out = log.append([ev("x1", item=5000), ev("x2", item=5001)])  # acknowledged upsert: known now
+    assert out.accepted and out.stored == 2
+    assert not log.append([ev("x3", item=5002)]).accepted  # still unknown
+    res = log.export_to_store(store, now=NOW)
+    assert (res.added, res.quarantined, res.new_items) == (2, 0, 2)
+    items = store.items().set_index("item_id")
+    assert items.loc[5000, "title"] == "New" and list(items.loc[5000, "categories"]) == ["drama"]
+    assert items.loc[5000, "published_at"] == pd.Timestamp(NOW - timedelta(hours=1))
+    assert bool(items.loc[5001, "flagged"]) and list(items.loc[5001, "categories"]) == []
+    assert log.export_to_store(store, now=NOW).new_items == 0  # stored now
+
+
 def test_a_new_user_whose_only_event_is_quarantined_is_not_created(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time: the contract decides
     log.append([ev("x", user=NEW, item=5)])

@@ -48,6 +48,7 @@ from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
 from streamrec.service.catalogue import CatalogueSync
 from streamrec.service.dispatch import ClusterStages
+from streamrec.service.engagement import EngagementSync
 from streamrec.service.http import build_gateway
 from streamrec.service.observe import GatewayObserver, every
 from streamrec.service.policy import FunnelService
@@ -79,7 +80,7 @@ class Features(StageHost):
 
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
-        self.start_catalogue_sync()  # new items' rows (the history of users who clicked them)
+        self.start_freshness_sync()  # new items' rows (the history of users who clicked them)
 
     async def user_context(self, request: RecommendRequest) -> UserContext:
         """:meth:`StageRunner.user_context` (guarded online-store read, context off the loop)."""
@@ -96,7 +97,7 @@ class Retriever(StageHost):
 
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
-        self.start_catalogue_sync()  # new items join the sources
+        self.start_freshness_sync()  # new items join the sources
 
     async def retrieve(self, source: str, ctx: UserContext) -> Candidates:
         """:meth:`StageRunner.retrieve` (in a worker thread, under the source's budget and breaker)."""
@@ -114,7 +115,7 @@ class Ranker(StageHost):
 
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
-        self.start_catalogue_sync()  # new items' features and vectors
+        self.start_freshness_sync()  # new items' features and vectors
         self._merge_rank_batch.set_max_batch_size(self._args.ranker_batch.max_batch_size)
         self._merge_rank_batch.set_batch_wait_timeout_s(self._args.ranker_batch.batch_wait_timeout_s)
 
@@ -143,7 +144,7 @@ class Reranker(StageHost):
 
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
-        self.start_catalogue_sync()
+        self.start_freshness_sync()
 
     async def rerank(self, ctx: UserContext, ranked: Candidates) -> Any:
         """:meth:`Stages.rerank`."""
@@ -196,6 +197,7 @@ class Gateway:
         self._stages = GatewayStages(a, self._runner, cluster)
         await self._stages.load()
         self._catalogue = CatalogueSync(a.data_dir)
+        self._engagement = EngagementSync(a.data_dir)
         self._service = FunnelService(
             self._stages.primary,
             self._stages.fallback_stages(),
@@ -239,6 +241,7 @@ class Gateway:
             catalogue=self._catalogue,
             request_log=self._request_log,
             variants=self._variants,
+            engagement=self._engagement,
         )
         self._observer = GatewayObserver(
             health,
@@ -258,7 +261,11 @@ class Gateway:
             else loop.create_task(every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll"))
         )
         self._catalogue_task = loop.create_task(
-            every(1.0, lambda: self._stages.apply_catalogue(self._catalogue, self._treatment()), "catalogue sync")
+            every(
+                1.0,
+                lambda: self._stages.keep_current(self._catalogue, self._engagement, self._treatment()),
+                "freshness sync",
+            )
         )
         self._watcher: asyncio.Task[None] | None = None
         if a.watch_champion_s > 0 and follows_champion(a):

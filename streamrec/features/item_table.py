@@ -13,6 +13,7 @@ dense lookup array (or a hash map when ids are sparse); then ``table.dense[rows]
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from streamrec.features.spec import RATE_PRIOR_STRENGTH
+from streamrec.features.transforms import trending_update
 
 #: Item features stored in the float32 ``dense`` matrix, in this column order.
 DENSE_FEATURES: tuple[str, ...] = (
@@ -229,6 +233,57 @@ class ItemFeatureTable:
             creator_vocab=self.creator_vocab,
             materialized_until=dict(self.materialized_until),
         )
+
+    def with_engagement(
+        self, rows: np.ndarray, timestamps: np.ndarray, labels: np.ndarray
+    ) -> ItemFeatureTable:
+        """A copy with streamed events counted into the engagement columns (this one unchanged).
+
+        ``trending_score`` / ``trending_updated_at`` follow each positive event exactly as the
+        online store's push does (:func:`~streamrec.features.transforms.trending_update`);
+        ``item_events_7d``, ``item_positives_7d`` and ``item_positives_30d`` count the events,
+        ``item_ctr_7d`` is recomputed with the item's own prior and ``popularity`` follows the
+        30-day positives. The windows' expiry and ``item_users_7d`` / ``popularity_pct`` wait
+        for the next feature build.
+
+        Args:
+            rows: Table row of each event (rows outside the table are ignored).
+            timestamps: Event times, Unix seconds.
+            labels: 1 for a positive (engaged) event, else 0.
+        """
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        ts = np.asarray(timestamps, dtype=np.float64).ravel()
+        pos = np.asarray(labels, dtype=np.int64).ravel() == 1
+        ok = (rows >= 0) & (rows < len(self))
+        rows, ts, pos = rows[ok], ts[ok], pos[ok]
+        out = copy.copy(self)
+        if rows.size == 0:
+            return out
+        dense = self.dense.copy()
+        col = self._col
+        touched = np.unique(rows)
+        n_old = dense[touched, col["item_events_7d"]].astype(np.float64)
+        p_old = dense[touched, col["item_positives_7d"]].astype(np.float64)
+        ctr = dense[touched, col["item_ctr_7d"]].astype(np.float64)
+        prior = (ctr * (n_old + RATE_PRIOR_STRENGTH) - p_old) / RATE_PRIOR_STRENGTH
+        n_new = n_old + np.bincount(rows, minlength=len(self))[touched]
+        p_add = np.bincount(rows[pos], minlength=len(self))[touched]
+        p_new = p_old + p_add
+        dense[touched, col["item_events_7d"]] = n_new
+        dense[touched, col["item_positives_7d"]] = p_new
+        dense[touched, col["item_ctr_7d"]] = (p_new + RATE_PRIOR_STRENGTH * prior) / (
+            n_new + RATE_PRIOR_STRENGTH
+        )
+        p30 = dense[touched, col["item_positives_30d"]] + p_add
+        dense[touched, col["item_positives_30d"]] = p30
+        dense[touched, col["popularity"]] = np.log1p(p30)
+        updated = self.trending_updated_at.copy()
+        score_col = col["trending_score"]
+        for r, t in sorted(zip(rows[pos].tolist(), ts[pos].tolist(), strict=True), key=lambda x: x[1]):
+            score, at = trending_update(float(dense[r, score_col]), float(updated[r]), t)
+            dense[r, score_col], updated[r] = score, int(at)
+        out.dense, out.trending_updated_at = dense, updated
+        return out
 
     @classmethod
     def from_frame(

@@ -409,6 +409,43 @@ class Funnel:
         out.reranker = ReRanker(out._bundle_metadata.with_changes(changes), self.reranker.config)
         return out
 
+    def with_engagement(
+        self, item_ids: npt.ArrayLike, timestamps: npt.ArrayLike, labels: npt.ArrayLike
+    ) -> Funnel:
+        """A funnel with streamed events counted in (this one is unchanged: copy-on-write).
+
+        Positive events feed the trending source; every event feeds the item table's
+        engagement columns (:meth:`ItemFeatureTable.with_engagement`), which the ranker reads.
+        Events of items this funnel does not hold are ignored.
+
+        Args:
+            item_ids: Item id of each event.
+            timestamps: Event times, Unix seconds.
+            labels: 1 for a positive (engaged) event, else 0.
+        """
+        ids = np.asarray(item_ids, dtype=np.int64).ravel()
+        ts = np.asarray(timestamps, dtype=np.float64).ravel()
+        lab = np.asarray(labels, dtype=np.int64).ravel()
+        out = self._engaged(ids, ts, lab)
+        if self._base is self:
+            out._base = out
+        else:  # new items renumbered from the bundle's funnel keep these events too
+            base = self._base._engaged(ids, ts, lab)
+            base._base = base
+            out._base = base
+        return out
+
+    def _engaged(self, ids: I64, ts: npt.NDArray[np.float64], labels: I64) -> Funnel:
+        rows = self.table.index_of(ids)
+        out = copy.copy(self)
+        out.table = self.table.with_engagement(rows, ts, labels)
+        out.features = self.features.with_table(out.table)
+        positive = (rows >= 0) & (labels == 1)
+        out.models = replace(
+            self.models, trending=self.models.trending.with_events(rows[positive], ts[positive])
+        )
+        return out
+
     def _appended(self, ids: list[int], built: Mapping[int, tuple[tuple[str, ...], int]]) -> Funnel:
         """A copy with ``ids`` appended as new rows (see :meth:`with_catalogue`)."""
         m = self.models

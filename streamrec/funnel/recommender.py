@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class RecommenderStages:
         self.batch = batch or BatchTopN.empty(model_version)
         self.titles = titles
         self._bundle_titles = titles
+        self._swap_lock = threading.Lock()  # one funnel update at a time (catalogue, engagement)
         self.snapshot = snapshot
         #: Catalogue log lines applied (:meth:`apply_catalogue`).
         self.catalogue_lines = 0
@@ -88,14 +90,23 @@ class RecommenderStages:
         """
         if state is self.catalogue_state:  # a view publishes a new state object per change
             return False
-        funnel = self.funnel.with_catalogue(state.items)
-        if self._bundle_titles is not None:  # the appended items' titles, in row order
-            added = (state.items.get(i, {}).get("title") for i in funnel.added)
-            self.titles = [*self._bundle_titles, *added]
-        self.funnel = funnel  # one assignment: a request sees the old funnel or the new one
-        self.catalogue_state = state
-        self.catalogue_lines = state.lines
+        with self._swap_lock:
+            funnel = self.funnel.with_catalogue(state.items)
+            if self._bundle_titles is not None:  # the appended items' titles, in row order
+                added = (state.items.get(i, {}).get("title") for i in funnel.added)
+                self.titles = [*self._bundle_titles, *added]
+            self.funnel = funnel  # one assignment: a request sees the old funnel or the new one
+            self.catalogue_state = state
+            self.catalogue_lines = state.lines
         return True
+
+    def apply_engagement(self, item_ids: np.ndarray, timestamps: np.ndarray, labels: np.ndarray) -> None:
+        """Count streamed events into the trending source and the item table (blocking).
+
+        See :meth:`~streamrec.funnel.core.Funnel.with_engagement`; swapped in by one assignment.
+        """
+        with self._swap_lock:
+            self.funnel = self.funnel.with_engagement(item_ids, timestamps, labels)
 
     def describe(self) -> dict[str, Any]:
         """Facts for the readiness endpoint."""

@@ -120,6 +120,9 @@ class RankerFeatures:
         """
         out = copy.copy(self)
         out.table = table
+        same = self.table.categories_indices is table.categories_indices
+        if same and self.table.categories_indptr is table.categories_indptr:
+            return out  # only feature values changed (streamed engagement): categories shared
         cats = table.category_matrix()
         counts = np.maximum(np.asarray(cats.sum(axis=1)).ravel(), 1.0)
         out.item_categories = sp.csr_matrix(sp.diags(1.0 / counts) @ cats, dtype=np.float32)

@@ -105,6 +105,14 @@ class TrendingSource(RetrievalSource):
         out._cache = None
         return out
 
+    def with_events(self, item_indices: npt.ArrayLike, timestamps: Any) -> TrendingSource:
+        """A copy with positive events :meth:`add`-ed (this source is unchanged: copy-on-write)."""
+        out = copy.copy(self)
+        out._score = self._score.copy()
+        out._cache = None
+        out.add(item_indices, timestamps)
+        return out
+
     @property
     def reference_time(self) -> float | None:
         """Epoch seconds the stored scores refer to (the latest event seen), ``None`` if empty."""

@@ -27,6 +27,7 @@ from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
 from streamrec.service.catalogue import CatalogueSync
 from streamrec.service.dispatch import ClusterStages
+from streamrec.service.engagement import EngagementSync
 from streamrec.service.loading import (
     LoadedStages,
     load_batch,
@@ -79,18 +80,23 @@ class StageHost:
         self._exporter = BreakerExporter(self._runner.snapshot, self._metrics, a.health.interval_s)
         settle_heap()
 
-    def start_catalogue_sync(self) -> None:
-        """Keep the stages at the catalogue log (new items, promoted, flagged, categories), every second.
+    def start_freshness_sync(self) -> None:
+        """Keep the stages at the catalogue log and the event log (streamed engagement), every second.
+
+        The catalogue brings new items, promoted, flagged and categories.
 
         Needs the running event loop (an async ``__init__``).
         """
         self._catalogue = CatalogueSync(self._args.data_dir)
-        self._catalogue_task = asyncio.get_running_loop().create_task(
-            every(1.0, self._apply_catalogue, "catalogue sync")
+        self._engagement = EngagementSync(self._args.data_dir)
+        self._freshness_task = asyncio.get_running_loop().create_task(
+            every(1.0, self._keep_current, "freshness sync")
         )
 
-    async def _apply_catalogue(self) -> None:
+    async def _keep_current(self) -> None:
+        # One after the other: both replace the stages' funnel.
         await self._catalogue.apply(self.stages)
+        await self._engagement.apply([self.stages])
 
     @property
     def stages(self) -> Stages:
@@ -273,7 +279,7 @@ class GatewayStages:
         self._pending.drop(token)
 
     async def apply_catalogue(self, catalogue: CatalogueSync, *extra: Stages | None) -> None:
-        """Keep the in-process stages' re-ranking metadata at the catalogue log (fused).
+        """Keep the in-process stages at the catalogue log (fused).
 
         ``extra``: other stages this replica serves (an experiment's challenger: control and
         treatment must see the same catalogue).
@@ -281,6 +287,13 @@ class GatewayStages:
         for stages in (self.local.stages if self.local is not None else None, *extra):
             if stages is not None:
                 await catalogue.apply(stages)
+
+    async def keep_current(
+        self, catalogue: CatalogueSync, engagement: EngagementSync, *extra: Stages | None
+    ) -> None:
+        """:meth:`apply_catalogue`, then the event log's new events into the same stages."""
+        await self.apply_catalogue(catalogue, *extra)
+        await engagement.apply([self.local.stages if self.local is not None else None, *extra])
 
     async def upsert_items(self, catalogue: CatalogueSync, items: list[dict[str, Any]]) -> dict[str, Any]:
         """``POST /v1/admin/items``: durable in the log, then in force on this replica at once."""

@@ -14,6 +14,7 @@ from typing import Any
 from streamrec.monitoring.health import HealthMonitor
 from streamrec.monitoring.logs import RequestLog
 from streamrec.service.catalogue import CatalogueSync
+from streamrec.service.engagement import EngagementSync
 from streamrec.service.policy import FunnelService
 from streamrec.service.reload import ReloadHistory
 from streamrec.service.replica import GatewayStages
@@ -35,6 +36,7 @@ class GatewayStatus:
         history: This replica's reload outcomes.
         health: The replica's health alerts.
         catalogue: The catalogue log's state.
+        engagement: The event-log tail feeding streamed engagement, if any.
         request_log: The sampled request log, if any.
         variants: The experiment's challenger and shadow, if any.
     """
@@ -51,6 +53,7 @@ class GatewayStatus:
         catalogue: CatalogueSync,
         request_log: RequestLog | None = None,
         variants: Variants | None = None,
+        engagement: EngagementSync | None = None,
     ) -> None:
         self.composition = composition
         self._stages = stages
@@ -59,6 +62,7 @@ class GatewayStatus:
         self._history = history
         self._health = health
         self._catalogue = catalogue
+        self._engagement = engagement
         self._request_log = request_log
         self._variants = variants
 
@@ -105,6 +109,8 @@ class GatewayStatus:
         out["health_alerts"] = self._health.warnings
         out["request_log"] = self._request_log.snapshot() if self._request_log is not None else None
         out["catalogue"] = self._catalogue.snapshot()
+        if self._engagement is not None:
+            out["engagement"] = self._engagement.snapshot()
         local, cluster = self._stages.local, self._stages.cluster
         if local is not None:
             out["stages"] = local.describe()

@@ -604,3 +604,45 @@ def test_ranker_negatives_from_impressions_are_shown_items(
     from_impressions = report["training"]["ranker_negatives_shown_share"]
     assert from_impressions > 0.5 and from_impressions > 2 * from_candidates, (from_impressions, from_candidates)
     assert report["registered_version"] == 1 and report["summary"]["ndcg@10_vs_best_baseline"] >= 0.0
+
+
+def test_streamed_events_reach_the_serving_item_table_and_trending_within_a_sync(
+    trained: tuple[Path, dict[str, Any]],
+) -> None:
+    """Clicks acknowledged by the event log (any replica) reach a replica's trending source and
+    item table at its next sync, with the trending score the online store's push computes."""
+    import asyncio
+    import shutil
+    from datetime import UTC, datetime
+
+    from streamrec.api_models import EventIn
+    from streamrec.data.event_log import EventLog
+    from streamrec.features.client import FeatureClient
+    from streamrec.funnel.recommender import build_stages
+    from streamrec.service.engagement import EngagementSync
+
+    d = trained[0]
+    stages = build_stages(d)
+    sync = EngagementSync(d)  # a replica starting now: the log's past is in what it loaded
+    table = stages.funnel.table
+    cold = RecommendRequest(user_id=10**9, k=10)
+    before = stages.retrieve("trending", stages.user_context(cold)).items.tolist()
+    item = int(table.item_ids[next(r for r in range(len(table)) if r not in before[:5])])
+    fc = FeatureClient(d)
+    log = EventLog.open(d, sink=fc.push_interactions)  # what POST /v1/events runs
+    try:
+        now = datetime.now(UTC)
+        events = [EventIn(event_id=f"hot-{i}", user_id=1 + i, item_id=item, event_type="click", timestamp=now)
+                  for i in range(30)]  # fmt: skip
+        assert log.append(events).accepted
+        log.close()
+        assert asyncio.run(sync.apply([stages])) == 30
+        row = stages.funnel.table.row(item)
+        assert row is not None and row["item_positives_7d"] >= 30
+        online = fc.online_features("item", [item]).iloc[0]
+        assert row["trending_score"] == pytest.approx(float(online["trending_score"]), rel=1e-4)
+        after = stages.retrieve("trending", stages.user_context(cold)).items.tolist()
+        assert after[0] == stages.funnel.table.index(item)  # the hottest item now
+        assert asyncio.run(sync.apply([stages])) == 0  # nothing new
+    finally:  # last in the module: the pushes stay in this world's feature store
+        shutil.rmtree(d / "event_log", ignore_errors=True)

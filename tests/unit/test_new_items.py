@@ -25,9 +25,7 @@ def _vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize(
-    ("kind", "metric"), [("flat", "ip"), ("ivf", "ip"), ("ivf", "l2"), ("hnsw", "ip")]
-)
+@pytest.mark.parametrize(("kind", "metric"), [("flat", "ip"), ("ivf", "ip"), ("ivf", "l2"), ("hnsw", "ip")])
 def test_an_index_with_added_vectors_finds_them_and_leaves_the_original_alone(kind: str, metric: str) -> None:
     x = _vectors(2000, 16)
     cfg = IndexConfig(kind=kind, nprobe=1000, ef_search=400)  # exhaustive enough to compare with exact
@@ -126,3 +124,66 @@ def test_trending_counts_engagement_of_new_items() -> None:
     grown.add([4, 4, 4], [110.0, 110.0, 110.0])
     assert grown.retrieve(UserContext(user_index=-1), 1)[0].tolist() == [4]
     assert src.velocity().size == 3
+
+
+def test_streamed_engagement_counts_into_a_copy_of_the_table() -> None:
+    from streamrec.features.spec import RATE_PRIOR_STRENGTH
+    from streamrec.features.transforms import trending_update
+
+    table = _table()
+    col = {n: i for i, n in enumerate(DENSE_FEATURES)}
+    table.dense[:, col["item_ctr_7d"]] = 0.5  # 1 positive of 1 event with a prior p: (1 + 10p) / 11
+    prior = (0.5 * (1 + RATE_PRIOR_STRENGTH) - 1) / RATE_PRIOR_STRENGTH
+    grown = table.with_engagement(
+        np.array([1, 1, 2, 99]), np.array([1000.0, 2000.0, 1500.0, 0.0]), np.array([1, 0, 1, 1])
+    )
+    assert table.dense[1, col["item_events_7d"]] == 1  # unchanged
+    row = grown.dense[1]
+    assert row[col["item_events_7d"]] == 3 and row[col["item_positives_7d"]] == 2
+    assert row[col["item_ctr_7d"]] == pytest.approx(
+        (2 + RATE_PRIOR_STRENGTH * prior) / (3 + RATE_PRIOR_STRENGTH)
+    )
+    assert row[col["item_positives_30d"]] == 2 and row[col["popularity"]] == pytest.approx(np.log1p(2))
+    score, at = trending_update(1.0, 0.0, 1000.0)  # the online store's push, event by event
+    assert row[col["trending_score"]] == pytest.approx(score, rel=1e-5) and grown.trending_updated_at[1] == at
+    assert grown.dense[0].tolist() == table.dense[0].tolist()  # untouched rows stay
+
+
+def test_trending_with_events_is_copy_on_write() -> None:
+    src = TrendingSource.from_events(3, [0], [100.0])
+    hot = src.with_events([2, 2], [200.0, 200.0])
+    assert hot.retrieve(UserContext(user_index=-1), 1)[0].tolist() == [2]
+    assert src.retrieve(UserContext(user_index=-1), 1)[0].tolist() == [0]
+
+
+def test_event_tail_reads_complete_lines_from_where_it_started(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from streamrec.service.engagement import EventTail
+
+    seg = tmp_path / "event_log" / "segments"
+    seg.mkdir(parents=True)
+    first = seg / "seg-1.jsonl"
+
+    def line(item: int, kind: str = "click") -> bytes:
+        rec = {
+            "event_id": f"e{item}",
+            "item_id": item,
+            "event_type": kind,
+            "timestamp": "2026-12-04T00:00:00+00:00",
+        }
+        return (json.dumps(rec) + "\n").encode()
+
+    first.write_bytes(line(1))
+    tail = EventTail(tmp_path)  # from the end: the first line is not news
+    assert len(tail.read()) == 0
+    with open(first, "ab") as fh:
+        fh.write(line(2) + line(3, "view") + b'{"event_id": "torn", "item')
+    got = tail.read()
+    assert got.item_ids.tolist() == [2, 3] and got.labels.tolist() == [1, 0]
+    with open(first, "ab") as fh:
+        fh.write(b'_id": 4, "event_type": "click", "timestamp": "2026-12-04T00:00:00+00:00"}\n')
+    (seg / "seg-2.jsonl").write_bytes(line(5) + b"not json\n")
+    got = tail.read()
+    assert got.item_ids.tolist() == [4, 5] and tail.bad_lines == 1
+    assert EventTail(tmp_path, from_start=True).read().item_ids.tolist() == [1, 2, 3, 4, 5]

@@ -383,7 +383,7 @@ def rollout_advance(
 def rollout_status(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     """The rollout in progress (version, step, share, since when), if any."""
     from streamrec.experiments.rollout import read_rollout
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     aliases, states = ModelRegistry(data_dir=resolve_data_dir(data_dir)).serving_state()
     state = read_rollout(states)

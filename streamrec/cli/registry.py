@@ -20,7 +20,7 @@ AliasOpt = Annotated[str, typer.Option("--alias", help="champion, challenger or 
 
 
 def _registry(data_dir: Path | None) -> Any:
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     return ModelRegistry(data_dir=resolve_data_dir(data_dir))
 

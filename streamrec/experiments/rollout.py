@@ -97,7 +97,7 @@ class RolloutDecision:
 
 
 def _registry(data_dir: str | os.PathLike[str] | None) -> Any:
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     return ModelRegistry(data_dir=data_dir)
 

@@ -335,7 +335,7 @@ class RecommenderStages:
 
 def _trained_at(bundle: Path) -> float | None:
     """When the bundle was written (its manifest's ``created_at``), epoch seconds; None without one."""
-    from streamrec.registry import MANIFEST_FILE, read_manifest
+    from streamrec.registry.manifest import MANIFEST_FILE, read_manifest
 
     if not (bundle / MANIFEST_FILE).is_file():
         return None
@@ -403,7 +403,7 @@ def build_stages(
     from streamrec.data.store import DataStore
     from streamrec.features.client import FeatureClient
     from streamrec.paths import resolve_data_dir
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     rules = rerank if isinstance(rerank, ReRankConfig) else parse_config(rerank or {}, ReRankConfig, "rerank")
     serving_threads(1)  # one thread per replica wins under concurrency on small CPUs

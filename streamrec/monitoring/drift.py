@@ -45,7 +45,7 @@ from streamrec.monitoring.skew import (
     select_version,
     training_manifest,
 )
-from streamrec.registry import read_manifest
+from streamrec.registry.manifest import read_manifest
 
 if TYPE_CHECKING:
     from streamrec.data.store import DataStore

@@ -44,7 +44,8 @@ from streamrec.config import StrictModel
 from streamrec.errors import DataNotFoundError, RegistryError
 from streamrec.monitoring.logs import FEATURE_PREFIX, feature_columns, log_dir, read_impressions, read_scored
 from streamrec.paths import DataLayout, resolve_data_dir
-from streamrec.registry import ENV_TRACKING_URI, OTHER_CATEGORY, BundleManifest, FeatureStats, read_manifest
+from streamrec.registry.manifest import OTHER_CATEGORY, BundleManifest, FeatureStats, read_manifest
+from streamrec.registry.tracking import ENV_TRACKING_URI
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +464,7 @@ def champion_label(data_dir: str | os.PathLike[str] | None) -> str | None:
     """The champion's label as serving logs it (``"v<N>"``), or None without a registry or champion."""
     if not _registry_exists(data_dir):
         return None
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     try:
         info = ModelRegistry(data_dir=data_dir).get("champion")
@@ -523,7 +524,7 @@ def training_manifest(data_dir: str | os.PathLike[str] | None, label: str) -> Bu
                 f"model version {label}: no model registry in {resolve_data_dir(data_dir)} "
                 f"(no mlflow.db, no ${ENV_TRACKING_URI}); point the check at the bundle directory instead"
             )
-        from streamrec.registry import ModelRegistry
+        from streamrec.registry.store import ModelRegistry
 
         return read_manifest(ModelRegistry(data_dir=data_dir).download(int(m.group(1))))
     bundle = DataLayout.at(data_dir).models / "bundles" / label

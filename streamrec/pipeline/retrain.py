@@ -81,7 +81,7 @@ def retrain(
         "finished_at": datetime.now(UTC).isoformat(),
     }
     try:
-        from streamrec.registry import ModelRegistry
+        from streamrec.registry.store import ModelRegistry
 
         age = ModelRegistry(data_dir=data_dir).model_age()
         record["champion_model_age_hours"] = round(age.total_seconds() / 3600, 2)

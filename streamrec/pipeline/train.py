@@ -545,7 +545,7 @@ def _git_sha() -> str:
 
 
 def _feature_stats(data: RankerData, names: tuple[str, ...]) -> dict[str, Any]:
-    from streamrec.registry import FeatureHistogram, FeatureStats
+    from streamrec.registry.manifest import FeatureHistogram, FeatureStats
 
     out: dict[str, Any] = {}
     for j, name in enumerate(names):
@@ -568,7 +568,7 @@ def _feature_stats(data: RankerData, names: tuple[str, ...]) -> dict[str, Any]:
 
 def _categorical_stats(data: RankerData, layout: Any, top: int = 50) -> dict[str, Any]:
     """Counts per value of the ranker's low-cardinality sparse inputs (:data:`SKEW_CATEGORICAL`)."""
-    from streamrec.registry import OTHER_CATEGORY, FeatureStats
+    from streamrec.registry.manifest import OTHER_CATEGORY, FeatureStats
 
     out: dict[str, Any] = {}
     for name in SKEW_CATEGORICAL:
@@ -701,7 +701,7 @@ def run_pipeline(
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     registry = None
     if register:
-        from streamrec.registry import ModelRegistry
+        from streamrec.registry.store import ModelRegistry
 
         registry = ModelRegistry(data_dir=data_dir)  # fail fast if the tracking server is down
 
@@ -750,7 +750,12 @@ def run_pipeline(
 
     # Bundle.
     from streamrec.bundle import save_bundle
-    from streamrec.registry import BundleManifest, describe_files, eval_set_fingerprint, write_manifest
+    from streamrec.registry.manifest import (
+        BundleManifest,
+        describe_files,
+        eval_set_fingerprint,
+        write_manifest,
+    )
 
     bundle_dir = layout.models / "bundles" / run_id
     with _step(state, "bundle"):

@@ -83,7 +83,7 @@ class PendingReloads:
 
 def champion_version(data_dir: str | None) -> int | None:
     """The version behind the registry's ``champion`` alias (None when there is none)."""
-    from streamrec.registry import ModelRegistry
+    from streamrec.registry.store import ModelRegistry
 
     info = ModelRegistry(data_dir=data_dir).get("champion")
     return None if info is None else int(info.version)

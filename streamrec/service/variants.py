@@ -169,7 +169,7 @@ class Variants:
             self.treatment.set_fallback(fallback)
 
     def _read_registry(self) -> tuple[dict[str, int], dict[str, Any]]:
-        from streamrec.registry import ModelRegistry
+        from streamrec.registry.store import ModelRegistry
 
         aliases, states = ModelRegistry(data_dir=self._args.data_dir).serving_state()
         return aliases, states

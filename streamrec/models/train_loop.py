@@ -12,9 +12,9 @@ the loops only call ``model(...)``, and unwrap ``model.module`` for the dense st
 
 Embedding tables (``nn.Embedding``: the two-tower's user and item ids, the ranker's sparse
 fields) train with sparse gradients by default (``sparse_embeddings`` in the configs): a step
-then reads and writes only the rows its batch looked up, through a row-wise ("lazy") AdamW, where
-a dense AdamW touched every row of a 200,000-item table per step. See
-:class:`SparseAwareAdamW`. A DDP-wrapped model keeps dense gradients (NCCL has no sparse
+then reads and writes only the rows its batch looked up, each first catching up in closed form
+on the AdamW steps it missed, where a dense AdamW touched every row of a 200,000-item table per
+step. See :class:`SparseAwareAdamW`. A DDP-wrapped model keeps dense gradients (NCCL has no sparse
 all-reduce).
 """
 
@@ -323,25 +323,33 @@ def _t(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(arr).to(dtype)
 
 
+#: Missed steps whose momentum a row catches up on when next touched (the rest is below
+#: ``(beta1 / sqrt(beta2)) ** CATCH_UP_STEPS``, about 4e-5 of the total with the defaults).
+CATCH_UP_STEPS = 96
+
+
 class SparseAwareAdamW:
-    """AdamW for dense parameters, row-wise ("lazy") AdamW for sparse-gradient embedding tables.
+    """AdamW whose embedding tables are updated row-wise, only where a step's batch looked up.
 
-    Dense parameters use :class:`torch.optim.AdamW` unchanged. Parameters whose gradients are
-    sparse (``nn.Embedding(sparse=True)`` weights) use :class:`torch.optim.SparseAdam`, which
-    updates the moments and weights of the rows a step's batch looked up and leaves every other
-    row as it is, plus AdamW's decoupled weight decay applied to those same rows. The cost of a
-    step then follows the batch, not the table: with dense AdamW each step read and wrote the
-    weights, gradient and both moments of every row (200,000 items x 64 floats, four times).
-
-    It differs from dense AdamW in that a row not in the batch does not move (dense AdamW keeps
-    moving it on its decaying momentum and decays its weight); the quality effect is measured in
-    ``docs/benchmarks.md`` ("Two-tower training cost at catalogue scale").
+    Dense parameters use :class:`torch.optim.AdamW` unchanged. A table with sparse gradients
+    (``nn.Embedding(sparse=True)``) keeps AdamW's moments per row plus the step at which each row
+    was last brought up to date. A step reads and writes only the rows in its batch: each first
+    catches up on the steps it missed, in closed form (with no gradient, dense AdamW moves a row
+    by its decaying momentum and decays its weight and moments; that motion is summed over the
+    missed steps, with the bias correction of each), then takes the step with its gradient. The
+    result is dense AdamW's, up to ``eps`` in the missed steps and the truncation at
+    :data:`CATCH_UP_STEPS` (tested), at a cost that follows the batch, not the table: dense
+    AdamW read and wrote the weights, gradient and both moments of every row (200,000 items x
+    64 floats, four times) each step. Call :meth:`flush` before reading the weights (the
+    training loops do at the end of every epoch).
 
     Args:
         dense: Parameters with dense gradients.
         sparse: Parameters with sparse (row) gradients.
         lr: Learning rate of both.
-        weight_decay: Decoupled weight decay of both (sparse rows: only rows a step touches).
+        weight_decay: Decoupled weight decay of both.
+        betas: AdamW's ``(beta1, beta2)``.
+        eps: AdamW's ``eps``.
     """
 
     def __init__(
@@ -350,11 +358,71 @@ class SparseAwareAdamW:
         sparse: list[torch.Tensor],
         lr: float,
         weight_decay: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
     ) -> None:
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self.dense_params, self.sparse_params = dense, sparse
-        self.dense = torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay) if dense else None
-        self.sparse = torch.optim.SparseAdam(sparse, lr=lr) if sparse else None
+        self.dense = (
+            torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+            if dense
+            else None
+        )
+        self.step_count = 0
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        #: Per sparse table: ``exp_avg``, ``exp_avg_sq`` (like the table) and ``last`` (int64 per row).
+        self.state: list[dict[str, torch.Tensor]] = [
+            {
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+                "last": torch.zeros(p.shape[0], dtype=torch.int64, device=p.device),
+            }
+            for p in sparse
+        ]
+
+    def hook(self, model: nn.Module) -> None:
+        """Bring the rows a forward pass looks up up to date first (a pre-hook per table).
+
+        A row's weight in a step's forward pass must already include the steps it missed, as
+        with dense AdamW; the hook catches up exactly the rows the lookup asks for. Undo with
+        :meth:`unhook`.
+        """
+        ids = {id(p): i for i, p in enumerate(self.sparse_params)}
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and id(m.weight) in ids:
+                k = ids[id(m.weight)]
+                self._hooks.append(
+                    m.register_forward_pre_hook(lambda _m, args, k=k: self._before_lookup(k, args[0]))
+                )
+
+    def unhook(self) -> None:
+        """Remove the hooks :meth:`hook` added."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @torch.no_grad()
+    def _before_lookup(self, k: int, idx: torch.Tensor) -> None:
+        p, st = self.sparse_params[k], self.state[k]
+        rows = torch.unique(idx.reshape(-1))
+        rows = rows[st["last"].index_select(0, rows) < self.step_count]
+        if rows.numel():
+            self._write(p, st, rows, *self._caught_up(p, st, rows, self.step_count), self.step_count)
+
+    @staticmethod
+    def _write(
+        p: torch.Tensor,
+        st: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        w: torch.Tensor,
+        m: torch.Tensor,
+        v: torch.Tensor,
+        step: int,
+    ) -> None:
+        p.index_copy_(0, rows, w)
+        st["exp_avg"].index_copy_(0, rows, m)
+        st["exp_avg_sq"].index_copy_(0, rows, v)
+        st["last"][rows] = step
 
     def zero_grad(self) -> None:
         """Drop every gradient (``set_to_none``)."""
@@ -388,22 +456,68 @@ class SparseAwareAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One update of every parameter that has a gradient."""
+        """One AdamW step: dense parameters, and the rows of each table its gradient names."""
         if self.dense is not None:
             self.dense.step()
-        if self.sparse is None:
+        if not self.sparse_params:
             return
-        decay = 1.0 - self.lr * self.weight_decay
-        for p in self.sparse_params:
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = self.betas
+        for p, st in zip(self.sparse_params, self.state, strict=True):
             if p.grad is None:
                 continue
             if not p.grad.is_sparse:
                 raise TypeError("a parameter on the sparse path got a dense gradient")
-            p.grad = p.grad.coalesce()
-            if decay != 1.0:  # AdamW decays before the Adam update: p *= 1 - lr * wd
-                rows = p.grad.indices()[0]
-                p.index_copy_(0, rows, p.index_select(0, rows) * decay)
-        self.sparse.step()
+            g = p.grad.coalesce()
+            rows, gv = g.indices()[0], g.values()
+            w, m, v = self._caught_up(p, st, rows, t - 1)  # a no-op where the hook ran
+            m.mul_(b1).add_(gv, alpha=1 - b1)
+            v.mul_(b2).addcmul_(gv, gv, value=1 - b2)
+            w.mul_(1 - self.lr * self.weight_decay)
+            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(self.eps)
+            w.addcdiv_(m, denom, value=-self.lr / (1 - b1**t))
+            self._write(p, st, rows, w, m, v, t)
+
+    @torch.no_grad()
+    def flush(self, chunk: int = 65536) -> None:
+        """Bring every row of every table up to date (as if dense AdamW had run every step)."""
+        for p, st in zip(self.sparse_params, self.state, strict=True):
+            behind = torch.nonzero(st["last"] < self.step_count).ravel()
+            for start in range(0, behind.numel(), chunk):
+                rows = behind[start : start + chunk]
+                self._write(p, st, rows, *self._caught_up(p, st, rows, self.step_count), self.step_count)
+
+    def _caught_up(
+        self, p: torch.Tensor, st: dict[str, torch.Tensor], rows: torch.Tensor, upto: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weights and moments of ``rows`` after the zero-gradient AdamW steps up to ``upto``."""
+        b1, b2 = self.betas
+        w, m, v = (
+            p.index_select(0, rows),
+            st["exp_avg"].index_select(0, rows),
+            st["exp_avg_sq"].index_select(0, rows),
+        )
+        last = st["last"].index_select(0, rows)
+        missed = (upto - last).clamp_min(0)  # (R,)
+        if not bool((missed > 0).any()):
+            return w, m, v
+        dtype = torch.float64
+        j = torch.arange(1, CATCH_UP_STEPS + 1, device=p.device, dtype=dtype)  # (J,)
+        tau = last.to(dtype).unsqueeze(1) + j  # (R, J): the missed steps' numbers
+        live = j.unsqueeze(0) <= missed.to(dtype).unsqueeze(1)
+        keep = 1.0 - self.lr * self.weight_decay
+        # Step tau moves the row by lr / bc1(tau) * b1^j m / (sqrt(b2^j v / bc2(tau)) + eps)
+        #   = lr * [b1^j / b2^(j/2) * sqrt(bc2(tau)) / bc1(tau)] * m / (sqrt(v) + eps_j),
+        # eps_j = eps * sqrt(bc2(tau)) / b2^(j/2); eps_j is taken at the first missed step (one
+        # per row; the moves shrink by b1 per step), so the bracket sums to a scalar per row.
+        coef = (b1**j / b2 ** (j / 2)) * torch.sqrt(1 - b2**tau) / (1 - b1**tau)
+        coef = coef * keep ** (missed.to(dtype).unsqueeze(1) - j)  # later decay of each move
+        total = torch.where(live, coef, torch.zeros((), dtype=dtype, device=p.device)).sum(dim=1)
+        k = missed.to(w.dtype).unsqueeze(1)
+        eps = (self.eps * torch.sqrt(1 - b2 ** tau[:, :1]) / math.sqrt(b2)).to(w.dtype)
+        w = w * keep**k - self.lr * total.to(w.dtype).unsqueeze(1) * m / (v.sqrt() + eps)
+        return w, m * b1**k, v * b2**k
 
 
 @contextmanager
@@ -438,10 +552,18 @@ def sparse_embedding_grads(model: nn.Module, enabled: bool) -> Iterator[list[tor
             m.sparse = flag
 
 
-def _optimizer(model: nn.Module, cfg: _CommonTrainSettings, sparse: list[torch.Tensor]) -> SparseAwareAdamW:
+@contextmanager
+def _optimizer(
+    model: nn.Module, cfg: _CommonTrainSettings, sparse: list[torch.Tensor]
+) -> Iterator[SparseAwareAdamW]:
     ids = {id(p) for p in sparse}
     dense: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return SparseAwareAdamW(dense, sparse, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = SparseAwareAdamW(dense, sparse, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt.hook(model)
+    try:
+        yield opt
+    finally:
+        opt.unhook()
 
 
 def _step(opt: SparseAwareAdamW, loss: torch.Tensor, clip: float | None) -> None:
@@ -523,8 +645,10 @@ def train_two_tower(
         len(data), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
     )
     loader = _loader(tensors(data), sampler, device)
-    with sparse_embedding_grads(model, cfg.sparse_embeddings) as tables:
-        opt = _optimizer(model, cfg, tables)
+    with (
+        sparse_embedding_grads(model, cfg.sparse_embeddings) as tables,
+        _optimizer(model, cfg, tables) as opt,
+    ):
 
         def batch_loss(batch: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
             uidx, udense, hist, iidx = (t.to(device, non_blocking=True) for t in batch)
@@ -549,6 +673,7 @@ def train_two_tower(
                 _step(opt, loss, cfg.grad_clip_norm)
                 total += loss.detach() * b
                 rows += b
+            opt.flush()  # the tables' rows up to date before metrics, validation, checkpoint
             _sync(device)
             seconds = time.perf_counter() - t0
             metrics = {
@@ -634,8 +759,10 @@ def train_ranker(
     sampler = ShardedBatchSampler(len(data), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
     tensors = [_t(data.dense, torch.float32), _t(data.sparse, torch.int64), torch.from_numpy(labels)]
     loader = _loader(tensors, sampler, device)
-    with sparse_embedding_grads(model, cfg.sparse_embeddings) as tables:
-        opt = _optimizer(model, cfg, tables)
+    with (
+        sparse_embedding_grads(model, cfg.sparse_embeddings) as tables,
+        _optimizer(model, cfg, tables) as opt,
+    ):
         history: list[dict[str, float]] = []
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
@@ -648,6 +775,7 @@ def train_ranker(
                 _step(opt, loss, cfg.grad_clip_norm)
                 total += loss.detach() * y.shape[0]
                 rows += int(y.shape[0])
+            opt.flush()
             _sync(device)
             seconds = time.perf_counter() - t0
             metrics = {

@@ -74,6 +74,7 @@ from streamrec.serving.gateway import merge_replica_status
 
 _STAGE_OPTS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}
 
+
 @serve.deployment(name="Features", **_STAGE_OPTS)
 class Features(StageHost):
     """Cluster stage: user context (online features, history, exclude list)."""
@@ -223,9 +224,9 @@ class Gateway:
         self._reloads = ReloadCoordinator(
             lambda: [Broadcast(_own()), *(cluster.reload_targets() if cluster is not None else ())],
             resolve_version=(lambda: read_champion(a.data_dir)) if follows_champion(a) else None,
-            note=lambda version, outcome, detail: _own().broadcast(
-                "note_reload", version, outcome, detail
-            ).results_async(),
+            note=lambda version, outcome, detail: (
+                _own().broadcast("note_reload", version, outcome, detail).results_async()
+            ),
             history=ReloadHistory(),
             metrics=self._metrics,
             summary_from=1 if cluster is not None else 0,
@@ -258,7 +259,9 @@ class Gateway:
         self._experiment_task = (
             None
             if self._variants is None or a.experiment is None
-            else loop.create_task(every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll"))
+            else loop.create_task(
+                every(a.experiment.poll_s, self._variants.refresh, "experiment registry poll")
+            )
         )
         self._catalogue_task = loop.create_task(
             every(
@@ -271,7 +274,9 @@ class Gateway:
         if a.watch_champion_s > 0 and follows_champion(a):
             # on every replica; only the one ranked 0 at each poll acts (one reload reaches all)
             self._watcher = loop.create_task(
-                watch_champion(a.data_dir, a.watch_champion_s, self._reloads.reload, lambda: _replica_rank() == 0)
+                watch_champion(
+                    a.data_dir, a.watch_champion_s, self._reloads.reload, lambda: _replica_rank() == 0
+                )
             )
 
     def _treatment(self) -> Stages | None:
@@ -289,7 +294,7 @@ class Gateway:
             behind_ray_proxy=True,
             metrics=self._metrics,
             variant_of=self._router.variant_of,
-            upsert_items=lambda items: self._stages.upsert_items(self._catalogue, items),
+            upsert_items=lambda items: self._stages.upsert_items(self._catalogue, items, self._treatment()),
         )
         return app
 

@@ -10,6 +10,7 @@ the whole log (the state survives restarts). ADR-013 has the reasoning.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -167,6 +168,17 @@ class CatalogueLog:
         return rows, offset + end
 
 
+_GENERATIONS = itertools.count(1)
+
+#: Fields that create an item the catalogue did not hold (a flag or promotion alone does not).
+CREATING_FIELDS: tuple[str, ...] = ("title", "categories", "creator", "published_at")
+
+
+def creates_item(fields: Mapping[str, Any]) -> bool:
+    """Whether a logged item's fields describe an item (not only a flag or promotion for an id)."""
+    return any(fields.get(name) is not None for name in CREATING_FIELDS)
+
+
 @dataclass
 class CatalogueState:
     """The catalogue changes applied so far (immutable once published by a view).
@@ -175,11 +187,14 @@ class CatalogueState:
         items: ``item_id -> fields`` (the newest value of every field ever set).
         flagged: Items whose newest ``flagged`` is true: never served.
         lines: Log lines applied.
+        generation: Increases with every state any view of this process publishes: of two
+            states, the higher one was read later (also across a replaced log).
     """
 
     items: dict[int, dict[str, Any]] = field(default_factory=dict)
     flagged: frozenset[int] = frozenset()
     lines: int = 0
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
 
 class CatalogueView:
@@ -227,6 +242,8 @@ class CatalogueView:
             for row in rows:
                 iid = int(row["item_id"])
                 fields = {k: row[k] for k in ITEM_FIELDS if k in row}
+                if iid not in items and "at" in row:  # when the log first named it
+                    fields["first_seen_at"] = row["at"]
                 if "flagged" in fields:  # who set the flag: a sync never clears an operator's
                     fields["flagged_by"] = str(row.get("source", "api"))
                 items[iid] = {**items.get(iid, {}), **fields}
@@ -260,8 +277,9 @@ def new_item_rows(
 
     Rows are in :data:`~streamrec.data.schema.ITEM_SCHEMA` (``known``: the stored item ids).
 
-    An upsert that never set ``published_at`` is published ``now``; missing categories are
-    empty, promoted and flagged false.
+    Only upserts that describe an item create one (:func:`creates_item`: a flag alone for an
+    unknown id does not). An upsert that never set ``published_at`` is published when the log
+    first named it (else ``now``); missing categories are empty, promoted and flagged false.
 
     Args:
         items: The log's items (:attr:`CatalogueState.items`).
@@ -272,9 +290,9 @@ def new_item_rows(
     when = now or datetime.now(UTC)
     rows = []
     for iid, f in items.items():
-        if iid in have:
+        if iid in have or not creates_item(f):
             continue
-        pub = f.get("published_at")
+        pub = f.get("published_at") or f.get("first_seen_at")
         rows.append(
             {
                 "item_id": int(iid),

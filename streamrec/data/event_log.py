@@ -79,7 +79,7 @@ import pandas as pd
 
 from streamrec.api_models import EventIn
 from streamrec.config import utc_stamp
-from streamrec.data.catalogue import CatalogueView, new_item_rows
+from streamrec.data.catalogue import CatalogueView, creates_item, new_item_rows
 from streamrec.data.contract import quarantine_rows, validate_events
 from streamrec.data.schema import EVENT_SCHEMA, storable_id
 from streamrec.data.store import DataStore
@@ -456,10 +456,15 @@ class EventLog:
             )
 
         view = CatalogueView(data_dir)
+        created: dict[int, frozenset[int]] = {}  # per state generation
 
         def added_items() -> Container[int]:
             view.refresh()  # one stat when the log did not change
-            return view.state.items.keys()
+            state = view.state
+            if state.generation not in created:
+                created.clear()
+                created[state.generation] = frozenset(i for i, f in state.items.items() if creates_item(f))
+            return created[state.generation]
 
         users, items = catalogue()
         kwargs.setdefault("added_items", added_items)

@@ -14,6 +14,7 @@ dense lookup array (or a hash map when ids are sparse); then ``table.dense[rows]
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,6 +235,18 @@ class ItemFeatureTable:
             materialized_until=dict(self.materialized_until),
         )
 
+    def with_rows_from(self, other: ItemFeatureTable, src: np.ndarray, dst: np.ndarray) -> ItemFeatureTable:
+        """A copy whose rows ``dst`` take ``other``'s dense features and trending time at rows ``src``.
+
+        For items renumbered into a new table (their streamed engagement carried over).
+        """
+        out = copy.copy(self)
+        out.dense = self.dense.copy()
+        out.dense[dst] = other.dense[src]
+        out.trending_updated_at = self.trending_updated_at.copy()
+        out.trending_updated_at[dst] = other.trending_updated_at[src]
+        return out
+
     def with_engagement(
         self, rows: np.ndarray, timestamps: np.ndarray, labels: np.ndarray
     ) -> ItemFeatureTable:
@@ -279,9 +292,12 @@ class ItemFeatureTable:
         dense[touched, col["popularity"]] = np.log1p(p30)
         updated = self.trending_updated_at.copy()
         score_col = col["trending_score"]
+        state: dict[int, tuple[float, float]] = {}  # exact times within the batch, as the push keeps them
         for r, t in sorted(zip(rows[pos].tolist(), ts[pos].tolist(), strict=True), key=lambda x: x[1]):
-            score, at = trending_update(float(dense[r, score_col]), float(updated[r]), t)
-            dense[r, score_col], updated[r] = score, int(at)
+            score, at = state.get(r, (float(dense[r, score_col]), float(updated[r])))
+            state[r] = trending_update(score, at, t)
+        for r, (score, at) in state.items():
+            dense[r, score_col], updated[r] = score, int(math.floor(at))
         out.dense, out.trending_updated_at = dense, updated
         return out
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 
+from streamrec.data.catalogue import creates_item
 from streamrec.data.ids import IdMap
 from streamrec.data.schema import storable_id
 from streamrec.errors import ModelError
@@ -96,13 +97,30 @@ class FunnelContext:
 
 def _built_from(fields: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
     """What a new item's rows are built from: its category names and publication time (epoch s)."""
-    when = fields.get("published_at")
+    when = fields.get("published_at") or fields.get("first_seen_at")  # unset: when first logged
     published = 0
     if when is not None:
         published = (
             int(when) if isinstance(when, int | float) else int(datetime.fromisoformat(str(when)).timestamp())
         )
     return tuple(str(c) for c in fields.get("categories") or ()), published
+
+
+def _carry_engagement(src: Funnel, dst: Funnel) -> None:
+    """Copy the streamed engagement of the new items ``src`` holds into ``dst`` (renumbered), by id."""
+    ids = np.fromiter(src.added, dtype=np.int64, count=len(src.added))
+    old, new = src.table.index_of(ids), dst.table.index_of(ids)
+    ok = (old >= 0) & (new >= 0)
+    old, new = old[ok], new[ok]
+    if not old.size:
+        return
+    dst.table = dst.table.with_rows_from(src.table, old, new)
+    dst.features = dst.features.with_table(dst.table)
+    trending = copy.copy(dst.models.trending)
+    trending._score = trending._score.copy()
+    trending._score[new] = src.models.trending._score[old]
+    trending._cache = None
+    dst.models = replace(dst.models, trending=trending)
 
 
 def item_metadata(table: ItemFeatureTable, exposure: npt.ArrayLike | None = None) -> ItemMetadata:
@@ -398,14 +416,18 @@ class Funnel:
             changes: ``item_id -> fields`` in force (:attr:`CatalogueState.items`).
         """
         base = self._base
-        new_ids = [iid for iid in changes if base.table.index(iid) < 0]
+        new_ids = [iid for iid in changes if creates_item(changes[iid]) and base.table.index(iid) < 0]
         built = {iid: _built_from(changes[iid]) for iid in new_ids}
         added = list(self.added)
         if new_ids[: len(added)] == added and all(built[i] == self.added[i] for i in added):
             start, todo = self, new_ids[len(added) :]
-        else:  # an earlier new item changed (or the log was reset): number them again
+        else:  # an earlier new item changed (or the log was reset): number them again, in log order
             start, todo = base, new_ids
         out = start._appended(todo, built) if todo else copy.copy(start)
+        if start is base and self.added:
+            _carry_engagement(self, out)
+        if not out.added:
+            out._base = out
         out.reranker = ReRanker(out._bundle_metadata.with_changes(changes), self.reranker.config)
         return out
 
@@ -491,16 +513,22 @@ class Funnel:
         # The history goes in as *seen* items, the request's ``exclude`` as excluded rows: the
         # seen-item rule (``suppress_seen``) then applies to it and counts it on its own.
         reranker = self.reranker
+        n = len(reranker.metadata)
+        history = (
+            ctx.history
+            if not ctx.history.size or int(ctx.history.max()) < n
+            else ctx.history[ctx.history < n]
+        )
         items, scores, sources = ranked.items, ranked.scores, ranked.sources
-        if items.size and int(items.max()) >= len(reranker.metadata):  # rows another replica added first
-            keep = np.flatnonzero(items < len(reranker.metadata))
+        if items.size and int(items.max()) >= n:  # rows another replica added first
+            keep = np.flatnonzero(items < n)
             items, scores, sources = items[keep], scores[keep], [sources[i] for i in keep]
         return reranker.rerank_arrays(
             items,
             scores,
             sources,
             k=k,
-            seen_ids=self.table.item_ids[ctx.history],
+            seen_ids=self.table.item_ids[history],
             exclude_rows=ctx.exclude_rows,
             now=ctx.now,
         )

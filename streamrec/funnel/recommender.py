@@ -23,6 +23,7 @@ import pandas as pd
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.config import parse_config
 from streamrec.data.catalogue import CatalogueState
+from streamrec.data.event_tail import EventTail
 from streamrec.errors import ModelError, OnlineStoreUnavailableError, StreamRecError
 from streamrec.funnel.core import Funnel, FunnelContext
 from streamrec.funnel.fallback import BatchTopN
@@ -76,6 +77,8 @@ class RecommenderStages:
         self.titles = titles
         self._bundle_titles = titles
         self._swap_lock = threading.Lock()  # one funnel update at a time (catalogue, engagement)
+        #: Receipt time (Unix s) of the last event-log event the loaded state counts already.
+        self.engagement_since = 0.0
         self.snapshot = snapshot
         #: Catalogue log lines applied (:meth:`apply_catalogue`).
         self.catalogue_lines = 0
@@ -83,7 +86,7 @@ class RecommenderStages:
         self.catalogue_state: CatalogueState | None = None
 
     def apply_catalogue(self, state: CatalogueState) -> bool:
-        """Serve with the catalogue changes of ``state`` (blocking: rebuilds the re-ranking metadata).
+        """Serve with the catalogue changes of ``state`` (blocking: new items, re-ranking metadata).
 
         Returns:
             Whether anything was applied (False when ``state`` is the one already in force).
@@ -91,6 +94,9 @@ class RecommenderStages:
         if state is self.catalogue_state:  # a view publishes a new state object per change
             return False
         with self._swap_lock:
+            current = self.catalogue_state
+            if current is not None and state.generation <= current.generation:
+                return False  # read before the state in force (two applies raced): never go back
             funnel = self.funnel.with_catalogue(state.items)
             if self._bundle_titles is not None:  # the appended items' titles, in row order
                 added = (state.items.get(i, {}).get("title") for i in funnel.added)
@@ -104,6 +110,11 @@ class RecommenderStages:
         """Count streamed events into the trending source and the item table (blocking).
 
         See :meth:`~streamrec.funnel.core.Funnel.with_engagement`; swapped in by one assignment.
+
+        Args:
+            item_ids: Item id of each event.
+            timestamps: Event times, Unix seconds.
+            labels: 1 for a positive (engaged) event, else 0.
         """
         with self._swap_lock:
             self.funnel = self.funnel.with_engagement(item_ids, timestamps, labels)
@@ -431,6 +442,19 @@ def build_stages(
             columns=["item_id", "timestamp", "label"],
         )
         recent = recent[recent["label"] > 0]
+    # The event log's events the store does not hold yet (not exported): trending counts them
+    # too, and the replica's tail skips them (engagement_since), so each event counts once.
+    unexported = EventTail(root, start="exported").read_all()
+    positive = unexported.labels == 1
+    if positive.any():
+        logged = pd.DataFrame(
+            {
+                "item_id": unexported.item_ids[positive],
+                "timestamp": pd.to_datetime(unexported.timestamps[positive], unit="s", utc=True),
+                "label": 1,
+            }
+        )
+        recent = logged if recent.empty else pd.concat([recent, logged], ignore_index=True)
     models = b.retrieval_models(table, table.index_of(recent["item_id"].to_numpy()), recent["timestamp"])
     funnel = Funnel(models, table, b.ranker, b.settings, rerank=rules)
     items = store.items().set_index("item_id")
@@ -447,5 +471,6 @@ def build_stages(
         trained_at=_trained_at(path),
         features_built_at=fc.built_at(),
     )
+    stages.engagement_since = float(unexported.received_at.max()) if len(unexported) else 0.0
     log.info("loaded model %s from %s (%d items, %d users)", label, path, len(table), len(models.users))
     return stages

@@ -94,9 +94,12 @@ class StageHost:
         )
 
     async def _keep_current(self) -> None:
-        # One after the other: both replace the stages' funnel.
-        await self._catalogue.apply(self.stages)
-        await self._engagement.apply([self.stages])
+        # The events first, then the catalogue (every item they name is then known), then the
+        # events into the stages: one after the other, as both replace the stages' funnel.
+        new = await self._engagement.read()
+        stages = self.stages
+        await self._catalogue.apply(stages)
+        await self._engagement.apply([stages], new)
 
     @property
     def stages(self) -> Stages:
@@ -156,7 +159,9 @@ async def merge_rank_batch(
     if ok:
         try:
             ranked = await runner.rank_batch(
-                stages, [ctxs[i] for i in ok], [merged[i] for i in ok]  # type: ignore[misc]
+                stages,
+                [ctxs[i] for i in ok],
+                [merged[i] for i in ok],  # type: ignore[misc]
             )
             for i, r in zip(ok, ranked, strict=True):
                 out[i] = r
@@ -246,10 +251,14 @@ class GatewayStages:
             if self.local is not None:
                 local = await asyncio.to_thread(load_stages, reload_args(self._args, self.local), version)
             fallback = (
-                await asyncio.to_thread(load_fallback, self._args, self.local) if self.fallback is not None else None
+                await asyncio.to_thread(load_fallback, self._args, self.local)
+                if self.fallback is not None
+                else None
             )
             ids = await asyncio.to_thread(self.events.read_catalogue) if self.events is not None else None
-            batch = await asyncio.to_thread(load_batch, self._args, version) if self.cluster is not None else None
+            batch = (
+                await asyncio.to_thread(load_batch, self._args, version) if self.cluster is not None else None
+            )
         except BaseException:
             self._pending.drop(token)
             raise
@@ -291,14 +300,19 @@ class GatewayStages:
     async def keep_current(
         self, catalogue: CatalogueSync, engagement: EngagementSync, *extra: Stages | None
     ) -> None:
-        """:meth:`apply_catalogue`, then the event log's new events into the same stages."""
+        """:meth:`apply_catalogue`, then the event log's new events (read first) into the same stages."""
+        targets = [self.local.stages if self.local is not None else None, *extra]
+        new = await engagement.read() if any(s is not None for s in targets) else None
         await self.apply_catalogue(catalogue, *extra)
-        await engagement.apply([self.local.stages if self.local is not None else None, *extra])
+        if new is not None:
+            await engagement.apply(targets, new)
 
-    async def upsert_items(self, catalogue: CatalogueSync, items: list[dict[str, Any]]) -> dict[str, Any]:
+    async def upsert_items(
+        self, catalogue: CatalogueSync, items: list[dict[str, Any]], *extra: Stages | None
+    ) -> dict[str, Any]:
         """``POST /v1/admin/items``: durable in the log, then in force on this replica at once."""
         result = await catalogue.upsert(items)
-        await self.apply_catalogue(catalogue)
+        await self.apply_catalogue(catalogue, *extra)
         return result
 
 

@@ -570,6 +570,15 @@ def test_new_catalogue_items_are_retrieved_ranked_and_served_without_a_reload(
         assert row in merged.items.tolist()
         answer = behind.rerank(ctxs[fan], stages.rank(ctxs[fan], merged))
         assert len(answer.items) == 10 and new_a not in [i.item_id for i in answer.items]
+        # A user who just clicked the new item: their history holds its row (Features ahead).
+        clicked = stages.user_context(RecommendRequest(user_id=fan, k=10), {"recent_item_ids": [new_a]})
+        assert row in clicked.state.history.tolist()
+        assert len(behind.rerank(clicked, behind.rank(clicked, behind.merge(clicked, parts))).items) == 10
+        # A state read before the one in force (two applies raced) never takes rows back.
+        stale = CatalogueView(d).state
+        log.append([{"item_id": new_a, "promoted": True}])
+        assert stages.apply_catalogue(CatalogueView(d).state) is True
+        assert stages.apply_catalogue(stale) is False and stages.funnel.table.index(new_a) == row
 
         # A second new item extends the first funnel (rows unchanged); another process numbers alike.
         log.append([{"item_id": new_b, "categories": [favourite], "published_at": now}])
@@ -580,6 +589,14 @@ def test_new_catalogue_items_are_retrieved_ranked_and_served_without_a_reload(
         np.testing.assert_allclose(
             reloaded.funnel.models.item_vectors[n0:], stages.funnel.models.item_vectors[n0:], rtol=1e-5  # type: ignore[attr-defined]
         )
+        # Streamed clicks on a new item survive its renumbering (its categories changed).
+        hot = stages.funnel.models.trending._score[n0]
+        stages.apply_engagement(np.array([new_a] * 5), np.full(5, _time.time()), np.ones(5, np.int64))
+        assert stages.funnel.models.trending._score[n0] > hot
+        warm = stages.funnel.models.trending._score[n0]
+        log.append([{"item_id": new_a, "categories": [favourite, f0.table.category_vocab[(cat + 1) % len(f0.table.category_vocab)]]}])
+        assert stages.apply_catalogue(CatalogueView(d).state) is True
+        assert stages.funnel.table.index(new_a) == n0 and stages.funnel.models.trending._score[n0] == warm
         # Flagged: never served again (the re-ranker drops it; the rows stay where they are).
         log.append([{"item_id": new_a, "flagged": True}])
         assert stages.apply_catalogue(CatalogueView(d).state) is True
@@ -623,7 +640,7 @@ def test_streamed_events_reach_the_serving_item_table_and_trending_within_a_sync
 
     d = trained[0]
     stages = build_stages(d)
-    sync = EngagementSync(d)  # a replica starting now: the log's past is in what it loaded
+    sync = EngagementSync(d)  # a replica's tail: from the export's watermarks
     table = stages.funnel.table
     cold = RecommendRequest(user_id=10**9, k=10)
     before = stages.retrieve("trending", stages.user_context(cold)).items.tolist()
@@ -636,13 +653,23 @@ def test_streamed_events_reach_the_serving_item_table_and_trending_within_a_sync
                   for i in range(30)]  # fmt: skip
         assert log.append(events).accepted
         log.close()
-        assert asyncio.run(sync.apply([stages])) == 30
+        async def sync_once() -> int:
+            return await sync.apply([stages], await sync.read())
+
+        assert asyncio.run(sync_once()) == 30
         row = stages.funnel.table.row(item)
         assert row is not None and row["item_positives_7d"] >= 30
         online = fc.online_features("item", [item]).iloc[0]
         assert row["trending_score"] == pytest.approx(float(online["trending_score"]), rel=1e-4)
         after = stages.retrieve("trending", stages.user_context(cold)).items.tolist()
         assert after[0] == stages.funnel.table.index(item)  # the hottest item now
-        assert asyncio.run(sync.apply([stages])) == 0  # nothing new
+        assert asyncio.run(sync_once()) == 0  # nothing new
+        # A replica (re)loading now counts the log's unexported clicks in trending at load, and
+        # its tail skips them: each event counts once.
+        again = build_stages(d)
+        assert again.engagement_since > 0
+        assert again.retrieve("trending", again.user_context(cold)).items.tolist()[0] == again.funnel.table.index(item)
+        fresh = EngagementSync(d)
+        assert asyncio.run(fresh.apply([again], asyncio.run(fresh.read()))) == 0
     finally:  # last in the module: the pushes stay in this world's feature store
         shutil.rmtree(d / "event_log", ignore_errors=True)

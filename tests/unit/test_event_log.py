@@ -484,15 +484,16 @@ def test_items_upserted_while_serving_can_be_clicked_at_once_and_join_the_items_
         [{"item_id": 5000, "title": "New", "categories": ["drama"], "published_at": NOW - timedelta(hours=1)},
          {"item_id": 5001, "flagged": True}]
     )  # fmt: skip
-    out = log.append([ev("x1", item=5000), ev("x2", item=5001)])  # acknowledged upsert: known now
-    assert out.accepted and out.stored == 2
-    assert not log.append([ev("x3", item=5002)]).accepted  # still unknown
+    out = log.append([ev("x1", item=5000)])  # acknowledged upsert: known now
+    assert out.accepted and out.stored == 1
+    assert not log.append([ev("x2", item=5001)]).accepted  # a flag alone creates no item: still 422
+    assert not log.append([ev("x3", item=5002)]).accepted  # never named: unknown
     res = log.export_to_store(store, now=NOW)
-    assert (res.added, res.quarantined, res.new_items) == (2, 0, 2)
+    assert (res.added, res.quarantined, res.new_items) == (1, 0, 1)
     items = store.items().set_index("item_id")
     assert items.loc[5000, "title"] == "New" and list(items.loc[5000, "categories"]) == ["drama"]
     assert items.loc[5000, "published_at"] == pd.Timestamp(NOW - timedelta(hours=1))
-    assert bool(items.loc[5001, "flagged"]) and list(items.loc[5001, "categories"]) == []
+    assert 5001 not in items.index
     assert log.export_to_store(store, now=NOW).new_items == 0  # stored now
 
 

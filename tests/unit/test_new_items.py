@@ -159,7 +159,7 @@ def test_trending_with_events_is_copy_on_write() -> None:
 def test_event_tail_reads_complete_lines_from_where_it_started(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from streamrec.service.engagement import EventTail
+    from streamrec.data.event_tail import EventTail
 
     seg = tmp_path / "event_log" / "segments"
     seg.mkdir(parents=True)
@@ -175,7 +175,7 @@ def test_event_tail_reads_complete_lines_from_where_it_started(tmp_path) -> None
         return (json.dumps(rec) + "\n").encode()
 
     first.write_bytes(line(1))
-    tail = EventTail(tmp_path)  # from the end: the first line is not news
+    tail = EventTail(tmp_path, start="end")  # from the end: the first line is not news
     assert len(tail.read()) == 0
     with open(first, "ab") as fh:
         fh.write(line(2) + line(3, "view") + b'{"event_id": "torn", "item')
@@ -186,4 +186,6 @@ def test_event_tail_reads_complete_lines_from_where_it_started(tmp_path) -> None
     (seg / "seg-2.jsonl").write_bytes(line(5) + b"not json\n")
     got = tail.read()
     assert got.item_ids.tolist() == [4, 5] and tail.bad_lines == 1
-    assert EventTail(tmp_path, from_start=True).read().item_ids.tolist() == [1, 2, 3, 4, 5]
+    assert EventTail(tmp_path, start="start").read().item_ids.tolist() == [1, 2, 3, 4, 5]
+    (tmp_path / "event_log" / "exported.json").write_text(json.dumps({"seg-1.jsonl": len(line(1))}))
+    assert EventTail(tmp_path).read_all().item_ids.tolist() == [2, 3, 4, 5]  # past the export

@@ -333,10 +333,11 @@ class SparseAwareAdamW:
 
     Dense parameters use :class:`torch.optim.AdamW` unchanged. A table with sparse gradients
     (``nn.Embedding(sparse=True)``) keeps AdamW's moments per row plus the step at which each row
-    was last brought up to date. A step reads and writes only the rows in its batch: each first
-    catches up on the steps it missed, in closed form (with no gradient, dense AdamW moves a row
-    by its decaying momentum and decays its weight and moments; that motion is summed over the
-    missed steps, with the bias correction of each), then takes the step with its gradient. The
+    was last brought up to date. A step reads and writes only the rows in its batch. Each row is
+    first caught up on the steps it missed, before the forward pass looks it up (a pre-hook,
+    :meth:`hook`), in closed form: with no gradient, dense AdamW moves a row by its decaying
+    momentum and decays its weight and moments; that motion is summed over the missed steps,
+    with the bias correction of each. Then :meth:`step` applies the step's gradient. The
     result is dense AdamW's, up to ``eps`` in the missed steps and the truncation at
     :data:`CATCH_UP_STEPS` (tested), at a cost that follows the batch, not the table: dense
     AdamW read and wrote the weights, gradient and both moments of every row (200,000 items x

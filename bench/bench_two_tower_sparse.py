@@ -183,7 +183,8 @@ def per_user_metrics(model: Any, p: Prepared) -> dict[str, np.ndarray]:
         items = model.encode_items(p.cats, np.zeros((n_items, 0), np.float32), np.arange(n_items))
         q = model.encode_users(p.test_users, p.query_dense, p.query_hist)
     kmax = max(*KS_RECALL, K_NDCG)
-    out: dict[str, list[float]] = {f"recall@{k}": [] for k in KS_RECALL} | {f"ndcg@{K_NDCG}": []}
+    out: dict[str, list[float]] = {f"recall@{k}": [] for k in KS_RECALL}
+    out[f"ndcg@{K_NDCG}"] = []
     discounts = 1.0 / np.log2(np.arange(2, K_NDCG + 2))
     for start in range(0, len(p.test_users), 512):
         rows = slice(start, start + 512)
@@ -324,7 +325,7 @@ def timing(p: Prepared, pairs: int, epochs: int) -> dict[str, Any]:
     return out
 
 
-def with_dir(make: Callable[[Path], None]) -> Callable[[], Prepared]:
+def with_dir(make: Callable[[Path], object]) -> Callable[[], Prepared]:
     def run() -> Prepared:
         d = Path(tempfile.mkdtemp(prefix="tt-sparse-"))
         make(d)

@@ -287,7 +287,10 @@ class RecommenderStages:
         degraded = [*candidates.degraded, "simple_ranking"] if simple else list(candidates.degraded)
         if scores is None or not len(candidates):
             return Candidates(candidates.items, candidates.scores, candidates.sources, degraded=degraded)
-        keep = self.funnel.keep_best(scores, ctx.k, candidates.items, self._same_model(ctx).now)
+        # The request time, for fresh candidates past the cut (none when the context is unusable:
+        # the simple_ranking fallback must still answer).
+        now = getattr(ctx.state, "now", None)
+        keep = self.funnel.keep_best(scores, ctx.k, candidates.items, now)
         items = candidates.items[keep]
         sample = None
         if inputs is not None and len(inputs):

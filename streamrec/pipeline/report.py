@@ -9,12 +9,25 @@ def _f(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _interval(ci: Any) -> str:
+    """`` [lo, hi]`` of a confidence interval, or nothing when there is none."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2 or ci[0] is None:
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """Markdown tables: methods side by side, then the retrieval funnel stage by stage."""
+    """Markdown tables of a training report, for people.
+
+    Methods side by side (95% intervals over test users where computed), the retrieval funnel
+    stage by stage, then StreamRec against the best baseline (paired over test users).
+    """
     cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in report.get("methods", []):
-        lines.append(f"| {m['method']} | " + " | ".join(_f(m.get(c, "")) for c in cols) + " |")
+        ci = m.get("ci") or {}
+        cells = [_f(m.get(c, "")) + _interval(ci.get(c)) for c in cols]
+        lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
     out = [
         f"Offline evaluation (temporal split; test users: {report.get('summary', {}).get('n_users', '?')})",
         "",
@@ -48,6 +61,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"StreamRec NDCG@10 vs best baseline ({s.get('best_baseline')}): "
             f"{_f(s.get('ndcg@10_vs_best_baseline'))}x"
         )
+        paired = s.get("paired_vs_best_baseline") or {}
+        for method in ("streamrec_ranked", "streamrec_full"):
+            diff = (paired.get(method) or {}).get("ndcg@10")
+            if diff:
+                out.append(
+                    f"{method} minus {paired.get('baseline')}, NDCG@10 paired over test users: "
+                    f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
+                )
     if "registered_version" in report:
         promo = report.get("promotion", {})
         out.append(

@@ -613,6 +613,27 @@ def test_promtool_checks_the_prometheus_config() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "model_path"),
+    [
+        ("skew.yaml", "streamrec.monitoring.skew:SkewConfig"),
+        ("drift.yaml", "streamrec.monitoring.drift:DriftConfig"),
+    ],
+)
+def test_check_threshold_files_are_the_commands_defaults(name: str, model_path: str) -> None:
+    """configs/monitoring/{skew,drift}.yaml load as the checks' configs and equal their defaults."""
+    import importlib
+
+    from streamrec.config import load_config
+
+    module, _, cls = model_path.partition(":")
+    model = getattr(importlib.import_module(module), cls)
+    loaded = load_config(MONITORING / name, model)
+    # Every setting spelled out (a reader sees each threshold), each the value the command uses.
+    assert set(yaml.safe_load((MONITORING / name).read_text())) == set(model.model_fields)
+    assert loaded == model()
+
+
 def test_operations_guide_has_the_metric_table_and_every_alert(rules: dict[str, Any]) -> None:
     from streamrec.monitoring.health import ALERTS
 

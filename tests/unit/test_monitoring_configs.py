@@ -632,6 +632,7 @@ def test_check_threshold_files_are_the_commands_defaults(name: str, model_path: 
     # Every setting spelled out (a reader sees each threshold), each the value the command uses.
     assert set(yaml.safe_load((MONITORING / name).read_text())) == set(model.model_fields)
     assert loaded == model()
+    assert f"--config configs/monitoring/{name}" in OPERATIONS.read_text()  # the guide shows how to use it
 
 
 def test_operations_guide_has_the_metric_table_and_every_alert(rules: dict[str, Any]) -> None:

@@ -52,6 +52,7 @@ from streamrec.features.pipeline import MAX_WINDOW, compute_snapshot
 from streamrec.features.repo import OnlineStoreSettings, load_definitions, repo_config
 from streamrec.features.spec import (
     CREATED_FIELD,
+    FEATURES,
     TIMESTAMP_FIELD,
     VIEWS,
     VIEWS_BY_NAME,
@@ -60,7 +61,12 @@ from streamrec.features.spec import (
     service_views,
     views_for,
 )
-from streamrec.features.transforms import derive_label, merge_recent, trending_update
+from streamrec.features.transforms import (
+    add_category_positives,
+    derive_label,
+    merge_recent,
+    trending_update,
+)
 from streamrec.paths import DataLayout, exclusive_file_lock
 
 _ONE_US = pd.Timedelta(microseconds=1)
@@ -867,9 +873,12 @@ class FeatureClient:
             ``(view, rows)`` for each view that got rows (the user view first).
         """
         recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
+        prefs_v, meta_v = VIEWS_BY_NAME["user_category_prefs"], VIEWS_BY_NAME["item_metadata"]
         users, items = list(by_user), list(by_item)
-        user_rows = self._online_rows("user", users, [recent_v])[recent_v.name] if users else []
-        item_rows = self._online_rows("item", items, [trend_v])[trend_v.name] if items else []
+        user_read = self._online_rows("user", users, [recent_v, prefs_v]) if users else {}
+        item_read = self._online_rows("item", items, [trend_v, meta_v]) if items else {}
+        user_rows = user_read.get(recent_v.name, [])
+        item_rows = item_read.get(trend_v.name, [])
 
         recent_out: list[dict[str, Any]] = []
         for uid, row in zip(users, user_rows, strict=True):
@@ -910,7 +919,18 @@ class FeatureClient:
                     CREATED_FIELD: now,
                 }
             )
-        written = [(view, rows) for view, rows in ((recent_v, recent_out), (trend_v, trend_out)) if rows]
+        item_cats = {
+            iid: list((row[1] if row is not None else {}).get("categories") or [])
+            for iid, row in zip(items, item_read.get(meta_v.name, []), strict=True)
+        }
+        prefs_out = self._merged_prefs(
+            by_user, dict(zip(users, user_read.get(prefs_v.name, []), strict=True)), item_cats, now
+        )
+        written = [
+            (view, rows)
+            for view, rows in ((recent_v, recent_out), (prefs_v, prefs_out), (trend_v, trend_out))
+            if rows
+        ]
         for view, rows in written:
             if feast_push:
                 with self._online_guard(f"push {view.name}"), self._feast_output(False):
@@ -918,6 +938,46 @@ class FeatureClient:
             else:
                 self._write_online(view, rows)
         return written
+
+    def _merged_prefs(
+        self,
+        by_user: dict[int, list[dict[str, Any]]],
+        stored: dict[int, Any],
+        item_cats: dict[int, list[str]],
+        now: pd.Timestamp,
+    ) -> list[dict[str, Any]]:
+        """``user_category_prefs`` rows with each user's pushed positives added.
+
+        A user without a stored row starts from the population prior with no positives. Users
+        whose stored row is not aligned with the build's vocabulary, or has no positives count
+        (a row written before the count existed), keep their row until the next build.
+        """
+        vocab = self.category_vocab
+        prior = list(self.context.resolve(FEATURES["category_prefs"].default) or [])
+        out: list[dict[str, Any]] = []
+        for uid, evs in by_user.items():
+            cats = [item_cats.get(e["item_id"], []) for e in evs if e["label"] == 1]
+            if not vocab or not any(cats):
+                continue
+            row = stored.get(uid)
+            cur: dict[str, Any] = (
+                row[1] if row is not None else {"category_prefs": prior, "category_positives": 0.0}
+            )
+            prefs, count = cur.get("category_prefs"), cur.get("category_positives")
+            if prefs is None or count is None or len(prefs) != len(vocab):
+                continue  # a row of an older build: no count to weigh the new positives against
+            shares, positives = add_category_positives(list(prefs), float(count), cats, vocab)
+            out.append(
+                {
+                    "user_id": uid,
+                    "category_prefs": shares,
+                    "top_category": vocab[int(np.argmax(shares))],
+                    "category_positives": float(np.float32(positives)),
+                    TIMESTAMP_FIELD: _row_time(evs[-1]["timestamp"], row),
+                    CREATED_FIELD: now,
+                }
+            )
+        return out
 
     def _write_online(self, view: View, rows: list[dict[str, Any]]) -> None:
         """Write feature rows to the online store through the provider, on the cached view.

@@ -213,6 +213,7 @@ def _category_prefs(
     out = pd.DataFrame({"user_id": user_ids})
     out["category_prefs"] = list(prefs.astype(np.float32))
     out["top_category"] = [vocab[i] for i in prefs.argmax(axis=1)] if c else ["unknown"] * len(user_ids)
+    out["category_positives"] = user_tot.ravel().astype(np.float32)
     return out, prior
 
 

@@ -79,6 +79,8 @@ class Feature:
         description: What the value means, with its unit and window.
         owner: Team contact answerable for the feature.
         default: Value used for missing or cold entities (a literal or :class:`Derived`).
+        model_input: Whether the ranker may read it (``False``: bookkeeping that serving and the
+            push need, such as the count behind a share).
     """
 
     name: str
@@ -86,6 +88,7 @@ class Feature:
     description: str
     owner: str
     default: Any
+    model_input: bool = True
 
 
 @dataclass(frozen=True)
@@ -222,17 +225,19 @@ VIEWS: tuple[View, ...] = (
     View(
         "user_category_prefs",
         "user",
-        "batch",
+        "stream",
         7 * _D,
-        "Per-category preference shares with a population prior (Dirichlet posterior means).",
+        "Per-category preference shares with a population prior (Dirichlet posterior means): "
+        "batch-built at each snapshot, then updated by pushes within seconds.",
         OWNER_RETRIEVAL,
         (
             Feature(
                 "category_prefs",
                 "float32_list",
-                f"Posterior mean share of the user's positives per category over 30 days, aligned with the "
-                f"category vocabulary of the build (features/meta.json); prior strength "
-                f"{CATEGORY_PRIOR_STRENGTH:g}. Cold users get the population shares.",
+                f"Posterior mean share of the user's positives per category over 30 days (plus the "
+                f"positives pushed since the build), aligned with the category vocabulary of the build "
+                f"(features/meta.json); prior strength {CATEGORY_PRIOR_STRENGTH:g}. Cold users get the "
+                f"population shares.",
                 OWNER_RETRIEVAL,
                 Derived("category_prior", []),
             ),
@@ -242,6 +247,16 @@ VIEWS: tuple[View, ...] = (
                 "Category with the highest preference share.",
                 OWNER_RETRIEVAL,
                 Derived("top_category_prior", "unknown"),
+            ),
+            Feature(
+                "category_positives",
+                "float32",
+                "Positives behind category_prefs (those whose item has a category in the vocabulary): "
+                "30 days at the build plus those pushed since. A push adds each positive to the shares "
+                "with this weight. Not a ranker input.",
+                OWNER_RETRIEVAL,
+                0.0,
+                model_input=False,
             ),
         ),
     ),

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from streamrec.features.spec import ENGAGED_EVENT_TYPES, RECENT_N, TRENDING_HALF_LIFE_H
+from streamrec.features.spec import (
+    CATEGORY_PRIOR_STRENGTH,
+    ENGAGED_EVENT_TYPES,
+    RECENT_N,
+    TRENDING_HALF_LIFE_H,
+)
 
 #: Decay rate of the trending score, 1/hour.
 TRENDING_LAMBDA = math.log(2.0) / TRENDING_HALF_LIFE_H
@@ -97,3 +102,40 @@ def merge_recent(
     new = list(zip(new_stamps, new_items, new_types, strict=True))[::-1]
     merged = sorted(new + old, key=lambda r: -r[0])[:n]  # sorted() is stable
     return [int(r[1]) for r in merged], [str(r[2]) for r in merged], [int(r[0]) for r in merged]
+
+
+def add_category_positives(
+    prefs: Sequence[float] | np.ndarray,
+    positives: float,
+    item_categories: Sequence[Sequence[str]],
+    vocab: Sequence[str],
+    prior_strength: float = CATEGORY_PRIOR_STRENGTH,
+) -> tuple[np.ndarray, float]:
+    """Add positive events to a user's category preference shares; returns ``(prefs, positives)``.
+
+    The shares are posterior means ``(n_g + s * pi_g) / (N + s)`` with ``N`` the ``positives``
+    behind them, so a positive on an item with categories ``C`` (those in ``vocab``) becomes
+    ``(prefs * (N + s) + e_C / |C|) / (N + s + 1)`` without knowing the prior ``pi`` or the per-
+    category counts: the batch build's formula applied to one more event. Items without a
+    category in ``vocab`` are skipped, as the build skips them.
+
+    Args:
+        prefs: Current shares, aligned with ``vocab`` (a cold user's are the population prior).
+        positives: Positives behind ``prefs`` (0 for a cold user).
+        item_categories: The categories of each new positive's item.
+        vocab: The category vocabulary of the build.
+        prior_strength: ``s``, the prior's pseudo-count.
+
+    Returns:
+        The updated float32 shares and positives.
+    """
+    index = {name: i for i, name in enumerate(vocab)}
+    mass = np.asarray(prefs, dtype=np.float64) * (positives + prior_strength)
+    total = float(positives)
+    for cats in item_categories:
+        cols = sorted({index[c] for c in cats if c in index})
+        if not cols:
+            continue
+        mass[cols] += 1.0 / len(cols)
+        total += 1.0
+    return (mass / (total + prior_strength)).astype(np.float32), total

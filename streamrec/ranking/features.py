@@ -44,7 +44,7 @@ USER_DENSE: tuple[str, ...] = tuple(
     f.name
     for v in views_for("user", ("batch", "stream"))
     for f in v.features
-    if f.dtype in ("int64", "float32") and not f.name.endswith("_at")
+    if f.dtype in ("int64", "float32") and f.model_input and not f.name.endswith("_at")
 )
 DEVICE_INDEX = {d: i for i, d in enumerate(DEVICES)}
 #: Sparse inputs of bounded cardinality that the request log records (as ids) next to the dense

@@ -20,7 +20,7 @@ import pytest
 from streamrec.errors import OnlineStoreUnavailableError
 from streamrec.features.client import FeatureClient
 from streamrec.features.defaults import normalize_value
-from streamrec.features.transforms import trending_update
+from streamrec.features.transforms import add_category_positives, trending_update
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -162,6 +162,15 @@ def test_push_is_fresh_online_and_logged_offline(prepared):
     )
     trend = reader.online_features("item", [item])
     assert float(trend.at[0, "trending_score"]) > old_trend * 0.5
+    # the click counts towards user 7's category preference shares, as one more positive
+    cats = list(trend.at[0, "categories"])
+    assert cats, "the test item needs a category"
+    shares, count = add_category_positives(
+        before["category_prefs"], before["category_positives"], [cats], fc.category_vocab
+    )
+    assert now["category_positives"] == pytest.approx(count) and count == before["category_positives"] + 1
+    np.testing.assert_allclose(now["category_prefs"], shares, rtol=1e-5)
+    assert list((prepared.data_dir / "features/offline/user_category_prefs").glob("push-*.parquet"))
     assert int(trend.at[0, "trending_updated_at"]) == int(t_event.timestamp())
     # the offline log has it; a training row at the event time does not see it, a later one does
     assert list((prepared.data_dir / "features/offline/user_recent_interactions").glob("push-*.parquet"))

@@ -27,6 +27,8 @@ from streamrec.auth import hash_key
 from streamrec.data.event_log import export_event_log
 from streamrec.data.store import DataStore
 from streamrec.data.synth import SynthConfig, synthesize
+from streamrec.features.client import FeatureClient
+from streamrec.features.spec import CATEGORY_PRIOR_STRENGTH
 from streamrec.pipeline.train import run_pipeline
 from tests.integration.test_training_pipeline import small_config
 
@@ -143,12 +145,23 @@ def test_a_new_users_first_clicks_personalise_their_next_answer_within_60_s(
     def share(answer: dict[str, Any]) -> int:
         return sum(category in cats[i["item_id"]] for i in answer["items"])
 
+    # The ranker's category preference moved with the push: 8 positives on `category`.
+    fc = FeatureClient(world)
+    vocab, prior = fc.category_vocab, fc.context.values["category_prior"]
+    prefs = fc.online_user_features(new)
+    at = vocab.index(category)
+    assert prefs["category_positives"] == len(clicked) and prefs["top_category"] == category
+    assert prefs["category_prefs"][at] == pytest.approx(
+        (len(clicked) + CATEGORY_PRIOR_STRENGTH * prior[at]) / (len(clicked) + CATEGORY_PRIOR_STRENGTH),
+        rel=1e-5,
+    )
     sources = Counter(s for i in warm["items"] for s in i["sources"])
     print(
         f"\nnew user {new}: {len(clicked)} clicks on '{category}' acknowledged in {acked - sent:.3f} s "
         f"(fsync + push); personalised answer {seconds:.3f} s after the acknowledgement (poll {polls}); "
         f"{len(set(ids) - set(cold_ids))}/20 items changed; "
-        f"'{category}' items in the top 20: {share(cold)} -> {share(warm)}; sources {dict(sources)}"
+        f"'{category}' items in the top 20: {share(cold)} -> {share(warm)}; sources {dict(sources)}; "
+        f"category_prefs['{category}'] {prior[at]:.3f} -> {prefs['category_prefs'][at]:.3f}"
     )
     assert seconds < TARGET_S
     assert not set(ids) & set(clicked)  # the clicked items are not recommended back (seen)

@@ -11,7 +11,7 @@ import pytest
 from streamrec.errors import MissingFeatureColumnsError
 from streamrec.features.pipeline import compute_snapshot, extend_vocab
 from streamrec.features.spec import CATEGORY_PRIOR_STRENGTH, RATE_PRIOR_STRENGTH, RECENT_N, VIEWS_BY_NAME
-from streamrec.features.transforms import trending_update
+from streamrec.features.transforms import add_category_positives, trending_update
 
 T = pd.Timestamp("2026-03-10T00:00:00Z")
 
@@ -126,6 +126,27 @@ def test_category_prefs_are_posterior_shares_with_population_prior():
     expect = (counts + CATEGORY_PRIOR_STRENGTH * prior) / (12 + CATEGORY_PRIOR_STRENGTH)
     np.testing.assert_allclose(row(prefs, "user_id", 1)["category_prefs"], expect, rtol=1e-6)
     assert row(prefs, "user_id", 1)["top_category"] == "news"
+    assert row(prefs, "user_id", 1)["category_positives"] == 12.0  # the count behind the shares
+    assert row(prefs, "user_id", 3)["category_positives"] == 0.0
+
+
+def test_pushed_positives_extend_the_batch_shares_as_one_more_event_would():
+    """add_category_positives is the build's posterior with the build's prior and one more event."""
+    snap = frames()
+    prior = np.asarray(snap.defaults["category_prior"])
+    u1 = row(snap.frames["user_category_prefs"], "user_id", 1)
+    # a click on item 11 (sport+news) and one on an item of an unknown category (skipped)
+    shares, positives = add_category_positives(
+        u1["category_prefs"], u1["category_positives"], [["sport", "news"], ["opera"], []], snap.vocab
+    )
+    counts = np.array([3.5, 9.5])
+    expect = (counts + CATEGORY_PRIOR_STRENGTH * prior) / (13 + CATEGORY_PRIOR_STRENGTH)
+    np.testing.assert_allclose(shares, expect, rtol=1e-5)
+    assert positives == 13.0 and shares.dtype == np.float32
+    # a cold user starts from the prior with no positives: one news click moves them to news
+    cold, n = add_category_positives(prior, 0.0, [["news"]], snap.vocab)
+    np.testing.assert_allclose(cold, (np.array([0.0, 1.0]) + CATEGORY_PRIOR_STRENGTH * prior) / 6, rtol=1e-5)
+    assert n == 1.0 and cold[1] > prior[1]
 
 
 def test_recent_interactions_newest_first_capped():

@@ -41,6 +41,7 @@ from pydantic import (
 from streamrec.data.contract import DEFAULT_FUTURE_SKEW
 from streamrec.data.schema import DEVICES, EVENT_TYPES
 from streamrec.resilience import DegradationLevel
+from streamrec.timeutil import utc
 
 #: A device named in a request context (the values of :data:`streamrec.data.schema.DEVICES`).
 Device = Literal["mobile", "web", "tv", "tablet", "unknown"]
@@ -95,20 +96,9 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _to_utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        # e.g. 0001-01-01T00:00:00+01:00. Pydantic wraps ValueError (-> 422), not OverflowError (-> 500).
-        raise ValueError(
-            f"timestamp {value.isoformat()} falls outside years 1..9999 once converted to UTC"
-        ) from None
-
-
 def _as_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else _to_utc(value)
+    # utc() raises ValueError out of range, which pydantic answers with a 422 (not a 500).
+    return None if value is None else utc(value)
 
 
 def _now(info: ValidationInfo) -> datetime:
@@ -249,7 +239,7 @@ class EventIn(ApiModel):
     @classmethod
     def _timestamp_within_contract(cls, value: datetime, info: ValidationInfo) -> datetime:
         now = _now(info)
-        ts = _to_utc(value)
+        ts = utc(value)
         if ts < MIN_EVENT_TIME:
             raise ValueError(
                 f"timestamp {ts.isoformat()} is before {MIN_EVENT_TIME.isoformat()}; "

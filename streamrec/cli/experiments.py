@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,6 +13,7 @@ import typer
 from streamrec.cli.monitor import DataDirOpt, JsonOpt, _num, _table, not_checked
 from streamrec.errors import ConfigError, StreamRecError
 from streamrec.paths import resolve_data_dir
+from streamrec.timeutil import utc
 
 if TYPE_CHECKING:
     from streamrec.experiments.analysis import ExperimentAnalysis
@@ -46,10 +47,9 @@ def _since(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        ts = datetime.fromisoformat(value)
+        return utc(value)
     except ValueError as err:
         raise ConfigError(f"--since {value!r} is not an ISO 8601 time (e.g. 2026-11-20T12:00)") from err
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def _definition(data_dir: Path, name: str | None) -> Any:
@@ -277,7 +277,8 @@ def shadow_report_cmd(
     experiment: ExperimentOpt = None,
     since: SinceOpt = None,
     version: Annotated[
-        str | None, typer.Option("--version", help="Shadow model version (default: the latest shadowed, e.g. v3).")
+        str | None,
+        typer.Option("--version", help="Shadow model version (default: the latest shadowed, e.g. v3)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -354,7 +355,10 @@ def rollout_advance(
     data_dir: DataDirOpt = None,
     experiment: ExperimentOpt = None,
     every: Annotated[
-        float, typer.Option("--every", min=0.0, help="Judge again every N seconds until the rollout ends (0: once).")
+        float,
+        typer.Option(
+            "--every", min=0.0, help="Judge again every N seconds until the rollout ends (0: once)."
+        ),
     ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:

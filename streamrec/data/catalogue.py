@@ -23,6 +23,7 @@ from typing import Any
 
 from streamrec.errors import DataError
 from streamrec.paths import DataLayout, exclusive_file_lock
+from streamrec.timeutil import utc
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ def _clean(update: Mapping[str, Any]) -> dict[str, Any]:
             continue
         value = update[name]
         if name == "published_at":  # whole seconds: what the serving item table holds
-            when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-            when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
-            value = datetime(*when.timetuple()[:6], tzinfo=UTC).isoformat()
+            value = utc(value).replace(microsecond=0).isoformat()
         elif name == "categories":
             value = list(dict.fromkeys(str(c) for c in value))  # each once, in order
         elif name in ("promoted", "flagged"):
@@ -99,7 +98,9 @@ class CatalogueLog:
             if not new:
                 self._cut_torn_tail()
             with open(self.path, "ab") as fh:
-                fh.write(b"".join(json.dumps({**r, "at": at, "source": source}).encode() + b"\n" for r in rows))
+                fh.write(
+                    b"".join(json.dumps({**r, "at": at, "source": source}).encode() + b"\n" for r in rows)
+                )
                 fh.flush()
                 os.fsync(fh.fileno())
             if new:
@@ -259,7 +260,9 @@ def _differs(name: str, old: Any, new: Any) -> bool:
     return bool(old != new)
 
 
-def differences(current: Iterable[Mapping[str, Any]], known: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def differences(
+    current: Iterable[Mapping[str, Any]], known: Mapping[int, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """The items of ``current`` whose fields differ from ``known`` (what a sync must upsert)."""
     out = []
     for row in current:
@@ -299,7 +302,7 @@ def new_item_rows(
                 "title": f.get("title"),
                 "categories": list(f.get("categories") or []),
                 "creator": f.get("creator"),
-                "published_at": datetime.fromisoformat(str(pub)) if pub is not None else when,
+                "published_at": utc(pub) if pub is not None else when,
                 "promoted": bool(f.get("promoted", False)),
                 "flagged": bool(f.get("flagged", False)),
             }
@@ -382,7 +385,15 @@ def sync_from_store(data_dir: str | os.PathLike[str] | None, *, dry_run: bool = 
         rows.append(row)
     changed = differences(rows, known)
     new = [r for r in changed if r["item_id"] not in known]
-    flagged = sorted(r["item_id"] for r in changed if r.get("flagged") and not known.get(r["item_id"], {}).get("flagged"))
+    flagged = sorted(
+        r["item_id"] for r in changed if r.get("flagged") and not known.get(r["item_id"], {}).get("flagged")
+    )
     log = CatalogueLog(data_dir)
     lines = log.count() if dry_run or not changed else log.append(changed, source="sync")
-    return {"items": len(rows), "changed": len(changed), "new": len(new), "flagged": flagged, "catalogue_lines": lines}
+    return {
+        "items": len(rows),
+        "changed": len(changed),
+        "new": len(new),
+        "flagged": flagged,
+        "catalogue_lines": lines,
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from streamrec.features.transforms import derive_label
 from streamrec.paths import DataLayout
+from streamrec.timeutil import epoch_s
 
 #: Most bytes read from the log per call (the rest waits for the next call).
 MAX_READ_BYTES = 8 << 20
@@ -126,8 +126,8 @@ class EventTail:
     def _record(self, line: bytes) -> tuple[int, float, int, float] | None:
         try:
             rec: dict[str, Any] = json.loads(line)
-            when = datetime.fromisoformat(str(rec["timestamp"])).timestamp()
-            got = datetime.fromisoformat(str(rec.get("received_at") or rec["timestamp"])).timestamp()
+            when = epoch_s(str(rec["timestamp"]))
+            got = epoch_s(str(rec.get("received_at") or rec["timestamp"]))
             return int(rec["item_id"]), when, derive_label(str(rec["event_type"]), rec.get("rating")), got
         except (ValueError, KeyError, TypeError):
             self.bad_lines += 1

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from streamrec.errors import ConfigError, DataNotFoundError, PromotionRefusedError, RegistryError
 from streamrec.experiments.config import TREATMENT, ExperimentConfig
+from streamrec.timeutil import utc
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class RolloutState:
                 int(raw["version"]),
                 int(raw["step"]),
                 float(raw["share"]),
-                datetime.fromisoformat(str(raw["since"])),
+                utc(str(raw["since"])),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise RegistryError(f"the registry's rollout state is unreadable ({err}): {raw!r}") from None
@@ -149,7 +150,11 @@ def start(data_dir: str | os.PathLike[str] | None, config: ExperimentConfig, ver
     reg.write_state(STATE, state.to_json())
     reg.set_alias("challenger", version)
     reg.record_event(
-        version, "rollout_started", "challenger", experiment=config.name, share=state.share,
+        version,
+        "rollout_started",
+        "challenger",
+        experiment=config.name,
+        share=state.share,
         steps=config.rollout_steps,
     )
     log.info("rollout of v%d started at %.0f%% of users", version, state.share * 100)
@@ -160,8 +165,16 @@ def _end(reg: Any, state: RolloutState, event: str, **detail: Any) -> None:
     reg.write_state(STATE, None)
     if reg.aliases().get("challenger") == state.version:
         reg.clear_alias("challenger")
-    reg.record_event(state.version, event, "challenger", experiment=state.experiment, step=state.step,
-                     share=state.share, step_since=state.since.isoformat(), **detail)
+    reg.record_event(
+        state.version,
+        event,
+        "challenger",
+        experiment=state.experiment,
+        step=state.step,
+        share=state.share,
+        step_since=state.since.isoformat(),
+        **detail,
+    )
 
 
 def step_window(
@@ -181,7 +194,7 @@ def step_window(
     for e in reg.history(limit=None):
         if e.event in _ENDS and e.alias == "challenger" and e.detail.get("experiment") == config.name:
             try:
-                since = datetime.fromisoformat(str(e.detail["step_since"]))
+                since = utc(str(e.detail["step_since"]))
             except (KeyError, ValueError):
                 return None
             return since + skip, e.at, float(e.detail.get("share", 0.0))
@@ -239,7 +252,9 @@ def advance(
         )
     if aliases.get("challenger") != state.version:
         _end(reg, state, "rollout_stopped", reason="the challenger alias moved away from this version")
-        return RolloutDecision("stopped", state.version, 0.0, ["the challenger alias no longer names this version"])
+        return RolloutDecision(
+            "stopped", state.version, 0.0, ["the challenger alias no longer names this version"]
+        )
     now = now or datetime.now(UTC)
     if analysis is None:
         since = state.since + timedelta(seconds=2 * config.poll_s)
@@ -255,12 +270,17 @@ def advance(
     summary = {"decision": decision, "treatment_requests": n_treated, "reasons": reasons[:10]}
     if decision in ("rollback", "invalid"):
         _end(reg, state, "rollout_rolled_back", **summary)
-        log.warning("rollout of v%d rolled back at %.0f%%: %s", state.version, state.share * 100, "; ".join(reasons))
+        log.warning(
+            "rollout of v%d rolled back at %.0f%%: %s", state.version, state.share * 100, "; ".join(reasons)
+        )
         return RolloutDecision("rolled_back", state.version, 0.0, reasons, numbers)
     if n_treated < config.min_requests_per_step:
         return RolloutDecision(
-            "held", state.version, state.share,
-            [f"{n_treated} of {config.min_requests_per_step} treatment requests logged at this step"], numbers,
+            "held",
+            state.version,
+            state.share,
+            [f"{n_treated} of {config.min_requests_per_step} treatment requests logged at this step"],
+            numbers,
         )
     steps = config.rollout_steps
     # From 50% on, and whenever the next step is the promotion, only a significant win advances.
@@ -280,7 +300,15 @@ def advance(
         return RolloutDecision("promoted", state.version, 1.0, reasons, numbers)
     nxt = RolloutState(state.experiment, state.version, state.step + 1, steps[state.step + 1], now)
     reg.write_state(STATE, nxt.to_json())
-    reg.record_event(state.version, "rollout_advanced", "challenger", experiment=state.experiment,
-                     step=nxt.step, share=nxt.share, from_share=state.share, **summary)
+    reg.record_event(
+        state.version,
+        "rollout_advanced",
+        "challenger",
+        experiment=state.experiment,
+        step=nxt.step,
+        share=nxt.share,
+        from_share=state.share,
+        **summary,
+    )
     log.info("rollout of v%d advanced to %.0f%%", state.version, nxt.share * 100)
     return RolloutDecision("advanced", state.version, nxt.share, reasons, numbers)

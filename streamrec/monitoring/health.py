@@ -18,7 +18,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from pydantic import Field
 from streamrec.config import StrictModel
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.paths import DataLayout
+from streamrec.timeutil import epoch_s
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def read_skew(data_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     try:
         out: dict[str, Any] = json.loads(Path(path).read_text())
         if "checked_at_epoch" not in out:
-            out["checked_at_epoch"] = datetime.fromisoformat(str(out["checked_at"])).timestamp()
+            out["checked_at_epoch"] = epoch_s(str(out["checked_at"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return out

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from streamrec.timeutil import utc
+
 if TYPE_CHECKING:  # mlflow is imported lazily: building a manifest must stay cheap.
     from mlflow.entities.model_registry import ModelVersion
 
@@ -20,10 +22,9 @@ def _parse_dt(v: str | None) -> datetime | None:
     if not v:
         return None
     try:
-        d = datetime.fromisoformat(v)
+        return utc(v)
     except ValueError:
         return None
-    return d.replace(tzinfo=UTC) if d.tzinfo is None else d
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamrec.errors import DataError
+from streamrec.timeutil import epoch_s
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -333,7 +334,4 @@ def _category_matrix(categories: CategoryInput) -> IntArray:
 
 def _epoch(iso: str) -> float:
     """Epoch seconds of an ISO time (UTC when it names no zone)."""
-    from datetime import UTC, datetime
-
-    when = datetime.fromisoformat(iso)
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return epoch_s(iso)

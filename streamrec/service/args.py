@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -17,7 +17,6 @@ from streamrec.serving.gateway import GatewayLimits
 
 #: The stages a composition may be asked to serve.
 StagesKind = Literal["auto", "recommender", "popularity", "noop"]
-
 
 
 class RankerBatch(StrictModel):
@@ -39,15 +38,19 @@ class FaultInjection(StrictModel):
         ranker_error: Every ranker call raises :class:`~streamrec.errors.InjectedFaultError`.
         ranker_delay_ms: Every ranker call first sleeps this long in its worker thread (a slow
             or hung ranker; past the ranker budget the request is served at ``simple_ranking``).
+        source_delay_ms: Retrieval source name -> milliseconds each of its calls first sleeps in
+            its worker thread (a slow source; past ``source_timeout_ms`` the request goes on
+            without it and the miss is counted with cause ``timeout``).
     """
 
     ranker_error: bool = False
     ranker_delay_ms: float = Field(default=0.0, ge=0)
+    source_delay_ms: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         """Whether any fault is switched on."""
-        return self.ranker_error or self.ranker_delay_ms > 0
+        return self.ranker_error or self.ranker_delay_ms > 0 or any(self.source_delay_ms.values())
 
 
 class ServeArgs(StrictModel):
@@ -138,4 +141,3 @@ class ServeArgs(StrictModel):
         if isinstance(args, ServeArgs):
             return args
         return parse_config(args or {}, cls, "Serve application args")
-

@@ -99,7 +99,10 @@ class StageRunner:
             timeouts_trip=False,
         )
         self.online = Dependency(
-            "online_store", resilience.online_store_ms / 1e3, resilience.breaker_for("online_store"), workers=2
+            "online_store",
+            resilience.online_store_ms / 1e3,
+            resilience.breaker_for("online_store"),
+            workers=2,
         )
         self.ranker = Dependency(
             "ranker", resilience.ranker_ms / 1e3, resilience.breaker_for("ranker"), 1, ignore=mismatch
@@ -169,8 +172,19 @@ class StageRunner:
         """One source's candidates (raises when it fails or misses its budget)."""
         if not getattr(stages, "blocking", False):
             return stages.retrieve(source, ctx)
-        result: Candidates = await self._source(source).call(stages.retrieve, source, ctx)
+        result: Candidates = await self._source(source).call(self._source_fn(stages, source), source, ctx)
         return result
+
+    def _source_fn(self, stages: Stages, source: str) -> Callable[[str, UserContext], Candidates]:
+        delay_ms = self._faults.source_delay_ms.get(source, 0.0)
+        if delay_ms <= 0:
+            return stages.retrieve
+
+        def slow(name: str, ctx: UserContext) -> Candidates:
+            time.sleep(delay_ms / 1e3)
+            return stages.retrieve(name, ctx)
+
+        return slow
 
     def merge(self, stages: Stages, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
         """The merge stage (cheap numpy: runs inline)."""

@@ -35,6 +35,7 @@ APPS: dict[str, dict[str, Any]] = {
     "redis": {},  # env: the durable Redis
     "ranker-error": {"faults": {"ranker_error": True}},
     "ranker-slow": {"faults": {"ranker_delay_ms": 400}},
+    "source-slow": {"faults": {"source_delay_ms": {"trending": 400}}},  # one retrieval source hung
 }
 
 
@@ -68,7 +69,9 @@ def fault_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultWorld
     _streamrec("data", "synth", "--users", "300", "--items", "400", "--days", "14", "--seed", "5",
                "--data-dir", str(d))  # fmt: skip
     cfg = root / "train.yaml"
-    cfg.write_text("two_tower: {epochs: 2, embedding_dim: 32}\nranker: {epochs: 2}\nsplit: {min_train_events: 50}\n")
+    cfg.write_text(
+        "two_tower: {epochs: 2, embedding_dim: 32}\nranker: {epochs: 2}\nsplit: {min_train_events: 50}\n"
+    )
     report = json.loads(_streamrec("train", "--data-dir", str(d), "--config", str(cfg), "--local", "--json"))
     assert report["registered_version"] == 1, report
     try:
@@ -213,7 +216,9 @@ async def _open_loop(base_url: str, path: str, headers: dict[str, str], rps: flo
 def open_loop(apps: FaultApps, app: str, rps: float, seconds: float, users: range,
               at: tuple[float, Callable[[float], None]] | None = None) -> list[Outcome]:  # fmt: skip
     """Run :func:`_open_loop` against ``/<app>/v1/recommend``."""
-    return asyncio.run(_open_loop(apps.base_url, f"/{app}/v1/recommend", apps.headers, rps, seconds, users, at))
+    return asyncio.run(
+        _open_loop(apps.base_url, f"/{app}/v1/recommend", apps.headers, rps, seconds, users, at)
+    )
 
 
 def pct(outcomes: list[Outcome], q: int) -> float:

@@ -77,13 +77,20 @@ def _wait_replaced(app: str, deployment: str, killed: int, n: int, timeout_s: fl
         dep = st.deployments.get(deployment) if st is not None else None
         seen = (sorted(pids), st and st.status, dep and dep.status)
         fresh = len(pids) == n and killed not in pids
-        if fresh and st is not None and dep is not None and (st.status.value, dep.status.value) == ("RUNNING", "HEALTHY"):
+        if (
+            fresh
+            and st is not None
+            and dep is not None
+            and (st.status.value, dep.status.value) == ("RUNNING", "HEALTHY")
+        ):
             return time.monotonic() - t0
         time.sleep(0.5)
     raise AssertionError(f"{app}/{deployment} not replaced within {timeout_s:.0f}s: {seen}")
 
 
-def _kill_under_load(apps: FaultApps, app: str, deployment: str, rps: float = RPS) -> tuple[list[Outcome], int, float]:
+def _kill_under_load(
+    apps: FaultApps, app: str, deployment: str, rps: float = RPS
+) -> tuple[list[Outcome], int, float]:
     """Load ``/<app>`` for :data:`LOAD_S`; ``SIGKILL`` one replica of ``deployment`` :data:`KILL_AT_S` in.
 
     Returns:

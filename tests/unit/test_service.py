@@ -232,6 +232,19 @@ def test_fault_injection_switch_makes_the_ranker_fail(world: Path) -> None:
     assert FaultInjection().active is False
 
 
+def test_fault_injection_switch_makes_one_source_miss_its_deadline(world: Path) -> None:
+    stages = Blocking(world)
+    runner = StageRunner(_res(), 0.05, faults=FaultInjection(source_delay_ms={"popularity": 400}))
+    try:
+        ctx = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=3, k=5)))
+        with pytest.raises(DependencyTimeoutError):  # cut at the 50 ms deadline, not after 400 ms
+            asyncio.run(runner.retrieve(stages, "popularity", ctx))
+        assert runner.snapshot()["faults"]["source_delay_ms"] == {"popularity": 400}
+        assert FaultInjection(source_delay_ms={"popularity": 0}).active is False
+    finally:
+        runner.close()
+
+
 # -------------------------------------------------------------------------------- FunnelService
 
 

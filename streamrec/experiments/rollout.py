@@ -201,6 +201,16 @@ def step_window(
     return None
 
 
+def _blocked_at_step(reg: Any, state: RolloutState) -> str | None:
+    """Why the promotion of ``state``'s version was refused at this step, if it was already."""
+    for e in reg.history(limit=None):
+        if e.at < state.since:
+            return None
+        if e.event == "rollout_blocked" and e.version == state.version:
+            return str(e.detail.get("reason", "see `streamrec registry history`"))
+    return None
+
+
 #: Registry events that end a rollout.
 _ENDS = frozenset({"rollout_promoted", "rollout_rolled_back", "rollout_stopped"})
 
@@ -291,6 +301,13 @@ def advance(
             return RolloutDecision("stopped", state.version, 0.0, reasons, numbers)
         return RolloutDecision("held", state.version, state.share, reasons, numbers)
     if state.step + 1 >= len(steps) or steps[state.step + 1] >= 1.0:  # 100% is the champion: promote
+        blocked = _blocked_at_step(reg, state)
+        if blocked is not None:  # the gates judge the bundle, not the traffic: asking again changes nothing
+            why = (
+                f"promotion refused at this step ({blocked}); promote by hand "
+                "(`streamrec registry promote`) or end the rollout"
+            )
+            return RolloutDecision("held", state.version, state.share, [why], numbers)
         try:
             reg.promote(state.version, smoke_test=smoke_test)
         except PromotionRefusedError as err:

@@ -404,6 +404,27 @@ def test_a_guardrail_breach_rolls_the_challenger_back(
     assert reg.aliases() == {"champion": v1.version}
 
 
+def test_a_refused_promotion_holds_and_is_recorded_once(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    data = reg.layout.root
+    cfg = ExperimentConfig(
+        name="worse-offline", rollout_steps=[0.5, 1.0], min_requests_per_step=10, guardrails={"min_requests": 10}
+    )
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.120}))
+    v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.050}))  # fails the gate
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    rollout.start(data, cfg, v2.version)
+    first = rollout.advance(data, cfg, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
+    assert first.action == "held" and first.reasons[0].startswith("promotion refused: ")
+    again = [rollout.advance(data, cfg, analysis=_Judged("ship", 900), smoke_test=smoke_ok) for _ in range(3)]
+    assert all(d.action == "held" and "refused at this step" in d.reasons[0] for d in again)
+    assert reg.aliases()["champion"] == v1.version
+    events = [e.event for e in reg.history(limit=None)]
+    assert events.count("rollout_blocked") == 1 and events.count("refused") == 1
+
+
 # ------------------------------------------------------------------------------------ the CLI
 
 

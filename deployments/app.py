@@ -217,6 +217,7 @@ class Gateway:
             metrics=self._metrics,
             request_log=self._request_log,
             flagged=self._catalogue.flagged,
+            serving_version=self._stages.serving_version,
         )
         if self._variants is not None:
             self._stages.on_fallback.append(self._variants.set_fallback)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from streamrec.funnel.fallback import BatchTopN
 from streamrec.funnel.stages import Candidates, Stages, UserContext
+from streamrec.monitoring.health import version_number
 from streamrec.monitoring.logs import RequestLog
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.service.args import ServeArgs
@@ -239,6 +240,11 @@ class GatewayStages:
             d = await self.cluster.describe_one()
         return d.get("details"), d.get("loaded_at")
 
+    async def serving_version(self) -> int | None:
+        """The registry version of the serving stages (None when they name none: popularity, a path)."""
+        details, _ = await self.details()
+        return version_number((details or {}).get("model_version")) or None
+
     async def prepare_reload(self, token: str, version: int | None = None) -> dict[str, Any]:
         """Phase 1 on this gateway replica: fresh local stages (fused; of ``version``) and fallback.
 
@@ -324,6 +330,7 @@ async def start_experiment(
     metrics: ServingMetrics,
     request_log: RequestLog | None,
     flagged: Any,
+    serving_version: Callable[[], Awaitable[int | None]] | None = None,
 ) -> tuple[ShadowScorer | None, Variants | None]:
     """The experiment of ``args`` on a gateway replica: the shadow scorer and the challenger.
 
@@ -337,7 +344,13 @@ async def start_experiment(
     shadow = ShadowScorer(args.experiment.shadow, args.resilience, args.source_timeout_ms / 1e3, request_log)
     service.after = shadow.observe
     variants = Variants(
-        args, fallback=fallback, metrics=metrics, request_log=request_log, shadow=shadow, flagged=flagged
+        args,
+        fallback=fallback,
+        metrics=metrics,
+        request_log=request_log,
+        shadow=shadow,
+        flagged=flagged,
+        serving_version=serving_version,
     )
     try:
         await variants.refresh()  # start with the challenger and shadow in place

@@ -96,6 +96,10 @@ class Variants:
         flagged: The catalogue's flagged items (the treatment's answers never hold them either).
         loader: ``version -> LoadedStages`` (default: the trained recommender of that registry
             version, :func:`~streamrec.service.loading.load_stages`; tests inject one).
+        serving_version: ``async () -> the registry version this replica's champion stages
+            serve`` (None: unknown). When the held challenger is promoted, it answers every user
+            until the replica's champion stages are that version (the champion watcher reloads
+            them), so a promotion reaches all users at the next poll, not at the next reload.
     """
 
     def __init__(
@@ -109,8 +113,11 @@ class Variants:
         registry_state: Callable[[], tuple[dict[str, int], dict[str, Any]]] | None = None,
         loader: Callable[[int], LoadedStages] | None = None,
         flagged: Callable[[], Awaitable[frozenset[int]]] | None = None,
+        serving_version: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self._flagged = flagged
+        self._serving_version = serving_version
+        self.handing_over = False
         if args.experiment is None:
             raise ValueError("Variants needs args.experiment")
         self.config: ExperimentConfig = args.experiment
@@ -145,7 +152,11 @@ class Variants:
         else:
             a, stages = self._args, held.loaded.stages
             runner = StageRunner(
-                a.resilience, a.source_timeout_ms / 1e3, a.source_threads, a.treatment_faults, metrics=self._metrics
+                a.resilience,
+                a.source_timeout_ms / 1e3,
+                a.source_threads,
+                a.treatment_faults,
+                metrics=self._metrics,
             )
             await _warm(runner, stages, a.source_timeout_ms / 1e3)
             self.treatment = FunnelService(
@@ -192,8 +203,11 @@ class Variants:
         cap = self.config.max_bundles
         want_ch = aliases.get("challenger") if cap >= 2 else None
         want_sh = aliases.get("shadow") if cap >= 3 else None
-        if want_ch == champion:
-            want_ch = None  # the champion already serves everyone
+        self.handing_over = await self._promoted_not_served(champion)
+        if want_ch == champion or self.handing_over:
+            # the champion already serves everyone, or will once reloaded: until then the held
+            # bundle of the promoted version answers every user
+            want_ch = champion if self.handing_over else None
         if want_sh is not None and want_sh in (champion, want_ch):
             want_sh = None  # its answers are already the production or treatment answers
         named = {f"challenger v{want_ch}", f"shadow v{want_sh}"}
@@ -201,7 +215,7 @@ class Variants:
             self.refused.pop(key)
             self._retry_at.pop(key, None)
             self._tries.pop(key, None)
-        share = share_in_force(aliases, states, self.config)
+        share = 1.0 if self.handing_over else share_in_force(aliases, states, self.config)
         held_ch = await self._keep("challenger", self.challenger, want_ch)
         if held_ch is not self.challenger:
             await self._serve(held_ch)
@@ -209,8 +223,25 @@ class Variants:
         self.shadow_bundle = await self._keep("shadow", self.shadow_bundle, want_sh)
         if self.shadow is not None:
             sb = self.shadow_bundle
-            self.shadow.set_stages(None if sb is None else sb.loaded.stages, "" if sb is None else sb.loaded.version)
+            self.shadow.set_stages(
+                None if sb is None else sb.loaded.stages, "" if sb is None else sb.loaded.version
+            )
         self.polled_at = time.time()
+
+    async def _promoted_not_served(self, champion: int | None) -> bool:
+        """Whether the held challenger is now the champion and this replica still serves another."""
+        held = self.challenger
+        if champion is None or held is None or held.version != champion or self._serving_version is None:
+            return False
+        try:
+            serving = await self._serving_version()
+        except Exception as err:  # unknown: the champion path answers as before
+            log.warning("serving version unknown (%s): the promoted challenger is dropped", err)
+            return False
+        if serving is not None and serving != champion:
+            log.info("challenger v%d promoted: it answers every user until the champion reload", champion)
+            return True
+        return False
 
     async def _keep(self, role: str, held: HeldBundle | None, want: int | None) -> HeldBundle | None:
         """The bundle to hold for ``role``: ``held`` if it is the one wanted, else ``want`` loaded.
@@ -254,6 +285,7 @@ class Variants:
         return {
             "experiment": self.config.name,
             "treatment_share": self.share,
+            "handing_over": self.handing_over,
             "challenger": None if self.challenger is None else self.challenger.describe(),
             "shadow": None if self.shadow_bundle is None else self.shadow_bundle.describe(),
             "shadow_runs": None if self.shadow is None else self.shadow.snapshot(),

@@ -177,6 +177,37 @@ def test_the_router_sends_treated_users_to_the_challenger_and_names_the_variant(
     assert variants.describe()["experiment"] == "routing"
 
 
+def test_a_promoted_challenger_answers_everyone_until_the_champion_reload(world: Path) -> None:
+    state: dict[str, Any] = {"aliases": {"champion": 1, "challenger": 2}, "states": {}}
+    loads: list[int] = []
+    serving = {"version": 1}
+
+    async def serving_version() -> int | None:
+        return serving["version"]
+
+    variants, _ = _variants(world, state, loads, name="handover", treatment_share=0.1)
+    variants._serving_version = serving_version
+    asyncio.run(variants.refresh())
+    assert variants.share == 0.1 and not variants.handing_over
+    state["aliases"] = {"champion": 2}  # promoted: the challenger alias is cleared
+    asyncio.run(variants.refresh())
+    assert variants.handing_over and variants.share == 1.0 and loads == [2]  # held, not reloaded
+    assert {variants.route(u) for u in range(1, 50)} == {TREATMENT}
+    assert variants.describe()["handing_over"] is True
+    serving["version"] = 2  # the champion watcher reloaded this replica
+    asyncio.run(variants.refresh())
+    assert not variants.handing_over and variants.challenger is None and variants.route(1) is None
+    # without a serving version (tests, a path-served bundle) the promoted challenger is dropped
+    plain, _ = _variants(
+        world, {"aliases": {"champion": 1, "challenger": 2}, "states": {}}, [], name="handover", treatment_share=0.1
+    )
+    asyncio.run(plain.refresh())
+    plain_state = {"aliases": {"champion": 2}, "states": {}}
+    plain._state = lambda: (dict(plain_state["aliases"]), dict(plain_state["states"]))
+    asyncio.run(plain.refresh())
+    assert plain.challenger is None and not plain.handing_over
+
+
 def test_the_bundle_cap_keeps_the_shadow_and_challenger_out(world: Path) -> None:
     state: dict[str, Any] = {"aliases": {"champion": 1, "challenger": 2, "shadow": 3}, "states": {}}
     loads: list[int] = []

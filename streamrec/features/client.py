@@ -23,21 +23,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import sqlite3
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from streamrec.data.schema import EVENT_TYPES, storable_id
+from streamrec.data.schema import storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import (
     FeatureStoreError,
@@ -46,9 +45,16 @@ from streamrec.errors import (
     OnlineStoreUnavailableError,
 )
 from streamrec.features import offline
-from streamrec.features.defaults import DefaultContext, apply_defaults, normalize_value
+from streamrec.features.defaults import DefaultContext, apply_defaults
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.features.pipeline import MAX_WINDOW, compute_snapshot
+from streamrec.features.push import (
+    PushBatch,
+    category_prefs_rows,
+    recent_rows,
+    trending_rows,
+    utc_timestamp,
+)
 from streamrec.features.repo import OnlineStoreSettings, load_definitions, repo_config
 from streamrec.features.spec import (
     CREATED_FIELD,
@@ -57,20 +63,13 @@ from streamrec.features.spec import (
     VIEWS,
     VIEWS_BY_NAME,
     View,
-    schema_report,
     service_views,
     views_for,
 )
-from streamrec.features.transforms import (
-    add_category_positives,
-    derive_label,
-    merge_recent,
-    trending_update,
-)
 from streamrec.paths import DataLayout, exclusive_file_lock
 
-_ONE_US = pd.Timedelta(microseconds=1)
-
+if TYPE_CHECKING:
+    from streamrec.features.check import CheckReport
 
 #: Entity keys per SQLite statement of the one-statement online read (SQLite caps bound variables).
 _SQLITE_KEYS_PER_STATEMENT = 500
@@ -84,11 +83,6 @@ def _online_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
 
     return (redis.exceptions.RedisError, sqlite3.Error, ConnectionError, TimeoutError, OSError)
-
-
-def _utc(ts: Any) -> pd.Timestamp:
-    t = pd.Timestamp(ts)
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
 def resolve_as_of(value: str | datetime | None, store: DataStore) -> pd.Timestamp:
@@ -107,11 +101,11 @@ def resolve_as_of(value: str | datetime | None, store: DataStore) -> pd.Timestam
         last = store.events(
             start=datetime.combine(dates[-1], datetime.min.time(), tzinfo=UTC), columns=["timestamp"]
         )
-        return _utc(last["timestamp"].max()).floor("s") + pd.Timedelta(seconds=1)
+        return utc_timestamp(last["timestamp"].max()).floor("s") + pd.Timedelta(seconds=1)
     if isinstance(value, str) and value.lower() == "now":
         return pd.Timestamp.now(tz="UTC").floor("s")
     try:
-        return _utc(value)
+        return utc_timestamp(value)
     except (ValueError, TypeError) as err:
         raise FeatureStoreError(
             f"invalid --as-of '{value}': use an ISO time, 'now' or 'latest' ({err})"
@@ -163,29 +157,6 @@ class PushResult:
     users_updated: int
     items_updated: int
     seconds: float
-
-
-@dataclass
-class CheckReport:
-    """Online-offline consistency and the definition schema report.
-
-    ``checked`` counts entity rows compared (per view, plus item-table rows); ``mismatches``
-    counts those with at least one differing value. ``ok`` is false on any mismatch or
-    schema problem.
-    """
-
-    checked: int
-    mismatches: int
-    mismatched_values: int
-    per_view: dict[str, dict[str, int]]
-    details: list[dict[str, Any]]
-    schema: dict[str, list[str]]
-    online_store: str
-    ok: bool = field(default=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON output."""
-        return asdict(self)
 
 
 class FeatureClient:
@@ -417,7 +388,7 @@ class FeatureClient:
                 rows[name] += len(frame)
                 files += 1
                 prev = pending.get(name)
-                pending[name] = t.isoformat() if prev is None else min(_utc(prev), t).isoformat()
+                pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
             bar.update(1)
         bar.close()
         compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
@@ -497,7 +468,7 @@ class FeatureClient:
             OnlineStoreUnavailableError: the online store cannot be written.
         """
         t0 = time.perf_counter()
-        stop = _utc(end) if end is not None else pd.Timestamp.now(tz="UTC")
+        stop = utc_timestamp(end) if end is not None else pd.Timestamp.now(tz="UTC")
         fvs = self._require_applied(refresh=True)
         meta = self._meta()
         pending = dict(meta.get("pending", {}))
@@ -509,9 +480,9 @@ class FeatureClient:
                 report[v.name] = {"skipped": "no offline rows"}
                 continue
             prev = fvs[v.name].most_recent_end_time
-            start = _utc(prev) if prev is not None else rng[0]
+            start = utc_timestamp(prev) if prev is not None else rng[0]
             if v.name in pending:
-                start = min(start, _utc(pending[v.name]))
+                start = min(start, utc_timestamp(pending[v.name]))
             if start > stop:
                 report[v.name] = {"skipped": f"already materialized until {start.isoformat()}"}
                 continue
@@ -832,103 +803,63 @@ class FeatureClient:
             FeatureStoreError: definitions not applied.
         """
         t0 = time.perf_counter()
-        parsed = sorted(
-            (_parse_event(e, i) for i, e in enumerate(list(events))), key=lambda e: e["timestamp"]
-        )
-        if not parsed:
+        batch = PushBatch.parse(events)
+        if not batch.events:
             return PushResult(0, 0, 0, 0, 0, 0.0)
-        inter = [e for e in parsed if e["event_type"] != "impression" or e["label"] == 1]
-        pos = [e for e in parsed if e["label"] == 1]
-        by_user: dict[int, list[dict[str, Any]]] = {}
-        for e in inter:
-            by_user.setdefault(e["user_id"], []).append(e)
-        by_item: dict[int, list[dict[str, Any]]] = {}
-        for e in pos:
-            by_item.setdefault(e["item_id"], []).append(e)
         now = pd.Timestamp.now(tz="UTC")
         with self._push_lock():
-            written = self._merge_and_write(by_user, by_item, now, feast_push)
+            written = self._merge_and_write(batch, now, feast_push)
         for view, rows in written:  # each push appends its own file: outside the lock
             offline.write_rows(self.features_dir, view, rows, "push")
-        self.stats["pushed_events"] += len(parsed)
+        self.stats["pushed_events"] += len(batch.events)
         return PushResult(
-            events=len(parsed),
-            interactions=len(inter),
-            positives=len(pos),
-            users_updated=len(by_user),
-            items_updated=len(by_item),
+            events=len(batch.events),
+            interactions=batch.n_interactions,
+            positives=batch.n_positives,
+            users_updated=len(batch.interactions),
+            items_updated=len(batch.positives),
             seconds=round(time.perf_counter() - t0, 4),
         )
 
     def _merge_and_write(
-        self,
-        by_user: dict[int, list[dict[str, Any]]],
-        by_item: dict[int, list[dict[str, Any]]],
-        now: pd.Timestamp,
-        feast_push: bool,
+        self, batch: PushBatch, now: pd.Timestamp, feast_push: bool
     ) -> list[tuple[View, list[dict[str, Any]]]]:
         """Read the current rows, merge the events in, write them online (push lock held).
 
         Returns:
-            ``(view, rows)`` for each view that got rows (the user view first).
+            ``(view, rows)`` for each view that got rows (the user views first).
         """
-        recent_v, trend_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["item_trending"]
-        prefs_v, meta_v = VIEWS_BY_NAME["user_category_prefs"], VIEWS_BY_NAME["item_metadata"]
-        users, items = list(by_user), list(by_item)
+        recent_v, prefs_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["user_category_prefs"]
+        trend_v, meta_v = VIEWS_BY_NAME["item_trending"], VIEWS_BY_NAME["item_metadata"]
+        users, items = list(batch.interactions), list(batch.positives)
         user_read = self._online_rows("user", users, [recent_v, prefs_v]) if users else {}
         item_read = self._online_rows("item", items, [trend_v, meta_v]) if items else {}
-        user_rows = user_read.get(recent_v.name, [])
-        item_rows = item_read.get(trend_v.name, [])
 
-        recent_out: list[dict[str, Any]] = []
-        for uid, row in zip(users, user_rows, strict=True):
-            cur = row[1] if row is not None else {}
-            evs = by_user[uid]
-            ids, types, stamps = merge_recent(
-                list(cur.get("recent_item_ids") or []),
-                list(cur.get("recent_event_types") or []),
-                list(cur.get("recent_timestamps") or []),
-                [e["item_id"] for e in evs],
-                [e["event_type"] for e in evs],
-                [int(math.floor(e["timestamp"].timestamp())) for e in evs],
-            )
-            recent_out.append(
-                {
-                    "user_id": uid,
-                    "recent_item_ids": ids,
-                    "recent_event_types": types,
-                    "recent_timestamps": stamps,
-                    "last_interaction_at": stamps[0] if stamps else 0,
-                    TIMESTAMP_FIELD: _row_time(evs[-1]["timestamp"], row),
-                    CREATED_FIELD: now,
-                }
-            )
-        trend_out: list[dict[str, Any]] = []
-        for iid, row in zip(items, item_rows, strict=True):
-            cur = row[1] if row is not None else {}
-            score = float(cur.get("trending_score") or 0.0)
-            at = float(cur.get("trending_updated_at") or 0.0)
-            for e in by_item[iid]:
-                score, at = trending_update(score, at, e["timestamp"].timestamp())
-            trend_out.append(
-                {
-                    "item_id": iid,
-                    "trending_score": float(np.float32(score)),
-                    "trending_updated_at": int(math.floor(at)),
-                    TIMESTAMP_FIELD: _row_time(by_item[iid][-1]["timestamp"], row),
-                    CREATED_FIELD: now,
-                }
-            )
+        def stored(read: dict[str, list[Any]], view: View, ids: list[int]) -> dict[int, Any]:
+            return dict(zip(ids, read.get(view.name, [None] * len(ids)), strict=True))
+
         item_cats = {
             iid: list((row[1] if row is not None else {}).get("categories") or [])
-            for iid, row in zip(items, item_read.get(meta_v.name, []), strict=True)
+            for iid, row in stored(item_read, meta_v, items).items()
         }
-        prefs_out = self._merged_prefs(
-            by_user, dict(zip(users, user_read.get(prefs_v.name, []), strict=True)), item_cats, now
-        )
+        prior = list(self.context.resolve(FEATURES["category_prefs"].default) or [])
         written = [
             (view, rows)
-            for view, rows in ((recent_v, recent_out), (prefs_v, prefs_out), (trend_v, trend_out))
+            for view, rows in (
+                (recent_v, recent_rows(batch.interactions, stored(user_read, recent_v, users), now)),
+                (
+                    prefs_v,
+                    category_prefs_rows(
+                        batch.interactions,
+                        stored(user_read, prefs_v, users),
+                        item_cats,
+                        self.category_vocab,
+                        prior,
+                        now,
+                    ),
+                ),
+                (trend_v, trending_rows(batch.positives, stored(item_read, trend_v, items), now)),
+            )
             if rows
         ]
         for view, rows in written:
@@ -938,46 +869,6 @@ class FeatureClient:
             else:
                 self._write_online(view, rows)
         return written
-
-    def _merged_prefs(
-        self,
-        by_user: dict[int, list[dict[str, Any]]],
-        stored: dict[int, Any],
-        item_cats: dict[int, list[str]],
-        now: pd.Timestamp,
-    ) -> list[dict[str, Any]]:
-        """``user_category_prefs`` rows with each user's pushed positives added.
-
-        A user without a stored row starts from the population prior with no positives. Users
-        whose stored row is not aligned with the build's vocabulary, or has no positives count
-        (a row written before the count existed), keep their row until the next build.
-        """
-        vocab = self.category_vocab
-        prior = list(self.context.resolve(FEATURES["category_prefs"].default) or [])
-        out: list[dict[str, Any]] = []
-        for uid, evs in by_user.items():
-            cats = [item_cats.get(e["item_id"], []) for e in evs if e["label"] == 1]
-            if not vocab or not any(cats):
-                continue
-            row = stored.get(uid)
-            cur: dict[str, Any] = (
-                row[1] if row is not None else {"category_prefs": prior, "category_positives": 0.0}
-            )
-            prefs, count = cur.get("category_prefs"), cur.get("category_positives")
-            if prefs is None or count is None or len(prefs) != len(vocab):
-                continue  # a row of an older build: no count to weigh the new positives against
-            shares, positives = add_category_positives(list(prefs), float(count), cats, vocab)
-            out.append(
-                {
-                    "user_id": uid,
-                    "category_prefs": shares,
-                    "top_category": vocab[int(np.argmax(shares))],
-                    "category_positives": float(np.float32(positives)),
-                    TIMESTAMP_FIELD: _row_time(evs[-1]["timestamp"], row),
-                    CREATED_FIELD: now,
-                }
-            )
-        return out
 
     def _write_online(self, view: View, rows: list[dict[str, Any]]) -> None:
         """Write feature rows to the online store through the provider, on the cached view.
@@ -1001,8 +892,8 @@ class FeatureClient:
                     join_keys=[view.join_key], entity_values=[ValueProto(int64_val=int(r[view.join_key]))]
                 ),
                 {name: protos[name][i] for name in view.feature_names},
-                _utc(r[TIMESTAMP_FIELD]).to_pydatetime(),
-                _utc(r[CREATED_FIELD]).to_pydatetime(),
+                utc_timestamp(r[TIMESTAMP_FIELD]).to_pydatetime(),
+                utc_timestamp(r[CREATED_FIELD]).to_pydatetime(),
             )
             for i, r in enumerate(rows)
         ]
@@ -1049,7 +940,7 @@ class FeatureClient:
         if len(np.unique(id_arr)) != len(id_arr):
             raise InvalidPayloadError("write_embeddings: ids are not unique")
         view = VIEWS_BY_NAME[f"{kind}_embedding"]
-        stamp = _utc(ts) if ts is not None else pd.Timestamp.now(tz="UTC")
+        stamp = utc_timestamp(ts) if ts is not None else pd.Timestamp.now(tz="UTC")
         frame = pd.DataFrame(
             {
                 view.join_key: id_arr,
@@ -1088,7 +979,7 @@ class FeatureClient:
         until: dict[str, str | None] = {}
         for v in views_for("item"):
             end = fvs[v.name].most_recent_end_time if v.name in fvs else None
-            until[v.name] = _utc(end).isoformat() if end is not None else None
+            until[v.name] = utc_timestamp(end).isoformat() if end is not None else None
             part = offline.read_latest(self.features_dir, v, end).drop([TIMESTAMP_FIELD, CREATED_FIELD])
             df = part.to_pandas()
             frame = df if frame is None else frame.merge(df, on="item_id", how="outer")
@@ -1107,7 +998,7 @@ class FeatureClient:
         fvs = self._registered(refresh=True)
         for v in views_for("item"):
             end = fvs[v.name].most_recent_end_time if v.name in fvs else None
-            now = _utc(end).isoformat() if end is not None else None
+            now = utc_timestamp(end).isoformat() if end is not None else None
             if now != self._item_table.materialized_until.get(v.name):
                 return True
         return False
@@ -1116,169 +1007,12 @@ class FeatureClient:
     def check(self, sample: int = 100, seed: int = 0, *, max_details: int = 20) -> CheckReport:
         """Compare online values with the offline store for a sample of entities.
 
-        For each view, samples up to ``sample`` entities among the newest offline rows (up to
-        the view's materialization end, plus pushed / training rows), reads them through Feast's
-        ``get_online_features`` and compares every value (floats to 1e-5 relative). Also
-        compares the item table with the online item features, and adds the definition
-        :func:`~streamrec.features.spec.schema_report`.
-
-        Returns:
-            The report; ``ok`` is false on any mismatch or schema problem.
+        See :func:`streamrec.features.check.check_store`.
 
         Raises:
             OnlineStoreUnavailableError: the online store cannot be reached.
             FeatureStoreError: definitions not applied.
         """
-        fvs = self._require_applied(refresh=True)
-        rng = np.random.default_rng(seed)
-        per_view: dict[str, dict[str, int]] = {}
-        details: list[dict[str, Any]] = []
-        checked = mismatches = values = 0
-        for v in VIEWS:
-            end = fvs[v.name].most_recent_end_time
-            latest = offline.read_latest(self.features_dir, v, end).to_pandas()
-            if latest.empty:
-                per_view[v.name] = {"checked": 0, "mismatches": 0}
-                continue
-            ids = latest[v.join_key].to_numpy()
-            pick = np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False))
-            expected = latest.set_index(v.join_key).loc[pick]
-            refs = [f"{v.name}:{f}" for f in v.feature_names]
-            with self._online_guard("check"):
-                got = self.store.get_online_features(
-                    features=refs, entity_rows=[{v.join_key: int(i)} for i in pick]
-                ).to_dict()
-            bad_rows = 0
-            for r, eid in enumerate(pick):
-                row_bad = False
-                for f in v.feature_names:
-                    a, b = normalize_value(f, got[f][r]), normalize_value(f, expected.at[eid, f])
-                    if not _same(a, b):
-                        row_bad = True
-                        values += 1
-                        if len(details) < max_details:
-                            details.append(_detail(v.name, eid, f, a, b))
-                bad_rows += row_bad
-            per_view[v.name] = {"checked": len(pick), "mismatches": bad_rows}
-            checked += len(pick)
-            mismatches += bad_rows
-        # The in-memory item table against Feast's online answer.
-        table = self.item_table(refresh=True)
-        if len(table):
-            pick = np.sort(rng.choice(table.item_ids, size=min(sample, len(table)), replace=False))
-            online = self.online_features("item", pick.tolist())
-            bad_rows = 0
-            for r, iid in enumerate(pick):
-                row = table.row(int(iid)) or {}
-                row_bad = False
-                for f in row:
-                    a = normalize_value(f, online.at[r, f])
-                    if not _same(a, normalize_value(f, row[f])):
-                        row_bad = True
-                        values += 1
-                        if len(details) < max_details:
-                            details.append(_detail("item_table", iid, f, a, row[f]))
-                bad_rows += row_bad
-            per_view["item_table"] = {"checked": len(pick), "mismatches": bad_rows}
-            checked += len(pick)
-            mismatches += bad_rows
-        schema = schema_report()
-        ok = mismatches == 0 and not any(schema.values())
-        return CheckReport(
-            checked=checked,
-            mismatches=mismatches,
-            mismatched_values=values,
-            per_view=per_view,
-            details=details,
-            schema=schema,
-            online_store=self.settings.describe(),
-            ok=ok,
-        )
+        from streamrec.features.check import check_store
 
-
-def _row_time(latest_event: pd.Timestamp, stored: Any) -> pd.Timestamp:
-    """Timestamp of a pushed row: just after its latest event and after the stored row."""
-    t = _utc(latest_event) + _ONE_US
-    if stored is not None and stored[0] is not None:
-        t = max(t, _utc(stored[0]) + _ONE_US)
-    return t
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        x, y = np.asarray(a), np.asarray(b)
-        if x.shape != y.shape:
-            return False
-        if x.dtype.kind == "f" or y.dtype.kind == "f":
-            return bool(np.allclose(x.astype(np.float64), y.astype(np.float64), rtol=1e-5, atol=1e-6))
-        return bool((x == y).all())
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)
-    return bool(a == b)
-
-
-def _detail(view: str, entity: Any, feature: str, online: Any, offline_value: Any) -> dict[str, Any]:
-    return {
-        "view": view,
-        "entity": int(entity),
-        "feature": feature,
-        "online": _jsonable(online),
-        "offline": _jsonable(offline_value),
-    }
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _parse_event(e: Any, i: int) -> dict[str, Any]:
-    """Validate one push payload into ``user_id, item_id, event_type, label, timestamp``."""
-    if not isinstance(e, Mapping):
-        raise InvalidPayloadError(f"event {i}: expected an object, got {type(e).__name__}")
-    out: dict[str, Any] = {}
-    for key in ("user_id", "item_id"):
-        v = e.get(key)
-        if isinstance(v, bool) or not isinstance(v, int | np.integer):
-            raise InvalidPayloadError(f"event {i}: '{key}' must be a non-negative integer, got {v!r}")
-        if v < 0:
-            raise InvalidPayloadError(f"event {i}: '{key}' must be a non-negative integer, got {v!r}")
-        out[key] = int(v)
-    et = e.get("event_type")
-    if et not in EVENT_TYPES:
-        raise InvalidPayloadError(
-            f"event {i}: 'event_type' must be one of {', '.join(EVENT_TYPES)}, got {et!r}"
-        )
-    out["event_type"] = et
-    rating = e.get("rating")
-    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int | float)):
-        raise InvalidPayloadError(f"event {i}: 'rating' must be a number, got {rating!r}")
-    label = e.get("label")
-    if label is None:
-        label = derive_label(et, rating)
-    elif isinstance(label, bool) or label not in (0, 1):
-        raise InvalidPayloadError(f"event {i}: 'label' must be 0 or 1, got {label!r}")
-    out["label"] = int(label)
-    ts = e.get("timestamp")
-    try:
-        if ts is None:
-            t = pd.Timestamp.now(tz="UTC")
-        elif isinstance(ts, int | float) and not isinstance(ts, bool):
-            if not math.isfinite(ts):
-                raise ValueError("not finite")
-            t = pd.Timestamp(ts, unit="s", tz="UTC")
-        elif isinstance(ts, str | datetime | pd.Timestamp):
-            t = _utc(ts)
-        else:
-            raise ValueError(f"unsupported type {type(ts).__name__}")
-    except (ValueError, TypeError, OverflowError) as err:
-        raise InvalidPayloadError(f"event {i}: 'timestamp' {ts!r} is not a time ({err})") from None
-    if pd.isna(t):
-        raise InvalidPayloadError(f"event {i}: 'timestamp' is missing")
-    out["timestamp"] = t
-    return out
+        return check_store(self, sample, seed, max_details=max_details)

@@ -1,0 +1,157 @@
+"""Online-offline consistency of the feature store (``streamrec features check``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from streamrec.features import offline
+from streamrec.features.defaults import normalize_value
+from streamrec.features.spec import VIEWS, schema_report
+
+if TYPE_CHECKING:
+    from streamrec.features.client import FeatureClient
+
+
+@dataclass
+class CheckReport:
+    """Online-offline consistency and the definition schema report.
+
+    ``checked`` counts entity rows compared (per view, plus item-table rows); ``mismatches``
+    counts those with at least one differing value. ``ok`` is false on any mismatch or
+    schema problem.
+    """
+
+    checked: int
+    mismatches: int
+    mismatched_values: int
+    per_view: dict[str, dict[str, int]]
+    details: list[dict[str, Any]]
+    schema: dict[str, list[str]]
+    online_store: str
+    ok: bool = field(default=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON output."""
+        return asdict(self)
+
+
+def check_store(
+    client: FeatureClient, sample: int = 100, seed: int = 0, *, max_details: int = 20
+) -> CheckReport:
+    """Compare online values with the offline store for a sample of entities.
+
+    For each view, samples up to ``sample`` entities among the newest offline rows (up to
+    the view's materialization end, plus pushed / training rows), reads them through Feast's
+    ``get_online_features`` and compares every value (floats to 1e-5 relative). Also
+    compares the item table with the online item features, and adds the definition
+    :func:`~streamrec.features.spec.schema_report`.
+
+    Returns:
+        The report; ``ok`` is false on any mismatch or schema problem.
+
+    Raises:
+        OnlineStoreUnavailableError: the online store cannot be reached.
+        FeatureStoreError: definitions not applied.
+    """
+    fvs = client._require_applied(refresh=True)
+    rng = np.random.default_rng(seed)
+    per_view: dict[str, dict[str, int]] = {}
+    details: list[dict[str, Any]] = []
+    checked = mismatches = values = 0
+    for v in VIEWS:
+        end = fvs[v.name].most_recent_end_time
+        latest = offline.read_latest(client.features_dir, v, end).to_pandas()
+        if latest.empty:
+            per_view[v.name] = {"checked": 0, "mismatches": 0}
+            continue
+        ids = latest[v.join_key].to_numpy()
+        pick = np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False))
+        expected = latest.set_index(v.join_key).loc[pick]
+        refs = [f"{v.name}:{f}" for f in v.feature_names]
+        with client._online_guard("check"):
+            got = client.store.get_online_features(
+                features=refs, entity_rows=[{v.join_key: int(i)} for i in pick]
+            ).to_dict()
+        bad_rows = 0
+        for r, eid in enumerate(pick):
+            row_bad = False
+            for f in v.feature_names:
+                a, b = normalize_value(f, got[f][r]), normalize_value(f, expected.at[eid, f])
+                if not _same(a, b):
+                    row_bad = True
+                    values += 1
+                    if len(details) < max_details:
+                        details.append(_detail(v.name, eid, f, a, b))
+            bad_rows += row_bad
+        per_view[v.name] = {"checked": len(pick), "mismatches": bad_rows}
+        checked += len(pick)
+        mismatches += bad_rows
+    # The in-memory item table against Feast's online answer.
+    table = client.item_table(refresh=True)
+    if len(table):
+        pick = np.sort(rng.choice(table.item_ids, size=min(sample, len(table)), replace=False))
+        online = client.online_features("item", pick.tolist())
+        bad_rows = 0
+        for r, iid in enumerate(pick):
+            row = table.row(int(iid)) or {}
+            row_bad = False
+            for f in row:
+                a = normalize_value(f, online.at[r, f])
+                if not _same(a, normalize_value(f, row[f])):
+                    row_bad = True
+                    values += 1
+                    if len(details) < max_details:
+                        details.append(_detail("item_table", iid, f, a, row[f]))
+            bad_rows += row_bad
+        per_view["item_table"] = {"checked": len(pick), "mismatches": bad_rows}
+        checked += len(pick)
+        mismatches += bad_rows
+    schema = schema_report()
+    ok = mismatches == 0 and not any(schema.values())
+    return CheckReport(
+        checked=checked,
+        mismatches=mismatches,
+        mismatched_values=values,
+        per_view=per_view,
+        details=details,
+        schema=schema,
+        online_store=client.settings.describe(),
+        ok=ok,
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        x, y = np.asarray(a), np.asarray(b)
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind == "f" or y.dtype.kind == "f":
+            return bool(np.allclose(x.astype(np.float64), y.astype(np.float64), rtol=1e-5, atol=1e-6))
+        return bool((x == y).all())
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6)
+    return bool(a == b)
+
+
+def _detail(view: str, entity: Any, feature: str, online: Any, offline_value: Any) -> dict[str, Any]:
+    return {
+        "view": view,
+        "entity": int(entity),
+        "feature": feature,
+        "online": _jsonable(online),
+        "offline": _jsonable(offline_value),
+    }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

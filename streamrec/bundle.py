@@ -7,6 +7,7 @@ Layout (roles as recorded in the registry manifest)::
     tt_index/             FAISS index over item_vectors
     cf_user_factors.npy   ALS factors (CF source), cf_item_factors.npy
     train.npz             binary training matrix (seen items; CF fold-in and affinity)
+    covisit.npz           co-visitation neighbours (optional: bundles trained before it lack it)
     user_ids.npy          raw user id of each user index
     item_ids.npy          raw item id of each item index
     vocab.json            category and creator vocabularies the ranker's sparse ids refer to
@@ -40,6 +41,7 @@ from streamrec.models.two_tower import TwoTowerModel
 from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.config import RetrievalSettings
+from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import load_index, save_index
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
 
@@ -60,6 +62,8 @@ ROLES: dict[str, str] = {
     "ranker_meta": "ranker/model.json",
     "settings": "settings.json",
 }
+#: Optional roles: written when the model has the part, served when the bundle has the file.
+OPTIONAL_ROLES: dict[str, str] = {"covisit": "covisit.npz"}
 
 
 def save_bundle(
@@ -76,8 +80,13 @@ def save_bundle(
     settings: RetrievalSettings,
     als_config: ALSConfig,
     ranker_layout: dict[str, Any],
+    covisit: CovisitSource | None = None,
 ) -> dict[str, str]:
-    """Write a bundle directory; returns the role -> relative path map for the manifest."""
+    """Write a bundle directory; returns the role -> relative path map for the manifest.
+
+    ``covisit`` (optional) is the co-visitation source; without it the bundle serves the other
+    sources only.
+    """
     d = Path(dst)
     d.mkdir(parents=True, exist_ok=True)
     save_model(two_tower, d / "two_tower")
@@ -92,6 +101,10 @@ def save_bundle(
         json.dumps({"categories": table.category_vocab, "creators": table.creator_vocab})
     )
     save_model(ranker, d / "ranker")
+    roles = dict(ROLES)
+    if covisit is not None:
+        covisit.save(d / OPTIONAL_ROLES["covisit"])
+        roles["covisit"] = OPTIONAL_ROLES["covisit"]
     (d / "settings.json").write_text(
         json.dumps(
             {
@@ -102,10 +115,10 @@ def save_bundle(
             indent=2,
         )
     )
-    missing = [p for p in ROLES.values() if not (d / p).exists()]
+    missing = [p for p in roles.values() if not (d / p).exists()]
     if missing:
         raise CorruptCheckpointError(f"bundle {d} is incomplete after writing: missing {missing}")
-    return dict(ROLES)
+    return roles
 
 
 def align_table(
@@ -191,6 +204,12 @@ class LoadedBundle:
         tt_index = load_index(d / "tt_index")
         cf = CFSource(ALS.from_factors(train, uf, itf, als_cfg), index=None)
         self.ranker = RankerScorer.from_path(d / "ranker", device)
+        covisit_path = d / OPTIONAL_ROLES["covisit"]
+        self.covisit = (
+            CovisitSource.load(covisit_path, self.settings.covisit, seen=train)
+            if covisit_path.exists()
+            else None
+        )
         self.train = train
         self.users = users
         self._parts = (users, train, two_tower, item_vectors, tt_index, cf)
@@ -210,5 +229,5 @@ class LoadedBundle:
             seen=train,
         )
         return self._retrieval_models_cls(
-            users, train, two_tower, item_vectors, tt_index, cf, affinity, trending
+            users, train, two_tower, item_vectors, tt_index, cf, affinity, trending, self.covisit
         )

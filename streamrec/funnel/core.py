@@ -42,6 +42,7 @@ from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.base import UserContext as RetrievalContext
 from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.config import RetrievalSettings
+from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import AnnSource, VectorIndex
 from streamrec.retrieval.merge import MergedCandidates, merge_candidates
 from streamrec.retrieval.trending import TrendingSource
@@ -50,6 +51,8 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 SOURCE_NAMES: tuple[str, ...] = ("two_tower", "cf", "affinity", "trending")
+#: The co-visitation source, served when the bundle has one (bundles trained before it do not).
+COVISIT = "covisit"
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RetrievalModels:
         cf: Collaborative-filtering source (ALS + its index).
         affinity: Category-affinity source.
         trending: Trending source.
+        covisit: Co-visitation source, or ``None`` (disabled, or a bundle trained before it).
     """
 
     users: IdMap
@@ -75,6 +79,12 @@ class RetrievalModels:
     cf: CFSource
     affinity: AffinitySource
     trending: TrendingSource
+    covisit: CovisitSource | None = None
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The sources these models serve, in the order of the ranker's per-source columns."""
+        return SOURCE_NAMES if self.covisit is None else (*SOURCE_NAMES, COVISIT)
 
 
 @dataclass
@@ -152,6 +162,7 @@ class Funnel:
         exposure: Per-item exposure counts for the fairness rule (default: training positives).
     """
 
+    #: The sources of this funnel (:attr:`RetrievalModels.source_names`; set per instance).
     source_names = SOURCE_NAMES
 
     def __init__(
@@ -167,7 +178,8 @@ class Funnel:
         self.table = table
         self.ranker = ranker
         self.settings = settings
-        self.features = RankerFeatures(table, SOURCE_NAMES)
+        self.source_names = models.source_names
+        self.features = RankerFeatures(table, self.source_names)
         if exposure is None:
             exposure = np.asarray(models.train.sum(axis=0)).ravel()
         self.reranker = ReRanker(item_metadata(table, exposure), rerank or ReRankConfig())
@@ -225,6 +237,7 @@ class Funnel:
             user_index=user_idx,
             recent_items=np.concatenate([history, excl_rows]) if excl_rows.size else history,
             query_vector=q,
+            history=history,
         )
         cf_vec = m.cf.query_vector(RetrievalContext(user_index=user_idx, recent_items=history))
         return FunnelContext(
@@ -243,7 +256,7 @@ class Funnel:
 
     # ---------------------------------------------------------------- retrieval
     def retrieve(self, source: str, ctx: FunnelContext, n: int | None = None) -> tuple[I64, F32]:
-        """Candidates of one source (``two_tower``, ``cf``, ``affinity``, ``trending``).
+        """Candidates of one source (``two_tower``, ``cf``, ``affinity``, ``trending``, ``covisit``).
 
         Args:
             source: Source name.
@@ -262,7 +275,11 @@ class Funnel:
             return m.affinity.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
         if source == "trending":
             return m.trending.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
-        raise KeyError(f"unknown retrieval source '{source}'; known: {', '.join(SOURCE_NAMES)}")
+        if source == COVISIT and m.covisit is not None:
+            return m.covisit.retrieve(
+                RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items, history=ctx.history), n
+            )
+        raise KeyError(f"unknown retrieval source '{source}'; known: {', '.join(self.source_names)}")
 
     def merge(self, parts: dict[str, tuple[I64, F32]]) -> tuple[MergedCandidates, F32]:
         """Union of the sources with agreement bonus; also each source's normalised score per item.
@@ -283,11 +300,11 @@ class Funnel:
             self.settings.agreement_bonus,
             normalisation=self.settings.normalisation,
         )
-        src = np.zeros((len(merged), len(SOURCE_NAMES)), dtype=np.float32)
+        src = np.zeros((len(merged), len(self.source_names)), dtype=np.float32)
         if len(merged):
             order = np.argsort(merged.items, kind="stable")
             sorted_items = merged.items[order]
-            for j, name in enumerate(SOURCE_NAMES):
+            for j, name in enumerate(self.source_names):
                 if name not in parts:
                     continue
                 items, scores = parts[name]
@@ -499,6 +516,7 @@ class Funnel:
             tt_index=tt_index,
             affinity=m.affinity.with_items([c.tolist() for c in new_codes]),
             trending=m.trending.with_items(len(ids)),
+            covisit=None if m.covisit is None else m.covisit.with_items(len(ids)),
         )
         out = copy.copy(self)
         out.models, out.table = models, table

@@ -47,7 +47,7 @@ from streamrec.evaluation.metrics import candidate_recall
 from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.snapshot import features_as_of
-from streamrec.funnel.core import SOURCE_NAMES, Funnel, RetrievalModels
+from streamrec.funnel.core import Funnel, RetrievalModels
 from streamrec.funnel.offline import recommend_offline
 from streamrec.funnel.recommender import RecommenderStages
 from streamrec.models.scoring import RankerScorer
@@ -65,6 +65,7 @@ from streamrec.ranking.features import (
 )
 from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.cf import CFSource
+from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import build_index, measure_recall
 from streamrec.retrieval.merge import merge_candidates
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
@@ -184,7 +185,7 @@ def fit_retrieval(
     cutoff: pd.Timestamp,
     tag: str,
 ) -> RetrievalModels:
-    """Fit the four retrieval sources on the positives before ``cutoff``.
+    """Fit the retrieval sources on the positives before ``cutoff``.
 
     Args:
         state: Pipeline state (events, config).
@@ -259,7 +260,12 @@ def fit_retrieval(
         config=TrendingConfig(half_life_hours=r.trending_half_life_hours),
         seen=train,
     )
-    return RetrievalModels(users, train, model, item_vectors, index, cf, affinity, trending)  # type: ignore[arg-type]
+    covisit = (
+        CovisitSource.fit(uidx, pos["item_row"], pos["timestamp"], n_items, r.covisit, seen=train)
+        if r.covisit.enabled
+        else None
+    )
+    return RetrievalModels(users, train, model, item_vectors, index, cf, affinity, trending, covisit)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- ranker rows
@@ -302,7 +308,7 @@ def ranker_rows(
     for u in users:
         g = by_user[u]
         ctx = funnel.context(int(u), _user_feature_dict(ufeat, int(u)), now=t_rank_s)
-        parts = {name: funnel.retrieve(name, ctx) for name in SOURCE_NAMES}
+        parts = {name: funnel.retrieve(name, ctx) for name in funnel.source_names}
         merged, src = funnel.merge(parts)
         if len(merged) == 0:
             continue
@@ -369,7 +375,7 @@ def ranker_rows(
     d = feats.layout.dense
     tt = cross[:, d.index("x_two_tower")]
     cf = cross[:, d.index("x_cf")]
-    src_cols = cross[:, [d.index(f"x_src_{s}") for s in SOURCE_NAMES]]
+    src_cols = cross[:, [d.index(f"x_src_{s}") for s in funnel.source_names]]
     dense, sparse = feats.build(
         user_dense=user_dense_matrix(pit),
         category_prefs=category_pref_matrix(pit["category_prefs"].tolist(), feats.n_categories),
@@ -472,13 +478,13 @@ def evaluate(
     full = [a.served for a in answers if a.served is not None]
     no_rerank = [a.unranked_top(kmax).items for a in answers]
     # Funnel measurement: every source and the merge at the same candidate count.
-    per_source: dict[str, list[I64]] = {s: [] for s in SOURCE_NAMES}
+    per_source: dict[str, list[I64]] = {s: [] for s in funnel.source_names}
     merged_at: dict[int, list[I64]] = {n: [] for n in cfg.candidate_counts}
     n_big = max(cfg.candidate_counts)
     for a in answers:
         ctx = a.context.state
-        big = {name: funnel.retrieve(name, ctx, n_big) for name in SOURCE_NAMES}
-        for name in SOURCE_NAMES:
+        big = {name: funnel.retrieve(name, ctx, n_big) for name in funnel.source_names}
+        for name in funnel.source_names:
             per_source[name].append(big[name][0])
         for n in cfg.candidate_counts:
             cut = {name: (it[:n], sc[:n]) for name, (it, sc) in big.items()}
@@ -507,10 +513,10 @@ def evaluate(
     funnel_rows: list[dict[str, Any]] = []
     for n in cfg.candidate_counts:
         row: dict[str, Any] = {"candidates": n}
-        for name in SOURCE_NAMES:
+        for name in funnel.source_names:
             row[f"recall_{name}"] = candidate_recall(per_source[name], sub_truth, n)
         row["recall_merged"] = candidate_recall(merged_at[n], sub_truth, n)
-        best = max(row[f"recall_{s}"] for s in SOURCE_NAMES)
+        best = max(row[f"recall_{s}"] for s in funnel.source_names)
         row["merged_vs_best_single"] = row["recall_merged"] / best if best > 0 else float("nan")
         funnel_rows.append(row)
     best_baseline = max(baselines, key=lambda r: r.get("ndcg@10", 0.0)) if baselines else None
@@ -767,6 +773,7 @@ def run_pipeline(
             item_vectors=models_b.item_vectors,
             tt_index=models_b.tt_index,
             cf=models_b.cf,
+            covisit=models_b.covisit,
             ranker=ranker,
             table=table_test,
             settings=cfg.retrieval,

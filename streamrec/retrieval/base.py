@@ -34,11 +34,15 @@ class UserContext:
             yet (e.g. this session); they are used as history and excluded from the results.
         query_vector: A precomputed query embedding (e.g. from the two-tower user tower);
             overrides the source's own vector lookup.
+        history: The user's recent interactions, most recent first, for sources that start
+            from items (co-visitation); ``None`` means ``recent_items``. Unlike
+            ``recent_items`` it leaves out items a request only asks to exclude.
     """
 
     user_index: int = -1
     recent_items: IntArray | None = None
     query_vector: FloatArray | None = None
+    history: IntArray | None = None
 
     @property
     def known(self) -> bool:
@@ -122,13 +126,15 @@ class RetrievalSource(ABC):
         self._seen = sp.csr_matrix(seen) if seen is not None else None
 
     def excluded_items(self, ctx: UserContext) -> IntArray:
-        """Items not to return for this user: their seen row plus ``recent_items``."""
+        """Items not to return for this user: their seen row plus ``recent_items`` and ``history``."""
         parts: list[IntArray] = []
         if self._seen is not None and 0 <= ctx.user_index < self._seen.shape[0]:
             s = self._seen
             parts.append(s.indices[s.indptr[ctx.user_index] : s.indptr[ctx.user_index + 1]].astype(np.int64))
         if ctx.recent_items is not None:
             parts.append(np.asarray(ctx.recent_items, dtype=np.int64).ravel())
+        if ctx.history is not None:
+            parts.append(np.asarray(ctx.history, dtype=np.int64).ravel())
         if not parts:
             return np.empty(0, np.int64)
         return np.unique(np.concatenate(parts))

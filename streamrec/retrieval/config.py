@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from streamrec.config import StrictModel
+from streamrec.retrieval.covisit import CovisitConfig
 
 
 class RetrievalSettings(StrictModel):
@@ -23,6 +24,7 @@ class RetrievalSettings(StrictModel):
         cf_factors: Latent factors of the CF model (ALS).
         cf_iterations: ALS iterations.
         trending_half_life_hours: Half-life of the trending score's decay.
+        covisit: The co-visitation source (``enabled: false`` trains and serves without it).
     """
 
     per_source: int = Field(150, ge=1)
@@ -34,3 +36,4 @@ class RetrievalSettings(StrictModel):
     cf_factors: int = Field(64, ge=1)
     cf_iterations: int = Field(15, ge=1)
     trending_half_life_hours: float = Field(72.0, gt=0)
+    covisit: CovisitConfig = Field(default_factory=CovisitConfig)

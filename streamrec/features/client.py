@@ -28,9 +28,10 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -331,19 +332,25 @@ class FeatureClient:
         *,
         snapshots: int = 1,
         every: timedelta = timedelta(days=1),
+        cutoffs: Sequence[datetime | pd.Timestamp] | None = None,
         progress: bool = False,
     ) -> BuildReport:
         """Compute the batch features of the validated data into the offline store.
 
         Writes one snapshot file per batch/stream view for each cutoff ``as_of - k * every``
-        (``k < snapshots``); rebuilding a cutoff replaces its files. Several snapshots give
-        point-in-time training sets a value close before every event. Records the category
-        vocabulary and data-dependent defaults in ``features/meta.json`` and compacts push files.
+        (``k < snapshots``), or for each of ``cutoffs``; rebuilding a cutoff replaces its files.
+        Several snapshots give point-in-time training sets a value close before every event.
+        Versioned views (:attr:`~streamrec.features.spec.View.versioned`, e.g. item metadata)
+        get only the rows that changed since the stored state before each cutoff, and the build
+        replaces their later snapshots. Records the category vocabulary and data-dependent
+        defaults in ``features/meta.json`` and compacts push files.
 
         Args:
             as_of: Cutoff: ISO time, ``now``, or ``latest``/None (just after the last event).
             snapshots: Number of daily (``every``) cutoffs ending at ``as_of``.
             every: Spacing of the cutoffs.
+            cutoffs: Explicit cutoffs instead of ``as_of`` / ``snapshots`` / ``every`` (the
+                training pipeline's: the times it reads features at).
             progress: Show a progress bar on stderr.
 
         Returns:
@@ -359,17 +366,24 @@ class FeatureClient:
         if snapshots < 1:
             raise FeatureStoreError("--snapshots must be at least 1")
         ds = DataStore(self.layout.root)
-        cutoff = resolve_as_of(as_of, ds)
         users, items = ds.users(), ds.items()
         if users.empty and items.empty:
             raise FeatureStoreError(
                 f"no validated users or items in {self.layout.root}: "
                 "run `streamrec data ingest` or `streamrec data synth` first"
             )
-        cutoffs = [cutoff - k * every for k in reversed(range(snapshots))]
+        times: list[pd.Timestamp]
+        if cutoffs is not None:
+            times = sorted({utc_timestamp(t) for t in cutoffs})
+            if not times:
+                raise FeatureStoreError("features build: cutoffs is empty; give at least one time")
+            cutoff = times[-1]
+        else:
+            cutoff = resolve_as_of(as_of, ds)
+            times = [cutoff - k * every for k in reversed(range(snapshots))]
         cols = ["user_id", "item_id", "event_type", "label", "timestamp"]
         events = ds.events(
-            start=(cutoffs[0] - MAX_WINDOW).to_pydatetime(), end=cutoff.to_pydatetime(), columns=cols
+            start=(times[0] - MAX_WINDOW).to_pydatetime(), end=cutoff.to_pydatetime(), columns=cols
         )
         meta = self._meta()
         vocab = list(meta.get("category_vocab", []))
@@ -378,19 +392,29 @@ class FeatureClient:
         snap = None
         pending = dict(meta.get("pending", {}))
         bar = tqdm(
-            total=len(cutoffs), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
+            total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
         )
-        for t in cutoffs:
+        written: dict[str, set[Path]] = {}
+        seen: dict[str, np.ndarray] = {}  # versioned views: entities of this build's previous cutoff
+        for t in times:
             snap = compute_snapshot(users, items, events, t, vocab)
             vocab = snap.vocab
             for name, frame in snap.frames.items():
-                offline.write_snapshot(self.features_dir, VIEWS_BY_NAME[name], frame, t)
+                view = VIEWS_BY_NAME[name]
+                if view.versioned:
+                    ids = frame[view.join_key].to_numpy()
+                    frame = offline.changed_rows(self.features_dir, view, frame, t, seen.get(name))
+                    seen[name] = ids
+                written.setdefault(name, set()).add(offline.write_snapshot(self.features_dir, view, frame, t))
                 rows[name] += len(frame)
                 files += 1
                 prev = pending.get(name)
                 pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
             bar.update(1)
         bar.close()
+        for v in VIEWS:
+            if v.versioned and v.name in written:
+                offline.drop_snapshots_after(self.features_dir, v, times[0], written[v.name])
         compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
         assert snap is not None
         defaults = dict(meta.get("defaults", {}))
@@ -402,7 +426,7 @@ class FeatureClient:
                 "pending": pending,
                 "last_build": {
                     "as_of": cutoff.isoformat(),
-                    "snapshots": [t.isoformat() for t in cutoffs],
+                    "snapshots": [t.isoformat() for t in times],
                     "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
                 },
             }
@@ -410,7 +434,7 @@ class FeatureClient:
         self._write_meta(meta)
         return BuildReport(
             as_of=cutoff.isoformat(),
-            snapshots=[t.isoformat() for t in cutoffs],
+            snapshots=[t.isoformat() for t in times],
             rows=dict(rows),
             users=int(users["user_id"].nunique()),
             items=int(items["item_id"].nunique()),

@@ -56,6 +56,7 @@ from streamrec.models.two_tower import HISTORY_PAD
 from streamrec.paths import DataLayout
 from streamrec.pipeline import ray_train
 from streamrec.pipeline.config import TrainingConfig
+from streamrec.pipeline.snapshots import snapshot_times
 from streamrec.ranking.features import (
     DEVICE_INDEX,
     FEATURE_SCHEMA_VERSION,
@@ -126,24 +127,43 @@ def load_events(state: PipelineState) -> None:
             f"the training window (before {t_test}) has {int(before['label'].sum())} positive events, "
             f"fewer than split.min_train_events={sp_cfg.min_train_events}: ingest more history"
         )
-    t_rank = before["timestamp"].quantile(1 - sp_cfg.ranker_fraction, interpolation="higher")
+    t_rank = ranker_window_start(ev, t_test, sp_cfg.ranker_fraction)
     if not ((ts >= t_test) & (ev["label"] > 0)).any():
         raise TrainingDataError(f"no positive events after the split time {t_test}: nothing to evaluate on")
-    state.events, state.t_rank, state.t_test, state.end = ev, _ts(t_rank), _ts(t_test), _ts(ts.max())
+    state.events, state.t_rank, state.t_test, state.end = ev, t_rank, _ts(t_test), _ts(ts.max())
     state.log(
         f"  {len(ev):,} events, {int(ev['label'].sum()):,} positives; "
         f"ranker window from {state.t_rank}, test from {state.t_test} to {state.end}"
     )
 
 
+def ranker_window_start(events: pd.DataFrame, cutoff: Any, fraction: float) -> pd.Timestamp:
+    """Start of the ranker's label window ``[start, cutoff)`` (``split.ranker_fraction``).
+
+    The window holds the last ``fraction`` of the events before ``cutoff``, by time quantile.
+    """
+    before = events["timestamp"][events["timestamp"] < cutoff]
+    return _ts(before.quantile(1 - fraction, interpolation="higher"))
+
+
 # --------------------------------------------------------------------------- features
 def build_features(state: PipelineState, fc: FeatureClient) -> None:
-    """Daily feature snapshots over the whole history (point-in-time joins need them), apply."""
-    assert state.end is not None
-    start = _ts(state.events["timestamp"].min())
-    days = int((state.end - start) / timedelta(days=1)) + 2
-    as_of = state.end.ceil("D")
-    fc.build(as_of=as_of.to_pydatetime(), snapshots=min(days, 120), every=timedelta(days=1))
+    """Feature snapshots where the pipeline reads features (:mod:`.snapshots`), then apply.
+
+    At the split times, at the serving snapshot, and at the midnights of event days: the
+    ranker's label windows (the evaluated fit's and the refit's) first, then the rest of history.
+    """
+    assert state.end is not None and state.t_rank is not None and state.t_test is not None
+    ts = state.events["timestamp"]
+    cutoff = state.end + pd.Timedelta(microseconds=1)  # the refit's test cutoff (every event before it)
+    t_rank_all = ranker_window_start(state.events, cutoff, state.cfg.split.ranker_fraction)
+    times = snapshot_times(
+        ts,
+        windows=[(state.t_rank, state.t_test), (t_rank_all, cutoff)],
+        points=[state.t_rank, state.t_test, t_rank_all, cutoff, state.end.ceil("D")],
+    )
+    report = fc.build(cutoffs=[t.to_pydatetime() for t in times])
+    state.log(f"  {len(times)} feature snapshots from {times[0]} to {times[-1]}, {report.files} files")
     fc.apply()
 
 

@@ -394,6 +394,8 @@ class FeatureClient:
         bar = tqdm(
             total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
         )
+        for v in VIEWS:  # files written before a feature was added: the new files' schema
+            offline.upgrade_files(self.features_dir, v)
         written: dict[str, set[Path]] = {}
         seen: dict[str, np.ndarray] = {}  # versioned views: entities of this build's previous cutoff
         for t in times:
@@ -453,7 +455,9 @@ class FeatureClient:
         defined.
 
         Returns:
-            ``{"registry": path, "online_store": ..., "feature_views": [...], "removed": [...]}``.
+            ``{"registry": path, "online_store": ..., "feature_views": [...], "removed": [...],
+            "upgraded_files": n}`` (offline files rewritten to the current schema: a feature the
+            spec added since they were written is null in them, i.e. its default).
         """
         mod = load_definitions(self.features_dir)
         objects = list(mod.ALL_OBJECTS)
@@ -461,8 +465,10 @@ class FeatureClient:
         stale = []
         with contextlib.suppress(Exception):
             stale = [fv for fv in self.store.list_feature_views() if fv.name not in defined]
+        upgraded = 0
         for v in VIEWS:  # Feast validates that the source folders exist
             offline.view_dir(self.features_dir, v).mkdir(parents=True, exist_ok=True)
+            upgraded += offline.upgrade_files(self.features_dir, v)  # files older than the spec
         with self._online_guard("apply"), self._feast_output(False):
             self.store.apply(objects, objects_to_delete=stale, partial=not stale)
         self._readers.clear()
@@ -473,6 +479,7 @@ class FeatureClient:
             "feature_views": sorted(defined),
             "feature_services": sorted(mod.FEATURE_SERVICES),
             "removed": [fv.name for fv in stale],
+            "upgraded_files": upgraded,
         }
 
     # --------------------------------------------------------------- materialize
@@ -866,7 +873,10 @@ class FeatureClient:
             iid: list((row[1] if row is not None else {}).get("categories") or [])
             for iid, row in stored(item_read, meta_v, items).items()
         }
-        prior = list(self.context.resolve(FEATURES["category_prefs"].default) or [])
+        meta = self._meta()  # the vocabulary and the prior of the same build
+        prior = list(
+            DefaultContext(dict(meta.get("defaults", {}))).resolve(FEATURES["category_prefs"].default) or []
+        )
         written = [
             (view, rows)
             for view, rows in (
@@ -877,7 +887,7 @@ class FeatureClient:
                         batch.interactions,
                         stored(user_read, prefs_v, users),
                         item_cats,
-                        self.category_vocab,
+                        list(meta.get("category_vocab", [])),
                         prior,
                         now,
                     ),
@@ -886,6 +896,7 @@ class FeatureClient:
             )
             if rows
         ]
+        self._check_registered([view for view, _ in written])  # before writing any of them
         for view, rows in written:
             if feast_push:
                 with self._online_guard(f"push {view.name}"), self._feast_output(False):
@@ -893,6 +904,22 @@ class FeatureClient:
             else:
                 self._write_online(view, rows)
         return written
+
+    def _check_registered(self, views: list[View]) -> None:
+        """Raise unless the Feast registry holds every feature of ``views`` (a stale registry).
+
+        Raises:
+            FeatureStoreError: a view lacks features the spec declares; says to run apply.
+        """
+        for view in views:
+            fv = next(fv for fv, _ in self._reader(view.entity) if fv.name == view.name)
+            missing = sorted(set(view.feature_names) - {f.name for f in fv.features})
+            if missing:
+                raise FeatureStoreError(
+                    f"the Feast registry in {self.features_dir} defines {view.name} without "
+                    f"{', '.join(missing)} (definitions changed since it was applied): "
+                    "run `streamrec features apply`"
+                )
 
     def _write_online(self, view: View, rows: list[dict[str, Any]]) -> None:
         """Write feature rows to the online store through the provider, on the cached view.

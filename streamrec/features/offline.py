@@ -101,6 +101,28 @@ def write_snapshot(
     return path
 
 
+def upgrade_files(features_dir: Path, view: View) -> int:
+    """Rewrite the view's files written before a feature was added, with the feature null.
+
+    Feast reads a view's folder with one schema; a file without a column the spec now declares
+    (e.g. ``category_positives``, added 2026-12-04) breaks every read and materialization of
+    the view. Null reads as the feature's default. Returns how many files were rewritten.
+    """
+    schema = arrow_schema(view)
+    done = 0
+    for f in files(features_dir, view):
+        have = pq.read_schema(f)
+        missing = [fld for fld in schema if fld.name not in have.names]
+        if not missing:
+            continue
+        t = pq.read_table(f)
+        for fld in missing:
+            t = t.append_column(fld, pa.nulls(t.num_rows, type=fld.type))
+        _atomic_write(t.select(schema.names).cast(schema), f)
+        done += 1
+    return done
+
+
 def changed_rows(
     features_dir: Path,
     view: View,

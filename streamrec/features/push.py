@@ -156,10 +156,13 @@ def category_prefs_rows(
     before the count existed), keep their row until the next build; so do users whose positives
     name no item with a category in ``vocab``.
     """
+    known = set(vocab)
     out: list[dict[str, Any]] = []
     for uid, evs in interactions.items():
-        cats = [list(item_categories.get(e["item_id"], ())) for e in evs if e["label"] == 1]
-        if not vocab or not any(cats):
+        cats = [
+            [c for c in item_categories.get(e["item_id"], ()) if c in known] for e in evs if e["label"] == 1
+        ]
+        if not any(cats):  # no positive on an item with a category of the vocabulary
             continue
         row = stored.get(uid)
         cur: dict[str, Any] = (

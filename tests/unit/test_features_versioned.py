@@ -72,3 +72,33 @@ def test_a_rebuild_writes_only_what_changed_and_replaces_later_versions(world: P
     assert list(now.at[edited, "categories"]) == ["jazz"]
     earlier = features_as_of(fc, "item", end).set_index("item_id")
     assert list(earlier.at[edited, "categories"]) == ["opera"]  # each version where it was built
+
+
+def test_files_written_before_a_feature_existed_are_upgraded_and_read_as_its_default(world: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from streamrec.features.spec import VIEWS_BY_NAME as V
+
+    fc = FeatureClient(world)
+    end = DataStore(world).events()["timestamp"].max()
+    fc.build(cutoffs=[end])
+    prefs = V["user_category_prefs"]
+    (f,) = offline.files(fc.features_dir, prefs, ["snapshot"])
+    pq.write_table(pq.read_table(f).drop(["category_positives"]), f)  # as a build before 2026-12-04 wrote it
+    assert offline.upgrade_files(fc.features_dir, prefs) == 1
+    assert offline.upgrade_files(fc.features_dir, prefs) == 0  # once
+    table = offline.read_latest(fc.features_dir, prefs, end).to_pandas()
+    assert table["category_positives"].isna().all() and len(table) >= 60
+
+
+def test_a_push_against_a_registry_older_than_the_spec_writes_nothing_and_says_to_apply(world: Path) -> None:
+    from types import SimpleNamespace
+
+    from streamrec.features.spec import VIEWS_BY_NAME as V
+
+    fc = FeatureClient(world)
+    prefs = V["user_category_prefs"]
+    old = SimpleNamespace(name=prefs.name, features=[SimpleNamespace(name="category_prefs")])
+    fc._readers["user"] = [(old, ["category_prefs"])]
+    with pytest.raises(FeatureStoreError, match="streamrec features apply"):
+        fc._check_registered([prefs])

@@ -35,6 +35,12 @@ from streamrec.service.shadow import ShadowScorer
 log = logging.getLogger(__name__)
 
 
+#: Deadline of the serving-version question during a handover (cluster: a remote call).
+SERVING_VERSION_TIMEOUT_S = 2.0
+#: Room for the champion reload's load in the handover's time limit.
+HANDOVER_LOAD_S = 60.0
+
+
 def _rss_mb() -> float:
     """Resident memory of the process now (MB), from ``/proc`` (the peak where ``/proc`` is absent)."""
     try:
@@ -118,6 +124,7 @@ class Variants:
         self._flagged = flagged
         self._serving_version = serving_version
         self.handing_over = False
+        self._handover_since: float | None = None
         if args.experiment is None:
             raise ValueError("Variants needs args.experiment")
         self.config: ExperimentConfig = args.experiment
@@ -228,20 +235,45 @@ class Variants:
             )
         self.polled_at = time.time()
 
+    def _handover_limit_s(self) -> float:
+        """How long a handover may last: two champion-watcher polls, two experiment polls and a load."""
+        return 2 * self._args.watch_champion_s + 2 * self.config.poll_s + HANDOVER_LOAD_S
+
     async def _promoted_not_served(self, champion: int | None) -> bool:
-        """Whether the held challenger is now the champion and this replica still serves another."""
+        """Whether the held challenger is now the champion and this replica still serves another.
+
+        The handover ends when the replica's champion stages are that version, or after
+        :meth:`_handover_limit_s` (a reload that failed, or no watcher: the champion path answers
+        again, with a warning). The serving version is asked with a short deadline; when it
+        cannot be known, the previous state holds.
+        """
         held = self.challenger
         if champion is None or held is None or held.version != champion or self._serving_version is None:
+            self._handover_since = None
             return False
         try:
-            serving = await self._serving_version()
-        except Exception as err:  # unknown: the champion path answers as before
-            log.warning("serving version unknown (%s): the promoted challenger is dropped", err)
+            serving = await asyncio.wait_for(self._serving_version(), SERVING_VERSION_TIMEOUT_S)
+        except Exception as err:  # unknown (a slow or failing stage): keep the previous state
+            log.warning("serving version unknown (%s: %s): handover state kept", type(err).__name__, err)
+            return self.handing_over
+        if serving is None or serving == champion:
+            self._handover_since = None
             return False
-        if serving is not None and serving != champion:
+        now = time.monotonic()
+        if self._handover_since is None:
+            self._handover_since = now
             log.info("challenger v%d promoted: it answers every user until the champion reload", champion)
-            return True
-        return False
+        elif now - self._handover_since > self._handover_limit_s():
+            if self.handing_over:
+                log.warning(
+                    "champion v%d not loaded by this replica %.0fs after its promotion (it serves v%d): "
+                    "handover ended, the champion path answers; reload it (POST /v1/admin/reload)",
+                    champion,
+                    now - self._handover_since,
+                    serving,
+                )
+            return False
+        return True
 
     async def _keep(self, role: str, held: HeldBundle | None, want: int | None) -> HeldBundle | None:
         """The bundle to hold for ``role``: ``held`` if it is the one wanted, else ``want`` loaded.
@@ -285,7 +317,7 @@ class Variants:
         return {
             "experiment": self.config.name,
             "treatment_share": self.share,
-            "handing_over": self.handing_over,
+            "handing_over": int(self.handing_over),  # an int: the status over replicas sums it
             "challenger": None if self.challenger is None else self.challenger.describe(),
             "shadow": None if self.shadow_bundle is None else self.shadow_bundle.describe(),
             "shadow_runs": None if self.shadow is None else self.shadow.snapshot(),

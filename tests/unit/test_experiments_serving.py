@@ -193,7 +193,20 @@ def test_a_promoted_challenger_answers_everyone_until_the_champion_reload(world:
     asyncio.run(variants.refresh())
     assert variants.handing_over and variants.share == 1.0 and loads == [2]  # held, not reloaded
     assert {variants.route(u) for u in range(1, 50)} == {TREATMENT}
-    assert variants.describe()["handing_over"] is True
+    assert variants.describe()["handing_over"] == 1  # an int: summed over replicas in the status
+
+    async def broken() -> int | None:
+        raise TimeoutError("Features replica busy")
+
+    variants._serving_version = broken  # unknown for a poll: the handover holds
+    asyncio.run(variants.refresh())
+    assert variants.handing_over and variants.share == 1.0
+    variants._serving_version = serving_version
+    since = variants._handover_since
+    assert since is not None
+    variants._handover_since = since - variants._handover_limit_s() - 1  # the reload never came
+    asyncio.run(variants.refresh())
+    assert not variants.handing_over and variants.challenger is None  # the champion path answers again
     serving["version"] = 2  # the champion watcher reloaded this replica
     asyncio.run(variants.refresh())
     assert not variants.handing_over and variants.challenger is None and variants.route(1) is None

@@ -201,12 +201,19 @@ def step_window(
     return None
 
 
-def _blocked_at_step(reg: Any, state: RolloutState) -> str | None:
-    """Why the promotion of ``state``'s version was refused at this step, if it was already."""
+def _blocked_at_step(reg: Any, state: RolloutState, champion: int | None) -> str | None:
+    """Why the promotion was refused at this step, if asking again would change nothing.
+
+    That is a refusal by a gate comparing the candidate with the champion (schema, metrics)
+    while the same champion holds. A refusal of the bundle gate (download, verification, smoke
+    test: possibly transient) is asked again at each tick.
+    """
     for e in reg.history(limit=None):
         if e.at < state.since:
             return None
         if e.event == "rollout_blocked" and e.version == state.version:
+            if e.detail.get("gate") in (None, "bundle", "unknown") or e.detail.get("champion") != champion:
+                return None
             return str(e.detail.get("reason", "see `streamrec registry history`"))
     return None
 
@@ -301,8 +308,8 @@ def advance(
             return RolloutDecision("stopped", state.version, 0.0, reasons, numbers)
         return RolloutDecision("held", state.version, state.share, reasons, numbers)
     if state.step + 1 >= len(steps) or steps[state.step + 1] >= 1.0:  # 100% is the champion: promote
-        blocked = _blocked_at_step(reg, state)
-        if blocked is not None:  # the gates judge the bundle, not the traffic: asking again changes nothing
+        blocked = _blocked_at_step(reg, state, aliases.get("champion"))
+        if blocked is not None:  # the same comparison against the same champion: asking again changes nothing
             why = (
                 f"promotion refused at this step ({blocked}); promote by hand "
                 "(`streamrec registry promote`) or end the rollout"
@@ -311,7 +318,17 @@ def advance(
         try:
             reg.promote(state.version, smoke_test=smoke_test)
         except PromotionRefusedError as err:
-            reg.record_event(state.version, "rollout_blocked", "challenger", reason=str(err), **summary)
+            refusal = getattr(err, "decision", None)
+            failed = next((g.name for g in getattr(refusal, "gates", ()) if g.passed is False), "unknown")
+            reg.record_event(
+                state.version,
+                "rollout_blocked",
+                "challenger",
+                reason=str(err),
+                gate=failed,
+                champion=aliases.get("champion"),
+                **summary,
+            )
             return RolloutDecision("held", state.version, state.share, [f"promotion refused: {err}"], numbers)
         _end(reg, state, "rollout_promoted", **summary)
         return RolloutDecision("promoted", state.version, 1.0, reasons, numbers)

@@ -467,6 +467,23 @@ def test_a_refused_promotion_holds_and_is_recorded_once(
     assert reg.aliases()["champion"] == v1.version
     events = [e.event for e in reg.history(limit=None)]
     assert events.count("rollout_blocked") == 1 and events.count("refused") == 1
+    blocked = next(e for e in reg.history(limit=None) if e.event == "rollout_blocked")
+    assert blocked.detail["gate"] != "bundle" and blocked.detail["champion"] == v1.version
+    # a bundle-gate refusal (a smoke test failing: perhaps transient) is asked again at each tick
+    v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.130}))
+    cfg3 = ExperimentConfig(
+        name="flaky-smoke", rollout_steps=[0.5, 1.0], min_requests_per_step=10, guardrails={"min_requests": 10}
+    )
+    rollout.advance(data, cfg, analysis=_Judged("rollback", 900, ["stop"]))  # end the first rollout
+    rollout.start(data, cfg3, v3.version)
+
+    def smoke_fails(path: Path) -> None:
+        raise OSError("disk full")
+
+    first = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=smoke_fails)
+    assert first.action == "held" and first.reasons[0].startswith("promotion refused: ")
+    done = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
+    assert done.action == "promoted" and reg.aliases()["champion"] == v3.version
 
 
 # ------------------------------------------------------------------------------------ the CLI

@@ -24,7 +24,7 @@ class RetrievalSettings(StrictModel):
         cf_factors: Latent factors of the CF model (ALS).
         cf_iterations: ALS iterations.
         trending_half_life_hours: Half-life of the trending score's decay.
-        covisit: The co-visitation source (``enabled: false`` trains and serves without it).
+        covisit: The co-visitation source (``enabled: true`` trains it; bundles that have it serve it).
     """
 
     per_source: int = Field(150, ge=1)

@@ -51,6 +51,8 @@ class CovisitConfig(StrictModel):
 
     Attributes:
         enabled: Fit the source at training and serve it (a bundle without it serves without).
+            Off by default: on ML-100K and the synthetic world it added no merged recall and
+            no NDCG (docs/benchmarks.md, "Co-visitation source"; ADR-014).
         window: Two events of a user at most this many positions apart in the user's time-ordered
             positives co-visit their items.
         window_hours: ... and at most this many hours apart (``0``: no time limit).
@@ -62,7 +64,7 @@ class CovisitConfig(StrictModel):
             (0: recent history only).
     """
 
-    enabled: bool = True
+    enabled: bool = False
     window: int = Field(10, ge=1)
     window_hours: float = Field(0.0, ge=0)
     popularity_exponent: float = Field(0.5, ge=0)

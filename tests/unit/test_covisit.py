@@ -244,3 +244,50 @@ def test_a_funnel_without_the_source_keeps_the_four_sources_layout() -> None:
     assert "x_src_covisit" not in f.features.layout.dense
     with pytest.raises(KeyError, match="unknown retrieval source 'covisit'"):
         f.retrieve("covisit", f.context(101, {}, now=10.0))
+
+
+@pytest.mark.parametrize("covisit", [True, False])
+def test_a_bundle_saves_the_source_and_serving_loads_it_with_the_rankers_layout(
+    covisit: bool, tmp_path: Path
+) -> None:
+    from streamrec.bundle import LoadedBundle, save_bundle
+    from streamrec.evaluation.baselines import ALSConfig
+    from streamrec.funnel.core import SOURCE_NAMES, Funnel
+    from streamrec.models.dcn import DCNv2
+    from streamrec.models.scoring import RankerScorer
+
+    f = _funnel(covisit=covisit)
+    assert isinstance(f, Funnel)
+    m, layout = f.models, f.features.layout
+    ranker = DCNv2(len(layout.dense), layout.cardinalities, embedding_dim=4, deep_hidden=(8,)).eval()
+    roles = save_bundle(
+        tmp_path / "b",
+        users=m.users,
+        train=m.train,
+        two_tower=m.two_tower,
+        item_vectors=m.item_vectors,
+        tt_index=m.tt_index,
+        cf=m.cf,
+        covisit=m.covisit,
+        ranker=ranker,
+        table=f.table,
+        settings=f.settings,
+        als_config=ALSConfig(factors=2, iterations=2, num_threads=1),
+        ranker_layout={
+            "dense": list(layout.dense),
+            "sparse": list(layout.sparse),
+            "cards": list(layout.cardinalities),
+        },
+    )
+    assert ("covisit" in roles) is covisit and (tmp_path / "b" / "covisit.npz").exists() is covisit
+    b = LoadedBundle(tmp_path / "b")
+    served = Funnel(b.retrieval_models(f.table, [], []), f.table, b.ranker, b.settings)
+    assert served.source_names == ((*SOURCE_NAMES, "covisit") if covisit else SOURCE_NAMES)
+    ctx = served.context(101, {"recent_item_ids": [13]}, now=10.0)
+    if covisit:
+        assert served.retrieve("covisit", ctx)[0].tolist() == f.retrieve("covisit", ctx)[0].tolist() == [2]
+    # The loaded ranker scores the merged candidates with the layout it was trained with.
+    merged, src = served.merge({s: served.retrieve(s, ctx) for s in served.source_names})
+    assert isinstance(served.ranker, RankerScorer)
+    scores, _ = served.score_with_inputs([ctx], [merged.items], [src])
+    assert scores[0].shape == (len(merged),) and np.isfinite(scores[0]).all()

@@ -9,8 +9,11 @@ def utc(value: datetime | str) -> datetime:
     """``value`` as an aware UTC datetime (ISO 8601 text is parsed; a naive time is UTC).
 
     Raises:
-        ValueError: the text is not ISO 8601, or the time falls outside years 1..9999 in UTC.
+        ValueError: the text is not ISO 8601, the value is NaT, or the time falls outside years
+            1..9999 in UTC.
     """
+    if value != value or str(value) == "NaT":  # pandas' NaT (not a time) compares unequal to itself
+        raise ValueError("not a time: NaT")
     when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     if when.tzinfo is None:
         return when.replace(tzinfo=UTC)
@@ -26,8 +29,10 @@ def epoch_s(value: datetime | str | int | float) -> float:
     """Unix seconds of ``value`` (numbers are taken as Unix seconds already).
 
     Raises:
-        ValueError: as :func:`utc`.
+        ValueError: as :func:`utc`; also for a bool.
     """
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
     if isinstance(value, int | float):
         return float(value)
     return utc(value).timestamp()

@@ -54,7 +54,8 @@ def _clean(update: Mapping[str, Any]) -> dict[str, Any]:
             continue
         value = update[name]
         if name == "published_at":  # whole seconds: what the serving item table holds
-            value = utc(value).replace(microsecond=0).isoformat()
+            when = utc(value)  # whole seconds (a pandas Timestamp may carry nanoseconds)
+            value = datetime(*when.timetuple()[:6], tzinfo=UTC).isoformat()
         elif name == "categories":
             value = list(dict.fromkeys(str(c) for c in value))  # each once, in order
         elif name in ("promoted", "flagged"):

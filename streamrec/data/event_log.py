@@ -87,6 +87,7 @@ from streamrec.errors import ConfigError
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
 from streamrec.paths import DataLayout, exclusive_file_lock
 from streamrec.resilience import CircuitBreaker
+from streamrec.timeutil import utc
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +288,10 @@ def _export_now(records: list[dict[str, Any]], now: datetime | None) -> datetime
     ref = now or datetime.now(UTC)
     for rec in records:
         try:
-            got = datetime.fromisoformat(str(rec.get("received_at")))
+            got = utc(str(rec.get("received_at")))
         except ValueError:
             continue
-        if got.tzinfo is not None and got > ref:
+        if got > ref:
             ref = got
     return ref
 

@@ -808,8 +808,9 @@ class FeatureClient:
     ) -> PushResult:
         """Update the streaming features from interactions, online and in the offline log.
 
-        For each user with interactions, ``recent_*`` (last 10) is merged with the online value;
-        for each item with positive events, ``trending_score`` is decayed and incremented. The
+        For each user with interactions, ``recent_*`` (last 10) is merged with the online value
+        and their positives are added to ``category_prefs`` (the item's online categories); for
+        each item with positive events, ``trending_score`` is decayed and incremented. The
         new rows are written to the online store of the views behind the push sources, and
         appended to the offline store (``offline/<view>/push-*.parquet``), so training sees them.
         A row's timestamp is just after its latest event (and after the stored row), so a

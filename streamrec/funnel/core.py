@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import AnnSource, VectorIndex
 from streamrec.retrieval.merge import MergedCandidates, merge_candidates
 from streamrec.retrieval.trending import TrendingSource
+from streamrec.timeutil import epoch_s
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -110,9 +110,7 @@ def _built_from(fields: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
     when = fields.get("published_at") or fields.get("first_seen_at")  # unset: when first logged
     published = 0
     if when is not None:
-        published = (
-            int(when) if isinstance(when, int | float) else int(datetime.fromisoformat(str(when)).timestamp())
-        )
+        published = int(epoch_s(when if isinstance(when, int | float) else str(when)))
     return tuple(str(c) for c in fields.get("categories") or ()), published
 
 

@@ -882,3 +882,23 @@ def test_a_version_mismatch_fails_the_request_not_one_source(world: Path) -> Non
 
     with pytest.raises(StageVersionMismatchError):  # not "a missing source" (a 200 without items)
         asyncio.run(run_funnel(call, req, stages.source_names, 0.5))
+
+
+def test_the_serve_configs_request_log_and_health_blocks_are_the_defaults_they_say_they_show() -> None:
+    import yaml
+
+    from deployments import config
+    from streamrec.monitoring.health import HealthConfig
+    from streamrec.monitoring.logs import RequestLogConfig
+
+    rayservice = yaml.safe_load((REPO / "configs/kuberay/rayservice.yaml").read_text())
+    apps = [
+        config.load(REPO / "configs/serve/local.yaml")["applications"][0],
+        config.load(REPO / "configs/serve/cluster.yaml")["applications"][0],
+        yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0],
+    ]
+    health, log = HealthConfig().model_dump(), RequestLogConfig().model_dump()
+    for app in apps:
+        args = app["args"]
+        assert {k: health[k] for k in args["health"]} == args["health"], app["name"]
+        assert {k: log[k] for k in args["request_log"]} == args["request_log"], app["name"]

@@ -1,13 +1,15 @@
 """The co-visitation retrieval source, side by side: the whole pipeline with and without it.
 
     python bench/bench_covisit.py [--ml100k PATH] [--only ml-100k|synthetic] [--work-dir DIR]
-                                  [--grid] [--out bench/results/covisit.json]
+                                  [--compare covisit|covisit-for-cf] [--grid]
+                                  [--out bench/results/covisit.json]
 
 For each dataset (ML-100K; the synthetic demo world: 2,000 users, 1,000 items, 14 days, seed 7) the
 data is ingested / generated once into ``--work-dir`` and the training pipeline runs twice in this
 one process on it, with the default training configuration (``configs/training/default.yaml``)
 and ``retrieval.covisit.enabled`` true, then false (registry off; baselines: most_popular only and
-untuned, since only the two StreamRec runs are compared). Recorded per run: the funnel's per-source
+untuned, since only the two StreamRec runs are compared). ``--compare covisit-for-cf`` makes the
+*with* run merge co-visitation in place of CF's candidates (``retrieval.merged_sources``). Recorded per run: the funnel's per-source
 and merged candidate recall (``funnel``), NDCG/recall of ``streamrec_ranked`` and
 ``streamrec_full`` with their bootstrap intervals, and wall time; across runs: the paired
 difference *with minus without* per test user (same split, same test users) with its bootstrap
@@ -93,28 +95,42 @@ class _Recorder:
         self._train.evaluate = self._evaluate
 
 
-def _config(covisit: bool) -> Any:
+#: The challenger's merged sources per ``--compare``: None = every source the bundle has.
+CHALLENGERS: dict[str, list[str] | None] = {
+    "covisit": None,  # a fifth source
+    "covisit-for-cf": ["two_tower", "affinity", "trending", "covisit"],  # in place of CF's candidates
+}
+
+
+def _config(covisit: bool, merged_sources: list[str] | None = None) -> Any:
     from streamrec.pipeline.config import load_training_config
 
     cfg = load_training_config(REPO / "configs/training/default.yaml")
     cfg.retrieval.covisit.enabled = covisit
+    if merged_sources is not None:  # validated: names of sources
+        cfg.retrieval = type(cfg.retrieval).model_validate(
+            {**cfg.retrieval.model_dump(), "merged_sources": merged_sources}
+        )
     cfg.evaluation.baselines = ["most_popular"]
     cfg.evaluation.tuning.enabled = False
     return cfg
 
 
-def run_variant(data_dir: Path, covisit: bool, log: Any) -> tuple[dict[str, Any], _Recorder]:
+def run_variant(
+    data_dir: Path, covisit: bool, log: Any, merged_sources: list[str] | None = None
+) -> tuple[dict[str, Any], _Recorder]:
     """One pipeline run; its report (trimmed) and the recorder."""
     from streamrec.pipeline.train import run_pipeline
 
     t0 = time.perf_counter()
     with _Recorder() as rec:
-        report = run_pipeline(data_dir, _config(covisit), register=False, log=log)
+        report = run_pipeline(data_dir, _config(covisit, merged_sources), register=False, log=log)
     wall = time.perf_counter() - t0
     methods = {m["method"]: m for m in report["methods"]}
     keep = ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "coverage@10", "ci")
     return {
         "covisit": covisit,
+        "merged_sources": merged_sources,
         "funnel": report["funnel"],
         "methods": {k: {m: v[m] for m in keep if m in v} for k, v in methods.items()},
         "n_users": report["summary"]["n_users"],
@@ -440,6 +456,12 @@ def main() -> None:
     )
     p.add_argument("--only", choices=["ml-100k", "synthetic"], default=None)
     p.add_argument("--work-dir", default="/tmp/covisit-bench")
+    p.add_argument(
+        "--compare",
+        choices=sorted(CHALLENGERS),
+        default="covisit",
+        help="The 'with' run: co-visitation as a fifth source, or in place of CF's candidates.",
+    )
     p.add_argument("--grid", action="store_true", help="Also measure co-visit settings and merge options.")
     p.add_argument("--grid-only", action="store_true", help="Only the 'with' run and the grid.")
     p.add_argument("--scale", action="store_true", help="Only the fit/request cost at catalogue scale.")
@@ -476,7 +498,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in names:
         d = _prepare(name, Path(args.work_dir), args.ml100k)
-        with_run, rec_with = run_variant(d, True, log)
+        with_run, rec_with = run_variant(d, True, log, CHALLENGERS[args.compare])
         res: dict[str, Any] = {"with": with_run}
         if args.grid or args.grid_only:
             assert rec_with.evaluated is not None

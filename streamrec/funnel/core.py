@@ -23,7 +23,7 @@ import torch
 from streamrec.data.catalogue import creates_item
 from streamrec.data.ids import IdMap
 from streamrec.data.schema import storable_id
-from streamrec.errors import ModelError
+from streamrec.errors import ConfigError, ModelError
 from streamrec.features.defaults import apply_defaults
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.funnel.stages import Candidates
@@ -176,7 +176,13 @@ class Funnel:
         self.table = table
         self.ranker = ranker
         self.settings = settings
-        self.source_names = models.source_names
+        wanted = settings.merged_sources
+        self.source_names = tuple(s for s in models.source_names if wanted is None or s in wanted)
+        if not self.source_names:
+            raise ConfigError(
+                f"retrieval.merged_sources {wanted} names none of this bundle's sources "
+                f"{list(models.source_names)}: list at least one of them"
+            )
         self.features = RankerFeatures(table, self.source_names)
         if exposure is None:
             exposure = np.asarray(models.train.sum(axis=0)).ravel()

@@ -25,6 +25,9 @@ class RetrievalSettings(StrictModel):
         cf_iterations: ALS iterations.
         trending_half_life_hours: Half-life of the trending score's decay.
         covisit: The co-visitation source (``enabled: true`` trains it; bundles that have it serve it).
+        merged_sources: The sources whose candidates are merged (default: every source the bundle
+            has). A fitted source left out is not called; CF's score stays a ranker input
+            (``x_cf``) either way. E.g. co-visitation instead of CF (docs/benchmarks.md).
     """
 
     per_source: int = Field(150, ge=1)
@@ -37,3 +40,6 @@ class RetrievalSettings(StrictModel):
     cf_iterations: int = Field(15, ge=1)
     trending_half_life_hours: float = Field(72.0, gt=0)
     covisit: CovisitConfig = Field(default_factory=CovisitConfig)
+    merged_sources: list[Literal["two_tower", "cf", "affinity", "trending", "covisit"]] | None = Field(
+        None, min_length=1
+    )

@@ -150,7 +150,7 @@ def test_new_items_have_no_neighbours_and_leave_the_source_alone() -> None:
     assert np.diff(grown.neighbours.indptr)[5:].tolist() == [0, 0]
 
 
-def _funnel(covisit: bool) -> object:
+def _funnel(covisit: bool, merged_sources: list[str] | None = None) -> object:
     """A real funnel over 5 items and the 3 users above (tiny two-tower, ALS, affinity, trending)."""
     import torch
 
@@ -205,7 +205,7 @@ def _funnel(covisit: bool) -> object:
         TrendingSource.from_events(n, ITEMS, TIMES, seen=train),
         CovisitSource.fit(USERS, ITEMS, TIMES, n, CovisitConfig(window=2), seen=train) if covisit else None,
     )
-    return Funnel(models, table, None, RetrievalSettings())
+    return Funnel(models, table, None, RetrievalSettings(merged_sources=merged_sources))
 
 
 def test_the_funnel_retrieves_merges_and_grows_the_source() -> None:
@@ -291,3 +291,22 @@ def test_a_bundle_saves_the_source_and_serving_loads_it_with_the_rankers_layout(
     assert isinstance(served.ranker, RankerScorer)
     scores, _ = served.score_with_inputs([ctx], [merged.items], [src])
     assert scores[0].shape == (len(merged),) and np.isfinite(scores[0]).all()
+
+
+def test_merged_sources_choose_which_candidates_are_merged() -> None:
+    from pydantic import ValidationError
+
+    from streamrec.errors import ConfigError
+    from streamrec.funnel.core import Funnel
+    from streamrec.retrieval.config import RetrievalSettings
+
+    f = _funnel(covisit=True, merged_sources=["two_tower", "affinity", "trending", "covisit"])
+    assert isinstance(f, Funnel)
+    assert f.source_names == ("two_tower", "affinity", "trending", "covisit")  # the bundle's order
+    dense = f.features.layout.dense
+    assert "x_src_cf" not in dense and "x_src_covisit" in dense
+    assert "x_cf" in dense  # CF's score stays a ranker input
+    with pytest.raises(ValidationError):
+        RetrievalSettings(merged_sources=["popularity"])
+    with pytest.raises(ConfigError, match="names none of this bundle's sources"):
+        _funnel(covisit=False, merged_sources=["covisit"])

@@ -11,11 +11,13 @@ attribute access (see its ``*TrainSettings`` protocols), so it does not import p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
 
 from streamrec.config import StrictModel
+from streamrec.errors import ConfigError
 from streamrec.models.dcn import DCNv2
 from streamrec.models.two_tower import TwoTowerModel
 
@@ -136,6 +138,11 @@ class RankerConfig(StrictModel):
         sparse_embeddings: Train the sparse fields' embedding table with sparse gradients and a
             row-wise AdamW (see ``TwoTowerConfig.sparse_embeddings``).
         seed: Seed of weight init (when building through this config), split, shuffling, dropout.
+        dense_inputs: Names of the dense columns of the feature layout
+            (:class:`~streamrec.ranking.features.RankerFeatures`) the model reads; ``None`` reads
+            them all. The layout, the logged inputs and the skew checks stay the full ones.
+        sparse_inputs: Names of the sparse fields the model embeds (``item``, ``primary_category``,
+            ``creator``, ``device``); ``None`` embeds them all, ``[]`` none.
     """
 
     embedding_dim: int = Field(16, ge=1)
@@ -153,8 +160,17 @@ class RankerConfig(StrictModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     sparse_embeddings: bool = True
     seed: int = 42
+    dense_inputs: list[str] | None = None
+    sparse_inputs: list[str] | None = None
 
-    def build_model(self, *, n_dense: int, sparse_cardinalities: list[int]) -> DCNv2:
+    def build_model(
+        self,
+        *,
+        n_dense: int,
+        sparse_cardinalities: list[int],
+        dense_names: Sequence[str] | None = None,
+        sparse_names: Sequence[str] | None = None,
+    ) -> DCNv2:
         """Build an untrained :class:`DCNv2` with these settings.
 
         Weights are initialised from ``seed`` so two builds with one config are identical.
@@ -163,12 +179,22 @@ class RankerConfig(StrictModel):
             n_dense: Width of the dense feature vector (may be 0).
             sparse_cardinalities: Number of distinct values of each sparse field; values outside
                 ``0 .. cardinality-1`` go to the field's out-of-vocabulary row.
+            dense_names: Names of the dense columns, in order (needed with ``dense_inputs``).
+            sparse_names: Names of the sparse fields, in order (needed with ``sparse_inputs``).
 
         Returns:
             The model, in training mode, on CPU.
+
+        Raises:
+            ConfigError: ``dense_inputs`` or ``sparse_inputs`` names a column the layout lacks
+                (or the layout's names are not given).
         """
         import torch
 
+        dense_columns = _positions("dense_inputs", self.dense_inputs, dense_names, n_dense)
+        sparse_columns = _positions(
+            "sparse_inputs", self.sparse_inputs, sparse_names, len(sparse_cardinalities)
+        )
         torch.manual_seed(self.seed)
         return DCNv2(
             n_dense=n_dense,
@@ -179,4 +205,22 @@ class RankerConfig(StrictModel):
             structure=self.structure,
             deep_hidden=list(self.deep_hidden),
             dropout=self.dropout,
+            dense_columns=dense_columns,
+            sparse_columns=sparse_columns,
         )
+
+
+def _positions(
+    option: str, wanted: Sequence[str] | None, names: Sequence[str] | None, width: int
+) -> list[int] | None:
+    """Positions of the ``wanted`` names among ``names`` (``None`` when every column is wanted)."""
+    if wanted is None:
+        return None
+    if names is None or len(names) != width:
+        raise ConfigError(f"ranker.{option} needs the feature layout's {width} column names to select from")
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise ConfigError(
+            f"ranker.{option} names {missing}, which the ranker's feature layout lacks: {list(names)}"
+        )
+    return [list(names).index(n) for n in wanted]

@@ -68,6 +68,10 @@ class DCNv2(nn.Module):
         structure: ``"stacked"`` (cross then deep) or ``"parallel"`` (cross and deep side by side).
         deep_hidden: Hidden widths of the deep MLP (may be empty).
         dropout: Dropout after each deep hidden layer.
+        dense_columns: Positions of the dense columns the model reads (``None``: all). The input
+            stays ``(B, n_dense)``, so a model reading fewer columns scores the same feature
+            layout; the others are ignored.
+        sparse_columns: Positions of the sparse fields the model embeds (``None``: all).
     """
 
     def __init__(
@@ -80,12 +84,19 @@ class DCNv2(nn.Module):
         structure: Structure = "parallel",
         deep_hidden: Sequence[int] = (256, 128),
         dropout: float = 0.0,
+        dense_columns: Sequence[int] | None = None,
+        sparse_columns: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         cards = [int(c) for c in sparse_cardinalities]
         if n_dense < 0 or any(c < 1 for c in cards):
             raise ValueError("n_dense must be >= 0 and every cardinality >= 1")
-        if n_dense == 0 and not cards:
+        dense_cols = list(range(n_dense)) if dense_columns is None else [int(c) for c in dense_columns]
+        sparse_cols = list(range(len(cards))) if sparse_columns is None else [int(c) for c in sparse_columns]
+        for what, cols, width in (("dense", dense_cols, n_dense), ("sparse", sparse_cols, len(cards))):
+            if len(set(cols)) != len(cols) or any(not 0 <= c < width for c in cols):
+                raise ValueError(f"{what}_columns must be distinct positions in 0..{width - 1}, got {cols}")
+        if not dense_cols and not sparse_cols:
             raise ValueError("the ranker needs at least one dense or sparse feature")
         if structure not in ("stacked", "parallel"):
             raise ValueError(f"structure must be 'stacked' or 'parallel', got {structure!r}")
@@ -98,10 +109,22 @@ class DCNv2(nn.Module):
             "structure": structure,
             "deep_hidden": list(deep_hidden),
             "dropout": dropout,
+            "dense_columns": None if dense_columns is None else dense_cols,
+            "sparse_columns": None if sparse_columns is None else sparse_cols,
         }
         self.n_dense = n_dense
         self.n_fields = len(cards)
         self.structure = structure
+        # Column selections as buffers (saved with the weights); None when every column is read.
+        self.dense_columns: torch.Tensor | None
+        self.sparse_columns: torch.Tensor | None
+        every_dense, every_field = dense_cols == list(range(n_dense)), sparse_cols == list(range(len(cards)))
+        self.register_buffer(
+            "dense_columns", None if every_dense else torch.tensor(dense_cols, dtype=torch.int64)
+        )
+        self.register_buffer(
+            "sparse_columns", None if every_field else torch.tensor(sparse_cols, dtype=torch.int64)
+        )
 
         # One table for all fields: field f's rows are offsets[f] .. offsets[f] + card_f, the
         # last of which is the field's OOV row. One lookup per batch instead of one per field.
@@ -116,7 +139,7 @@ class DCNv2(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.05)
         self.dense_norm = DenseNormalizer(n_dense)
 
-        self.input_dim = n_dense + self.n_fields * embedding_dim
+        self.input_dim = len(dense_cols) + len(sparse_cols) * embedding_dim
         self.cross = nn.ModuleList(CrossLayer(self.input_dim, cross_rank) for _ in range(n_cross_layers))
         if structure == "stacked":
             self.deep, out_dim = mlp(self.input_dim, deep_hidden, dropout)
@@ -131,13 +154,21 @@ class DCNv2(nn.Module):
         return torch.where(known, sparse, self.cardinalities) + self.offsets
 
     def embed(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """The input ``x_0``: standardised dense features and flattened field embeddings."""
+        """The input ``x_0``: standardised dense features and flattened field embeddings.
+
+        Only the columns and fields the model reads (``dense_columns``, ``sparse_columns``).
+        """
         parts = []
         if self.n_dense > 0:
-            parts.append(self.dense_norm(dense))
+            x = self.dense_norm(dense)
+            parts.append(x if self.dense_columns is None else x.index_select(1, self.dense_columns))
         if self.n_fields > 0:
-            emb = self.embedding(self.sparse_rows(sparse))
+            rows = self.sparse_rows(sparse)
+            if self.sparse_columns is not None:
+                rows = rows.index_select(1, self.sparse_columns)
+            emb = self.embedding(rows)
             parts.append(emb.reshape(emb.shape[0], -1))
+        parts = [p for p in parts if p.shape[1] > 0]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:

@@ -301,6 +301,47 @@ def test_dcn_dense_only_and_sparse_only() -> None:
         DCNv2(0, [])
 
 
+def test_ranker_reads_only_the_inputs_it_is_configured_for(tmp_path: Path) -> None:
+    """``ranker.dense_inputs`` / ``sparse_inputs``: same input layout, the other columns ignored."""
+    names = {"dense_names": ["a", "b", "c", "d"], "sparse_names": ["item", "device"]}
+    cfg = small_ranker_config(dense_inputs=["a", "b"], sparse_inputs=[])
+    model = cfg.build_model(n_dense=4, sparse_cardinalities=[10, 20], **names)
+    assert model.input_dim == 2 and model.hparams["dense_columns"] == [0, 1]
+    data = ranker_problem(3000)
+    hist = train_ranker(model, data, cfg)
+    assert hist[-1]["val_auc"] > 0.7  # the planted dense signal (a, b) is learnt without the fields
+    rd = ranker_problem(64, seed=1)
+    dense, sparse = torch.from_numpy(rd.dense), torch.from_numpy(rd.sparse)
+    p = model.eval().predict_proba(dense, sparse)
+    other = dense.clone()
+    other[:, 2:] = torch.randn(64, 2) * 100.0
+    changed_fields = torch.randint(0, 10, (64, 2))
+    assert torch.equal(p, model.predict_proba(other, changed_fields))  # c, d and the fields are ignored
+    moved = dense.clone()
+    moved[:, 0] += 1.0
+    assert not torch.equal(p, model.predict_proba(moved, sparse))
+    save_model(model, tmp_path / "rk")
+    again = load_model(tmp_path / "rk", expected=DCNv2)
+    assert again.hparams == model.hparams and torch.equal(again.predict_proba(dense, sparse), p)
+    # every column named: the same model as no selection
+    full = small_ranker_config(dense_inputs=["a", "b", "c", "d"], sparse_inputs=["item", "device"])
+    assert full.build_model(n_dense=4, sparse_cardinalities=[10, 20], **names).input_dim == 4 + 2 * 4
+    assert build_ranker().hparams["dense_columns"] is None
+
+
+def test_ranker_inputs_must_name_layout_columns() -> None:
+    with pytest.raises(ConfigError, match="lacks"):
+        small_ranker_config(dense_inputs=["zz"]).build_model(
+            n_dense=2, sparse_cardinalities=[3], dense_names=["a", "b"], sparse_names=["item"]
+        )
+    with pytest.raises(ConfigError, match="column names"):
+        small_ranker_config(sparse_inputs=[]).build_model(n_dense=2, sparse_cardinalities=[3])
+    with pytest.raises(ValueError, match="at least one"):
+        DCNv2(2, [3], dense_columns=[], sparse_columns=[])
+    with pytest.raises(ValueError, match="distinct positions"):
+        DCNv2(2, [3], dense_columns=[0, 0])
+
+
 def test_ranker_learns_separable_problem() -> None:
     data = ranker_problem()
     cfg = small_ranker_config()

@@ -4,7 +4,9 @@ For a sample of the world's users, at the end of its window: each version's serv
 serving stages and orchestration, online features), its ranker order without the re-ranking
 rules, each retrieval source alone, and the ranker over its own merged candidates against a
 random and an oracle order of the same candidates (with the Spearman correlation of ranker
-scores and true click probabilities). Reference rows: the oracle slate over the whole catalogue,
+scores and true click probabilities), and two orders of the same candidates that a model could
+learn from the logs: the oracle without the latent match term, and the user's true category
+affinity alone. Reference rows: the oracle slate over the whole catalogue,
 the best single slate for everyone, and a random slate. Writes ``bench/results/click_model.json``
 and prints a markdown table. Not part of the test suite.
 
@@ -30,6 +32,7 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from streamrec.data.simulator import UserSimulator
+    from streamrec.data.synth import pair_terms
     from streamrec.funnel.offline import recommend_offline
     from streamrec.funnel.recommender import build_stages
 
@@ -52,9 +55,21 @@ def main() -> None:
     def first_position(user: int, ids: np.ndarray) -> np.ndarray:
         return sim.click_probabilities(int(user), ids, positions=np.zeros(len(ids), np.int64), at=at)
 
+    def latent_and_category(user: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The click model's latent match and category affinity of one user's items."""
+        it, row = sim.items, int(user) - 1
+        u_lat, u_aff = (
+            np.asarray(sim.user_latent[row : row + 1]),
+            np.asarray(sim.user_affinity[row : row + 1]),
+        )
+        zeros = np.zeros(len(ids), np.int64)
+        return pair_terms(u_lat, u_aff, zeros, it.latent, it.primary, it.secondary, np.asarray(ids) - 1)
+
     rows: dict[str, float] = {}
     p_all = np.stack([first_position(u, catalogue) for u in users])
-    rows["oracle slate (whole catalogue)"] = float(np.mean([ctr(u, catalogue[np.argsort(-p)[:k]]) for u, p in zip(users, p_all, strict=True)]))
+    rows["oracle slate (whole catalogue)"] = float(
+        np.mean([ctr(u, catalogue[np.argsort(-p)[:k]]) for u, p in zip(users, p_all, strict=True)])
+    )
     best = catalogue[np.argsort(-p_all.sum(axis=0))[:k]]
     rows["best single slate for everyone"] = float(np.mean([ctr(u, best) for u in users]))
     rows["random slate"] = float(np.mean([ctr(u, rng.choice(catalogue, k, replace=False)) for u in users]))
@@ -64,24 +79,33 @@ def main() -> None:
         ids = st.funnel.table.item_ids
         answers = recommend_offline(st, users, st.read_features, k=k, now=at.timestamp())
         rows[f"v{v} served (re-ranked)"] = float(np.mean([ctr(x.user_id, ids[x.served]) for x in answers]))
-        rows[f"v{v} ranker order"] = float(np.mean([ctr(x.user_id, ids[x.unranked_top(k).items]) for x in answers]))
+        rows[f"v{v} ranker order"] = float(
+            np.mean([ctr(x.user_id, ids[x.unranked_top(k).items]) for x in answers])
+        )
         for s in st.source_names:
             got = [ctr(x.user_id, ids[x.parts[s].items[:k]]) for x in answers if len(x.parts[s].items) >= k]
             rows[f"v{v} {s} alone"] = float(np.mean(got)) if got else float("nan")
-        rk, rnd, orc, rho = [], [], [], []
+        rk, rnd, orc, nolat, cat, rho = [], [], [], [], [], []
         for x in answers:
             merged = st.merge(x.context, x.parts)
-            if len(merged) < k:
+            if len(merged) < k or merged.features is None:
                 continue
             scores = st.funnel.score_with_inputs([x.context.state], [merged.items], [merged.features])[0][0]
             p = first_position(x.user_id, ids[merged.items])
+            dot, affinity = latent_and_category(x.user_id, ids[merged.items])
+            with np.errstate(divide="ignore"):
+                learnable = np.log(p) - np.log1p(-p) - sim.params.w_aff * dot
             rk.append(ctr(x.user_id, ids[merged.items[np.argsort(-scores)[:k]]]))
             orc.append(ctr(x.user_id, ids[merged.items[np.argsort(-p)[:k]]]))
+            nolat.append(ctr(x.user_id, ids[merged.items[np.argsort(-learnable)[:k]]]))
+            cat.append(ctr(x.user_id, ids[merged.items[np.argsort(-affinity)[:k]]]))
             rnd.append(ctr(x.user_id, ids[rng.choice(merged.items, k, replace=False)]))
             rho.append(spearmanr(scores, p).statistic)
         rows[f"v{v} candidates: ranker order"] = float(np.mean(rk))
         rows[f"v{v} candidates: random order"] = float(np.mean(rnd))
         rows[f"v{v} candidates: oracle order"] = float(np.mean(orc))
+        rows[f"v{v} candidates: oracle order without the latent match"] = float(np.mean(nolat))
+        rows[f"v{v} candidates: true category affinity order"] = float(np.mean(cat))
         extra[f"v{v}_spearman_median"] = float(np.nanmedian(rho))
     out = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data_dir": str(a.data_dir), "k": k,
            "users": int(users.size), "expected_ctr": rows, **extra}  # fmt: skip

@@ -11,6 +11,12 @@ the best single slate for everyone, and a random slate. Writes ``bench/results/c
 and prints a markdown table. Not part of the test suite.
 
     .venv/bin/python bench/bench_click_model.py --data-dir D --versions 1,2 [--users 200 --k 20]
+        [--sessions 15]
+
+With ``--sessions N`` each user is also shown each version's served slate N times and the
+clicks are sampled from the click model (the simulator's users, no feedback between sessions):
+the first two versions' sampled CTR, lift and a two-proportion z-test, as a demo A/B of
+``users * N`` requests per arm would see them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from scipy.stats import spearmanr
+    from scipy.stats import norm, spearmanr
 
     from streamrec.data.simulator import UserSimulator
     from streamrec.data.synth import pair_terms
@@ -41,6 +47,12 @@ def main() -> None:
     ap.add_argument("--versions", default="1")
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--k", type=int, default=20)
+    ap.add_argument(
+        "--sessions",
+        type=int,
+        default=0,
+        help="sampled sessions per user and version (a simulated A/B of the slates)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "click_model.json")
     a = ap.parse_args()
     sim = UserSimulator(a.data_dir)
@@ -74,11 +86,22 @@ def main() -> None:
     rows["best single slate for everyone"] = float(np.mean([ctr(u, best) for u in users]))
     rows["random slate"] = float(np.mean([ctr(u, rng.choice(catalogue, k, replace=False)) for u in users]))
     extra: dict[str, Any] = {}
+    sampled: dict[int, tuple[int, int, int]] = {}
     for v in (int(x) for x in a.versions.split(",")):
         st = build_stages(a.data_dir, version=v)
         ids = st.funnel.table.item_ids
         answers = recommend_offline(st, users, st.read_features, k=k, now=at.timestamp())
         rows[f"v{v} served (re-ranked)"] = float(np.mean([ctr(x.user_id, ids[x.served]) for x in answers]))
+        if a.sessions:
+            # Clicks sampled from the click model, as the simulator's users would (fixed slates, no feedback).
+            draw = np.random.default_rng(v)
+            outcomes = [
+                sim.simulate_session(x.user_id, ids[x.served], at=at, rng=draw)
+                for x in answers
+                for _ in range(a.sessions)
+            ]
+            clicks, shown = sum(o.n_clicks for o in outcomes), sum(len(o.item_ids) for o in outcomes)
+            sampled[v] = (clicks, shown, len(outcomes))
         rows[f"v{v} ranker order"] = float(
             np.mean([ctr(x.user_id, ids[x.unranked_top(k).items]) for x in answers])
         )
@@ -107,6 +130,17 @@ def main() -> None:
         rows[f"v{v} candidates: oracle order without the latent match"] = float(np.mean(nolat))
         rows[f"v{v} candidates: true category affinity order"] = float(np.mean(cat))
         extra[f"v{v}_spearman_median"] = float(np.nanmedian(rho))
+    if len(sampled) >= 2:
+        (v_a, (c_a, n_a, r_a)), (v_b, (c_b, n_b, r_b)) = list(sampled.items())[:2]
+        p_a, p_b, pooled = c_a / n_a, c_b / n_b, (c_a + c_b) / (n_a + n_b)
+        z = (p_a - p_b) / np.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+        extra["sampled_ab"] = {
+            f"v{v_a}": {"clicks": c_a, "impressions": n_a, "sessions": r_a, "ctr": p_a},
+            f"v{v_b}": {"clicks": c_b, "impressions": n_b, "sessions": r_b, "ctr": p_b},
+            "lift": p_a / p_b - 1,
+            "z": float(z),
+            "p_two_sided": float(2 * norm.sf(abs(z))),
+        }
     out = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data_dir": str(a.data_dir), "k": k,
            "users": int(users.size), "expected_ctr": rows, **extra}  # fmt: skip
     a.out.write_text(json.dumps(out, indent=2))
@@ -114,7 +148,7 @@ def main() -> None:
     for name, value in rows.items():
         print(f"| {name} | {100 * value:.2f}% |")
     for name, value in extra.items():
-        print(f"{name}: {value:.2f}")
+        print(f"{name}: {value:.2f}" if isinstance(value, float) else f"{name}: {json.dumps(value)}")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,12 @@ class DCNv2(nn.Module):
             "structure": structure,
             "deep_hidden": list(deep_hidden),
             "dropout": dropout,
-            "dense_columns": None if dense_columns is None else dense_cols,
-            "sparse_columns": None if sparse_columns is None else sparse_cols,
         }
+        # Only when set: a model that reads every input saves the kwargs older code can load.
+        if dense_columns is not None:
+            self.hparams["dense_columns"] = dense_cols
+        if sparse_columns is not None:
+            self.hparams["sparse_columns"] = sparse_cols
         self.n_dense = n_dense
         self.n_fields = len(cards)
         self.structure = structure

@@ -170,6 +170,10 @@ class TrainingConfig(StrictModel):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
     fallback_top_n: int = Field(50, ge=1)
+    #: After evaluation, refit every served model (retrieval sources, FAISS index, ranker) on all
+    #: of history with the same hyper-parameters and serve that; the metrics and the gates stay
+    #: those of the held-out fit (streamrec.pipeline.refit, ADR-006). False: serve the held-out fit.
+    refit_on_all: bool = True
 
 
 def load_training_config(path: str | Path | None) -> TrainingConfig:

@@ -69,6 +69,23 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{method} minus {paired.get('baseline')}, NDCG@10 paired over test users: "
                     f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
                 )
+    fit = report.get("fit")
+    if fit:
+        ev, sv = fit["evaluated"], fit["served"]
+        out.append(
+            f"Measured: the fit on events before {ev['cutoff']} ({ev['positives']:,} positives), "
+            f"on the test window up to {fit['test_window_end']}."
+        )
+        if fit.get("refit_on_all"):
+            out.append(
+                f"Served: the same models refit on all events up to {sv['last_event']} "
+                f"({sv['positives']:,} positives, {sv['users']:,} users, "
+                f"{sv['items_with_positives']:,} items with positives; "
+                f"held-out fit: {ev['users']:,} users, {ev['items_with_positives']:,} items)."
+            )
+        else:
+            why = f" (refit skipped: {fit['refit_skipped']})" if fit.get("refit_skipped") else ""
+            out.append(f"Served: the measured fit itself{why}.")
     if "registered_version" in report:
         promo = report.get("promotion", {})
         out.append(

@@ -77,6 +77,7 @@ def retrain(
         "registered_version": report.get("registered_version"),
         "promotion": report.get("promotion"),
         "summary": report.get("summary"),
+        "fit": report.get("fit"),
         "event_log": event_log,
         "finished_at": datetime.now(UTC).isoformat(),
     }

@@ -11,6 +11,9 @@ Steps (each logged with its duration)::
     -> ranker: DCN-V2 on Ray Train
     -> evaluate at T_test: baselines (tuned on a validation window before T_test) and the full
        funnel (the serving code) side by side, with bootstrap intervals over test users
+    -> refit (``refit_on_all``, :mod:`streamrec.pipeline.refit`): the steps from retrieval A on
+       again with the test cutoff moved past the last event; that fit is what the bundle serves,
+       while the metrics and the gates stay those measured above
     -> bundle -> registry (gates) -> batch fallback (Ray Data) -> write embeddings, materialize
 
 Item indices everywhere are rows of the item feature table; user indices come from the
@@ -146,6 +149,11 @@ def ranker_window_start(events: pd.DataFrame, cutoff: Any, fraction: float) -> p
     return _ts(before.quantile(1 - fraction, interpolation="higher"))
 
 
+def refit_cutoff(end: pd.Timestamp) -> pd.Timestamp:
+    """The refit's test cutoff (:mod:`.refit`): just past the last event, so every event is before it."""
+    return end + pd.Timedelta(microseconds=1)
+
+
 # --------------------------------------------------------------------------- features
 def build_features(state: PipelineState, fc: FeatureClient) -> None:
     """Feature snapshots where the pipeline reads features (:mod:`.snapshots`), then apply.
@@ -155,7 +163,7 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     """
     assert state.end is not None and state.t_rank is not None and state.t_test is not None
     ts = state.events["timestamp"]
-    cutoff = state.end + pd.Timedelta(microseconds=1)  # the refit's test cutoff (every event before it)
+    cutoff = refit_cutoff(state.end)
     t_rank_all = ranker_window_start(state.events, cutoff, state.cfg.split.ranker_fraction)
     times = snapshot_times(
         ts,
@@ -189,11 +197,19 @@ def _history_matrix(recent: pd.Series, table: ItemFeatureTable, length: int) -> 
     return out
 
 
-def positives_with_features(state: PipelineState, fc: FeatureClient) -> pd.DataFrame:
-    """Every positive before T_test with its user features by point-in-time join (one Feast call)."""
+def positives_with_features(
+    state: PipelineState, fc: FeatureClient, start: pd.Timestamp | None = None
+) -> pd.DataFrame:
+    """Every positive before T_test with its user features by point-in-time join (one Feast call).
+
+    With ``start``, only the positives at or after it (the refit adds those to the ones it has).
+    """
     assert state.t_test is not None
     ev = state.events
-    pos = ev[(ev["timestamp"] < state.t_test) & (ev["label"] > 0)]
+    keep = (ev["timestamp"] < state.t_test) & (ev["label"] > 0)
+    if start is not None:
+        keep &= ev["timestamp"] >= start
+    pos = ev[keep]
     rows = pos[["user_id", "item_id", "timestamp", "label"]].reset_index(drop=True)
     return fc.training_set(rows, service="ranking")
 
@@ -414,6 +430,28 @@ def ranker_rows(
         "ranker_negatives_shown_share": negatives_shown / max(negatives, 1),
     }
     return RankerData(dense, sparse, frame["label"].to_numpy(np.float32)), stats
+
+
+def fit_ranker(
+    state: PipelineState, models: RetrievalModels, table: ItemFeatureTable, data: RankerData, name: str
+) -> tuple[torch.nn.Module, list[dict[str, float]], Any]:
+    """DCN-V2 on Ray Train over ``data``: the model, its history and its feature layout.
+
+    The layout is that of a funnel over ``models`` and ``table``, the retrieval models it serves with.
+    """
+    cfg = state.cfg
+    layout = Funnel(models, table, None, cfg.retrieval).features.layout
+    storage = cfg.storage_path or str(DataLayout.at(state.data_dir).models / "ray_results")
+    ranker, history = ray_train.fit(
+        "ranker",
+        cfg.ranker,
+        {"n_dense": data.dense.shape[1], "sparse_cardinalities": list(layout.cardinalities)},
+        data,
+        cfg.scaling,
+        storage,
+        f"{state.run_id}-{name}",
+    )
+    return ranker, history, layout
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -751,19 +789,8 @@ def run_pipeline(
     table_test = item_table_as_of(fc, state.t_test)
     with _step(state, "retrieval_b"):
         models_b = fit_retrieval(state, pit, table_test, state.t_test, "b")
-    probe = Funnel(models_b, table_test, None, cfg.retrieval)
-    layout_dense = probe.features.layout
-    storage = cfg.storage_path or str(layout.models / "ray_results")
     with _step(state, "ranker"):
-        ranker, r_hist = ray_train.fit(
-            "ranker",
-            cfg.ranker,
-            {"n_dense": rdata.dense.shape[1], "sparse_cardinalities": list(layout_dense.cardinalities)},
-            rdata,
-            cfg.scaling,
-            storage,
-            f"{run_id}-ranker",
-        )
+        ranker, r_hist, layout_dense = fit_ranker(state, models_b, table_test, rdata, "ranker")
     log(f"  ranker: val AUC {r_hist[-1].get('val_auc', float('nan')):.3f}")
     funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)  # type: ignore[arg-type]
     with _step(state, "evaluate"):
@@ -773,6 +800,17 @@ def run_pipeline(
         "ranker_val_auc": float(r_hist[-1].get("val_auc", float("nan"))),
         "ann_recall@50": state.timings.get("ann_recall@50_b"),
     }
+
+    # What serves: the same steps refit on all of history (streamrec.pipeline.refit) unless
+    # refit_on_all is off. The metrics above, the manifest's and the gates' stay the held-out fit's.
+    from streamrec.pipeline.refit import Fit, fit_record, serve_fit
+
+    evaluated = Fit(
+        models_b, table_test, ranker, r_hist, rdata, row_stats, layout_dense, state.t_rank, state.t_test
+    )
+    served, refit_skipped = serve_fit(state, fc, pit, evaluated)
+    fit = fit_record(state, evaluated, served, refit_skipped)
+    report["fit"] = fit.model_dump(mode="json")
 
     # Bundle.
     from streamrec.bundle import save_bundle
@@ -787,33 +825,37 @@ def run_pipeline(
     with _step(state, "bundle"):
         files = save_bundle(
             bundle_dir,
-            users=models_b.users,
-            train=models_b.train,
-            two_tower=models_b.two_tower,
-            item_vectors=models_b.item_vectors,
-            tt_index=models_b.tt_index,
-            cf=models_b.cf,
-            covisit=models_b.covisit,
-            ranker=ranker,
-            table=table_test,
+            users=served.models.users,
+            train=served.models.train,
+            two_tower=served.models.two_tower,
+            item_vectors=served.models.item_vectors,
+            tt_index=served.models.tt_index,
+            cf=served.models.cf,
+            covisit=served.models.covisit,
+            ranker=served.ranker,
+            table=served.table,
             settings=cfg.retrieval,
-            als_config=models_b.cf.model.config,
+            als_config=served.models.cf.model.config,
             ranker_layout={
-                "dense": list(layout_dense.dense),
-                "sparse": list(layout_dense.sparse),
-                "cardinalities": list(layout_dense.cardinalities),
+                "dense": list(served.layout.dense),
+                "sparse": list(served.layout.sparse),
+                "cardinalities": list(served.layout.cardinalities),
             },
         )
         full = next(m for m in report["methods"] if m["method"] == "streamrec_full")
         metrics = {k: float(v) for k, v in full.items() if "@" in k and np.isfinite(v)}
         test = state.events[state.events["timestamp"] >= state.t_test]
+        created_at = datetime.now(UTC)
+        # The served models' newest data: the test cutoff, or the last event after a refit
+        # (never after created_at: the data contract tolerates a little clock skew).
+        data_cutoff = fit.served.last_event if fit.refit_on_all else state.t_test.to_pydatetime()
         manifest = BundleManifest(
             name=f"streamrec-{run_id}",
-            created_at=datetime.now(UTC),
-            data_cutoff=state.t_test.to_pydatetime(),
+            created_at=created_at,
+            data_cutoff=min(data_cutoff, created_at),
             git_sha=_git_sha(),
             feature_schema_version=FEATURE_SCHEMA_VERSION,
-            feature_names=list(layout_dense.dense) + list(layout_dense.sparse),
+            feature_names=list(served.layout.dense) + list(served.layout.sparse),
             files=describe_files(bundle_dir, files),
             metrics=metrics,
             eval_set_id=eval_set_fingerprint(
@@ -823,10 +865,11 @@ def run_pipeline(
                 cfg.evaluation.ks,
             ),
             feature_stats={
-                **_feature_stats(rdata, layout_dense.dense),
-                **_categorical_stats(rdata, layout_dense),
+                **_feature_stats(served.rdata, served.layout.dense),
+                **_categorical_stats(served.rdata, served.layout),
             },
             config=cfg.model_dump(mode="json"),
+            fit=fit,
         )
         write_manifest(bundle_dir, manifest)
     record_config(bundle_dir, "training", cfg)
@@ -856,11 +899,11 @@ def run_pipeline(
         version = run_id
 
     with _step(state, "fallback"):
-        known = models_b.users.raw_ids
+        known = served.models.users.raw_ids
         fb = precompute_fallback(data_dir, bundle_dir, version, known, cfg.fallback_top_n, state.end)
         report["fallback"] = str(fb)
     with _step(state, "materialize"):
-        fc.write_embeddings("item", table_test.item_ids, models_b.item_vectors)
+        fc.write_embeddings("item", served.table.item_ids, served.models.item_vectors)
         fc.materialize(state.end.to_pydatetime() + timedelta(seconds=1))
     report["timings_s"] = state.timings
     (bundle_dir / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))

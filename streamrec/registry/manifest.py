@@ -98,6 +98,67 @@ class BundleFile(StrictModel):
         return v
 
 
+class FitWindow(StrictModel):
+    """One fit of the models a bundle holds (retrieval models and ranker): what data it saw.
+
+    Attributes:
+        cutoff: The models saw the events strictly before this time.
+        last_event: The newest event they saw.
+        ranker_window_start: The ranker's labels come from ``[ranker_window_start, cutoff)``,
+            candidates from retrieval models fit before ``ranker_window_start``.
+        events: Events before ``cutoff``.
+        positives: Positive events before ``cutoff`` (what the retrieval models learn from).
+        users: Users the retrieval models know (with a positive before ``cutoff``).
+        items_with_positives: Items with a positive before ``cutoff``.
+        ranker_rows: The ranker's training rows.
+        ranker_positive_rate: Their share of positives.
+        ranker_val_auc: The ranker's AUC on its own validation rows (a training diagnostic,
+            not a held-out measurement).
+    """
+
+    cutoff: datetime
+    last_event: datetime
+    ranker_window_start: datetime
+    events: int = Field(ge=0)
+    positives: int = Field(ge=0)
+    users: int = Field(ge=0)
+    items_with_positives: int = Field(ge=0)
+    ranker_rows: int = Field(ge=0)
+    ranker_positive_rate: float = Field(ge=0, le=1)
+    ranker_val_auc: float | None = None
+
+    @field_validator("cutoff", "last_event", "ranker_window_start")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+
+class FitRecord(StrictModel):
+    """Which fit the metrics measure and which fit the bundle's files are (``manifest.fit``).
+
+    The pipeline measures a fit made before the test cutoff on the test window (``evaluated``:
+    the manifest's ``metrics`` and the registry's gates are its numbers), then by default
+    refits the same models with the same hyper-parameters on all of history and bundles that
+    (``served``; :mod:`streamrec.pipeline.refit`).
+
+    Attributes:
+        refit_on_all: ``served`` is a refit on all of history; ``False``: the bundle serves the
+            evaluated fit itself (``served`` repeats ``evaluated``).
+        evaluated: The fit whose test-window numbers are ``metrics``.
+        test_window_end: The evaluated fit was measured on events in
+            ``[evaluated.cutoff, test_window_end]``.
+        served: The fit whose files this bundle holds.
+        refit_skipped: Why a refit that was asked for did not happen (the bundle then serves
+            the evaluated fit), or None.
+    """
+
+    refit_on_all: bool
+    evaluated: FitWindow
+    test_window_end: datetime
+    served: FitWindow
+    refit_skipped: str | None = None
+
+
 class BundleManifest(StrictModel):
     """What a bundle contains and how it was made (``manifest.json``).
 
@@ -106,7 +167,9 @@ class BundleManifest(StrictModel):
         format_version: Version of this manifest layout.
         name: Human-readable bundle name, e.g. ``streamrec-20261127``.
         created_at: When the bundle was written (UTC; naive datetimes are taken as UTC).
-        data_cutoff: The latest event time the training data may contain (the temporal split).
+        data_cutoff: The latest event time the served models' training data may contain: the
+            test cutoff of the temporal split, or the last event when the bundle serves a refit
+            on all of history (``fit``).
         git_sha: Commit of the code that trained the bundle.
         feature_schema_version: Version of the feature schema the models consume
             (``MAJOR.MINOR``; see :func:`schema_compatible`).
@@ -117,6 +180,7 @@ class BundleManifest(StrictModel):
             (:func:`eval_set_fingerprint`); metrics are compared only between equal ids.
         feature_stats: Training-set statistics per feature (skew checks).
         config: The resolved training configuration.
+        fit: The evaluated and the served fit (None in bundles trained before it was recorded).
     """
 
     format: Literal["streamrec.bundle"] = "streamrec.bundle"
@@ -132,6 +196,7 @@ class BundleManifest(StrictModel):
     eval_set_id: str = Field(min_length=1)
     feature_stats: dict[str, FeatureStats] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
+    fit: FitRecord | None = None
 
     @field_validator("created_at", "data_cutoff")
     @classmethod
@@ -158,9 +223,20 @@ class BundleManifest(StrictModel):
             raise ValueError(f"data_cutoff {self.data_cutoff} is after created_at {self.created_at}")
         return self
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form, as written to ``manifest.json`` and hashed by :meth:`digest`.
+
+        Optional sections added after format version 1 are left out when unset, so that a
+        manifest written before them keeps its bytes and its digest.
+        """
+        data = self.model_dump(mode="json")
+        if data.get("fit") is None:
+            data.pop("fit", None)
+        return data
+
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of this manifest (it covers every file's hash)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -228,7 +304,7 @@ def write_manifest(bundle_dir: str | os.PathLike[str], manifest: BundleManifest)
     root.mkdir(parents=True, exist_ok=True)
     target = root / MANIFEST_FILE
     tmp = root / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, target)
     return target
 

@@ -63,12 +63,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def replay_requests(d: Path, n: int, seed: int = 0) -> list[RecommendRequest]:
     """``n`` requests drawn from the positive events of the champion's ranker window."""
     manifest = read_manifest(ModelRegistry(data_dir=d).download("champion"))
-    split = manifest.config["split"]
+    assert manifest.fit is not None  # the served ranker's window (a refit's: up to the last event)
     ev = DataStore(d).events(columns=["user_id", "timestamp", "label", "device"])
-    t_test = ev["timestamp"].quantile(1 - split["test_fraction"], interpolation="higher")
-    before = ev[ev["timestamp"] < t_test]
-    t_rank = before["timestamp"].quantile(1 - split["ranker_fraction"], interpolation="higher")
-    pos = before[(before["timestamp"] >= t_rank) & (before["label"] > 0)]
+    t_rank, cutoff = pd.Timestamp(manifest.fit.served.ranker_window_start), pd.Timestamp(manifest.fit.served.cutoff)
+    pos = ev[(ev["timestamp"] >= t_rank) & (ev["timestamp"] < cutoff) & (ev["label"] > 0)]
     rows = pos.sample(n=min(n, len(pos)), random_state=seed)
     return [
         RecommendRequest.model_validate(

@@ -623,6 +623,121 @@ def test_ranker_negatives_from_impressions_are_shown_items(
     assert report["registered_version"] == 1 and report["summary"]["ndcg@10_vs_best_baseline"] >= 0.0
 
 
+@pytest.fixture(scope="module")
+def refit_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[bool, dict[str, Any]]]:
+    """One world trained in-process twice, registry off: ``refit_on_all`` on (the default) and off."""
+    from streamrec.data.store import DataStore
+
+    d = tmp_path_factory.mktemp("refit-world")
+    synthesize(SynthConfig(users=400, items=300, days=8, seed=3), d, progress=False)
+    reports: dict[bool, dict[str, Any]] = {}
+    for refit in (True, False):
+        cfg = small_config(use_ray=False)
+        cfg.refit_on_all = refit
+        reports[refit] = run_pipeline(d, cfg, register=False, log=lambda m: None)
+    return DataStore(d).events(columns=["user_id", "item_id", "timestamp", "label"]), reports
+
+
+def _bundle(report: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    b = Path(report["bundle"])
+    return b, json.loads((b / "manifest.json").read_text())
+
+
+def test_served_bundle_is_refit_on_all_history(refit_pair: tuple[Any, dict[bool, dict[str, Any]]]) -> None:
+    """The bundle that serves has seen the users, items and events after the test cutoff; the one
+    with ``refit_on_all: false`` has not (today's behaviour)."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    events, reports = refit_pair
+    (on, m_on), (off, m_off) = _bundle(reports[True]), _bundle(reports[False])
+    t_test = pd.Timestamp(m_on["fit"]["evaluated"]["cutoff"])
+    pos = events[events["label"] > 0]
+    first = pos.groupby("user_id")["timestamp"].min()
+    late_users = first.index[first >= t_test].to_numpy()
+    first_item = pos.groupby("item_id")["timestamp"].min()
+    late_items = first_item.index[first_item >= t_test].to_numpy()
+    assert late_users.size and late_items.size  # the world has newcomers after the cutoff
+
+    users_on, users_off = np.load(on / "user_ids.npy"), np.load(off / "user_ids.npy")
+    assert np.isin(late_users, users_on).all() and not np.isin(late_users, users_off).any()
+    assert set(users_on) == set(pos["user_id"])  # every user with a positive, up to the last event
+    # The served matrix (CF, affinity, seen items) and the two-tower's id table cover them too.
+    engaged = {}
+    for b, m in ((on, m_on), (off, m_off)):
+        train = sp.load_npz(b / "train.npz").tocsc()
+        cols = np.flatnonzero(np.isin(np.load(b / "item_ids.npy"), late_items))
+        engaged[b] = np.diff(train.indptr)[cols] > 0
+        seen = pos[pos["timestamp"] < pd.Timestamp(m["fit"]["served"]["cutoff"])]
+        assert train.nnz == len(seen.drop_duplicates(["user_id", "item_id"]))
+    assert engaged[on].all() and not engaged[off].any()
+    tt_on = json.loads((on / "two_tower" / "model.json").read_text())
+    tt_off = json.loads((off / "two_tower" / "model.json").read_text())
+    n_users = lambda meta: (meta.get("kwargs") or meta.get("hparams"))["n_users"]  # noqa: E731
+    assert n_users(tt_on) == users_on.size > n_users(tt_off) == users_off.size
+
+    # The manifest holds both fits; the served one ends at the last event.
+    fit = m_on["fit"]
+    ev, sv = fit["evaluated"], fit["served"]
+    assert fit["refit_on_all"] is True and fit["refit_skipped"] is None
+    assert pd.Timestamp(sv["last_event"]) == events["timestamp"].max() == pd.Timestamp(fit["test_window_end"])
+    assert pd.Timestamp(m_on["data_cutoff"]) == events["timestamp"].max()
+    assert sv["positives"] == len(pos) and ev["positives"] == int((pos["timestamp"] < t_test).sum())
+    assert sv["users"] == users_on.size and ev["users"] == users_off.size
+    # The refit's ranker window is the last ranker_fraction (25%) of all events, ending at the last
+    # one (it reaches back past T_test, the evaluated fit's window ends there).
+    expected = events["timestamp"].quantile(1 - 0.25, interpolation="higher")
+    assert pd.Timestamp(sv["ranker_window_start"]) == expected > pd.Timestamp(ev["ranker_window_start"])
+    before_test = events["timestamp"][events["timestamp"] < t_test]
+    assert pd.Timestamp(ev["ranker_window_start"]) == before_test.quantile(1 - 0.25, interpolation="higher")
+    assert sv["ranker_rows"] > 0 and ev == m_off["fit"]["evaluated"]
+    assert reports[True]["fit"] == fit and "refit_retrieval_b" in reports[True]["timings_s"]
+
+    # Switch off: the bundle serves the evaluated fit, as before.
+    assert m_off["fit"]["refit_on_all"] is False and m_off["fit"]["served"] == m_off["fit"]["evaluated"]
+    assert pd.Timestamp(m_off["data_cutoff"]) == t_test
+    assert "refit_retrieval_b" not in reports[False]["timings_s"]
+
+
+def test_refit_keeps_the_held_out_numbers(refit_pair: tuple[Any, dict[bool, dict[str, Any]]]) -> None:
+    """Metrics, funnel, summary, the manifest's metrics and eval set: the held-out fit's, refit or not."""
+    _, reports = refit_pair
+    on, off = reports[True], reports[False]
+    assert {"methods", "funnel", "summary", "fit"} <= set(on)
+
+    def numbers(report: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in m.items() if "@" in k or k in ("method", "ci", "n_users")}
+            for m in report["methods"]
+        ]
+
+    assert numbers(on) == numbers(off)
+    assert on["funnel"] == off["funnel"] and on["summary"] == off["summary"]
+    assert on["training"] == off["training"]  # the evaluated fit's ranker rows and AUC
+    (_, m_on), (_, m_off) = _bundle(on), _bundle(off)
+    assert m_on["metrics"] == m_off["metrics"] and m_on["eval_set_id"] == m_off["eval_set_id"]
+    full = next(m for m in on["methods"] if m["method"] == "streamrec_full")
+    assert m_on["metrics"]["ndcg@10"] == pytest.approx(full["ndcg@10"])
+
+
+def test_the_registered_champion_is_the_refit(trained: tuple[Path, dict[str, Any]]) -> None:
+    """What the registry promoted (and serving loads) knows the users first seen after the cutoff."""
+    import pandas as pd
+
+    from streamrec.data.store import DataStore
+    from streamrec.funnel.recommender import build_stages
+
+    d, report = trained
+    assert report["promotion"]["promoted"] is True and report["fit"]["refit_on_all"] is True
+    t_test = pd.Timestamp(report["fit"]["evaluated"]["cutoff"])
+    ev = DataStore(d).events(columns=["user_id", "timestamp", "label"])
+    first = ev[ev["label"] > 0].groupby("user_id")["timestamp"].min()
+    late = first.index[first >= t_test].to_numpy()
+    assert late.size
+    users = build_stages(d).funnel.models.users
+    assert (users.to_index(late) >= 0).all()
+
+
 def test_streamed_events_reach_the_serving_item_table_and_trending_within_a_sync(
     trained: tuple[Path, dict[str, Any]],
 ) -> None:

@@ -51,11 +51,12 @@ class RankerSampling(StrictModel):
 
     Attributes:
         negatives_per_positive: Hard negatives sampled from retrieval candidates per positive.
-        negatives_from: ``candidates``: any retrieval candidate the user did not engage with
-            (shown or not); ``impressions``: candidates the user was shown in the window and did
-            not engage with (impression or skip events), topped up from the other candidates
-            when there are too few. Negatives never shown teach the ranker what the logging
-            policy showed rather than what users prefer when shown.
+        negatives_from: ``candidates`` (the default): any retrieval candidate the user did not
+            engage with (shown or not); ``impressions``: candidates the user was shown in the
+            window and did not engage with (impression or skip events), topped up from the other
+            candidates when there are too few. Negatives never shown teach the ranker what the
+            logging policy showed rather than what users prefer when shown (ADR-015: with
+            ``ranker.sparse_inputs: []``, configs/training/preference.yaml).
     """
 
     negatives_per_positive: int = Field(8, ge=1)

@@ -445,7 +445,12 @@ def fit_ranker(
     ranker, history = ray_train.fit(
         "ranker",
         cfg.ranker,
-        {"n_dense": data.dense.shape[1], "sparse_cardinalities": list(layout.cardinalities)},
+        {
+            "n_dense": data.dense.shape[1],
+            "sparse_cardinalities": list(layout.cardinalities),
+            "dense_names": list(layout.dense),  # ranker.dense_inputs / sparse_inputs select by name
+            "sparse_names": list(layout.sparse),
+        },
         data,
         cfg.scaling,
         storage,

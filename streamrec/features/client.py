@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -340,10 +339,8 @@ class FeatureClient:
         Writes one snapshot file per batch/stream view for each cutoff ``as_of - k * every``
         (``k < snapshots``), or for each of ``cutoffs``; rebuilding a cutoff replaces its files.
         Several snapshots give point-in-time training sets a value close before every event.
-        Versioned views (:attr:`~streamrec.features.spec.View.versioned`, e.g. item metadata)
-        get only the rows that changed since the stored state before each cutoff, and the build
-        replaces their later snapshots. Records the category vocabulary and data-dependent
-        defaults in ``features/meta.json`` and compacts push files.
+        Records the category vocabulary and data-dependent defaults in ``features/meta.json`` and
+        compacts push files.
 
         Args:
             as_of: Cutoff: ISO time, ``now``, or ``latest``/None (just after the last event).
@@ -396,27 +393,17 @@ class FeatureClient:
         )
         for v in VIEWS:  # files written before a feature was added: the new files' schema
             offline.upgrade_files(self.features_dir, v)
-        written: dict[str, set[Path]] = {}
-        seen: dict[str, np.ndarray] = {}  # versioned views: entities of this build's previous cutoff
         for t in times:
             snap = compute_snapshot(users, items, events, t, vocab)
             vocab = snap.vocab
             for name, frame in snap.frames.items():
-                view = VIEWS_BY_NAME[name]
-                if view.versioned:
-                    ids = frame[view.join_key].to_numpy()
-                    frame = offline.changed_rows(self.features_dir, view, frame, t, seen.get(name))
-                    seen[name] = ids
-                written.setdefault(name, set()).add(offline.write_snapshot(self.features_dir, view, frame, t))
+                offline.write_snapshot(self.features_dir, VIEWS_BY_NAME[name], frame, t)
                 rows[name] += len(frame)
                 files += 1
                 prev = pending.get(name)
                 pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
             bar.update(1)
         bar.close()
-        for v in VIEWS:
-            if v.versioned and v.name in written:
-                offline.drop_snapshots_after(self.features_dir, v, times[0], written[v.name])
         compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
         assert snap is not None
         defaults = dict(meta.get("defaults", {}))

@@ -123,63 +123,6 @@ def upgrade_files(features_dir: Path, view: View) -> int:
     return done
 
 
-def changed_rows(
-    features_dir: Path,
-    view: View,
-    frame: pd.DataFrame,
-    as_of: datetime | pd.Timestamp,
-    previous_ids: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """The rows of ``frame`` (a snapshot at ``as_of``) that differ from the stored state before it.
-
-    For a :attr:`~streamrec.features.spec.View.versioned` view: an entity whose newest stored row
-    before ``as_of`` has the same feature values is left out (its row stays valid); new entities
-    and changed ones are kept. Values are compared as the offline store holds them.
-
-    Args:
-        features_dir: ``<data dir>/features``.
-        view: A versioned view.
-        frame: The view's snapshot at ``as_of``.
-        as_of: The cutoff.
-        previous_ids: The entities of the same build's previous snapshot: a versioned view is
-            computed from a table without history, so within one build a row only appears;
-            only entities not in ``previous_ids`` are kept (no comparison of values).
-    """
-    key, names = view.join_key, view.feature_names
-    if previous_ids is not None:
-        return frame.loc[~np.isin(frame[key].to_numpy(), previous_ids)].reset_index(drop=True)
-    before = read_latest(features_dir, view, _utc(as_of) - pd.Timedelta(microseconds=1)).to_pandas()
-    if before.empty or frame.empty:
-        return frame
-    new = to_arrow(view, frame).to_pandas()
-
-    def fingerprint(f: pd.DataFrame) -> pd.Series:
-        cells = f[names].map(lambda v: tuple(v.tolist()) if isinstance(v, np.ndarray) else v)
-        return pd.Series([repr(tuple(r)) for r in cells.itertuples(index=False)], index=f[key].to_numpy())
-
-    old = fingerprint(before)
-    now = fingerprint(new)
-    same = now.index.isin(old.index) & (now.to_numpy() == old.reindex(now.index).to_numpy())
-    return frame.loc[~same].reset_index(drop=True)
-
-
-def drop_snapshots_after(
-    features_dir: Path, view: View, after: datetime | pd.Timestamp, keep: set[Path]
-) -> int:
-    """Remove the view's snapshot files dated after ``after`` except ``keep``; returns how many.
-
-    A build of a versioned view covers every time from its first cutoff on: an older build's
-    later snapshot (versions computed from an older item table) would otherwise shadow it.
-    """
-    bound = _stamp(after)
-    gone = 0
-    for f in files(features_dir, view, ["snapshot"]):
-        if f not in keep and f.stem.removeprefix("snapshot-") > bound:
-            f.unlink()
-            gone += 1
-    return gone
-
-
 def write_rows(
     features_dir: Path, view: View, rows: pd.DataFrame | list[dict[str, Any]], prefix: str
 ) -> Path:

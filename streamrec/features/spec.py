@@ -115,11 +115,6 @@ class View:
         owner: Team answerable for the view.
         features: The view's features.
         tags: Free-form Feast tags.
-        versioned: A slowly changing view computed from a table without history (batch mode
-            only): a build's first cutoff writes the rows that differ from what earlier builds
-            stored, each later cutoff only the entities that appeared since, so storage grows
-            with changes, not with cutoffs x entities; a row stays valid until replaced, hence
-            an unbounded TTL.
     """
 
     name: str
@@ -130,7 +125,6 @@ class View:
     owner: str
     features: tuple[Feature, ...]
     tags: dict[str, str] = field(default_factory=dict)
-    versioned: bool = False
 
     @property
     def join_key(self) -> str:
@@ -161,8 +155,6 @@ ENTITIES: dict[str, Entity] = {
 }
 
 _D = timedelta(days=1)
-#: TTL of versioned views: a stored row is valid until a newer version replaces it.
-VERSIONED_TTL = 36_500 * _D
 
 VIEWS: tuple[View, ...] = (
     View(
@@ -336,9 +328,8 @@ VIEWS: tuple[View, ...] = (
         "item_metadata",
         "item",
         "batch",
-        VERSIONED_TTL,
-        "Catalogue attributes from the item table, stored as versions: a build writes the rows "
-        "that changed (new items, edited attributes) at each cutoff.",
+        365 * _D,
+        "Catalogue attributes from the item table, snapshotted at each build.",
         OWNER_PLATFORM,
         (
             Feature("primary_category", "string", "First listed category.", OWNER_PLATFORM, "unknown"),
@@ -354,7 +345,6 @@ VIEWS: tuple[View, ...] = (
                 "flagged", "bool", "Flagged by content policy (never recommended).", OWNER_PLATFORM, False
             ),
         ),
-        versioned=True,
     ),
     View(
         "item_engagement_7d",

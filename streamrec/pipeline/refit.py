@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from streamrec.errors import TrainingDataError
+from streamrec.errors import ModelError, TrainingDataError
 from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import ItemFeatureTable
 from streamrec.funnel.core import Funnel, RetrievalModels
@@ -133,16 +133,27 @@ def serve_fit(
 ) -> tuple[Fit, str | None]:
     """The fit the bundle serves: the refit when ``refit_on_all``, else the evaluated fit.
 
-    A refit whose data cannot train (e.g. a single-class ranker window) falls back to the
-    evaluated fit; the reason is returned (and recorded in the manifest's ``fit``).
+    A refit that cannot train (its data, e.g. a single-class ranker window, or a training job
+    that failed: on Ray Train the worker's error arrives as a :class:`ModelError`) falls back to
+    the evaluated fit, which the gates judge anyway; the reason is returned (and recorded in the
+    manifest's ``fit``).
+
+    Args:
+        state: The pipeline state (its config says whether to refit).
+        fc: The feature client.
+        pit: The positives before the test cutoff with their features (the refit adds the rest).
+        evaluated: The held-out fit.
+
+    Returns:
+        The fit to serve, and why the refit was skipped (None when it was not).
     """
     if not state.cfg.refit_on_all:
         return evaluated, None
     try:
         return refit_on_all(state, fc, pit), None
-    except TrainingDataError as err:
-        state.log(f"  refit on all data skipped, serving the held-out fit: {err}")
-        return evaluated, str(err)
+    except (TrainingDataError, ModelError) as err:
+        state.log(f"  refit on all data skipped, serving the held-out fit: {type(err).__name__}: {err}")
+        return evaluated, f"{type(err).__name__}: {err}"
 
 
 def _window(state: PipelineState, fit: Fit) -> FitWindow:

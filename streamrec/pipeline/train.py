@@ -165,11 +165,14 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     ts = state.events["timestamp"]
     cutoff = refit_cutoff(state.end)
     t_rank_all = ranker_window_start(state.events, cutoff, state.cfg.split.ranker_fraction)
-    times = snapshot_times(
-        ts,
-        windows=[(state.t_rank, state.t_test), (t_rank_all, cutoff)],
-        points=[state.t_rank, state.t_test, t_rank_all, cutoff, state.end.ceil("D")],
+    windows, points = (
+        [(state.t_rank, state.t_test)],
+        [state.t_rank, state.t_test, cutoff, state.end.ceil("D")],
     )
+    if state.cfg.refit_on_all:  # the refit's label window and split time
+        windows.append((t_rank_all, cutoff))
+        points.append(t_rank_all)
+    times = snapshot_times(ts, windows=windows, points=points)
     report = fc.build(cutoffs=[t.to_pydatetime() for t in times])
     state.log(f"  {len(times)} feature snapshots from {times[0]} to {times[-1]}, {report.files} files")
     fc.apply()
@@ -330,7 +333,9 @@ def ranker_rows(
     win = in_window[in_window["label"] > 0]
     by_user = {u: g for u, g in win.groupby("user_id")}
     from_impressions = state.cfg.ranker_sampling.negatives_from == "impressions"
-    shown_by_user = {u: g["item_id"].to_numpy() for u, g in in_window[in_window["label"] <= 0].groupby("user_id")}
+    shown_by_user = {
+        u: g["item_id"].to_numpy() for u, g in in_window[in_window["label"] <= 0].groupby("user_id")
+    }
     negatives = negatives_shown = 0
     users = np.array(sorted(by_user))
     if users.size > max_users:
@@ -649,7 +654,9 @@ def _categorical_stats(data: RankerData, layout: Any, top: int = 50) -> dict[str
         kept = {str(int(values[i])): int(counts[i]) for i in order[:top]}
         rest = int(counts[order[top:]].sum())
         out[name] = FeatureStats(
-            count=int(col.size), null_fraction=0.0, categories={**kept, **({OTHER_CATEGORY: rest} if rest else {})}
+            count=int(col.size),
+            null_fraction=0.0,
+            categories={**kept, **({OTHER_CATEGORY: rest} if rest else {})},
         )
     return out
 

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from streamrec.errors import TrainingDataError
+from streamrec.errors import ModelError, TrainingDataError
 from streamrec.pipeline.config import TrainingConfig, load_training_config
 from streamrec.pipeline.report import format_report
 from streamrec.pipeline.train import PipelineState, ranker_window_start
@@ -141,7 +141,14 @@ def test_a_refit_that_cannot_train_serves_the_evaluated_fit(
     state = PipelineState(tmp_path, TrainingConfig(), "run", log=logged.append)
     evaluated: Any = object()
     served, why = refit.serve_fit(state, None, pd.DataFrame(), evaluated)  # type: ignore[arg-type]
-    assert served is evaluated and why == "the ranker window has a single class"
+    assert served is evaluated and why == "TrainingDataError: the ranker window has a single class"
     assert any("refit on all data skipped" in m for m in logged)
+
+    def job_failed(*args: Any) -> Any:  # on Ray Train the worker's error arrives as a ModelError
+        raise ModelError("ranker training failed: only one class in the training split")
+
+    monkeypatch.setattr(refit, "refit_on_all", job_failed)
+    served, why = refit.serve_fit(state, None, pd.DataFrame(), evaluated)  # type: ignore[arg-type]
+    assert served is evaluated and why is not None and why.startswith("ModelError: ")
     state.cfg.refit_on_all = False
     assert refit.serve_fit(state, None, pd.DataFrame(), evaluated) == (evaluated, None)  # type: ignore[arg-type]

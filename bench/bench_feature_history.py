@@ -2,9 +2,9 @@
 
 For synthetic worlds of the same users and catalogue spanning 1, 30, 365 and 3650 days, builds
 the features twice in fresh copies: *before*, as the pipeline did until 2026-12-04 (120 daily
-snapshots ending at the last event, every view written in full at each); *after*, at the
-pipeline's cutoffs (``streamrec.pipeline.snapshots``: the split times and the label windows'
-event days, at most 120 days) with the catalogue's metadata stored as versions. Records files,
+snapshots ending at the last event); *after*, at the pipeline's cutoffs
+(``streamrec.pipeline.snapshots``: the split times and the label windows' event days, at most
+120 days). Every view is written in full at each cutoff in both. Records files,
 bytes, build seconds and whether the item table at the ranker's window start has the catalogue
 (the failure of a long history before). Writes ``bench/results/feature_history.json`` and prints
 a markdown table. Not part of the test suite.
@@ -15,7 +15,6 @@ a markdown table. Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shutil
@@ -40,9 +39,7 @@ def _run(world: Path, mode: str) -> dict[str, Any]:
 
     import pandas as pd
 
-    import streamrec.features.client as client_mod
     from streamrec.features.client import FeatureClient
-    from streamrec.features.spec import VIEWS_BY_NAME
     from streamrec.pipeline.config import TrainingConfig
     from streamrec.pipeline.train import PipelineState, build_features, item_table_as_of, load_events
 
@@ -56,10 +53,8 @@ def _run(world: Path, mode: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     if mode == "before":
         assert state.end is not None
-        unversioned = {k: dataclasses.replace(v, versioned=False) for k, v in VIEWS_BY_NAME.items()}
         days = int((state.end - state.events["timestamp"].min()) / timedelta(days=1)) + 2
-        with mock.patch.object(client_mod, "VIEWS_BY_NAME", unversioned):
-            fc.build(as_of=state.end.ceil("D").to_pydatetime(), snapshots=min(days, 120))
+        fc.build(as_of=state.end.ceil("D").to_pydatetime(), snapshots=min(days, 120))
     else:
         with mock.patch.object(FeatureClient, "apply", lambda self: {}):  # the registry is not the cost
             build_features(state, fc)

@@ -141,21 +141,10 @@ def run_variant(
 
 
 def _test_users(state: Any, funnel: Any) -> tuple[np.ndarray, Any]:
-    """The evaluation's test users and their truth (as :func:`streamrec.pipeline.train.evaluate`)."""
-    import scipy.sparse as sp
+    """The evaluation's test users and their truth rows (:func:`streamrec.pipeline.train.test_truth`)."""
+    from streamrec.pipeline.train import test_truth
 
-    m = funnel.models
-    ev = state.events
-    test = ev[(ev["timestamp"] >= state.t_test) & (ev["label"] > 0)]
-    uidx = m.users.to_index(test["user_id"].to_numpy())
-    irow = funnel.table.index_of(test["item_id"].to_numpy())
-    ok = (uidx >= 0) & (irow >= 0)
-    truth = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (uidx[ok], irow[ok])), shape=m.train.shape)
-    truth.sum_duplicates()
-    truth.data[:] = 1.0
-    truth = sp.csr_matrix(truth - truth.multiply(m.train))
-    truth.eliminate_zeros()
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users, truth = test_truth(state, funnel)
     return users, truth[users]
 
 

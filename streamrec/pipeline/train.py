@@ -472,6 +472,32 @@ def _pad(rows: list[I64], k: int) -> I64:
     return out
 
 
+def test_truth(state: PipelineState, funnel: Funnel) -> tuple[I64, sp.csr_matrix]:
+    """The test window's new positives: ``(users with at least one, truth matrix)``.
+
+    Args:
+        state: Pipeline state (events and the test cutoff).
+        funnel: The evaluated funnel (its user index, item rows and training matrix).
+
+    Returns:
+        The user rows with a positive after ``T_test`` on an item they did not have in training,
+        and the binary ``(users, items)`` truth over all users (items seen in training removed).
+    """
+    assert state.t_test is not None
+    m = funnel.models
+    ev = state.events
+    test = ev[(ev["timestamp"] >= state.t_test) & (ev["label"] > 0)]
+    uidx = m.users.to_index(test["user_id"].to_numpy())
+    irow = funnel.table.index_of(test["item_id"].to_numpy())
+    ok = (uidx >= 0) & (irow >= 0)
+    truth = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (uidx[ok], irow[ok])), shape=m.train.shape)
+    truth.sum_duplicates()
+    truth.data[:] = 1.0
+    truth = sp.csr_matrix(truth - truth.multiply(m.train))  # items seen in training are not test targets
+    truth.eliminate_zeros()
+    return np.flatnonzero(np.diff(truth.indptr) > 0), truth
+
+
 def evaluate(
     state: PipelineState,
     fc: FeatureClient,
@@ -490,16 +516,7 @@ def evaluate(
     cfg = state.cfg.evaluation
     m = funnel.models
     ev = state.events
-    test = ev[(ev["timestamp"] >= state.t_test) & (ev["label"] > 0)]
-    uidx = m.users.to_index(test["user_id"].to_numpy())
-    irow = funnel.table.index_of(test["item_id"].to_numpy())
-    ok = (uidx >= 0) & (irow >= 0)
-    truth = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (uidx[ok], irow[ok])), shape=m.train.shape)
-    truth.sum_duplicates()
-    truth.data[:] = 1.0
-    truth = sp.csr_matrix(truth - truth.multiply(m.train))  # items seen in training are not test targets
-    truth.eliminate_zeros()
-    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users, truth = test_truth(state, funnel)
     if users.size == 0:
         raise TrainingDataError("no test user has a new positive item after the split: nothing to evaluate")
     if cfg.max_users and users.size > cfg.max_users:

@@ -70,10 +70,10 @@ class _Recorder:
         self.evaluated: tuple[Any, Any, Any] | None = None
 
     def __enter__(self) -> _Recorder:
-        import streamrec.pipeline.train as train
+        import streamrec.pipeline.evaluate as evaluation
 
-        self._train = train
-        self._score, self._evaluate = train.score_ranking, train.evaluate
+        self._module = evaluation
+        self._score, self._evaluate = evaluation.score_ranking, evaluation.evaluate
 
         def score(name: str, ranked: Any, truth: Any, *a: Any, **kw: Any) -> Any:
             out = self._score(name, ranked, truth, *a, **kw)
@@ -86,13 +86,13 @@ class _Recorder:
             self.evaluated = (state, fc, funnel)
             return self._evaluate(state, fc, funnel, rng)
 
-        train.score_ranking = score
-        train.evaluate = evaluate
+        evaluation.score_ranking = score
+        evaluation.evaluate = evaluate
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._train.score_ranking = self._score
-        self._train.evaluate = self._evaluate
+        self._module.score_ranking = self._score
+        self._module.evaluate = self._evaluate
 
 
 #: The challenger's merged sources per ``--compare``: None = every source the bundle has.
@@ -141,8 +141,8 @@ def run_variant(
 
 
 def _test_users(state: Any, funnel: Any) -> tuple[np.ndarray, Any]:
-    """The evaluation's test users and their truth rows (:func:`streamrec.pipeline.train.test_truth`)."""
-    from streamrec.pipeline.train import test_truth
+    """The evaluation's test users and their truth rows (:func:`streamrec.pipeline.evaluate.test_truth`)."""
+    from streamrec.pipeline.evaluate import test_truth
 
     users, truth = test_truth(state, funnel)
     return users, truth[users]

@@ -22,7 +22,7 @@ from streamrec.models import (
     train_ranker,
     train_two_tower,
 )
-from streamrec.models.train_loop import SparseAwareAdamW, sparse_embedding_grads
+from streamrec.models.optim import SparseAwareAdamW, sparse_embedding_grads
 
 torch.set_num_threads(1)
 

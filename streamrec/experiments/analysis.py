@@ -14,17 +14,8 @@ summaries under the experiment's :class:`~streamrec.experiments.config.Experimen
   request frame from what it sent and what its simulated users did.
 
 Users are the unit of randomisation, so CTR and completion rate are compared with users as
-clusters: each variant's rate is a ratio of per-user means (clicks or completions over
-impressions), its variance the delta method's over users (Deng et al. 2018, "Applying the Delta
-Method in Metric Analytics"), never a binomial variance over impressions, which would ignore
-that one user's impressions are correlated and understate the variance by the design effect
-1 + (m - 1) ICC. From these: the interval of the difference, a two-sided z-test on it, the
-delta-method interval of the relative lift, and the minimum sample size in users per variant
-(``NormalIndPower`` on the difference standardised by control's per-user standard deviation).
-Each variant's own rate keeps its Wilson interval (descriptive, per impression). Coverage, a
-share of the catalogue, keeps the two-proportion statistics (statsmodels' Newcombe interval of
-the difference, log-adjusted interval of the ratio, z-test). The sample-ratio-mismatch check is
-scipy's chi-square.
+clusters (the statistics: :mod:`streamrec.experiments.stats`); each variant's own rate keeps its
+Wilson interval (descriptive, per impression).
 
 Coverage (distinct items shown over the catalogue) grows with the number of requests, so a 1%
 canary would always look worse: it is computed on equal request counts, the larger variant's
@@ -34,22 +25,25 @@ requests subsampled (seeded) to the smaller one's count.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chisquare, norm
-from statsmodels.stats.power import NormalIndPower
-from statsmodels.stats.proportion import (
-    confint_proportions_2indep,
-    proportions_ztest,
-)
 
 from streamrec.errors import DataNotFoundError
 from streamrec.experiments.config import CONTROL, TREATMENT, ExperimentConfig
+from streamrec.experiments.stats import (
+    NAN3,
+    RatioEstimate,
+    difference_lower_bound,
+    proportion_difference,
+    ratio_difference,
+    ratio_estimate,
+    srm_test,
+    users_required,
+)
 from streamrec.jsonsafe import json_safe
 from streamrec.monitoring.drift import rate_interval
 
@@ -74,68 +68,6 @@ REQUEST_FRAME_COLUMNS: tuple[str, ...] = (
 )
 #: Variant label of requests served outside any experiment (simulator tallies).
 NO_VARIANT = "none"
-
-
-@dataclass(frozen=True)
-class RatioEstimate:
-    """A per-impression rate of one variant with users as clusters.
-
-    With per user ``x`` (impressions) and ``y`` (clicks or completions) over ``n`` users, the
-    rate is ``R = sum(y) / sum(x)`` (a ratio of means) and, by the delta method (Deng et al.
-    2018), ``var(R) = per_user_variance / n`` with
-
-        per_user_variance = (s_y^2 - 2 R s_xy + R^2 s_x^2) / mean(x)^2
-                          = sum((y - R x)^2) / (n - 1) / mean(x)^2
-
-    (sample variances and covariance with ``n - 1``; the two forms are equal because
-    ``y - R x`` has mean 0). With one impression per user it is the binomial ``R (1 - R)``
-    (times ``n / (n - 1)``); when a user's impressions are all clicked or all not, it is ``m``
-    times the binomial variance per impression.
-
-    Attributes:
-        users: ``n``.
-        successes: ``sum(y)``.
-        trials: ``sum(x)``.
-        rate: ``R`` (NaN without trials).
-        per_user_variance: The variance above (NaN with fewer than 2 users, no trials or no
-            per-user sums).
-    """
-
-    users: int
-    successes: int
-    trials: int
-    rate: float
-    per_user_variance: float
-
-    @property
-    def variance(self) -> float:
-        """``var(R)``: the per-user variance over the number of users."""
-        return self.per_user_variance / self.users if self.users > 0 else math.nan
-
-    @property
-    def naive_variance(self) -> float:
-        """The binomial variance ``R (1 - R) / trials`` that treats impressions as independent."""
-        return self.rate * (1 - self.rate) / self.trials if self.trials > 0 else math.nan
-
-
-def ratio_estimate(
-    users: int,
-    trials: int,
-    successes: int,
-    trials_sq: int | None,
-    successes_sq: int | None,
-    cross: int | None,
-) -> RatioEstimate:
-    """:class:`RatioEstimate` from the sums over users of ``x``, ``y``, ``x^2``, ``y^2`` and ``x y``."""
-    rate = successes / trials if trials > 0 else math.nan
-    var = math.nan
-    if users >= 2 and trials > 0 and None not in (trials_sq, successes_sq, cross):
-        assert trials_sq is not None and successes_sq is not None and cross is not None
-        # sum((y - R x)^2) = sum(y^2) - 2 R sum(x y) + R^2 sum(x^2)
-        ss = float(successes_sq) - 2 * rate * float(cross) + rate * rate * float(trials_sq)
-        mean_x = trials / users
-        var = max(ss, 0.0) / (users - 1) / (mean_x * mean_x)
-    return RatioEstimate(int(users), int(successes), int(trials), rate, var)
 
 
 @dataclass(frozen=True)
@@ -301,18 +233,9 @@ class SrmCheck:
 class SampleSize:
     """Minimum sample size of the primary metric.
 
-    For CTR and completion rate it is in users (the unit of randomisation). With ``sigma^2``
-    control's per-user variance (:attr:`RatioEstimate.per_user_variance`, assumed for both
-    variants), ``delta = baseline * expected_effect`` (the target rate capped at 1) and ``k``
-    control users per treatment user (the observed allocation), the z-test of the difference has
-    power ``1 - beta`` at ``alpha`` (two-sided) when
-
-        n_treatment = (z_{1-alpha/2} + z_{1-beta})^2 * sigma^2 * (1 + 1/k) / delta^2,
-        n_control = k * n_treatment
-
-    (``per_variant``: ``k = 1``, ``2 (z + z)^2 sigma^2 / delta^2``); statsmodels'
-    ``NormalIndPower`` solves it with the standardised effect ``delta / sigma``. The implied
-    impressions are these times control's impressions per user.
+    For CTR and completion rate it is in users (the unit of randomisation; the formula:
+    :func:`~streamrec.experiments.stats.users_required`). The implied impressions are these
+    times control's impressions per user.
 
     Attributes:
         metric: The primary metric.
@@ -611,7 +534,6 @@ def _compare_rates(
 ) -> MetricComparison:
     """CTR or completion rate with users as clusters (see :class:`MetricComparison`)."""
     c, t = control.ratio(metric), treatment.ratio(metric)
-    nan3 = (math.nan, math.nan, math.nan)
     why: list[str] = []
     for v, r in ((control, c), (treatment, t)):
         if r.users < 2:
@@ -625,21 +547,10 @@ def _compare_rates(
     counts = (c.successes, c.trials), (t.successes, t.trials)
     if why:
         return MetricComparison(
-            metric, nan3, nan3, *counts, nan3, nan3, math.nan, False, comparable=False, note="; ".join(why)
+            metric, NAN3, NAN3, *counts, NAN3, NAN3, math.nan, False, comparable=False, note="; ".join(why)
         )
-    z = float(norm.ppf(1 - alpha / 2))
-    diff_value = t.rate - c.rate
-    var = c.variance + t.variance
-    se = math.sqrt(var) if math.isfinite(var) else math.nan
-    diff = (diff_value, diff_value - z * se, diff_value + z * se)
-    p = float(2 * norm.sf(abs(diff_value) / se)) if se > 0 else math.nan
-    lift = nan3
-    if c.rate > 0:  # delta method on R_t / R_c (independent variants)
-        ratio = t.rate / c.rate
-        lift_se = math.sqrt(t.variance / c.rate**2 + t.rate**2 * c.variance / c.rate**4)
-        lift = (ratio - 1, ratio - 1 - z * lift_se, ratio - 1 + z * lift_se)
-    naive = c.naive_variance + t.naive_variance
-    deff = var / naive if naive > 0 else math.nan
+    d = ratio_difference(c, t, alpha)
+    p, deff = d.p_value, d.design_effect
     confidence = 1 - alpha
     return MetricComparison(
         metric=metric,
@@ -647,8 +558,8 @@ def _compare_rates(
         treatment=rate_interval(t.successes, t.trials, confidence),
         control_counts=counts[0],
         treatment_counts=counts[1],
-        diff=diff,
-        lift=lift,
+        diff=d.diff,
+        lift=d.lift,
         p_value=p,
         significant=math.isfinite(p) and p < alpha,
         comparable=True,
@@ -679,28 +590,16 @@ def _compare_coverage(
     elif control.coverage_requests != treatment.coverage_requests or control.coverage_requests == 0:
         comparable, note = False, "not computed on equal request counts"
     confidence = 1 - alpha
-    nan3 = (math.nan, math.nan, math.nan)
-    diff, lift, p = nan3, nan3, math.nan
-    if c_n > 0 and t_n > 0:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            d_low, d_high = confint_proportions_2indep(t_succ, t_n, c_succ, c_n, compare="diff", alpha=alpha)
-            diff = (t_succ / t_n - c_succ / c_n, float(d_low), float(d_high))
-            if c_succ > 0:
-                r_low, r_high = confint_proportions_2indep(
-                    t_succ, t_n, c_succ, c_n, compare="ratio", alpha=alpha
-                )
-                lift = ((t_succ / t_n) / (c_succ / c_n) - 1, float(r_low) - 1, float(r_high) - 1)
-            if 0 < c_succ + t_succ < c_n + t_n:  # the z-test needs a pooled rate strictly in (0, 1)
-                p = float(proportions_ztest([t_succ, c_succ], [t_n, c_n])[1])
+    d = proportion_difference(c_succ, c_n, t_succ, t_n, alpha)
+    p = d.p_value
     return MetricComparison(
         metric="coverage",
-        control=rate_interval(c_succ, c_n, confidence) if comparable else nan3,
-        treatment=rate_interval(t_succ, t_n, confidence) if comparable else nan3,
+        control=rate_interval(c_succ, c_n, confidence) if comparable else NAN3,
+        treatment=rate_interval(t_succ, t_n, confidence) if comparable else NAN3,
         control_counts=(c_succ, c_n),
         treatment_counts=(t_succ, t_n),
-        diff=diff if comparable else nan3,
-        lift=lift if comparable else nan3,
+        diff=d.diff if comparable else NAN3,
+        lift=d.lift if comparable else NAN3,
         p_value=p if comparable else math.nan,
         significant=comparable and math.isfinite(p) and p < alpha,
         comparable=comparable,
@@ -712,12 +611,7 @@ def _srm(control: VariantSummary, treatment: VariantSummary, expected: float, sr
     c, t = control.users, treatment.users
     total = c + t
     observed = t / total if total else math.nan
-    if 0 < expected < 1:
-        chi2, p = chisquare([c, t], [total * (1 - expected), total * expected])
-        chi2, p = float(chi2), float(p)
-    else:  # all users belong in one variant: any user in the other is a mismatch
-        stray = t if expected <= 0 else c
-        chi2, p = math.nan, 1.0 if stray == 0 else 0.0
+    chi2, p = srm_test(c, t, expected)  # with all users in one variant, any in the other is a mismatch
     return SrmCheck("users", c, t, expected, observed, chi2, p, p >= srm_alpha)
 
 
@@ -734,20 +628,9 @@ def _sample_size(config: ExperimentConfig, control: VariantSummary, treatment: V
     c, t = control.users, treatment.users
     baseline, sd = est.rate, math.sqrt(est.per_user_variance)
     per_user = control.impressions / c if c else math.nan
-    per_variant = c_req = t_req = math.inf
-    if math.isfinite(baseline) and baseline > 0 and math.isfinite(sd) and sd > 0:
-        delta = min(baseline * (1 + config.expected_effect), 1.0) - baseline  # a rate is at most 1
-        if delta != 0:
-            effect = abs(delta) / sd  # the difference in units of the per-user standard deviation
-            power = NormalIndPower()
-            per_variant = float(
-                power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=1.0)
-            )
-            ratio = c / t if t else 1.0  # control's users per treatment user
-            t_req = float(
-                power.solve_power(effect_size=effect, alpha=config.alpha, power=config.power, ratio=ratio)
-            )
-            c_req = t_req * ratio
+    per_variant, c_req, t_req = users_required(
+        baseline, sd, config.expected_effect, alpha=config.alpha, power=config.power, control=c, treatment=t
+    )
     enough = math.isfinite(t_req) and t >= t_req and c >= c_req
     return SampleSize(
         metric,
@@ -817,12 +700,9 @@ def _guardrails(
     increase = treatment.error_rate - control.error_rate
     # Breached only when the increase is above the limit with confidence 1 - alpha (the one-sided
     # lower bound of Newcombe's interval): 5 failed of 61 against 3% is noise, not a verdict.
-    low = float(
-        confint_proportions_2indep(
-            treatment.errors, treatment.requests, control.errors, control.requests,
-            method="newcomb", compare="diff", alpha=2 * config.alpha,
-        )[0]
-    )  # fmt: skip
+    low = difference_lower_bound(
+        control.errors, control.requests, treatment.errors, treatment.requests, config.alpha
+    )
     out.append(
         GuardrailCheck(
             "error_rate_increase",

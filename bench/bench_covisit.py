@@ -82,9 +82,9 @@ class _Recorder:
             self.truth_digest = h.hexdigest()[:16]
             return out
 
-        def evaluate(state: Any, fc: Any, funnel: Any, rng: Any) -> Any:
+        def evaluate(state: Any, fc: Any, funnel: Any, rng: Any, **kw: Any) -> Any:
             self.evaluated = (state, fc, funnel)
-            return self._evaluate(state, fc, funnel, rng)
+            return self._evaluate(state, fc, funnel, rng, **kw)
 
         evaluation.score_ranking = score
         evaluation.evaluate = evaluate

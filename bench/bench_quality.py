@@ -1,13 +1,17 @@
 """Offline quality of the full StreamRec pipeline vs baselines, on ML-100K and the synthetic world.
 
     python bench/bench_quality.py [--ml100k PATH] [--out bench/results/quality.json] [--no-tuning]
+                                  [--rolling-folds N]
 
 Each dataset is ingested / generated into a fresh temporary data directory and trained with the
 default training configuration (Ray Train, registry off); the evaluation (temporal split,
 baselines side by side with the hyper-parameters chosen on a validation window before the test
 window, bootstrap 95% intervals over test users, the paired difference StreamRec minus the best
 baseline, the retrieval funnel stage by stage) and the wall time go to the JSON; the methods
-tables (markdown, as in docs/benchmarks.md) go to stdout.
+tables (markdown, as in docs/benchmarks.md) go to stdout. With ``--rolling-folds N`` (default 4;
+0 = off) the pipeline also runs its rolling evaluation (``evaluation.rolling.folds``: N cutoffs
+ending at the test cutoff, each fold retrained on what came before it), reported per fold and
+pooled over user-windows under ``rolling``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(name: str, prepare, log, tuning: bool = True) -> dict:  # type: ignore[no-untyped-def]
+def run(name: str, prepare, log, tuning: bool = True, rolling_folds: int = 0) -> dict:  # type: ignore[no-untyped-def]
     from streamrec.pipeline.config import TrainingConfig
     from streamrec.pipeline.train import run_pipeline
 
     cfg = TrainingConfig()
     cfg.evaluation.tuning.enabled = tuning
+    cfg.evaluation.rolling.folds = rolling_folds
     with tempfile.TemporaryDirectory(prefix=f"quality-{name}-") as d:
         t0 = time.perf_counter()
         prepare(Path(d))
@@ -43,6 +48,7 @@ def run(name: str, prepare, log, tuning: bool = True) -> dict:  # type: ignore[n
         "summary": report["summary"],
         "baselines": report.get("baselines"),
         "training": report["training"],
+        "rolling": report.get("rolling"),
         "timings_s": report["timings_s"],
         "wall_s": round(wall, 1),
     }
@@ -84,7 +90,53 @@ def markdown(results: dict[str, dict]) -> str:
                     f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
                 )
         out.append("")
+        out += rolling_markdown(r.get("rolling"))
     return "\n".join(out)
+
+
+def rolling_markdown(roll: dict | None) -> list[str]:
+    """The rolling evaluation: folds, then the pooled methods with intervals over user-windows."""
+    if not roll:
+        return []
+    pooled = roll["pooled"]
+    out = [
+        f"Rolling evaluation: {len(roll['folds'])} folds, {pooled['n_user_windows']} user-windows "
+        f"({pooled.get('n_distinct_users')} distinct users)",
+        "",
+        "| fold | cutoff | test window to | train positives | users | best baseline (NDCG@10) | streamrec_full NDCG@10 | streamrec_full minus it, paired |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in roll["folds"]:
+        by = {m["method"]: m for m in f["methods"]}
+        best = f.get("best_baseline")
+        d = ((f.get("paired_vs_best_baseline") or {}).get("streamrec_full") or {}).get("ndcg@10")
+        paired = f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else ""
+        out.append(
+            f"| {f['fold']}{'' if f.get('refit') else ' (test cutoff)'} | {f['cutoff'][:16]} | {f['window_end'][:16]} | "
+            f"{f['train_positives']} | {f['n_users']} | {best} ({by[best]['ndcg@10']:.4f}) | "
+            f"{_ci(by['streamrec_full'], 'ndcg@10')} | {paired} |"
+        )
+    out += [
+        "",
+        "| method (pooled) | NDCG@10 [95% CI] | Recall@10 [95% CI] | NDCG@20 [95% CI] | Recall@20 [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for m in pooled["methods"]:
+        out.append(
+            f"| {m['method']} | {_ci(m, 'ndcg@10')} | {_ci(m, 'recall@10')} | {_ci(m, 'ndcg@20')} | {_ci(m, 'recall@20')} |"
+        )
+    paired = pooled.get("paired_vs_best_baseline") or {}
+    for challenger in ("streamrec_ranked", "streamrec_full"):
+        d = paired.get(challenger, {}).get("ndcg@10")
+        if d:
+            out.append(
+                f"\n{challenger} minus {paired['baseline']} (paired, per user-window, pooled): NDCG@10 "
+                f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
+            )
+    for s in roll.get("skipped", []):
+        out.append(f"\nFold {s['fold']} skipped: {s['reason']}")
+    out.append("")
+    return out
 
 
 def main() -> None:
@@ -96,6 +148,12 @@ def main() -> None:
     p.add_argument("--only", choices=["ml-100k", "synthetic"], default=None)
     p.add_argument(
         "--no-tuning", action="store_true", help="Run the baselines with their default parameters."
+    )
+    p.add_argument(
+        "--rolling-folds",
+        type=int,
+        default=4,
+        help="Cutoffs of the rolling evaluation, the test cutoff included (0 = off).",
     )
     args = p.parse_args()
 
@@ -112,12 +170,14 @@ def main() -> None:
             lambda d: ingest(IngestConfig(format="ml-100k", path=args.ml100k, data_dir=str(d))),
             log,
             tuning=not args.no_tuning,
+            rolling_folds=args.rolling_folds,
         )
     if args.only in (None, "synthetic"):
         results["synthetic-demo"] = run(
             "syn",
             lambda d: synthesize(SynthConfig(users=2000, items=1000, days=14, seed=7), d, progress=False),
             log,
+            rolling_folds=args.rolling_folds,
             tuning=not args.no_tuning,
         )
     out = {
@@ -129,7 +189,8 @@ def main() -> None:
         },
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": "TrainingConfig() defaults"
-        + (", evaluation.tuning.enabled=false" if args.no_tuning else ""),
+        + (", evaluation.tuning.enabled=false" if args.no_tuning else "")
+        + f", evaluation.rolling.folds={args.rolling_folds}",
         "datasets": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -50,14 +50,25 @@ def train(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the evaluation as one JSON object on stdout.")
     ] = False,
+    rolling_folds: Annotated[
+        int | None,
+        typer.Option(
+            "--rolling-folds",
+            min=0,
+            help="Also evaluate at N cutoffs ending at the test cutoff, each fold retrained on the "
+            "events before it; reported per fold and pooled under `rolling` "
+            "(evaluation.rolling.folds; 0 = off).",
+        ),
+    ] = None,
 ) -> None:
     """Train on what is ingested: features, models, evaluation vs baselines, registry, fallback."""
     from streamrec.pipeline.report import format_report
     from streamrec.pipeline.train import run_pipeline
 
-    report = run_pipeline(
-        resolve_data_dir(data_dir), _config(config, local), register=register, log=_log(as_json)
-    )
+    cfg = _config(config, local)
+    if rolling_folds is not None:
+        cfg.evaluation.rolling.folds = rolling_folds
+    report = run_pipeline(resolve_data_dir(data_dir), cfg, register=register, log=_log(as_json))
     if as_json:
         typer.echo(json.dumps(report, default=str))
     else:

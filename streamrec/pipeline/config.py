@@ -122,6 +122,28 @@ class IntervalSettings(StrictModel):
     method: IntervalMethod = "percentile"
 
 
+class RollingSettings(StrictModel):
+    """Rolling evaluation: several cutoffs, each with models retrained on what came before it.
+
+    The last cutoff is the global test cutoff ``T_test`` (its fold is the main evaluation, not
+    refit); the others lie before it at event-time quantiles spaced ``window_fraction`` apart.
+    Fold ``i`` trains every model (retrieval, ranker, tuned baselines) on the events before
+    cutoff ``i`` with the same config and evaluates on the events up to the next cutoff. See
+    :mod:`streamrec.pipeline.rolling`.
+
+    Attributes:
+        folds: Number of cutoffs including ``T_test``; 0 = off (the default: no extra fits).
+        window_fraction: Share of all events between two cutoffs (an earlier fold's test window);
+            ``None`` = ``split.test_fraction``, narrowed so that the first cutoff keeps
+            ``min_train_fraction`` of the events before it.
+        min_train_fraction: Share of all events the first fold trains on, at least.
+    """
+
+    folds: int = Field(0, ge=0, le=20)
+    window_fraction: float | None = Field(None, gt=0, lt=1)
+    min_train_fraction: float = Field(0.2, gt=0, lt=1)
+
+
 class EvaluationSettings(StrictModel):
     """Offline evaluation.
 
@@ -136,6 +158,7 @@ class EvaluationSettings(StrictModel):
         intervals: Confidence intervals of every per-user metric and of the paired differences.
         ease_max_items: Largest catalogue EASE accepts (memory 16 bytes * items^2).
         baseline_threads: Threads of the ALS/BPR baselines (0 = all cores).
+        rolling: Rolling evaluation over several cutoffs (off by default).
     """
 
     ks: list[int] = Field(default_factory=lambda: [10, 20, 50])
@@ -146,6 +169,7 @@ class EvaluationSettings(StrictModel):
     intervals: IntervalSettings = Field(default_factory=IntervalSettings)
     ease_max_items: int = Field(20_000, ge=1)
     baseline_threads: int = Field(1, ge=0)
+    rolling: RollingSettings = Field(default_factory=RollingSettings)
 
 
 class GateSettings(StrictModel):

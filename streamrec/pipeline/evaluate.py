@@ -17,7 +17,13 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from streamrec.errors import TrainingDataError
-from streamrec.evaluation.comparison import add_intervals, paired_vs_best, run_baselines, score_ranking
+from streamrec.evaluation.comparison import (
+    MethodScores,
+    add_intervals,
+    paired_vs_best,
+    run_baselines,
+    score_ranking,
+)
 from streamrec.evaluation.metrics import candidate_recall
 from streamrec.features.client import FeatureClient
 from streamrec.features.snapshot import features_as_of
@@ -68,6 +74,8 @@ def evaluate(
     fc: FeatureClient,
     funnel: Funnel,
     rng: np.random.Generator,
+    *,
+    scores_out: list[MethodScores] | None = None,
 ) -> dict[str, Any]:
     """Baselines and the full funnel on the test window, side by side, plus the funnel by stage.
 
@@ -76,6 +84,9 @@ def evaluate(
     gets a bootstrap interval over the test users, and ``summary["paired_vs_best_baseline"]``
     holds StreamRec minus the best baseline, user by user, with its interval. The tuning record
     (validation window, grid scores, chosen parameters, skipped baselines) is ``baselines``.
+
+    With ``scores_out``, every method's :class:`~streamrec.evaluation.comparison.MethodScores`
+    (its per-user values) is appended to it: the rolling evaluation pools them over folds.
     """
     assert state.t_test is not None
     cfg = state.cfg.evaluation
@@ -182,4 +193,6 @@ def evaluate(
             scores, ("streamrec_ranked", "streamrec_full"), [b["method"] for b in baselines], **interval_args
         ),
     }
+    if scores_out is not None:
+        scores_out.extend(scores)
     return {"methods": methods, "funnel": funnel_rows, "summary": summary, "baselines": baseline_report}

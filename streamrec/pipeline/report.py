@@ -69,6 +69,7 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{method} minus {paired.get('baseline')}, NDCG@10 paired over test users: "
                     f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
                 )
+    out += _rolling(report.get("rolling"))
     fit = report.get("fit")
     if fit:
         ev, sv = fit["evaluated"], fit["served"]
@@ -93,3 +94,53 @@ def format_report(report: dict[str, Any]) -> str:
             f"{promo.get('message') or promo.get('reason') or 'not promoted'}"
         )
     return "\n".join(out)
+
+
+def _rolling(roll: dict[str, Any] | None) -> list[str]:
+    """The rolling evaluation: pooled methods with intervals over user-windows, then the folds."""
+    if not roll:
+        return []
+    pooled = roll["pooled"]
+    folds = roll["folds"]
+    distinct = pooled.get("n_distinct_users")
+    out = [
+        "",
+        f"Rolling evaluation ({len(folds)} folds, each retrained before its cutoff; "
+        f"{pooled['n_user_windows']} user-windows"
+        + (f", {distinct} distinct users" if distinct is not None else "")
+        + "); pooled, 95% intervals over user-windows:",
+        "",
+        "| method | ndcg@10 | recall@10 | ndcg@20 | recall@20 |",
+        "|---|---|---|---|---|",
+    ]
+    for m in pooled["methods"]:
+        ci = m.get("ci") or {}
+        cells = [
+            _f(m.get(c, "")) + _interval(ci.get(c)) for c in ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
+        ]
+        out.append(f"| {m['method']} | " + " | ".join(cells) + " |")
+    paired = pooled.get("paired_vs_best_baseline") or {}
+    for method in ("streamrec_ranked", "streamrec_full"):
+        diff = (paired.get(method) or {}).get("ndcg@10")
+        if diff:
+            out.append(
+                f"{method} minus {paired.get('baseline')}, NDCG@10 paired over user-windows: "
+                f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
+            )
+    out += [
+        "",
+        "| fold | cutoff | test window end | users | best baseline | its ndcg@10 | streamrec_full ndcg@10 |",
+    ]
+    out.append("|---" * 7 + "|")
+    for f in folds:
+        by = {m["method"]: m for m in f["methods"]}
+        best = by.get(f.get("best_baseline") or "", {})
+        full = by.get("streamrec_full", {})
+        out.append(
+            f"| {f['fold']}{'' if f.get('refit') else ' (the test cutoff)'} | {f['cutoff']} | {f['window_end']} | "
+            f"{f['n_users']} | {f.get('best_baseline')} | {_f(best.get('ndcg@10', ''))} | {_f(full.get('ndcg@10', ''))} |"
+        )
+    for s in roll.get("skipped", []):
+        out.append(f"Fold {s['fold']} (cutoff {s['cutoff']}) skipped: {s['reason']}")
+    out.append("")
+    return out

@@ -9,8 +9,10 @@ Steps (each logged with its duration)::
        features by the feature store's point-in-time join (get_historical_features)
     -> retrieval B: fit on events < T_test     (two-tower on Ray Train, FAISS index, CF, ...)
     -> ranker: DCN-V2 on Ray Train
-    -> evaluate at T_test: baselines (tuned on a validation window before T_test) and the full
-       funnel (the serving code) side by side, with bootstrap intervals over test users
+    -> evaluate at T_test (:mod:`.evaluate`): baselines (tuned on a validation window before
+       T_test) and the full funnel (the serving code) side by side, with bootstrap intervals
+    -> rolling evaluation (``evaluation.rolling.folds``, off by default; :mod:`.rolling`): the
+       steps from retrieval A on again at earlier cutoffs, pooled over user-windows
     -> refit (``refit_on_all``, :mod:`streamrec.pipeline.refit`): the steps from retrieval A on
        again with the test cutoff moved past the last event; that fit is what the bundle serves,
        while the metrics and the gates stay those measured above
@@ -169,6 +171,12 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     if state.cfg.refit_on_all:  # the refit's label window and split time
         windows.append((t_rank_all, cutoff))
         points.append(t_rank_all)
+    if state.cfg.evaluation.rolling.folds:  # the rolling evaluation's earlier folds (.rolling)
+        from streamrec.pipeline.rolling import plan_folds
+
+        for fold in plan_folds(state.events, state.t_test, state.cfg.evaluation.rolling, state.cfg.split):
+            windows.append((fold.t_rank, fold.cutoff))
+            points += [fold.t_rank, fold.cutoff]
     times = snapshot_times(ts, windows=windows, points=points)
     report = fc.build(cutoffs=[t.to_pydatetime() for t in times])
     state.log(f"  {len(times)} feature snapshots from {times[0]} to {times[-1]}, {report.files} files")
@@ -663,10 +671,18 @@ def run_pipeline(
         ranker, r_hist, layout_dense = fit_ranker(state, models_b, table_test, rdata, "ranker")
     log(f"  ranker: val AUC {r_hist[-1].get('val_auc', float('nan')):.3f}")
     funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)  # type: ignore[arg-type]
+    from streamrec.evaluation.comparison import MethodScores
     from streamrec.pipeline.evaluate import evaluate
 
+    rolling = cfg.evaluation.rolling.folds > 0
+    scores: list[MethodScores] = []
     with _step(state, "evaluate"):
-        report = evaluate(state, fc, funnel_b, rng)
+        report = evaluate(state, fc, funnel_b, rng, **({"scores_out": scores} if rolling else {}))
+    if rolling:  # more cutoffs, each fold retrained on what came before it (.rolling)
+        from streamrec.pipeline.rolling import rolling_evaluation
+
+        with _step(state, "rolling"):
+            report["rolling"] = rolling_evaluation(state, fc, pit, report, scores, funnel_b)
     report["training"] = {
         **row_stats,
         "ranker_val_auc": float(r_hist[-1].get("val_auc", float("nan"))),

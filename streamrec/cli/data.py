@@ -128,7 +128,7 @@ def export_events(
     Incremental and safe to re-run, also while the service keeps logging; `streamrec retrain`
     runs it first. Rows the data contract refuses go to the quarantine.
     """
-    from streamrec.data.event_log import DEFAULT_RETAIN_DAYS, export_event_log
+    from streamrec.data.event_export import DEFAULT_RETAIN_DAYS, export_event_log
 
     root = resolve_data_dir(data_dir)
     days = DEFAULT_RETAIN_DAYS if retain_days is None else retain_days

@@ -13,8 +13,7 @@ Layout::
     event_log/
         segments/seg-<utc>-<pid>-<rand>.jsonl   one writer (process) per segment, append-only
         append.lock                             held by the process that is appending
-        export.lock                             held by an export or a prune
-        exported.json                           bytes of each segment already exported
+        export.lock, exported.json              the export's (:mod:`streamrec.data.event_export`)
 
 Guarantees and counts:
 
@@ -24,33 +23,24 @@ Guarantees and counts:
   writers added since its last append (the ids are kept in memory), so a retry that lands on
   another replica is recognised. Where ``flock`` is not shared between the writers (some
   network filesystems across nodes), a retry on another node may be logged twice:
-  :meth:`EventLog.export_to_store` removes such duplicates (and the events store itself is
-  unique by ``event_id`` within an event date), but the sink has then seen the event twice.
+  :func:`~streamrec.data.event_export.export_to_store` removes such duplicates (and the events
+  store itself is unique by ``event_id`` within an event date), but the sink has then seen the
+  event twice.
 * **all or nothing per batch**: a batch naming items the catalogue does not know is rejected
   whole (nothing written) and the unknown ids are reported (the API answers 422). A user the
   catalogue does not know is a *new user*, created implicitly (``accept_new_users``, the
   default): the events are logged and pushed like any other, and the export adds the user to
-  the users table (see below). With ``accept_new_users=False`` unknown users are refused like
-  unknown items. A user id beyond int64 is refused either way (no store can hold it).
+  the users table (:func:`~streamrec.data.event_export.implicit_users`). With
+  ``accept_new_users=False`` unknown users are refused like unknown items. A user id beyond
+  int64 is refused either way (no store can hold it).
 * **invariant**: ``received == stored + duplicates + rejected`` at all times
   (:meth:`EventLogStats.balanced`).
 
-:meth:`EventLog.export_to_store` moves logged events into the validated events store
-(:meth:`streamrec.data.store.DataStore.append_events`, through the data contract) for the next
-training run; it is incremental (a byte watermark per segment) and safe to re-run. Users named by
-exported events but absent from the users table (new users, see above) are first added to it
-(:func:`implicit_users`: ``signup_at`` = their first event, demographics unknown), so an
-acknowledged event is never quarantined as ``unknown_user`` and the next feature build and
-training know the user; a later ingest carrying the user's profile replaces that row.
-:func:`export_event_log` is what ``streamrec data export-events`` and the daily ``streamrec
-retrain`` run: the export, then :meth:`EventLog.prune`.
-
 Retention: a writer starts a new segment when its current one is :data:`SEGMENT_MAX_AGE_S` old
-(or :data:`DEFAULT_SEGMENT_BYTES` big), so no segment is written to after that age.
-:meth:`EventLog.prune` deletes the segments that are fully exported and untouched for the
-retention period (default :data:`DEFAULT_RETAIN_DAYS`); a segment not yet exported is never
-deleted. Disk, the ids each replica holds in memory and the per-append catch-up are bounded by
-the retention: a retry is recognised as a duplicate for at least that long (later, the events
+(or :data:`DEFAULT_SEGMENT_BYTES` big), so no segment is written to after that age and
+:func:`streamrec.data.event_export.prune` can delete old exported segments while writers run.
+Disk, the ids each replica holds in memory and the per-append catch-up are bounded by the
+retention: a retry is recognised as a duplicate for at least that long (later, the events
 store, unique by ``event_id`` within an event date, still keeps it once when the retry carries
 its original timestamp, but the sink sees it again).
 """
@@ -72,22 +62,22 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from streamrec.api_models import EventIn
 from streamrec.config import utc_stamp
-from streamrec.data.catalogue import CatalogueView, creates_item, new_item_rows
-from streamrec.data.contract import quarantine_rows, validate_events
+from streamrec.data.catalogue import CatalogueView, creates_item
 from streamrec.data.schema import EVENT_SCHEMA, storable_id
 from streamrec.data.store import DataStore
-from streamrec.errors import ConfigError
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
-from streamrec.paths import DataLayout, exclusive_file_lock
+from streamrec.paths import exclusive_file_lock
 from streamrec.resilience import CircuitBreaker
-from streamrec.timeutil import utc
+
+if TYPE_CHECKING:  # served by __getattr__ below (event_export imports this module)
+    from streamrec.data.event_export import export_event_log as export_event_log
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +91,11 @@ POSITIVE_TYPES: frozenset[str] = frozenset(ENGAGED_EVENT_TYPES)
 #: Default segment size before rotating to a new file.
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 #: Age at which a writer rotates to a new segment: no segment is appended to once this old,
-#: which is what lets :meth:`EventLog.prune` delete old segments while writers keep running.
+#: which is what lets :func:`streamrec.data.event_export.prune` delete old segments while
+#: writers keep running.
 SEGMENT_MAX_AGE_S = 6 * 3600.0
-#: Default retention of exported segments (days since their last write).
-DEFAULT_RETAIN_DAYS = 7.0
-#: The shortest retention :meth:`EventLog.prune` accepts: it must outlast :data:`SEGMENT_MAX_AGE_S`
-#: with a margin for clock differences between nodes.
-MIN_RETAIN_DAYS = 1.0
+#: Held (``flock``) by the process that is appending, in the log's directory.
+APPEND_LOCK = "append.lock"
 
 
 @dataclass
@@ -182,52 +170,6 @@ class AppendOutcome:
         return "; ".join(parts) + ": nothing in this batch was stored; fix or drop those events and resend"
 
 
-@dataclass(frozen=True)
-class ExportResult:
-    """What :meth:`EventLog.export_to_store` did.
-
-    Attributes:
-        read: Complete log lines read past the watermarks.
-        duplicates: Lines whose ``event_id`` repeated within the export (kept once).
-        added: Events written to the events store.
-        already_present: Events the store already held.
-        quarantined: Events refused by the data contract (written to the quarantine).
-        corrupt_lines: Lines that could not be parsed (written to the quarantine).
-        quarantine_path: The quarantine file, when one was written.
-        new_users: Users added to the users table because exported events named them (new
-            users created implicitly by their first events).
-        new_items: Items added to the items table from the catalogue log (items upserted
-            while serving, :mod:`streamrec.data.catalogue`), so that training knows them.
-    """
-
-    read: int
-    duplicates: int
-    added: int
-    already_present: int
-    quarantined: int
-    corrupt_lines: int
-    quarantine_path: str | None = None
-    new_users: int = 0
-    new_items: int = 0
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    """What :meth:`EventLog.prune` did.
-
-    Attributes:
-        deleted: Segments deleted (fully exported, untouched for the retention period).
-        deleted_bytes: Their size.
-        kept: Segments kept.
-        kept_not_exported: Of those, segments with lines not yet exported (never deleted).
-    """
-
-    deleted: int
-    deleted_bytes: int
-    kept: int
-    kept_not_exported: int
-
-
 def _sorted_ids(ids: Iterable[int] | np.ndarray | None) -> np.ndarray | None:
     if ids is None:
         return None
@@ -252,51 +194,7 @@ def _beyond_int64(ids: Sequence[int]) -> list[int]:
     return sorted({i for i in ids if not storable_id(i)})
 
 
-def implicit_users(events: pd.DataFrame, known_users: np.ndarray | Iterable[int]) -> pd.DataFrame:
-    """Rows of the users table for the users of ``events`` not in ``known_users``.
-
-    A new user is created by their first events: ``signup_at`` is the earliest of their event
-    timestamps; demographics are unknown (null, the features' defaults), as for users derived
-    from a ratings file.
-
-    Args:
-        events: Events with ``user_id`` and ``timestamp`` (nulls ignored).
-        known_users: Ids already in the users table.
-    """
-    ok = events[events["user_id"].notna() & events["timestamp"].notna()]
-    known = np.asarray(list(known_users) if not isinstance(known_users, np.ndarray) else known_users)
-    ok = ok[~ok["user_id"].isin(known)]
-    if ok.empty:
-        return pd.DataFrame(
-            {"user_id": pd.Series(dtype="int64"), "signup_at": pd.Series(dtype="datetime64[ns, UTC]")}
-        )
-    first = ok.groupby(ok["user_id"].astype("int64"))["timestamp"].min()
-    return pd.DataFrame(
-        {
-            "user_id": first.index.to_numpy(dtype=np.int64),
-            "signup_at": pd.to_datetime(first.to_numpy(), utc=True),
-        }
-    )
-
-
-def _export_now(records: list[dict[str, Any]], now: datetime | None) -> datetime:
-    """The contract's "now" for exporting ``records``: the latest receipt time if it is later.
-
-    The API accepted each event up to five minutes ahead of the receiving gateway's clock; an
-    exporter whose clock is behind that gateway's must not quarantine what was acknowledged.
-    """
-    ref = now or datetime.now(UTC)
-    for rec in records:
-        try:
-            got = utc(str(rec.get("received_at")))
-        except ValueError:
-            continue
-        if got > ref:
-            ref = got
-    return ref
-
-
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a directory entry (a new file's name) durable; a no-op where unsupported."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -508,7 +406,7 @@ class EventLog:
             return AppendOutcome(n, 0, 0, n, 0, tuple(bad_users), tuple(bad_items))
         when = received_at or datetime.now(UTC)
         records: list[dict[str, Any]] = []
-        with self._lock, exclusive_file_lock(self.root / "append.lock"):  # one appending process
+        with self._lock, exclusive_file_lock(self.root / APPEND_LOCK):  # one appending process
             if self._load_existing:
                 self._catch_up()  # ids other replicas logged since our last append
             fresh: list[EventIn] = []
@@ -686,7 +584,7 @@ class EventLog:
         self._segment_bytes = 0
         self._segment_opened_at = self._clock()
         if self.fsync:
-            _fsync_dir(self.segments_dir)
+            fsync_dir(self.segments_dir)
 
     def _close_segment(self) -> None:
         if self._fh is not None:
@@ -763,7 +661,7 @@ class EventLog:
 
     def read(self) -> pd.DataFrame:
         """Every logged event as a frame in :data:`~streamrec.data.schema.EVENT_SCHEMA` columns."""
-        return _to_frame(list(self._iter_records(self.segments())))
+        return records_frame(list(self._iter_records(self.segments())))
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus the log's location, for admin endpoints."""
@@ -775,208 +673,6 @@ class EventLog:
             out["sink"] = None if self.sink is None else self.sink_breaker.snapshot()
         return out
 
-    # ------------------------------------------------------------------------ export
-    def export_to_store(self, store: DataStore | None = None, now: datetime | None = None) -> ExportResult:
-        """Append logged events not yet exported to the validated events store.
-
-        Reads every segment from its watermark up to its last complete line, removes repeated
-        ids, applies the data contract (:func:`~streamrec.data.contract.validate_events`; refused
-        and unparseable lines go to ``quarantine/event_log-<utc>.parquet``), appends the valid
-        rows with :meth:`DataStore.append_events` (which skips ids already stored), then advances
-        the watermarks. Users the events name that the users table lacks (new users) are added to
-        it first (:func:`implicit_users`), and items upserted while serving (the catalogue log) join
-        the items table, so their events are stored, not quarantined. Safe to re-run and to run while replicas keep appending; exports and
-        prunes take turns (``export.lock``).
-
-        Args:
-            store: The events store (default: the data directory holding this log).
-            now: Reference time of the contract's future-timestamp rule.
-        """
-        with exclusive_file_lock(self.root / "export.lock"):
-            return self._export(store or DataStore(self.root.parent), now)
-
-    def _export(self, store: DataStore, now: datetime | None) -> ExportResult:
-        marks = self._marks()
-        records: list[dict[str, Any]] = []
-        corrupt: list[str] = []
-        new_marks: dict[str, int] = {}  # segments deleted by hand drop out of the manifest
-        for seg in self.segments():
-            start = marks.get(seg.name, 0)
-            try:
-                with open(seg, "rb") as fh:
-                    fh.seek(start)
-                    data = fh.read()
-            except FileNotFoundError:  # removed meanwhile (an operator cleaning up)
-                continue
-            end = data.rfind(b"\n") + 1  # complete lines only: a writer may be mid-append
-            for line in data[:end].splitlines():
-                try:
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict):
-                        raise ValueError("not an object")
-                    records.append(rec)
-                except ValueError:
-                    corrupt.append(line.decode(errors="replace"))
-            new_marks[seg.name] = start + end
-        frame = _to_frame(records)
-        before = len(frame)
-        frame = frame.drop_duplicates("event_id", keep="first").reset_index(drop=True)
-        dups = before - len(frame)
-        users = store.users()["user_id"].to_numpy(dtype=np.int64)
-        items = store.items()["item_id"].to_numpy(dtype=np.int64)
-        # Items upserted while serving (the catalogue log) join the items table first: events
-        # naming them are then stored, and the next training knows them.
-        added = new_item_rows(CatalogueView(store.layout.root).state.items, items, now)
-        if added:
-            store.upsert_items(pd.DataFrame(added))
-            items = np.union1d(items, [r["item_id"] for r in added])
-        # Users the store lacks are new users, created by these events: they count as known for the
-        # contract, and those with a valid event join the users table before their events do.
-        candidates = implicit_users(frame, users)
-        result = validate_events(
-            frame,
-            np.union1d(users, candidates["user_id"].to_numpy(dtype=np.int64)),
-            items,
-            source=str(self.root),
-            now=_export_now(records, now),
-        )
-        new_users = candidates[candidates["user_id"].isin(result.valid["user_id"])]
-        if len(new_users):  # re-read: never replace a profile an ingest stored meanwhile
-            new_users = new_users[~new_users["user_id"].isin(store.users()["user_id"])]
-            store.upsert_users(new_users)
-        appended = store.append_events(result.valid) if len(result.valid) else None
-        qpath: str | None = None
-        quarantine = result.quarantined
-        if corrupt:
-            extra = quarantine_rows(
-                "events", str(self.root), [None] * len(corrupt), ["malformed_line"] * len(corrupt), corrupt
-            )
-            quarantine = pd.concat([quarantine, extra], ignore_index=True)
-        if len(quarantine):
-            layout = DataLayout(store.layout.root)
-            layout.quarantine.mkdir(parents=True, exist_ok=True)
-            path = layout.quarantine / f"event_log-{utc_stamp()}-{secrets.token_hex(3)}.parquet"
-            quarantine.astype({"line": "Int64"}).to_parquet(path, index=False)
-            qpath = str(path)
-        self._write_marks(new_marks)
-        return ExportResult(
-            read=before + len(corrupt),
-            duplicates=dups,
-            added=appended.added if appended else 0,
-            already_present=appended.already_present if appended else 0,
-            quarantined=len(result.quarantined),
-            corrupt_lines=len(corrupt),
-            quarantine_path=qpath,
-            new_users=len(new_users),
-            new_items=len(added),
-        )
-
-    def _marks(self) -> dict[str, int]:
-        """The export watermarks: segment name -> bytes already exported."""
-        path = self.root / "exported.json"
-        if not path.is_file():
-            return {}
-        try:
-            marks: dict[str, int] = json.loads(path.read_text())
-        except ValueError as err:
-            # Unreadable marks must not stop every export and retrain: start over. Re-exported
-            # rows are recognised by their event ids (``already_present``), and prune keeps
-            # every segment until a fresh export has marked it.
-            log.warning("export watermarks %s are unreadable (%s); exporting the whole log again", path, err)
-            return {}
-        return marks
-
-    def _write_marks(self, marks: dict[str, int]) -> None:
-        path = self.root / "exported.json"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:  # durable before the rename: a crash leaves the old or the new
-            fh.write(json.dumps(marks, indent=1, sort_keys=True))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    def prune(self, retain_days: float = DEFAULT_RETAIN_DAYS, now: datetime | None = None) -> PruneResult:
-        """Delete the segments that are fully exported and were last written ``retain_days`` ago.
-
-        Safe while replicas keep appending: writers rotate before a segment is
-        :data:`SEGMENT_MAX_AGE_S` old, so none writes to a segment this old again. A segment with
-        lines not yet exported is kept whatever its age (run :meth:`export_to_store` first); a
-        final line without its newline (a torn write, never acknowledged) does not count as
-        unexported. Replicas forget the deleted segments' ids at their next append.
-
-        Args:
-            retain_days: Days since a segment's last write before it may go (at least
-                :data:`MIN_RETAIN_DAYS`).
-            now: Reference time (default: now).
-
-        Raises:
-            ConfigError: ``retain_days`` is shorter than :data:`MIN_RETAIN_DAYS`.
-        """
-        if not retain_days >= MIN_RETAIN_DAYS:
-            raise ConfigError(
-                f"event log retention must be at least {MIN_RETAIN_DAYS:g} day(s), got {retain_days!r}: "
-                "writers may still append to younger segments"
-            )
-        cutoff = (now or datetime.now(UTC)).timestamp() - retain_days * 86400.0
-        deleted = deleted_bytes = kept = unexported = 0
-        with (
-            exclusive_file_lock(self.root / "export.lock"),
-            exclusive_file_lock(self.root / "append.lock"),
-        ):
-            marks = self._marks()
-            for seg in self.segments():
-                try:
-                    st = seg.stat()
-                    if not self._fully_exported(seg, marks.get(seg.name, 0), st.st_size):
-                        unexported += 1
-                    elif st.st_mtime <= cutoff:
-                        seg.unlink()
-                        marks.pop(seg.name, None)
-                        deleted, deleted_bytes = deleted + 1, deleted_bytes + st.st_size
-                        continue
-                except FileNotFoundError:
-                    continue
-                kept += 1
-            if deleted:
-                self._write_marks(marks)
-                _fsync_dir(self.segments_dir)
-        if deleted:
-            log.info("event log: pruned %d exported segment(s), %d bytes", deleted, deleted_bytes)
-        return PruneResult(deleted, deleted_bytes, kept, unexported)
-
-    @staticmethod
-    def _fully_exported(seg: Path, mark: int, size: int) -> bool:
-        """Whether no complete line lies past the export watermark ``mark``."""
-        if mark >= size:
-            return True
-        with open(seg, "rb") as fh:
-            fh.seek(mark)
-            return b"\n" not in fh.read()
-
-
-def export_event_log(
-    data_dir: str | os.PathLike[str] | None = None, retain_days: float | None = DEFAULT_RETAIN_DAYS
-) -> dict[str, Any] | None:
-    """Export a data directory's event log to its events store, then prune old exported segments.
-
-    What ``streamrec data export-events`` and the daily ``streamrec retrain`` run.
-
-    Args:
-        data_dir: The data directory.
-        retain_days: Retention for :meth:`EventLog.prune`; ``None`` exports without pruning.
-
-    Returns:
-        ``{"export": ExportResult fields, "prune": PruneResult fields or None}``, or ``None`` when
-        the data directory has no event log.
-    """
-    store = DataStore(data_dir)
-    if not (store.layout.event_log / "segments").is_dir():
-        return None
-    elog = EventLog(store.layout.event_log, load_existing=False)
-    exported = elog.export_to_store(store)
-    pruned = elog.prune(retain_days) if retain_days is not None else None
-    return {"export": asdict(exported), "prune": asdict(pruned) if pruned is not None else None}
-
 
 def _int_column(values: pd.Series) -> pd.arrays.IntegerArray:
     """Ids as nullable int64; anything that is not an int64-sized integer becomes null."""
@@ -987,7 +683,7 @@ def _int_column(values: pd.Series) -> pd.arrays.IntegerArray:
     return pd.array(out, dtype="Int64")
 
 
-def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """Log records -> frame with the canonical event columns (label derived from the type)."""
     cols = [f.name for f in EVENT_SCHEMA]
     if not records:
@@ -1017,13 +713,24 @@ def _to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return out
 
 
+def __getattr__(name: str) -> Any:
+    # export_event_log stays importable from here (streamrec.pipeline.retrain imports it); it
+    # lives in streamrec.data.event_export, which imports this module.
+    if name == "export_event_log":
+        from streamrec.data.event_export import export_event_log
+
+        return export_event_log
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "APPEND_LOCK",
     "AppendOutcome",
     "EventLog",
     "EventLogStats",
-    "ExportResult",
     "POSITIVE_TYPES",
     "Sink",
     "event_record",
-    "implicit_users",
+    "fsync_dir",
+    "records_frame",
 ]

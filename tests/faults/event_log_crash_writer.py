@@ -43,7 +43,8 @@ from datetime import datetime
 from typing import Any
 
 from streamrec.api_models import EventsRequest
-from streamrec.data.event_log import EventLog, export_event_log
+from streamrec.data.event_export import export_event_log
+from streamrec.data.event_log import EventLog
 from streamrec.data.store import DataStore
 
 #: Users and items of the test catalogue (the test writes these to the data directory).

@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from streamrec.auth import hash_key
-from streamrec.data.event_log import export_event_log
+from streamrec.data.event_export import export_event_log
 from streamrec.data.store import DataStore
 from streamrec.data.synth import SynthConfig, synthesize
 from streamrec.features.client import FeatureClient

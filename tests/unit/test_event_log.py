@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from streamrec.api_models import EventIn
-from streamrec.data.event_log import SEGMENT_MAX_AGE_S, AppendOutcome, EventLog, export_event_log
+from streamrec.data.event_export import export_event_log, export_to_store, prune
+from streamrec.data.event_log import SEGMENT_MAX_AGE_S, AppendOutcome, EventLog
 from streamrec.data.store import DataStore
 from streamrec.errors import ConfigError
 
@@ -323,16 +324,16 @@ def test_export_to_store_is_incremental_and_dedupes_across_writers(store: DataSt
     a.append([ev("x1", kind="click"), ev("x2", kind="view"), ev("x3", kind="skip", user=2, item=101)])
     b.append([ev("x1", kind="click")])  # the same retried event, logged by another replica
     before = store.count_events()
-    res = a.export_to_store(store, now=NOW)
+    res = export_to_store(a, store, now=NOW)
     assert (res.read, res.duplicates, res.added, res.quarantined) == (4, 1, 3, 0)
     assert store.count_events() == before + 3
     stored = store.events(columns=["event_id", "label", "event_type"]).set_index("event_id")
     assert (
         stored.loc["x1", "label"] == 1 and stored.loc["x2", "label"] == 0 and stored.loc["x3", "label"] == 0
     )
-    assert a.export_to_store(store, now=NOW).read == 0  # watermarks: nothing new
+    assert export_to_store(a, store, now=NOW).read == 0  # watermarks: nothing new
     a.append([ev("x4", kind="complete", watch_fraction=1.0)])
-    res2 = a.export_to_store(store, now=NOW)
+    res2 = export_to_store(a, store, now=NOW)
     assert (res2.read, res2.added) == (1, 1)
     assert store.count_events() == before + 4
 
@@ -341,12 +342,12 @@ def test_unreadable_watermarks_mean_a_full_re_export_not_a_failure(store: DataSt
     log_ = EventLog.open(store.layout.root)
     log_.append([ev("m1", kind="click"), ev("m2", kind="view")])
     before = store.count_events()
-    assert log_.export_to_store(store, now=NOW).added == 2
+    assert export_to_store(log_, store, now=NOW).added == 2
     (log_.root / "exported.json").write_text("")  # e.g. torn by a crash on a filesystem without fsync
-    again = log_.export_to_store(store, now=NOW)
+    again = export_to_store(log_, store, now=NOW)
     assert (again.read, again.added, again.already_present) == (2, 0, 2)  # re-read, stored once
     assert store.count_events() == before + 2
-    assert log_.prune(retain_days=1, now=NOW).deleted == 0
+    assert prune(log_, retain_days=1, now=NOW).deleted == 0
 
 
 def test_users_and_items_ingested_after_start_are_accepted_without_a_restart(store: DataStore) -> None:
@@ -364,7 +365,7 @@ def test_an_exporter_whose_clock_is_behind_quarantines_nothing_the_api_accepted(
     log_ = EventLog.open(store.layout.root)
     ahead = ev("s1", timestamp=NOW + timedelta(minutes=4))  # the API allows 5 minutes of skew
     assert log_.append([ahead], received_at=NOW).stored == 1
-    res = log_.export_to_store(store, now=NOW - timedelta(minutes=2))  # the exporter's clock lags
+    res = export_to_store(log_, store, now=NOW - timedelta(minutes=2))  # the exporter's clock lags
     assert (res.added, res.quarantined) == (1, 0)
 
 
@@ -404,7 +405,7 @@ def test_export_quarantines_what_the_contract_refuses(store: DataStore) -> None:
     log.append([ev("fine"), ev("ghost", item=5)])
     with open(log.segments()[0], "ab") as fh:
         fh.write(b"not json\n")
-    res = log.export_to_store(store, now=NOW)
+    res = export_to_store(log, store, now=NOW)
     assert (res.added, res.quarantined, res.corrupt_lines) == (1, 1, 1)
     q = pd.read_parquet(res.quarantine_path)
     assert sorted(q["reason"]) == ["malformed_line", "unknown_item"]
@@ -457,7 +458,7 @@ def test_export_adds_new_users_to_the_users_table_and_quarantines_none_of_their_
     log = EventLog.open(store.layout.root)
     early = ev("n1", user=NEW, item=100, timestamp=NOW - timedelta(hours=2))
     log.append([ev("n2", user=NEW, item=101), early, ev("n3", user=NEW + 1, item=102, kind="view"), ev("k1")])
-    res = log.export_to_store(store, now=NOW)
+    res = export_to_store(log, store, now=NOW)
     assert (res.added, res.quarantined, res.new_users) == (4, 0, 2)
     users = store.users().set_index("user_id")
     assert {NEW, NEW + 1} <= set(users.index) and len(users) == len(USERS) + 2
@@ -467,7 +468,7 @@ def test_export_adds_new_users_to_the_users_table_and_quarantines_none_of_their_
     assert sorted(stored.loc[stored["user_id"] >= NEW, "event_id"]) == ["n1", "n2", "n3"]
     # The next export knows them: nothing new, and an ingest with a profile replaces the row.
     log.append([ev("n4", user=NEW, item=103)])
-    again = log.export_to_store(store, now=NOW)
+    again = export_to_store(log, store, now=NOW)
     assert (again.added, again.new_users) == (1, 0)
     store.upsert_users(pd.DataFrame({"user_id": [NEW], "age": [31], "signup_at": [NOW]}))
     assert store.users().set_index("user_id").loc[NEW, "age"] == 31
@@ -488,19 +489,19 @@ def test_items_upserted_while_serving_can_be_clicked_at_once_and_join_the_items_
     assert out.accepted and out.stored == 1
     assert not log.append([ev("x2", item=5001)]).accepted  # a flag alone creates no item: still 422
     assert not log.append([ev("x3", item=5002)]).accepted  # never named: unknown
-    res = log.export_to_store(store, now=NOW)
+    res = export_to_store(log, store, now=NOW)
     assert (res.added, res.quarantined, res.new_items) == (1, 0, 1)
     items = store.items().set_index("item_id")
     assert items.loc[5000, "title"] == "New" and list(items.loc[5000, "categories"]) == ["drama"]
     assert items.loc[5000, "published_at"] == pd.Timestamp(NOW - timedelta(hours=1))
     assert 5001 not in items.index
-    assert log.export_to_store(store, now=NOW).new_items == 0  # stored now
+    assert export_to_store(log, store, now=NOW).new_items == 0  # stored now
 
 
 def test_a_new_user_whose_only_event_is_quarantined_is_not_created(store: DataStore) -> None:
     log = EventLog(store.layout.event_log)  # no id checks at append time: the contract decides
     log.append([ev("x", user=NEW, item=5)])
-    res = log.export_to_store(store, now=NOW)
+    res = export_to_store(log, store, now=NOW)
     assert (res.added, res.quarantined, res.new_users) == (0, 1, 0)
     assert NEW not in set(store.users()["user_id"])
 
@@ -545,19 +546,19 @@ def test_prune_deletes_only_exported_segments_past_the_retention(store: DataStor
     c = EventLog.open(store.layout.root)
     a.append([ev("x1"), ev("x2")])
     b.append([ev("y1")])
-    assert a.export_to_store(store, now=NOW).added == 3  # a's and b's segments are exported
+    assert export_to_store(a, store, now=NOW).added == 3  # a's and b's segments are exported
     c.append([ev("z1", user=2)])  # c's segment is not
     seg_a, seg_b, seg_c = (log._segment for log in (a, b, c))
     assert seg_a and seg_b and seg_c
     age(seg_a, 10)
     age(seg_c, 10)
-    res = a.prune(retain_days=7)
+    res = prune(a, retain_days=7)
     assert (res.deleted, res.kept, res.kept_not_exported) == (1, 2, 1)
     assert res.deleted_bytes > 0
     assert sorted(p.name for p in a.segments()) == sorted([seg_b.name, seg_c.name])
     marks = json.loads((store.layout.event_log / "exported.json").read_text())
     assert seg_a.name not in marks and seg_b.name in marks
-    assert a.prune(retain_days=7).deleted == 0  # idempotent
+    assert prune(a, retain_days=7).deleted == 0  # idempotent
 
 
 def test_after_a_prune_writers_forget_its_ids_and_lose_nothing(store: DataStore) -> None:
@@ -566,21 +567,21 @@ def test_after_a_prune_writers_forget_its_ids_and_lose_nothing(store: DataStore)
     b = EventLog.open(store.layout.root)
     a.append([ev("x1"), ev("x2")])
     b.append([ev("y1")])
-    a.export_to_store(store, now=NOW)
+    export_to_store(a, store, now=NOW)
     assert b.snapshot()["ids_in_memory"] == 3  # its own y1, and a's ids read before its append
     b.append([ev("x1")])  # a's retry on b: still a duplicate
     assert b.stats.duplicates == 1 and b.snapshot()["ids_in_memory"] == 3
     assert a._segment is not None
     age(a._segment, 10)  # a has been idle for 10 days...
     clock.offset = 10 * DAY  # ...by its own clock too
-    assert a.prune(retain_days=7).deleted == 1
+    assert prune(a, retain_days=7).deleted == 1
     b.append([ev("y2")])
     assert b.snapshot()["ids_in_memory"] == 2  # x1, x2 left with their segment
     # a's open segment is gone: its next append goes to a fresh segment, nothing is lost.
     out = a.append([ev("x3"), ev("x1")])
     assert (out.stored, out.duplicates) == (2, 0)  # x1 is past the dedup window now
     assert sorted(r["event_id"] for r in log_lines(a)) == ["x1", "x3", "y1", "y2"]
-    res = a.export_to_store(store, now=NOW)
+    res = export_to_store(a, store, now=NOW)
     assert (res.added, res.already_present) == (2, 1)  # the store still holds x1 once
     assert a.stats.balanced() and b.stats.balanced()
 
@@ -591,17 +592,17 @@ def test_prune_keeps_unexported_lines_but_not_a_torn_tail(store: DataStore) -> N
     seg = log._segment
     assert seg is not None
     log.close()
-    log.export_to_store(store, now=NOW)
+    export_to_store(log, store, now=NOW)
     with open(seg, "ab") as fh:
         fh.write(b'{"event_id": "torn"')  # a write that died half-way (never acknowledged)
     age(seg, 30)
-    assert log.prune(retain_days=7).deleted == 1
+    assert prune(log, retain_days=7).deleted == 1
 
     log2 = EventLog.open(store.layout.root)
     log2.append([ev("t2")])
     assert log2._segment is not None
     age(log2._segment, 30)
-    res = log2.prune(retain_days=7)  # t2 was never exported: kept, whatever its age
+    res = prune(log2, retain_days=7)  # t2 was never exported: kept, whatever its age
     assert (res.deleted, res.kept_not_exported) == (0, 1)
 
 
@@ -609,7 +610,7 @@ def test_prune_keeps_unexported_lines_but_not_a_torn_tail(store: DataStore) -> N
 def test_prune_refuses_a_retention_writers_could_still_be_inside(store: DataStore, days: float) -> None:
     log = EventLog.open(store.layout.root)
     with pytest.raises(ConfigError, match="at least 1 day"):
-        log.prune(retain_days=days)
+        prune(log, retain_days=days)
 
 
 def test_export_event_log_exports_then_prunes(store: DataStore) -> None:

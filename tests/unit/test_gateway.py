@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.auth import ApiKeyAuth, AuthConfig, RateLimiter, hash_key
+from streamrec.data.event_export import export_to_store
 from streamrec.data.event_log import EventLog
 from streamrec.data.store import DataStore
 from streamrec.errors import ServingError
@@ -38,6 +39,7 @@ from streamrec.serving.gateway import GatewayLimits, create_app
 
 def _runner(threads: int = 1) -> StageRunner:
     return StageRunner(ResilienceConfig(), 10.0, threads)
+
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 USERS = list(range(1, 11))
@@ -413,7 +415,7 @@ def test_events_before_the_epoch_are_refused_so_none_is_quarantined_at_export(
         assert c.post("/v1/events", json=edge, headers=h).status_code == 200
     data = tmp_path / "data"
     shutil.copytree(world, data)
-    result = log.export_to_store(DataStore(data))
+    result = export_to_store(log, DataStore(data))
     assert result.read == 1 and result.quarantined == 0  # every acknowledged event is storable
 
 

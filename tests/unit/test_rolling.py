@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -127,3 +130,30 @@ def test_text_report_prints_the_pooled_rows_and_the_folds() -> None:
     assert "streamrec_full minus als, NDCG@10 paired over user-windows: +0.1000" in text
     assert "| 1 | c1 | c2 | 120 | als | 0.1000 | 0.2000 |" in text
     assert "Rolling" not in format_report({"methods": [], "summary": {}})
+
+
+def test_cli_rolling_folds_sets_the_config_and_keeps_the_json_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    import streamrec.pipeline.train as train
+    from streamrec.cli import app
+
+    seen: list[int] = []
+
+    def fake(data_dir: Any, cfg: Any, **kw: Any) -> dict[str, Any]:
+        seen.append(cfg.evaluation.rolling.folds)
+        return {"methods": [], "funnel": [], "summary": {}, "rolling": {"folds": []}}
+
+    monkeypatch.setattr(train, "run_pipeline", fake)
+    runner = CliRunner()
+    args = ["train", "--data-dir", str(tmp_path), "--no-register", "--json"]
+    out = runner.invoke(app, [*args, "--rolling-folds", "3"])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(out.stdout)) == {"methods", "funnel", "summary", "rolling"}
+    assert runner.invoke(app, args).exit_code == 0  # without the flag: the config's (0)
+    assert seen == [3, 0]
+    assert runner.invoke(app, [*args, "--rolling-folds", "-1"]).exit_code != 0

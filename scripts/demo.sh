@@ -124,7 +124,7 @@ rollout() {  # $1: rounds at most, $2: seed base
 }
 VERSIONS=$(streamrec registry list --data-dir "$DIR" --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["versions"]))')
 if [ "$VERSIONS" = "1" ]; then
-  echo "-- a deliberately weak model (1 epoch, tiny embeddings; configs/training/demo-weak.yaml), registered, not promoted"
+  echo "-- a deliberately degraded model (its ranker reads one input, the CF score; configs/training/demo-weak.yaml), registered, not promoted"
   WEAK=$(streamrec train --data-dir "$DIR" --config configs/training/demo-weak.yaml --json 2>"$DIR/train-weak.log" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["registered_version"])') ||
     { echo "training the weak model failed; see $DIR/train-weak.log"; tail -5 "$DIR/train-weak.log"; exit 1; }

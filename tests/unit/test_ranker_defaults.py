@@ -1,10 +1,18 @@
-"""The ranker's training choices: the default, the opt-in preference config (ADR-015), the weak demo model."""
+"""The ranker's training choices: the default, the opt-in preference config (ADR-015), the degraded demo model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
+from streamrec.features.defaults import apply_defaults
+from streamrec.features.item_table import ItemFeatureTable
+from streamrec.features.spec import views_for
 from streamrec.pipeline.config import TrainingConfig, load_training_config
+from streamrec.ranking.features import RankerFeatures
+
+NAMES = [f for v in views_for("item") for f in v.feature_names]
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "training"
 
@@ -33,8 +41,20 @@ def test_the_preference_config_trains_on_impressions_without_sparse_fields() -> 
     )
 
 
-def test_the_weak_demo_model_keeps_candidates_and_every_input() -> None:
+def test_the_degraded_demo_model_ranks_by_one_input() -> None:
     weak = load_training_config(CONFIGS / "demo-weak.yaml")
     assert weak.ranker_sampling.negatives_from == "candidates"
-    assert weak.ranker.dense_inputs is None and weak.ranker.sparse_inputs is None
+    assert weak.ranker.dense_inputs == ["x_cf"] and weak.ranker.sparse_inputs == []
     assert weak.ranker.epochs == 1 and weak.gates.promote is False
+    # The name must be one of the serving layout's, or training fails at the first ranker build.
+    table = ItemFeatureTable.from_frame(
+        apply_defaults(pd.DataFrame({"item_id": [1, 2]}), features=NAMES), ["news"]
+    )
+    layout = RankerFeatures(table, ("two_tower", "cf")).layout
+    model = weak.ranker.build_model(
+        n_dense=len(layout.dense),
+        sparse_cardinalities=list(layout.cardinalities),
+        dense_names=layout.dense,
+        sparse_names=layout.sparse,
+    )
+    assert model.hparams["dense_columns"] == [layout.dense.index("x_cf")]

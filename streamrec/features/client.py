@@ -333,6 +333,7 @@ class FeatureClient:
         every: timedelta = timedelta(days=1),
         cutoffs: Sequence[datetime | pd.Timestamp] | None = None,
         progress: bool = False,
+        extra: bool = False,
     ) -> BuildReport:
         """Compute the batch features of the validated data into the offline store.
 
@@ -349,6 +350,10 @@ class FeatureClient:
             cutoffs: Explicit cutoffs instead of ``as_of`` / ``snapshots`` / ``every`` (the
                 training pipeline's: the times it reads features at).
             progress: Show a progress bar on stderr.
+            extra: Add snapshots for point-in-time reads only (the rolling evaluation's earlier
+                cutoffs, :mod:`streamrec.pipeline.rolling`): the recorded data-dependent
+                defaults, the pending materialisation and the last build stay those of the
+                previous build (the vocabulary still grows).
 
         Returns:
             Rows per view, files written, timing.
@@ -401,25 +406,29 @@ class FeatureClient:
                 rows[name] += len(frame)
                 files += 1
                 prev = pending.get(name)
-                pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+                if not extra:
+                    pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
             bar.update(1)
         bar.close()
         compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
         assert snap is not None
-        defaults = dict(meta.get("defaults", {}))
-        defaults.update(snap.defaults)
-        meta.update(
-            {
-                "category_vocab": vocab,
-                "defaults": defaults,
-                "pending": pending,
-                "last_build": {
-                    "as_of": cutoff.isoformat(),
-                    "snapshots": [t.isoformat() for t in times],
-                    "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                },
-            }
-        )
+        if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
+            meta["category_vocab"] = vocab
+        else:
+            defaults = dict(meta.get("defaults", {}))
+            defaults.update(snap.defaults)
+            meta.update(
+                {
+                    "category_vocab": vocab,
+                    "defaults": defaults,
+                    "pending": pending,
+                    "last_build": {
+                        "as_of": cutoff.isoformat(),
+                        "snapshots": [t.isoformat() for t in times],
+                        "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
+                    },
+                }
+            )
         self._write_meta(meta)
         return BuildReport(
             as_of=cutoff.isoformat(),

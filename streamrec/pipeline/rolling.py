@@ -43,6 +43,7 @@ from streamrec.funnel.core import Funnel
 from streamrec.models.scoring import RankerScorer
 from streamrec.pipeline.config import RollingSettings
 from streamrec.pipeline.evaluate import evaluate, test_truth
+from streamrec.pipeline.snapshots import snapshot_times
 from streamrec.pipeline.train import (
     PipelineState,
     _step,
@@ -136,6 +137,27 @@ def plan_folds(
         )
         for i, c in enumerate(cutoffs)
     ]
+
+
+def fold_snapshot_times(
+    events: pd.DataFrame, folds: Sequence[Fold], built: Sequence[pd.Timestamp]
+) -> list[pd.Timestamp]:
+    """Feature snapshots the earlier folds need beyond those the pipeline built (``built``).
+
+    For each fold, the cutoffs the pipeline's feature build would choose if history ended at
+    the fold's window end (:func:`~streamrec.pipeline.snapshots.snapshot_times`: its split
+    times, its ranker window's days, then the newest days, up to the same bound), so that every
+    fold's point-in-time joins see features as complete as the main fit's.
+    """
+    have = {_ts(t) for t in built}
+    out: set[pd.Timestamp] = set()
+    for fold in folds:
+        if fold.window_end is None:
+            continue
+        ts = events["timestamp"][events["timestamp"] < fold.window_end]
+        times = snapshot_times(ts, windows=[(fold.t_rank, fold.cutoff)], points=[fold.t_rank, fold.cutoff])
+        out |= {_ts(t) for t in times} - have
+    return sorted(out)
 
 
 def pool_folds(
@@ -294,6 +316,16 @@ def rolling_evaluation(
     assert state.t_test is not None
     ev_cfg = state.cfg.evaluation
     folds = plan_folds(state.events, state.t_test, ev_cfg.rolling, state.cfg.split)
+    # The earlier folds' snapshots, written only now: the main fit has read all its features, so
+    # its numbers are those of a run without the rolling evaluation (older snapshots would
+    # change its point-in-time joins). The recorded build (defaults, materialisation) stays.
+    extra = fold_snapshot_times(state.events, folds, state.snapshots)
+    if extra:
+        with _step(state, "rolling_features"):
+            built = fc.build(cutoffs=[t.to_pydatetime() for t in extra], extra=True)
+        state.log(
+            f"  rolling: {len(extra)} more feature snapshots for the earlier folds, {built.files} files"
+        )
     rows: list[dict[str, Any]] = []
     scored: list[list[MethodScores]] = []
     users: list[npt.NDArray[np.int64]] = []

@@ -11,11 +11,11 @@ Steps (each logged with its duration)::
     -> ranker: DCN-V2 on Ray Train
     -> evaluate at T_test (:mod:`.evaluate`): baselines (tuned on a validation window before
        T_test) and the full funnel (the serving code) side by side, with bootstrap intervals
-    -> rolling evaluation (``evaluation.rolling.folds``, off by default; :mod:`.rolling`): the
-       steps from retrieval A on again at earlier cutoffs, pooled over user-windows
     -> refit (``refit_on_all``, :mod:`streamrec.pipeline.refit`): the steps from retrieval A on
        again with the test cutoff moved past the last event; that fit is what the bundle serves,
        while the metrics and the gates stay those measured above
+    -> rolling evaluation (``evaluation.rolling.folds``, off by default; :mod:`.rolling`): the
+       steps from retrieval A on again at earlier cutoffs, pooled over user-windows
     -> bundle -> registry (gates) -> batch fallback (Ray Data) -> write embeddings, materialize
 
 Item indices everywhere are rows of the item feature table; user indices come from the
@@ -91,6 +91,7 @@ class PipelineState:
     end: pd.Timestamp | None = None
     timings: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    snapshots: list[pd.Timestamp] = field(default_factory=list)  # the feature build's cutoffs
 
 
 @contextmanager
@@ -171,14 +172,9 @@ def build_features(state: PipelineState, fc: FeatureClient) -> None:
     if state.cfg.refit_on_all:  # the refit's label window and split time
         windows.append((t_rank_all, cutoff))
         points.append(t_rank_all)
-    if state.cfg.evaluation.rolling.folds:  # the rolling evaluation's earlier folds (.rolling)
-        from streamrec.pipeline.rolling import plan_folds
-
-        for fold in plan_folds(state.events, state.t_test, state.cfg.evaluation.rolling, state.cfg.split):
-            windows.append((fold.t_rank, fold.cutoff))
-            points += [fold.t_rank, fold.cutoff]
     times = snapshot_times(ts, windows=windows, points=points)
     report = fc.build(cutoffs=[t.to_pydatetime() for t in times])
+    state.snapshots = times
     state.log(f"  {len(times)} feature snapshots from {times[0]} to {times[-1]}, {report.files} files")
     fc.apply()
 
@@ -678,11 +674,6 @@ def run_pipeline(
     scores: list[MethodScores] = []
     with _step(state, "evaluate"):
         report = evaluate(state, fc, funnel_b, rng, **({"scores_out": scores} if rolling else {}))
-    if rolling:  # more cutoffs, each fold retrained on what came before it (.rolling)
-        from streamrec.pipeline.rolling import rolling_evaluation
-
-        with _step(state, "rolling"):
-            report["rolling"] = rolling_evaluation(state, fc, pit, report, scores, funnel_b)
     report["training"] = {
         **row_stats,
         "ranker_val_auc": float(r_hist[-1].get("val_auc", float("nan"))),
@@ -699,6 +690,12 @@ def run_pipeline(
     served, refit_skipped = serve_fit(state, fc, pit, evaluated)
     fit = fit_record(state, evaluated, served, refit_skipped)
     report["fit"] = fit.model_dump(mode="json")
+    if rolling:  # more cutoffs, each fold retrained on what came before it (.rolling); after every
+        # read of the main fit and the refit, since it adds older feature snapshots
+        from streamrec.pipeline.rolling import rolling_evaluation
+
+        with _step(state, "rolling"):
+            report["rolling"] = rolling_evaluation(state, fc, pit, report, scores, funnel_b)
 
     # Bundle.
     from streamrec.bundle import save_bundle

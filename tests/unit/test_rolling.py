@@ -157,3 +157,53 @@ def test_cli_rolling_folds_sets_the_config_and_keeps_the_json_shape(
     assert runner.invoke(app, args).exit_code == 0  # without the flag: the config's (0)
     assert seen == [3, 0]
     assert runner.invoke(app, [*args, "--rolling-folds", "-1"]).exit_code != 0
+
+
+def test_fold_snapshots_cover_each_fold_as_the_pipeline_covers_its_own_cutoff() -> None:
+    from streamrec.pipeline.rolling import fold_snapshot_times
+    from streamrec.pipeline.snapshots import MAX_DAILY_SNAPSHOTS, snapshot_times
+
+    ev = _events(24 * 300)  # one event an hour for 300 days: more days than one build keeps
+    split = SplitSettings()
+    t_test = pd.Timestamp(ev["timestamp"].quantile(0.8, interpolation="higher"))
+    folds = plan_folds(ev, t_test, RollingSettings(folds=3), split)
+    main = snapshot_times(ev["timestamp"], windows=[(folds[-1].t_rank, t_test)], points=[t_test])
+    assert (
+        len(main) <= MAX_DAILY_SNAPSHOTS + 1 and min(main) > folds[0].t_rank
+    )  # the earliest fold is uncovered
+    extra = fold_snapshot_times(ev, folds, main)
+    assert not set(extra) & set(main)
+    have = set(main) | set(extra)
+    for f in folds[:-1]:
+        assert f.cutoff in have and f.t_rank in have
+        days = pd.date_range(f.t_rank.ceil("D"), f.cutoff.floor("D"), freq="D")
+        assert set(days) <= have  # every day of its ranker window has its own snapshot
+        assert max(extra) < folds[-1].cutoff
+    assert fold_snapshot_times(ev, folds[-1:], main) == []  # the test cutoff's fold is the pipeline's own
+
+
+def test_an_extra_build_adds_snapshots_and_leaves_the_recorded_build_alone(tmp_path: Path) -> None:
+    import json
+
+    from streamrec.data.store import DataStore
+    from streamrec.data.synth import SynthConfig, synthesize
+    from streamrec.features.client import FeatureClient
+    from streamrec.features.snapshot import features_as_of
+
+    d = tmp_path / "data"
+    synthesize(SynthConfig(users=60, items=50, days=10, seed=4), d, progress=False)
+    fc = FeatureClient(d)
+    end = DataStore(d).events()["timestamp"].max()
+    fc.build(cutoffs=[end])
+    meta_file = fc.features_dir / "meta.json"
+    before = json.loads(meta_file.read_text())
+    early = end - pd.Timedelta(days=6)
+    assert features_as_of(fc, "user", early).empty
+    report = fc.build(cutoffs=[early, end - pd.Timedelta(days=3)], extra=True)
+    assert report.files > 0
+    after = json.loads(meta_file.read_text())
+    for key in ("defaults", "pending", "last_build"):
+        assert after.get(key) == before.get(key), key
+    assert not features_as_of(fc, "user", early).empty  # readable point in time
+    fc.build(cutoffs=[early])  # an ordinary build records itself
+    assert json.loads(meta_file.read_text())["last_build"] != before["last_build"]

@@ -90,8 +90,26 @@ def markdown(results: dict[str, dict]) -> str:
                     f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
                 )
         out.append("")
+        out += funnel_markdown(r.get("funnel") or [])
         out += rolling_markdown(r.get("rolling"))
     return "\n".join(out)
+
+
+def funnel_markdown(funnel: list[dict]) -> list[str]:
+    """Candidate recall per retrieval source and merged, at equal candidate counts."""
+    if not funnel:
+        return []
+    names = [k.removeprefix("recall_") for k in funnel[0] if k.startswith("recall_") and k != "recall_merged"]
+    out = [
+        "| candidates | " + " | ".join(names) + " | merged | merged / best single |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for row in funnel:
+        cells = " | ".join(f"{row['recall_' + n]:.3f}" for n in names)
+        out.append(
+            f"| {row['candidates']} | {cells} | {row['recall_merged']:.3f} | {row['merged_vs_best_single']:.3f} |"
+        )
+    return [*out, ""]
 
 
 def rolling_markdown(roll: dict | None) -> list[str]:
@@ -155,7 +173,11 @@ def main() -> None:
         default=4,
         help="Cutoffs of the rolling evaluation, the test cutoff included (0 = off).",
     )
+    p.add_argument("--markdown-from", default=None, help="Print the tables of an existing JSON and exit.")
     args = p.parse_args()
+    if args.markdown_from:
+        print(markdown(json.loads(Path(args.markdown_from).read_text())["datasets"]))
+        return
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)

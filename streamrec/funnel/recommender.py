@@ -54,6 +54,10 @@ class RecommenderStages:
 
     #: Torch, FAISS and the online store: the runner calls these methods off the event loop.
     blocking = True
+    #: Sources the runner would call in a worker call of their own, apart from the others' shared
+    #: one (ADR-016). None: FAISS apart (``("two_tower",)``) measured no faster than one call for
+    #: all four, and one more thread hop per request costs CPU on a saturated box.
+    solo_sources: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -53,7 +53,9 @@ def miss_cause(err: BaseException) -> str:
 def missed_sources(timings: dict[str, float]) -> dict[str, str]:
     """``source -> cause`` of the sources :func:`run_funnel` left out."""
     return {
-        k.split(":", 1)[1]: MISS_CAUSES.get(v, "error") for k, v in timings.items() if k.startswith("missing:")
+        k.split(":", 1)[1]: MISS_CAUSES.get(v, "error")
+        for k, v in timings.items()
+        if k.startswith("missing:")
     }
 
 
@@ -209,7 +211,10 @@ async def run_funnel(
     ``call`` hides where a stage runs (in-process or behind a handle). Retrieval sources run
     concurrently, each with ``source_timeout_s``; a source that times out or fails is left out
     of the union (its name recorded under ``timings['missing:<source>']``, the value coding the
-    cause in :data:`MISS_CAUSES`; :func:`missed_sources` reads them back).
+    cause in :data:`MISS_CAUSES`; :func:`missed_sources` reads them back). When ``call`` has a
+    ``retrieve_all(source_names, ctx)`` (the in-process runner's grouped dispatch, ADR-016),
+    that one call fetches every source, each under its own deadline, and returns per source its
+    candidates or the exception that stands for its miss.
 
     ``rerank=False`` stops after ranking (the batch precompute); the rerank output is then None.
 
@@ -238,7 +243,20 @@ async def run_funnel(
             causes[name] = miss_cause(err)
             return None
 
-    results = await asyncio.gather(*(one(n) for n in source_names))
+    many = getattr(call, "retrieve_all", None)
+    if many is not None:  # the caller batches the sources itself, each under its own deadline
+        got: dict[str, Any] = await many(source_names, ctx)
+        results = []
+        for n in source_names:
+            r = got[n]
+            if isinstance(r, StageVersionMismatchError):
+                raise r
+            if isinstance(r, BaseException):
+                causes[n] = miss_cause(r)
+                r = None
+            results.append(r)
+    else:
+        results = await asyncio.gather(*(one(n) for n in source_names))
     parts = {n: r for n, r in zip(source_names, results, strict=True) if r is not None}
     for n, r in zip(source_names, results, strict=True):
         if r is None:

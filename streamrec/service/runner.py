@@ -19,12 +19,13 @@ the event loop keeps answering other requests and ``/healthz`` whatever a depend
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from cachetools import LRUCache
 
@@ -33,12 +34,28 @@ from streamrec.funnel.stages import Candidates, Stages, UserContext
 from streamrec.monitoring.metrics import ServingMetrics
 from streamrec.resilience import CircuitOpenError, ResilienceConfig
 from streamrec.service.args import FaultInjection
-from streamrec.service.guard import Dependency, DependencyTimeoutError
+from streamrec.service.guard import (
+    Dependency,
+    DependencySkippedError,
+    DependencyTimeoutError,
+    Step,
+    call_batch,
+)
 
 log = logging.getLogger(__name__)
 
 #: ``call(stage_name, *args)``: how :func:`~streamrec.funnel.stages.run_funnel` reaches a stage.
 Call = Callable[..., Awaitable[Any]]
+
+#: How blocking stage calls reach worker threads (ADR-016): ``grouped`` (one worker call for the
+#: online read and the context built from it, one for the in-memory sources, one per solo source,
+#: one for the ranker) or ``hops`` (one worker call per dependency call).
+Dispatch = Literal["grouped", "hops"]
+
+
+#: A source running this share of its budget hands the sources waiting behind it in its worker
+#: call to another thread (:func:`~streamrec.service.guard.call_batch`'s ``split_after_s``).
+_SPLIT_AFTER = 0.25
 
 
 def _why(err: BaseException) -> str:
@@ -68,6 +85,8 @@ class StageRunner:
         faults: Fault injection (off by default).
         known_users: Users whose last good features are kept for ``stale_features``.
         metrics: Where online-store reads are timed (None: off).
+        dispatch: ``grouped`` (default) or ``hops`` (:data:`Dispatch`); every dependency keeps
+            its own budget and breaker either way.
     """
 
     def __init__(
@@ -78,14 +97,19 @@ class StageRunner:
         faults: FaultInjection | None = None,
         known_users: int = 50_000,
         metrics: ServingMetrics | None = None,
+        dispatch: Dispatch = "grouped",
     ) -> None:
         self.metrics = metrics or ServingMetrics(None)
+        self._grouped = dispatch == "grouped"
         self._resilience = resilience
         self._source_timeout_s = source_timeout_s
         self._faults = faults or FaultInjection()
         # Context building (the user tower) and retrieval in separate pools: a hung source holds
         # one retrieval thread, never the thread every request needs for its context.
         self._retrieval = ThreadPoolExecutor(max(2, source_threads), thread_name_prefix="retrieval")
+        # More threads than the two every runner has: the operator wants a request's sources to
+        # overlap (args.source_threads), so each gets a worker call of its own.
+        self._group_sources = self._grouped and source_threads <= 2
         mismatch = (StageVersionMismatchError,)  # a reload in progress, not a sick dependency
         # Context building is the replica's own CPU work: a stall must not open its breaker (only
         # errors do); a hung call holds the one thread, and the next calls are refused at once.
@@ -134,39 +158,70 @@ class StageRunner:
 
     # ------------------------------------------------------------------ stages
     async def user_context(self, stages: Stages, request: Any) -> UserContext:
-        """Online features (guarded; stale on failure), then the context built off the loop."""
+        """Online features (guarded; stale on failure), then the context built off the loop.
+
+        Grouped dispatch reads the features and builds the context in one worker call while both
+        dependencies are healthy (each step still under its own budget and breaker); otherwise,
+        and after a failed read, one call each.
+        """
         features: dict[str, Any] | None = None
         reason = ""
         user_id = int(request.user_id)
         if getattr(stages, "blocking", False):
-            t0 = time.perf_counter()
-            try:
-                features = await self.online.call(stages.read_features, user_id)
-            except StageVersionMismatchError:
-                raise
-            except Exception as err:
-                self.metrics.online_read((time.perf_counter() - t0) * 1e3, _outcome(err))
-                with self._lock:
-                    known = self._last.get(user_id)
-                served = "the user's last known features"
-                if known is None:
-                    snapshot = getattr(stages, "snapshot_features", None)
-                    known = snapshot(user_id) if snapshot is not None else None
-                    served = "the user's batch feature snapshot"
-                if known is None:
-                    served = "default features (the user is in no snapshot)"
-                features = dict(known) if known is not None else {}
-                reason = f"online_store: {_why(err)}; served {served}"
-                log.debug("stale features for user %s: %s (%s)", user_id, reason, err)
+            if self._grouped and self.online.ready() and self.context.ready():
+                t0 = time.monotonic()
+                read = Step(self.online, stages.read_features, (user_id,))
+                build = Step(self.context, stages.user_context, (request,), chained=True)
+                got, built = await call_batch([read, build], self.online.pool, stop_on_error=True)
+                if isinstance(got, BaseException):
+                    if isinstance(got, StageVersionMismatchError):
+                        raise got
+                    features, reason = self._stale(stages, user_id, got, (time.monotonic() - t0) * 1e3)
+                else:
+                    features = got
+                    self.metrics.online_read((read.ended - t0) * 1e3, "ok")
+                    with self._lock:
+                        self._last[user_id] = features
+                    if not isinstance(built, DependencySkippedError):  # else: refused at admission
+                        if isinstance(built, BaseException):
+                            raise built
+                        done: UserContext = built
+                        return done
             else:
-                self.metrics.online_read((time.perf_counter() - t0) * 1e3, "ok")
-                with self._lock:
-                    self._last[user_id] = features
+                t0 = time.monotonic()
+                try:
+                    features = await self.online.call(stages.read_features, user_id)
+                except StageVersionMismatchError:
+                    raise
+                except Exception as err:
+                    features, reason = self._stale(stages, user_id, err, (time.monotonic() - t0) * 1e3)
+                else:
+                    self.metrics.online_read((time.monotonic() - t0) * 1e3, "ok")
+                    with self._lock:
+                        self._last[user_id] = features
         ctx: UserContext = await self._compute_call(stages, stages.user_context, request, features)
         if reason:
             ctx.degraded.append("stale_features")
             ctx.reasons.append(reason)
         return ctx
+
+    def _stale(
+        self, stages: Stages, user_id: int, err: BaseException, ms: float
+    ) -> tuple[dict[str, Any], str]:
+        """The ``stale_features`` of ``user_id`` after a failed online read, and why."""
+        self.metrics.online_read(ms, _outcome(err))
+        with self._lock:
+            known = self._last.get(user_id)
+        served = "the user's last known features"
+        if known is None:
+            snapshot = getattr(stages, "snapshot_features", None)
+            known = snapshot(user_id) if snapshot is not None else None
+            served = "the user's batch feature snapshot"
+        if known is None:
+            served = "default features (the user is in no snapshot)"
+        reason = f"online_store: {_why(err)}; served {served}"
+        log.debug("stale features for user %s: %s (%s)", user_id, reason, err)
+        return (dict(known) if known is not None else {}), reason
 
     async def retrieve(self, stages: Stages, source: str, ctx: UserContext) -> Candidates:
         """One source's candidates (raises when it fails or misses its budget)."""
@@ -174,6 +229,44 @@ class StageRunner:
             return stages.retrieve(source, ctx)
         result: Candidates = await self._source(source).call(self._source_fn(stages, source), source, ctx)
         return result
+
+    async def retrieve_all(
+        self, stages: Stages, names: tuple[str, ...], ctx: UserContext
+    ) -> dict[str, Candidates | BaseException]:
+        """Every source's candidates, or the exception that stands for a source that missed.
+
+        Grouped dispatch (with at most the 2 default source threads): the sources named in
+        ``stages.solo_sources`` (long GIL-free work, an ANN search) each in a worker call of its
+        own; the others together in one worker call, one after the other, each under its own
+        breaker and cut at the source budget. A source still running after a quarter of its
+        budget hands the sources behind it to another worker call, so a hung source holds one
+        thread and costs the request its budget, and the others still answer. Otherwise
+        (``hops``, or more source threads configured to overlap them): one worker call per
+        source.
+        """
+        if not getattr(stages, "blocking", False) or not self._group_sources:
+            results = await asyncio.gather(
+                *(self.retrieve(stages, n, ctx) for n in names), return_exceptions=True
+            )
+            return dict(zip(names, results, strict=True))
+        solo = set(getattr(stages, "solo_sources", ()))
+        batches = [[n] for n in names if n in solo]
+        rest = [n for n in names if n not in solo]
+        if rest:
+            batches.append(rest)
+        budget = self._source_timeout_s
+
+        def one(batch: list[str]) -> Awaitable[list[Any]]:
+            steps = [Step(self._source(n), self._source_fn(stages, n), (n, ctx), budget) for n in batch]
+            return call_batch(steps, self._retrieval, limit_s=budget, split_after_s=budget * _SPLIT_AFTER)
+
+        if len(batches) == 1:
+            outs = [await one(batches[0])]
+        else:
+            outs = await asyncio.gather(*(one(b) for b in batches))
+        return {
+            n: r for batch, out in zip(batches, outs, strict=True) for n, r in zip(batch, out, strict=True)
+        }
 
     def _source_fn(self, stages: Stages, source: str) -> Callable[[str, UserContext], Candidates]:
         delay_ms = self._faults.source_delay_ms.get(source, 0.0)
@@ -255,21 +348,7 @@ class StageRunner:
 
     def call_for(self, stages: Stages) -> Call:
         """A ``call`` for :func:`~streamrec.funnel.stages.run_funnel` over in-process ``stages``."""
-
-        async def call(name: str, *args: Any) -> Any:
-            if name == "user_context":
-                return await self.user_context(stages, *args)
-            if name == "retrieve":
-                return await self.retrieve(stages, *args)
-            if name == "merge":
-                return self.merge(stages, *args)
-            if name == "rank":
-                return await self.rank(stages, *args)
-            if name == "rerank":
-                return self.rerank(stages, *args)
-            raise KeyError(f"unknown stage call '{name}'")
-
-        return call
+        return _LocalCall(self, stages)
 
     def snapshot(self) -> dict[str, Any]:
         """Every breaker this runner holds, by dependency name."""
@@ -284,6 +363,35 @@ class StageRunner:
         self._retrieval.shutdown(wait=False, cancel_futures=True)
         for d in (self.online, self.context, self.ranker, *self._sources.values()):
             d.close()
+
+
+class _LocalCall:
+    """``call(stage_name, *args)`` over in-process stages, with ``retrieve_all`` for grouped retrieval."""
+
+    def __init__(self, runner: StageRunner, stages: Stages) -> None:
+        self._runner = runner
+        self._stages = stages
+        #: Read by :func:`~streamrec.funnel.stages.run_funnel`: every source in one call.
+        self.retrieve_all = (
+            self._all if runner._group_sources and getattr(stages, "blocking", False) else None
+        )
+
+    async def _all(self, names: tuple[str, ...], ctx: UserContext) -> dict[str, Candidates | BaseException]:
+        return await self._runner.retrieve_all(self._stages, names, ctx)
+
+    async def __call__(self, name: str, *args: Any) -> Any:
+        runner, stages = self._runner, self._stages
+        if name == "user_context":
+            return await runner.user_context(stages, *args)
+        if name == "retrieve":
+            return await runner.retrieve(stages, *args)
+        if name == "merge":
+            return runner.merge(stages, *args)
+        if name == "rank":
+            return await runner.rank(stages, *args)
+        if name == "rerank":
+            return runner.rerank(stages, *args)
+        raise KeyError(f"unknown stage call '{name}'")
 
 
 def local_primary(

@@ -1,0 +1,216 @@
+"""The stage runner's grouped dispatch (ADR-016): fewer worker-thread hops, the same guards.
+
+Several dependency calls share one worker call (the online read and the context built from it;
+the in-memory retrieval sources), each still under its own budget and breaker. These tests hang
+real threads on real events, as tests/unit/test_service.py does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamrec.api_models import RecommendRequest
+from streamrec.funnel.stages import Candidates, UserContext, missed_sources, run_funnel
+from streamrec.resilience import CircuitBreakerConfig, DeadlineExceededError
+from streamrec.service.guard import (
+    Dependency,
+    DependencySaturatedError,
+    DependencySkippedError,
+    DependencyTimeoutError,
+    Step,
+    call_batch,
+)
+from streamrec.service.runner import StageRunner
+from tests.unit.test_service import Blocking, _res
+from tests.unit.test_service import world as world  # noqa: F401  (the module-scoped fixture)
+
+BREAKER = CircuitBreakerConfig(failure_threshold=2, reset_timeout_s=60.0)
+
+
+class Sources(Blocking):
+    """Blocking stages with named sources (each answers popularity's candidates); ``hung`` hangs.
+
+    Records which thread ran each call.
+    """
+
+    def __init__(self, world: Path, names: tuple[str, ...], solo: tuple[str, ...] = ()) -> None:
+        super().__init__(world)
+        self.source_names = names
+        self.solo_sources = solo
+        self.threads: dict[str, int] = {}
+        self.a_started = threading.Event()
+        self.overlapped = False
+
+    def read_features(self, user_id: int) -> dict[str, Any]:
+        self.threads["read"] = threading.get_ident()
+        return super().read_features(user_id)
+
+    def user_context(self, request: Any, features: dict[str, Any] | None = None) -> UserContext:
+        self.threads["context"] = threading.get_ident()
+        if getattr(self, "context_fault", "") == "hang":
+            self.release.wait(10)
+        return super().user_context(request, features)
+
+    def retrieve(self, source: str, ctx: UserContext) -> Candidates:
+        self.threads[source] = threading.get_ident()
+        if source == "hung":
+            self.release.wait(10)
+        if source == "a":
+            self.a_started.set()
+        if source == "tt":  # overlaps "a" only when it runs in a worker call of its own
+            self.overlapped = self.a_started.wait(2)
+        return self._inner.retrieve("popularity", ctx)
+
+    def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
+        return self._inner.merge(ctx, {"popularity": next(iter(parts.values()))} if parts else {})
+
+
+def test_grouped_dispatch_reads_and_builds_the_context_in_one_worker_call(world: Path) -> None:
+    stages = Sources(world, ("a", "b", "tt"), solo=("tt",))
+    runner = StageRunner(_res(), 1.0)
+    req = RecommendRequest(user_id=3, k=5)
+    try:
+        _, parts, _, _, out, timings = asyncio.run(
+            run_funnel(runner.call_for(stages), req, stages.source_names, 1.0)
+        )
+    finally:
+        runner.close()
+    assert sorted(parts) == ["a", "b", "tt"] and len(out.items) == 5 and not missed_sources(timings)
+    t = stages.threads
+    assert t["read"] == t["context"]  # one hop for both
+    assert t["a"] == t["b"] and stages.overlapped  # in-memory sources together, the solo one apart
+    snap = runner.snapshot()
+    for dep in ("online_store", "context", "source:a", "source:b", "source:tt"):
+        assert snap[dep]["ok"] == 1 and snap[dep]["calls"] == 1, dep
+
+
+def test_hops_and_grouped_dispatch_give_the_same_answer(world: Path) -> None:
+    req = RecommendRequest(user_id=3, k=5)
+    outs = []
+    for dispatch in ("hops", "grouped"):
+        stages = Sources(world, ("a", "b"))
+        runner = StageRunner(_res(), 1.0, dispatch=dispatch)  # type: ignore[arg-type]
+        try:
+            *_, out, _ = asyncio.run(run_funnel(runner.call_for(stages), req, stages.source_names, 1.0))
+        finally:
+            runner.close()
+        outs.append([(i.item_id, i.score) for i in out.items])
+        assert (stages.threads["read"] == stages.threads["context"]) == (dispatch == "grouped")
+    assert outs[0] == outs[1]
+
+
+def test_a_hung_source_in_a_batched_call_costs_only_its_budget_and_the_others_answer(world: Path) -> None:
+    stages = Sources(world, ("hung", "a", "b"))  # "a" and "b" wait behind "hung" in its worker call
+    runner = StageRunner(_res(), 0.2)
+    req = RecommendRequest(user_id=3, k=5)
+    try:
+        took, outs = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            outs.append(asyncio.run(run_funnel(runner.call_for(stages), req, stages.source_names, 0.2)))
+            took.append(time.perf_counter() - t0)
+        snap = runner.snapshot()["source:hung"]
+    finally:
+        stages.release.set()
+        runner.close()
+    for _, parts, _, _, out, _ in outs:
+        assert sorted(parts) == ["a", "b"] and len(out.items) == 5  # moved to another thread in time
+    # The first request waits the source budget (200 ms), never the 10 s hang; the hung call
+    # holds one of the two retrieval threads, so the next ones refuse it at once and the other
+    # sources keep the second thread.
+    assert 0.19 < took[0] < 0.6 and all(t < 0.15 for t in took[1:]), took
+    assert [missed_sources(o[-1]) for o in outs] == [{"hung": "timeout"}] * 2 + [{"hung": "circuit_open"}]
+    assert snap["abandoned"] == 1 and snap["timeouts"] == 2 and snap["state"] == "open"  # threshold 2
+    assert stages.threads["a"] != stages.threads["hung"]
+
+
+def test_a_hung_read_in_the_grouped_call_is_cut_at_its_budget_then_the_context_builds(world: Path) -> None:
+    stages = Sources(world, ("a",))
+    stages.store = "hang"
+    runner = StageRunner(_res(), 1.0)  # online budget 30 ms
+    try:
+        t0 = time.perf_counter()
+        ctx = asyncio.run(runner.user_context(stages, RecommendRequest(user_id=3, k=5)))
+        took = time.perf_counter() - t0
+        snap = runner.snapshot()
+    finally:
+        stages.release.set()
+        runner.close()
+    assert took < 0.5 and ctx.degraded == ["stale_features"]
+    assert ctx.reasons[0] == "online_store: timeout; served default features (the user is in no snapshot)"
+    assert snap["online_store"]["timeouts"] == 1 and snap["online_store"]["abandoned"] == 1
+    # the context step of the grouped call never ran (skipped, no verdict), then built on its own
+    assert snap["context"]["skipped"] == 1 and snap["context"]["ok"] == 1
+    assert snap["context"]["state"] == "closed"
+
+
+def test_a_hung_context_in_the_grouped_call_costs_its_budget_then_is_refused_at_once(world: Path) -> None:
+    stages = Sources(world, ("a",))
+    stages.context_fault = "hang"  # type: ignore[attr-defined]
+    runner = StageRunner(_res(context_ms=50), 1.0)
+    req = RecommendRequest(user_id=3, k=5)
+
+    async def twice() -> list[tuple[type[BaseException], float]]:
+        out = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with pytest.raises(DeadlineExceededError) as err:
+                await runner.user_context(stages, req)
+            out.append((type(err.value), time.perf_counter() - t0))
+        return out
+
+    try:
+        (first, t1), (second, t2) = asyncio.run(twice())
+        snap = runner.snapshot()["context"]
+    finally:
+        stages.release.set()
+        runner.close()
+    assert first is DependencyTimeoutError and 0.04 < t1 < 0.5
+    assert second is DependencySaturatedError and t2 < 0.05  # its thread is held: refused at once
+    assert snap["abandoned"] == 1 and snap["state"] == "closed"  # stalls never open it
+
+
+def test_a_batch_queued_behind_busy_threads_times_out_and_never_runs() -> None:
+    pool = ThreadPoolExecutor(1)
+    release = threading.Event()
+    ran: list[str] = []
+    pool.submit(release.wait, 10)  # the only thread is busy
+    deps = [Dependency(n, 0.05, BREAKER, pool=pool) for n in ("x", "y")]
+    steps = [Step(d, ran.append, (d.name,)) for d in deps]
+    try:
+        t0 = time.perf_counter()
+        out = asyncio.run(call_batch(steps, pool, limit_s=0.05))
+        took = time.perf_counter() - t0
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert took < 0.5 and all(type(e) is DependencyTimeoutError for e in out)
+    assert ran == []  # cancelled while queued
+    assert [d.snapshot()["timeouts"] for d in deps] == [1, 1]
+
+
+def test_a_failing_step_stops_a_chained_batch_and_counts_only_on_its_own_breaker() -> None:
+    pool = ThreadPoolExecutor(1)
+    first = Dependency("first", 1.0, BREAKER, pool=pool)
+    second = Dependency("second", 1.0, BREAKER, pool=pool)
+
+    def boom() -> None:
+        raise OSError("down")
+
+    try:
+        out = asyncio.run(
+            call_batch([Step(first, boom), Step(second, lambda x: x, chained=True)], pool, stop_on_error=True)
+        )
+    finally:
+        pool.shutdown(wait=True)
+    assert isinstance(out[0], OSError) and isinstance(out[1], DependencySkippedError)
+    assert first.snapshot()["errors"] == 1
+    s = second.snapshot()
+    assert s["errors"] == 0 and s["skipped"] == 1 and s["state"] == "closed"

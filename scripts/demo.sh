@@ -52,7 +52,9 @@ experiment = {
     "poll_s": 2.0,
     "rollout_steps": [0.05, 0.25, 0.5, 1.0],
     "min_requests_per_step": 40,
-    "guardrails": {"min_requests": 40, "latency_p99_ratio": 2.0},
+    # The demo's box is often busy (training beside it): the ratio judges the treatment's latency
+    # against the control's on the same box; the absolute ceiling is raised from the 200 ms budget.
+    "guardrails": {"min_requests": 40, "latency_p99_ratio": 2.0, "latency_p99_ms": 400.0},
     "shadow": {"gates": {"min_requests": 100}},
 }
 cfg = config.override(
@@ -147,11 +149,11 @@ print(next((v["version"] for v in json.load(sys.stdin)["versions"] if "champion"
   sleep 2
   streamrec experiments shadow-report --data-dir "$DIR" || true
   streamrec registry clear-alias shadow --data-dir "$DIR" >/dev/null
-  echo; echo "-- 6b. the weak model rolled out anyway: its guardrail (CTR significantly worse) rolls it back"
+  echo; echo "-- 6b. the degraded model rolled out anyway: its guardrail (CTR significantly worse) rolls it back"
   streamrec experiments rollout start --version "$WEAK" --data-dir "$DIR"
   sleep 5
   rollout 6 2
-  echo; echo "-- 6c. the reverse: the weak model as champion (forced, audited), v1 as the challenger through canary and A/B"
+  echo; echo "-- 6c. the reverse: the degraded model as champion (forced, audited), v1 as the challenger through canary and A/B"
   streamrec registry set-alias champion "$WEAK" --force --data-dir "$DIR" >/dev/null
   serving "v$WEAK"
   streamrec experiments rollout start --version 1 --data-dir "$DIR"

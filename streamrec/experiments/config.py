@@ -113,6 +113,10 @@ class ExperimentConfig(StrictModel):
             champion alone, 2 adds the challenger, 3 also the shadow.
         poll_s: How often each replica reads the registry's challenger/shadow aliases and rollout.
         shadow: Shadow scoring settings.
+        offline_gate: The registry's offline no-regression gate at the promotion that ends a won
+            rollout: ``report`` (default) compares and records the offline metrics but lets the
+            A/B's significant win decide; ``refuse`` lets an offline regression refuse the
+            promotion, as it does outside experiments (ADR-012).
     """
 
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -130,6 +134,7 @@ class ExperimentConfig(StrictModel):
     max_bundles: int = Field(default=3, ge=1, le=3)
     poll_s: float = Field(default=10.0, gt=0)
     shadow: ShadowConfig = Field(default_factory=ShadowConfig)
+    offline_gate: Literal["report", "refuse"] = "report"
 
     @field_validator("rollout_steps")
     @classmethod

@@ -315,8 +315,13 @@ def advance(
                 "(`streamrec registry promote`) or end the rollout"
             )
             return RolloutDecision("held", state.version, state.share, [why], numbers)
+        # The A/B measured what the offline metrics estimate: by default its win stands in for
+        # the offline no-regression gate (compared and recorded, not refusing).
+        online = None
+        if config.offline_gate == "report":
+            online = f"experiment '{config.name}' at {state.share:.0%}: {reasons[0] if reasons else decision}"
         try:
-            reg.promote(state.version, smoke_test=smoke_test)
+            reg.promote(state.version, smoke_test=smoke_test, online=online)
         except PromotionRefusedError as err:
             refusal = getattr(err, "decision", None)
             failed = next((g.name for g in getattr(refusal, "gates", ()) if g.passed is False), "unknown")

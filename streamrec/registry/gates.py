@@ -196,10 +196,14 @@ def no_regression_gate(
     earlier_passed: bool,
     tolerance: float,
     primary_metric: str,
+    online: str | None = None,
 ) -> tuple[GateResult, list[MetricComparison]]:
     """Gate 3, *no_regression*: no shared metric regresses by more than ``tolerance``.
 
-    Both sides must share the evaluation set and have the primary metric. Skipped unless the earlier gates passed; passes with no champion.
+    Both sides must share the evaluation set and have the primary metric. Skipped unless the
+    earlier gates passed; passes with no champion. With ``online`` (the verdict of an online
+    experiment the candidate won, ADR-012) the offline comparison is made and reported but does
+    not refuse: the experiment measured what the offline metrics estimate.
 
     Returns:
         The result and the metric comparisons, primary metric first (empty if none were made).
@@ -208,29 +212,29 @@ def no_regression_gate(
         return GateResult(3, "no_regression", None, "skipped"), []
     if champion is None:
         return GateResult(3, "no_regression", True, "first champion: nothing to compare with"), []
-    if candidate.eval_set_id != champion.eval_set_id:
+
+    def refuse(detail: str, comparisons: list[MetricComparison]) -> tuple[GateResult, list[MetricComparison]]:
+        if online is None:
+            return GateResult(3, "no_regression", False, detail), comparisons
         return GateResult(
-            3,
-            "no_regression",
-            False,
+            3, "no_regression", True, f"decided online ({online}); offline, reported only: {detail}"
+        ), comparisons
+
+    if candidate.eval_set_id != champion.eval_set_id:
+        return refuse(
             f"candidate was evaluated on eval set {candidate.eval_set_id} but the champion on "
             f"{champion.eval_set_id}: metrics are not comparable; re-evaluate the candidate on "
             f"{champion.eval_set_id} (or both on a common set) and register it again",
-        ), []
+            [],
+        )
     for side, m in (("candidate", candidate.metrics), ("champion", champion.metrics)):
         if primary_metric not in m:
-            return GateResult(
-                3,
-                "no_regression",
-                False,
-                f"the {side} has no primary metric '{primary_metric}' (has {sorted(m)})",
-            ), []
+            return refuse(f"the {side} has no primary metric '{primary_metric}' (has {sorted(m)})", [])
     comparisons = compare_metrics(candidate.metrics, champion.metrics, tolerance)
     comparisons.sort(key=lambda c: (c.metric != primary_metric, c.metric))
     failed = [c for c in comparisons if not c.passed]
     if failed:
-        detail = "; ".join(c.describe(tolerance) for c in failed)
-        return GateResult(3, "no_regression", False, detail), comparisons
+        return refuse("; ".join(c.describe(tolerance) for c in failed), comparisons)
     return GateResult(
         3,
         "no_regression",

@@ -281,6 +281,7 @@ class ModelRegistry:
         smoke_test: Callable[[Path], None] | None = None,
         allow_schema_change: bool = False,
         raise_on_refusal: bool = True,
+        online: str | None = None,
     ) -> PromotionDecision:
         """Move ``to`` to ``version`` if it passes the gates, else leave every alias as it is.
 
@@ -292,7 +293,8 @@ class ModelRegistry:
            ``allow_schema_change`` (after the feature pipeline was rolled out).
         3. *no_regression*: the candidate and champion share the evaluation set id and the
            primary metric, and no shared metric regresses by more than ``tolerance``
-           (relative; lower-is-better metrics such as losses the other way).
+           (relative; lower-is-better metrics such as losses the other way). With ``online``,
+           compared and reported but not refusing (an online experiment decided).
 
         With no champion yet, gates 2 and 3 pass. On success the previous holder of ``to`` is
         recorded in the alias history so :meth:`rollback` can restore it.
@@ -305,6 +307,8 @@ class ModelRegistry:
             smoke_test: Callable given the local, verified bundle directory.
             allow_schema_change: Skip the schema gate's refusal (recorded in the decision).
             raise_on_refusal: Raise :class:`PromotionGateError` on refusal instead of returning.
+            online: The verdict of the online experiment the candidate won (e.g. the rollout's
+                significant lift); it stands in for gate 3's refusal (ADR-012).
 
         Returns:
             The decision.
@@ -333,6 +337,7 @@ class ModelRegistry:
             earlier_passed=gate1.passed is True and gate2.passed is True,
             tolerance=tolerance,
             primary_metric=primary_metric,
+            online=online,
         )
         gates = [gate1, gate2, gate3]
 
@@ -352,6 +357,7 @@ class ModelRegistry:
                 previous=prev,
                 metrics={c.metric: {"candidate": c.candidate, "champion": c.champion} for c in comparisons},
                 message=message,
+                **({"online": online, "no_regression": gate3.detail} if online is not None else {}),
             )
         else:
             failed = next(g for g in gates if g.passed is False)

@@ -22,7 +22,7 @@ from streamrec.api_models import RecommendRequest
 from streamrec.auth import ApiKeyAuth
 from streamrec.data.event_log import EventLog
 from streamrec.data.store import DataStore
-from streamrec.errors import ConfigError, DataNotFoundError, RegistryError
+from streamrec.errors import ConfigError, DataNotFoundError, PromotionRefusedError, RegistryError
 from streamrec.experiments import rollout
 from streamrec.experiments.config import (
     CONTROL,
@@ -89,9 +89,13 @@ def test_the_definition_is_validated_and_preregistered_once(tmp_path: Path) -> N
         ExperimentConfig(min_requests_per_step=10)
     first = ExperimentConfig(name="ranker-v2", expected_effect=0.1)
     preregister(tmp_path, first)
-    with pytest.raises(ConfigError, match="other expected_effect, treatment_share"):  # rules fixed once registered
+    with pytest.raises(
+        ConfigError, match="other expected_effect, treatment_share"
+    ):  # rules fixed once registered
         preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.5, treatment_share=0.5))
-    preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.1, poll_s=2))  # operational: fine
+    preregister(
+        tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.1, poll_s=2)
+    )  # operational: fine
     assert load_definition(tmp_path, "ranker-v2").expected_effect == 0.1
     with pytest.raises(ConfigError):
         ServeArgs.parse({"experiment": {"name": "x", "unknown": 1}})
@@ -102,7 +106,9 @@ def test_the_definition_is_validated_and_preregistered_once(tmp_path: Path) -> N
 
 def _service(stages: Any, request_log: RequestLog | None = None) -> FunnelService:
     res = ResilienceConfig()
-    return FunnelService(local_primary(lambda: stages, StageRunner(res, 10.0)), None, res, 10.0, request_log=request_log)
+    return FunnelService(
+        local_primary(lambda: stages, StageRunner(res, 10.0)), None, res, 10.0, request_log=request_log
+    )
 
 
 def _variants(
@@ -153,7 +159,15 @@ def test_the_router_sends_treated_users_to_the_challenger_and_names_the_variant(
     assert sum(variants.treatment.served.values()) == n_treated > 0
     assert sum(control.served.values()) == 10 + (10 - n_treated)
     # the rollout's share in the registry wins over the definition's default
-    state["states"] = {"rollout": {"experiment": "routing", "version": 2, "step": 1, "share": 1.0, "since": "2026-12-01T00:00:00+00:00"}}
+    state["states"] = {
+        "rollout": {
+            "experiment": "routing",
+            "version": 2,
+            "step": 1,
+            "share": 1.0,
+            "since": "2026-12-01T00:00:00+00:00",
+        }
+    }
     assert set(asyncio.run(serve_all()).values()) == {TREATMENT}
     # a version that cannot load is not served (the champion answers everyone, out of the
     # experiment) and is not retried on every poll, only after a growing pause
@@ -212,7 +226,11 @@ def test_a_promoted_challenger_answers_everyone_until_the_champion_reload(world:
     assert not variants.handing_over and variants.challenger is None and variants.route(1) is None
     # without a serving version (tests, a path-served bundle) the promoted challenger is dropped
     plain, _ = _variants(
-        world, {"aliases": {"champion": 1, "challenger": 2}, "states": {}}, [], name="handover", treatment_share=0.1
+        world,
+        {"aliases": {"champion": 1, "challenger": 2}, "states": {}},
+        [],
+        name="handover",
+        treatment_share=0.1,
     )
     asyncio.run(plain.refresh())
     plain_state = {"aliases": {"champion": 2}, "states": {}}
@@ -236,7 +254,9 @@ def test_the_bundle_cap_keeps_the_shadow_and_challenger_out(world: Path) -> None
 
 def test_events_are_stamped_with_the_users_variant_unless_they_carry_one(world: Path, tmp_path: Path) -> None:
     store = DataStore(world)
-    events = EventLog(tmp_path / "log", store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy())
+    events = EventLog(
+        tmp_path / "log", store.users()["user_id"].to_numpy(), store.items()["item_id"].to_numpy()
+    )
     control = _service(PopularityStages.from_data_dir(world))
     app = create_app(
         control,
@@ -248,7 +268,13 @@ def test_events_are_stamped_with_the_users_variant_unless_they_carry_one(world: 
         "events": [
             {"event_id": "e1", "user_id": 1, "item_id": 100, "event_type": "click"},
             {"event_id": "e2", "user_id": 2, "item_id": 100, "event_type": "click"},
-            {"event_id": "e3", "user_id": 2, "item_id": 101, "event_type": "click", "experiment_variant": TREATMENT},
+            {
+                "event_id": "e3",
+                "user_id": 2,
+                "item_id": 101,
+                "event_type": "click",
+                "experiment_variant": TREATMENT,
+            },
         ]
     }
     with TestClient(app) as c:
@@ -395,7 +421,9 @@ def test_a_rollout_walks_its_steps_and_promotes_with_every_step_recorded(
     assert held.action == "held" and "40 of 100" in held.reasons[0]
     step = rollout.advance(data, cfg, analysis=_Judged("continue", 150))  # the canary: guardrails held
     assert (step.action, step.share) == ("advanced", 0.5) and rollout.current_share(data, cfg) == 0.5
-    assert rollout.advance(data, cfg, analysis=_Judged("continue", 150)).action == "held"  # the A/B needs a win
+    assert (
+        rollout.advance(data, cfg, analysis=_Judged("continue", 150)).action == "held"
+    )  # the A/B needs a win
     done = rollout.advance(data, cfg, analysis=_Judged("ship", 900, ["ctr +12%"]), smoke_test=smoke_ok)
     assert (done.action, done.share) == ("promoted", 1.0)  # 100% is the promotion
     assert reg.aliases() == {"champion": v2.version}
@@ -454,7 +482,11 @@ def test_a_refused_promotion_holds_and_is_recorded_once(
 ) -> None:
     data = reg.layout.root
     cfg = ExperimentConfig(
-        name="worse-offline", rollout_steps=[0.5, 1.0], min_requests_per_step=10, guardrails={"min_requests": 10}
+        name="worse-offline",
+        rollout_steps=[0.5, 1.0],
+        min_requests_per_step=10,
+        guardrails={"min_requests": 10},
+        offline_gate="refuse",  # the default lets the won A/B decide (next test)
     )
     v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.120}))
     v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.050}))  # fails the gate
@@ -472,7 +504,10 @@ def test_a_refused_promotion_holds_and_is_recorded_once(
     # a bundle-gate refusal (a smoke test failing: perhaps transient) is asked again at each tick
     v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.130}))
     cfg3 = ExperimentConfig(
-        name="flaky-smoke", rollout_steps=[0.5, 1.0], min_requests_per_step=10, guardrails={"min_requests": 10}
+        name="flaky-smoke",
+        rollout_steps=[0.5, 1.0],
+        min_requests_per_step=10,
+        guardrails={"min_requests": 10},
     )
     rollout.advance(data, cfg, analysis=_Judged("rollback", 900, ["stop"]))  # end the first rollout
     rollout.start(data, cfg3, v3.version)
@@ -484,6 +519,41 @@ def test_a_refused_promotion_holds_and_is_recorded_once(
     assert first.action == "held" and first.reasons[0].startswith("promotion refused: ")
     done = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
     assert done.action == "promoted" and reg.aliases()["champion"] == v3.version
+
+
+def test_a_won_ab_promotes_over_an_offline_regression_which_is_recorded(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    data = reg.layout.root
+    cfg = ExperimentConfig(
+        name="better-online",
+        rollout_steps=[0.5, 1.0],
+        min_requests_per_step=10,
+        guardrails={"min_requests": 10},
+    )
+    assert cfg.offline_gate == "report"
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.120}))
+    v2 = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.050}))  # worse offline
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    with pytest.raises(PromotionRefusedError):  # outside an experiment the offline gate refuses it
+        reg.promote(v2.version, smoke_test=smoke_ok)
+    rollout.start(data, cfg, v2.version)
+    won = "ctr significantly better: lift +42.7% [+22.2%, +63.1%]"
+    done = rollout.advance(data, cfg, analysis=_Judged("ship", 900, [won]), smoke_test=smoke_ok)
+    assert done.action == "promoted" and reg.aliases()["champion"] == v2.version
+    promoted = next(e for e in reg.history(limit=None) if e.event == "promoted" and e.version == v2.version)
+    assert won in promoted.detail["online"] and "better-online" in promoted.detail["online"]
+    assert "ndcg@10 0.0500 < champion 0.1200" in promoted.detail["no_regression"]  # reported, not refused
+    # the bundle gate still refuses whatever the experiment says
+    v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.130}))
+    rollout.start(data, cfg, v3.version)
+
+    def smoke_fails(path: Path) -> None:
+        raise OSError("disk full")
+
+    held = rollout.advance(data, cfg, analysis=_Judged("ship", 900, [won]), smoke_test=smoke_fails)
+    assert held.action == "held" and reg.aliases()["champion"] == v2.version
 
 
 # ------------------------------------------------------------------------------------ the CLI

@@ -154,6 +154,24 @@ def test_gate_rules_pure(tmp_path: Path) -> None:
     assert cmp["ndcg@10"].passed and not cmp["logloss"].passed and not cmp["logloss"].higher_is_better
 
 
+def test_an_online_verdict_turns_the_no_regression_refusal_into_a_report(tmp_path: Path) -> None:
+    from streamrec.registry.gates import no_regression_gate
+
+    champ = read_manifest(make_bundle(tmp_path, "champ", metrics={"ndcg@10": 0.12, "coverage@10": 0.3}))
+    worse = read_manifest(make_bundle(tmp_path, "cand", metrics={"ndcg@10": 0.05, "coverage@10": 0.1}))
+    args: dict[str, Any] = {"earlier_passed": True, "tolerance": 0.01, "primary_metric": "ndcg@10"}
+    refused, cmps = no_regression_gate(worse, champ, **args)
+    assert refused.passed is False and "coverage@10 0.1000 < champion 0.3000" in refused.detail
+    won = "experiment 'x' at 50%: ctr +40%"
+    reported, same = no_regression_gate(worse, champ, online=won, **args)
+    assert reported.passed is True and won in reported.detail and refused.detail in reported.detail
+    assert [c.metric for c in same] == [c.metric for c in cmps]  # still compared, recorded
+    elsewhere = worse.model_copy(update={"eval_set_id": "sha256:eval-b"})
+    assert no_regression_gate(elsewhere, champ, **args)[0].passed is False
+    assert no_regression_gate(elsewhere, champ, online=won, **args)[0].passed is True
+    assert no_regression_gate(worse, champ, online=won, **{**args, "earlier_passed": False})[0].passed is None
+
+
 # ---- registry --------------------------------------------------------------------------------
 
 

@@ -62,7 +62,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -75,9 +75,6 @@ from streamrec.data.store import DataStore
 from streamrec.features.spec import ENGAGED_EVENT_TYPES
 from streamrec.paths import exclusive_file_lock
 from streamrec.resilience import CircuitBreaker
-
-if TYPE_CHECKING:  # served by __getattr__ below (event_export imports this module)
-    from streamrec.data.event_export import export_event_log as export_event_log
 
 log = logging.getLogger(__name__)
 
@@ -711,16 +708,6 @@ def records_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         columns=cols,
     )
     return out
-
-
-def __getattr__(name: str) -> Any:
-    # export_event_log stays importable from here (streamrec.pipeline.retrain imports it); it
-    # lives in streamrec.data.event_export, which imports this module.
-    if name == "export_event_log":
-        from streamrec.data.event_export import export_event_log
-
-        return export_event_log
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

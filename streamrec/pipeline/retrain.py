@@ -1,7 +1,7 @@
 """Daily retraining: what a cron job, a Kubernetes CronJob or a scheduled Ray job calls.
 
 It first exports the events the API logged (``POST /v1/events``) into the events store and
-prunes old exported log segments (:func:`streamrec.data.event_log.export_event_log`), so that
+prunes old exported log segments (:func:`streamrec.data.event_export.export_event_log`), so that
 served traffic becomes training data. Idempotent per day: a run records
 ``models/retrain/<date>.json`` with a fingerprint of the data it saw; a second run on the same
 day with unchanged data returns that record instead of training again (``--force`` retrains
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streamrec.data.event_log import export_event_log
+from streamrec.data.event_export import export_event_log
 from streamrec.data.store import DataStore
 from streamrec.paths import DataLayout
 from streamrec.pipeline.config import TrainingConfig

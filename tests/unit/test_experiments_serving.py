@@ -545,6 +545,7 @@ def test_a_won_ab_promotes_over_an_offline_regression_which_is_recorded(
     promoted = next(e for e in reg.history(limit=None) if e.event == "promoted" and e.version == v2.version)
     assert won in promoted.detail["online"] and "better-online" in promoted.detail["online"]
     assert "ndcg@10 0.0500 < champion 0.1200" in promoted.detail["no_regression"]  # reported, not refused
+    assert "decided online, offline regressions reported only: ndcg@10 0.0500" in promoted.detail["message"]
     # the bundle gate still refuses whatever the experiment says
     v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.130}))
     rollout.start(data, cfg, v3.version)

@@ -646,6 +646,10 @@ def run_pipeline(
     with _step(state, "load"):
         load_events(state)
     assert state.t_rank is not None and state.t_test is not None and state.end is not None
+    if cfg.evaluation.rolling.folds:  # a rolling plan that cannot fit fails before any training
+        from streamrec.pipeline.rolling import plan_folds
+
+        plan_folds(state.events, state.t_test, cfg.evaluation.rolling, cfg.split)
     fc = FeatureClient(data_dir)
     with _step(state, "features"):
         build_features(state, fc)

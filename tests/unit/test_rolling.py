@@ -207,3 +207,19 @@ def test_an_extra_build_adds_snapshots_and_leaves_the_recorded_build_alone(tmp_p
     assert not features_as_of(fc, "user", early).empty  # readable point in time
     fc.build(cutoffs=[early])  # an ordinary build records itself
     assert json.loads(meta_file.read_text())["last_build"] != before["last_build"]
+
+
+def test_a_rolling_plan_that_cannot_fit_fails_before_any_training(tmp_path: Path) -> None:
+    from streamrec.data.synth import SynthConfig, synthesize
+    from streamrec.pipeline.config import TrainingConfig
+    from streamrec.pipeline.train import run_pipeline
+
+    synthesize(SynthConfig(users=150, items=60, days=4, seed=2), tmp_path, progress=False)
+    cfg = TrainingConfig()
+    cfg.split.min_train_events = 1
+    cfg.evaluation.rolling.folds = 5
+    cfg.evaluation.rolling.window_fraction = 0.3
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match="min_train_fraction"):
+        run_pipeline(tmp_path, cfg, register=False, log=lines.append)
+    assert not any(line.startswith("[features]") for line in lines)

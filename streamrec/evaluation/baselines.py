@@ -159,13 +159,15 @@ class ItemKNN(ScoringRecommender):
     """Item-based collaborative filtering with cosine similarity on the binary matrix.
 
     ``sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|)`` (users who interacted), diagonal removed, only
-    the ``neighbours`` most similar items of each item kept. A user's score for item ``j`` is
-    the sum of ``sim(i, j)`` over the items ``i`` in their history.
+    the ``neighbours`` most similar items of each item kept (equal similarities: the lower item
+    index first). A user's score for item ``j`` is the sum of ``sim(i, j)`` over the items ``i``
+    in their history.
 
     Args:
         neighbours: Neighbours kept per item.
         shrink: Added to the denominator to damp similarities built on few co-occurrences.
-        block: Items per block when computing similarities (memory ``block * n_items`` floats).
+        block: Items per block when computing similarities (memory: the block's co-occurring
+            pairs, sparse).
     """
 
     name = "item_knn"
@@ -177,6 +179,8 @@ class ItemKNN(ScoringRecommender):
         self.block = block
 
     def _fit(self, train: sp.csr_matrix) -> None:
+        # Sparse throughout: a block's co-occurrences are sparse (most item pairs share no user),
+        # so neither the similarity nor the top-k needs a dense (block x n_items) array.
         x = train.astype(bool).astype(np.float32).tocsc()
         n_items = x.shape[1]
         norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel()).astype(np.float32)
@@ -185,20 +189,21 @@ class ItemKNN(ScoringRecommender):
         rows, cols, vals = [], [], []
         for start in range(0, n_items, self.block):
             stop = min(start + self.block, n_items)
-            co = (xt[start:stop] @ x).toarray()  # (b, n_items) co-occurrence counts
-            denom = norms[start:stop, None] * norms[None, :] + self.shrink
-            sim = np.divide(co, denom, out=np.zeros_like(co), where=denom > 0)
-            sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-            top = (
-                np.argpartition(-sim, k - 1, axis=1)[:, :k]
-                if k < n_items
-                else np.tile(np.arange(n_items), (stop - start, 1))
-            )
-            v = np.take_along_axis(sim, top, axis=1)
-            keep = v > 0
-            rows.append(np.repeat(np.arange(start, stop), k).reshape(-1, k)[keep])
-            cols.append(top[keep])
-            vals.append(v[keep])
+            co = (xt[start:stop] @ x).tocoo()  # (b, n_items) co-occurrence counts
+            r, c = co.row.astype(np.int64), co.col.astype(np.int64)
+            denom = norms[r + start] * norms[c] + np.float32(self.shrink)
+            sim = np.divide(co.data, denom, out=np.zeros_like(co.data), where=denom > 0)
+            keep = (sim > 0) & (c != r + start)  # no self-similarity
+            r, c, sim = r[keep], c[keep], sim[keep]
+            # The k most similar per row: by row, then similarity descending, ties by item index.
+            order = np.lexsort((c, -sim, r))
+            r, c, sim = r[order], c[order], sim[order]
+            counts = np.bincount(r, minlength=stop - start)
+            rank = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            top = rank < k
+            rows.append(r[top] + start)
+            cols.append(c[top])
+            vals.append(sim[top])
         self.similarity: sp.csr_matrix = sp.csr_matrix(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items)
         )

@@ -268,6 +268,28 @@ def test_item_knn_similarity_is_cosine() -> None:
     np.testing.assert_allclose(knn.score_history([1]), sim[1])
 
 
+def test_item_knn_keeps_each_items_k_most_similar_as_a_dense_computation_would() -> None:
+    rng = np.random.default_rng(3)
+    train = sp.csr_matrix((rng.random((60, 45)) < 0.12).astype(np.float32))
+    x = train.toarray()
+    norms = np.sqrt(x.sum(axis=0))
+    for k, shrink in ((5, 0.0), (3, 2.0), (100, 0.0)):
+        dense = (x.T @ x) / (np.outer(norms, norms) + shrink + 1e-30)
+        np.fill_diagonal(dense, 0.0)
+        got = ItemKNN(neighbours=k, shrink=shrink, block=7).fit(train).similarity.toarray()
+        for i in range(x.shape[1]):
+            row = dense[i][dense[i] > 0]
+            want = np.sort(row)[::-1][:k]
+            np.testing.assert_allclose(np.sort(got[i][got[i] > 0])[::-1], want, rtol=1e-5)
+            kept = np.flatnonzero(got[i])
+            np.testing.assert_allclose(got[i, kept], dense[i, kept], rtol=1e-5)  # values, not just ranks
+            if len(row) > k:  # equal similarities at the cut: the lower item index is kept
+                cut = want[-1]
+                tied = np.flatnonzero(np.isclose(dense[i], cut))
+                chosen = np.intersect1d(tied, kept)
+                assert list(chosen) == list(tied[: len(chosen)])
+
+
 def test_als_fold_in_reproduces_trained_factors(toy_train: sp.csr_matrix) -> None:
     als = ALS(ALSConfig(factors=8, iterations=10, num_threads=1)).fit(toy_train)
     u = 3

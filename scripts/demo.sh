@@ -47,7 +47,9 @@ cfg = config.load("configs/serve/local.yaml")
 # Step 6's experiment: sized for the large effect the demo's weak model has (a 25% lift), small
 # steps of simulated traffic, replicas following the registry every 2 s.
 experiment = {
-    "name": "demo-ranker",
+    # A pre-registered experiment's rules cannot change under its name: the name changes with them
+    # (demo-ranker had a 200 ms p99 ceiling), or a demo dir from before would refuse to serve.
+    "name": "demo-ranker-2",
     "expected_effect": 0.25,
     "poll_s": 2.0,
     "rollout_steps": [0.05, 0.25, 0.5, 1.0],

@@ -115,8 +115,10 @@ class ExperimentConfig(StrictModel):
         shadow: Shadow scoring settings.
         offline_gate: The registry's offline no-regression gate at the promotion that ends a won
             rollout: ``report`` (default) compares and records the offline metrics but lets the
-            A/B's significant win decide; ``refuse`` lets an offline regression refuse the
-            promotion, as it does outside experiments (ADR-012).
+            A/B's significant win decide, when the primary metric is a user outcome (``ctr``,
+            ``completion_rate``) and the champion is the one the A/B compared against; ``refuse``
+            lets an offline regression refuse the promotion, as it does outside experiments
+            (ADR-012).
     """
 
     name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -178,6 +180,7 @@ ANALYSED: tuple[str, ...] = (
     "guardrails",
     "rollout_steps",
     "min_requests_per_step",
+    "offline_gate",
 )
 
 
@@ -221,7 +224,9 @@ def preregister(data_dir: str | os.PathLike[str] | None, config: ExperimentConfi
         except (OSError, ValueError):
             kept = None
         if kept is not None:
-            changed = sorted(k for k in ANALYSED if kept.get(k) != payload.get(k))
+            # A field added since the definition was written compares as its default.
+            defaults = ExperimentConfig().model_dump(mode="json")
+            changed = sorted(k for k in ANALYSED if kept.get(k, defaults.get(k)) != payload.get(k))
             if changed:
                 raise ConfigError(
                     f"experiment '{config.name}' is pre-registered ({path}) with other {', '.join(changed)}: "

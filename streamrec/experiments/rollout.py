@@ -29,6 +29,10 @@ STATE = "rollout"
 
 Action = Literal["advanced", "held", "promoted", "rolled_back", "stopped"]
 
+#: Primary metrics whose significant win stands in for the offline no-regression gate at the
+#: promotion (user outcomes; coverage is not one: a ranker that cannot rank wins it).
+ONLINE_VERDICT_METRICS = frozenset({"ctr", "completion_rate"})
+
 
 @dataclass(frozen=True)
 class RolloutState:
@@ -40,6 +44,8 @@ class RolloutState:
         step: Index into the definition's ``rollout_steps``.
         share: Share of users on the challenger at this step.
         since: When this step began (UTC).
+        champion: The champion when this step began: what its control arm served (None in a
+            state written before it was recorded).
     """
 
     experiment: str
@@ -47,6 +53,7 @@ class RolloutState:
     step: int
     share: float
     since: datetime
+    champion: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The registry form."""
@@ -66,6 +73,7 @@ class RolloutState:
                 int(raw["step"]),
                 float(raw["share"]),
                 utc(str(raw["since"])),
+                None if raw.get("champion") is None else int(raw["champion"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise RegistryError(f"the registry's rollout state is unreadable ({err}): {raw!r}") from None
@@ -141,10 +149,11 @@ def start(data_dir: str | os.PathLike[str] | None, config: ExperimentConfig, ver
         RegistryError: no such version, or the registry could not be written.
     """
     reg = _registry(data_dir)
-    if reg.aliases().get("champion") == version:
+    champion = reg.aliases().get("champion")
+    if champion == version:
         raise ConfigError(f"version {version} is already the champion; roll out another version")
     reg.get_version(version)  # exists?
-    state = RolloutState(config.name, version, 0, config.rollout_steps[0], datetime.now(UTC))
+    state = RolloutState(config.name, version, 0, config.rollout_steps[0], datetime.now(UTC), champion)
     # The state first: a replica polling between the two writes must not serve the definition's
     # default share to a challenger that is meant to start at the first step.
     reg.write_state(STATE, state.to_json())
@@ -316,10 +325,26 @@ def advance(
             )
             return RolloutDecision("held", state.version, state.share, [why], numbers)
         # The A/B measured what the offline metrics estimate: by default its win stands in for
-        # the offline no-regression gate (compared and recorded, not refusing).
+        # the offline no-regression gate (compared and recorded, not refusing), when the win is
+        # on a user outcome (not coverage) against the champion the promotion replaces.
         online = None
-        if config.offline_gate == "report":
+        champion_now = aliases.get("champion")
+        if (
+            config.offline_gate == "report"
+            and config.primary_metric in ONLINE_VERDICT_METRICS
+            and state.champion is not None
+            and champion_now == state.champion
+        ):
             online = f"experiment '{config.name}' at {state.share:.0%}: {reasons[0] if reasons else decision}"
+        elif (
+            config.offline_gate == "report" and state.champion is not None and champion_now != state.champion
+        ):
+            log.warning(
+                "the champion changed during the step (v%s -> v%s): the A/B did not compare against "
+                "it, so the offline gate decides the promotion",
+                state.champion,
+                champion_now,
+            )
         try:
             reg.promote(state.version, smoke_test=smoke_test, online=online)
         except PromotionRefusedError as err:
@@ -337,7 +362,9 @@ def advance(
             return RolloutDecision("held", state.version, state.share, [f"promotion refused: {err}"], numbers)
         _end(reg, state, "rollout_promoted", **summary)
         return RolloutDecision("promoted", state.version, 1.0, reasons, numbers)
-    nxt = RolloutState(state.experiment, state.version, state.step + 1, steps[state.step + 1], now)
+    nxt = RolloutState(
+        state.experiment, state.version, state.step + 1, steps[state.step + 1], now, aliases.get("champion")
+    )
     reg.write_state(STATE, nxt.to_json())
     reg.record_event(
         state.version,

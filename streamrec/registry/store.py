@@ -349,9 +349,8 @@ class ModelRegistry:
             gain = f", {primary_metric} {primary.relative_change:+.1%} vs {champ_txt}" if primary else ""
             was = "already there" if prev == cand.version else f"was {prev}"
             message = f"promoted {self.model_name} v{cand.version} to '{to}' ({was}){gain}"
-            regressed = [c.describe(tolerance) for c in comparisons if not c.passed]
-            if online is not None and regressed:
-                message += f"; decided online, offline regressions reported only: {'; '.join(regressed)}"
+            if online is not None and gate3.detail.startswith("decided online"):  # it would have refused
+                message += f"; {gate3.detail}"
             log.info(message)
             self.record_event(
                 cand.version,

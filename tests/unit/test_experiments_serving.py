@@ -97,6 +97,14 @@ def test_the_definition_is_validated_and_preregistered_once(tmp_path: Path) -> N
         tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.1, poll_s=2)
     )  # operational: fine
     assert load_definition(tmp_path, "ranker-v2").expected_effect == 0.1
+    with pytest.raises(ConfigError, match="other offline_gate"):  # it decides the promotion
+        preregister(tmp_path, ExperimentConfig(name="ranker-v2", expected_effect=0.1, offline_gate="refuse"))
+    # a definition written before a field existed compares that field as its default
+    path = preregister(tmp_path, ExperimentConfig(name="older"))
+    old = json.loads(path.read_text())
+    del old["offline_gate"]
+    path.write_text(json.dumps(old))
+    preregister(tmp_path, ExperimentConfig(name="older"))
     with pytest.raises(ConfigError):
         ServeArgs.parse({"experiment": {"name": "x", "unknown": 1}})
 
@@ -511,11 +519,7 @@ def test_a_refused_promotion_holds_and_is_recorded_once(
     )
     rollout.advance(data, cfg, analysis=_Judged("rollback", 900, ["stop"]))  # end the first rollout
     rollout.start(data, cfg3, v3.version)
-
-    def smoke_fails(path: Path) -> None:
-        raise OSError("disk full")
-
-    first = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=smoke_fails)
+    first = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=_smoke_fails)
     assert first.action == "held" and first.reasons[0].startswith("promotion refused: ")
     done = rollout.advance(data, cfg3, analysis=_Judged("ship", 900), smoke_test=smoke_ok)
     assert done.action == "promoted" and reg.aliases()["champion"] == v3.version
@@ -545,16 +549,46 @@ def test_a_won_ab_promotes_over_an_offline_regression_which_is_recorded(
     promoted = next(e for e in reg.history(limit=None) if e.event == "promoted" and e.version == v2.version)
     assert won in promoted.detail["online"] and "better-online" in promoted.detail["online"]
     assert "ndcg@10 0.0500 < champion 0.1200" in promoted.detail["no_regression"]  # reported, not refused
-    assert "decided online, offline regressions reported only: ndcg@10 0.0500" in promoted.detail["message"]
+    assert "decided online (experiment 'better-online'" in promoted.detail["message"]
+    assert "offline, reported only: ndcg@10 0.0500" in promoted.detail["message"]
     # the bundle gate still refuses whatever the experiment says
     v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.130}))
     rollout.start(data, cfg, v3.version)
-
-    def smoke_fails(path: Path) -> None:
-        raise OSError("disk full")
-
-    held = rollout.advance(data, cfg, analysis=_Judged("ship", 900, [won]), smoke_test=smoke_fails)
+    held = rollout.advance(data, cfg, analysis=_Judged("ship", 900, [won]), smoke_test=_smoke_fails)
     assert held.action == "held" and reg.aliases()["champion"] == v2.version
+
+
+def test_the_offline_gate_still_decides_when_the_win_is_not_a_user_outcome_or_the_champion_moved(
+    reg: ModelRegistry,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    data = reg.layout.root
+    steps: dict[str, Any] = {
+        "rollout_steps": [0.5, 1.0],
+        "min_requests_per_step": 10,
+        "guardrails": {"min_requests": 10},
+    }
+    v1 = reg.register(make_bundle(tmp_path, "b1", metrics={"ndcg@10": 0.120}))
+    worse = reg.register(make_bundle(tmp_path, "b2", seed=2, metrics={"ndcg@10": 0.050}))
+    reg.promote(v1.version, smoke_test=smoke_ok)
+    # a coverage win: a ranker that cannot rank wins it, so it does not stand in for the offline gate
+    cov = ExperimentConfig(name="coverage-win", primary_metric="coverage", **steps)
+    rollout.start(data, cov, worse.version)
+    held = rollout.advance(data, cov, analysis=_Judged("ship", 900, ["coverage +80%"]), smoke_test=smoke_ok)
+    assert held.action == "held" and "promotion refused" in held.reasons[0]
+    assert reg.aliases()["champion"] == v1.version
+    rollout.advance(data, cov, analysis=_Judged("rollback", 900, ["end"]))
+    # the champion changed during the A/B (a retrain promoted v3): the A/B did not compare against it
+    ctr = ExperimentConfig(name="champion-moved", **steps)
+    rollout.start(data, ctr, worse.version)
+    v3 = reg.register(make_bundle(tmp_path, "b3", seed=3, metrics={"ndcg@10": 0.200}))
+    reg.promote(v3.version, smoke_test=smoke_ok)
+    held = rollout.advance(data, ctr, analysis=_Judged("ship", 900, ["ctr +10%"]), smoke_test=smoke_ok)
+    assert held.action == "held" and reg.aliases()["champion"] == v3.version
+
+
+def _smoke_fails(path: Path) -> None:
+    raise OSError("disk full")
 
 
 # ------------------------------------------------------------------------------------ the CLI

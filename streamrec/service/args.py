@@ -85,11 +85,12 @@ class ServeArgs(StrictModel):
             promoted boost; :class:`~streamrec.reranking.config.ReRankConfig`). Omitted keys
             keep their defaults; unknown keys are errors.
         source_threads: Worker threads that run retrieval-source calls of the trained stages
-            (fused gateway, cluster ``Retriever``), at least 2 whatever is set here (one hung
-            source holds one thread at most): never the replica's event loop. More threads let
-            more of a request's sources overlap (FAISS and numpy release the GIL), one worker
-            call each; with the default 2, the fused gateway makes one worker call for all of
-            a request's sources, each still under its own deadline and breaker (ADR-016).
+            (fused gateway, cluster ``Retriever``), at least 2 whatever is set here (a hung
+            source holds all but one at most, however many requests overlap): never the
+            replica's event loop. More threads let more of a request's sources overlap (FAISS
+            and numpy release the GIL), one worker call each; with the default 2, the fused
+            gateway makes one worker call for all of a request's sources, each still under its
+            own deadline and breaker (ADR-016).
         watch_champion_s: Poll the registry's ``champion`` alias this often (seconds) and
             hot-reload every replica when it moves (0 turns the watcher off).
         faults: Fault injection (off by default; see :class:`FaultInjection`).

@@ -37,8 +37,9 @@ class Dependency:
     behind (its thread finishes in the background, the result is dropped) and counts as a
     failure of the breaker. Once the breaker opens, calls are refused at once without touching
     the pool, so a hung dependency costs a request nothing until the breaker's next trial call.
-    The pool is bounded: when every worker is stuck in a hung call, new calls queue and time
-    out (a queued call that times out never starts).
+    The pool is bounded: when every worker of the dependency's own pool is stuck in a hung call,
+    new calls queue and time out (a queued call that times out never starts). On a pool shared
+    with others, ``max_running`` keeps a hung dependency from holding every thread.
 
     Args:
         name: Name in errors, logs and status (``online_store``, ``ranker``...).
@@ -50,12 +51,20 @@ class Dependency:
         ignore: Exceptions that say nothing of the dependency's health (they pass through
             without counting as failures, e.g. a request built by another model version).
         max_abandoned: Calls left behind past their budget that may still hold a thread; once
-            reached, calls are refused at once until one returns (None: only the pool bounds
-            them). On a shared pool this keeps one hung dependency from taking every thread.
+            reached, calls are refused at once (:class:`DependencySaturatedError`, a timeout of
+            the breaker) until one returns (None: no such refusal).
+        max_running: Calls that may run at once in worker threads, hung or not, within their
+            budget or past it (None: only the pools bound them). A call about to start past it
+            does not start: it goes back to the event loop, waits there (holding no thread) for
+            one of them to return, and then starts; if none returns within its budget it is
+            skipped (:class:`DependencyBusyError`, no failure of its breaker), or refused as
+            saturated when the calls holding the threads are abandoned ones. Below the size of
+            every pool its calls share, it keeps a hung dependency from ever holding every thread,
+            however many requests overlap.
         timeouts_trip: Whether a call past its budget (or refused as saturated) counts as a
             failure of the breaker. False for work that only the replica's own CPU can slow
             down: a short CPU stall must not hold the breaker open for its reset time; a hung
-            call is then bounded by ``max_abandoned`` instead.
+            call is then bounded by ``max_abandoned`` and ``max_running`` instead.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class Dependency:
         ignore: tuple[type[BaseException], ...] = (),
         max_abandoned: int | None = None,
         timeouts_trip: bool = True,
+        max_running: int | None = None,
     ) -> None:
         self.name = name
         self._timeouts_trip = timeouts_trip
@@ -75,7 +85,10 @@ class Dependency:
         self.breaker = CircuitBreaker.from_config(name, breaker)
         self._ignore = ignore
         self._max_abandoned = max_abandoned
+        self._max_running = max_running
         self._abandoned = 0
+        self._running = 0
+        self._freed: Future[None] | None = None
         self._lock = threading.Lock()
         self._owns_pool = pool is None
         self._pool = pool or ThreadPoolExecutor(workers, thread_name_prefix=f"dep-{name}")
@@ -86,16 +99,23 @@ class Dependency:
         """The pool this dependency's calls run in."""
         return self._pool
 
+    def owns(self, pool: ThreadPoolExecutor) -> bool:
+        """Whether ``pool`` is this dependency's own (its queued calls wait only on itself)."""
+        return self._owns_pool and pool is self._pool
+
+    def saturated(self) -> bool:
+        """Whether the cap of abandoned calls is reached (calls are refused at once)."""
+        return self._max_abandoned is not None and self._abandoned >= self._max_abandoned
+
     def ready(self) -> bool:
         """Whether a call would be admitted now (breaker closed, not saturated); claims nothing."""
-        saturated = self._max_abandoned is not None and self._abandoned >= self._max_abandoned
-        return not saturated and self.breaker.state is BreakerState.CLOSED
+        return not self.saturated() and self.breaker.state is BreakerState.CLOSED
 
     def admit(self) -> None:
         """Count one call and ask the breaker for it (:meth:`call`'s first step).
 
         A caller admitted must settle it exactly once: :meth:`succeeded`, :meth:`failed`,
-        :meth:`_timed_out` or ``breaker.release()``.
+        :meth:`_timed_out`, :meth:`skipped` or ``breaker.release()``.
 
         Raises:
             CircuitOpenError: the breaker is open.
@@ -105,7 +125,7 @@ class Dependency:
         if not self.breaker.allow():
             self.counts["refused"] += 1
             raise CircuitOpenError(self.name, self.breaker.retry_after())
-        if self._max_abandoned is not None and self._abandoned >= self._max_abandoned:
+        if self.saturated():
             self._timed_out()
             raise DependencySaturatedError(
                 f"{self.name} still has {self._abandoned} call(s) past their budget"
@@ -125,7 +145,7 @@ class Dependency:
         self.counts["errors"] += 1
 
     def skipped(self) -> None:
-        """Settle an admitted call that never ran because another call in its batch took the budget."""
+        """Settle an admitted call that never ran (its batch ended first, or no thread was left to it)."""
         self.breaker.release()
         self.counts["skipped"] += 1
 
@@ -139,34 +159,49 @@ class Dependency:
         with self._lock:
             self._abandoned -= 1
 
+    def has_slot(self) -> bool:
+        """Whether a call could start now under ``max_running`` (claims nothing)."""
+        return self._max_running is None or self._running < self._max_running
+
+    def start(self) -> bool:
+        """In a worker thread: claim a running slot for a call about to start (False: none free)."""
+        with self._lock:
+            if self._max_running is not None and self._running >= self._max_running:
+                return False
+            self._running += 1
+            return True
+
+    def stop(self) -> None:
+        """In a worker thread: a call that :meth:`start` let run has returned."""
+        with self._lock:
+            self._running -= 1
+            freed, self._freed = self._freed, None
+        if freed is not None and not freed.done():
+            freed.set_result(None)
+
+    def freed(self) -> Future[None]:
+        """A future done when the next running call returns (a waiting call may start then)."""
+        with self._lock:
+            if self._freed is None:
+                self._freed = Future()
+            return self._freed
+
     async def call(self, fn: Callable[..., T], *args: Any, budget_s: float | None = None) -> T:
         """``fn(*args)`` in the pool, awaited for at most ``budget_s`` (default: the dependency's).
 
+        One step of :func:`call_batch`: the same admission, caps, verdicts and cancellation.
+
         Raises:
             CircuitOpenError: the breaker is open (``fn`` was not called).
-            DependencyTimeoutError: no result within the budget.
+            DependencySaturatedError: the cap of abandoned calls is reached (``fn`` not called).
+            DependencyTimeoutError: no result within the budget (:class:`DependencyBusyError`:
+                ``fn`` never started, every slot of ``max_running`` was held).
             Exception: whatever ``fn`` raised.
         """
-        budget = self.budget_s if budget_s is None else budget_s
-        self.admit()
-        loop = asyncio.get_running_loop()
-        cfut = self._pool.submit(fn, *args)
-        fut = asyncio.wrap_future(cfut, loop=loop)
-        try:
-            result = await asyncio.wait_for(fut, max(budget, 0.0))
-        except TimeoutError:
-            self._timed_out()
-            if not cfut.done():  # still running in its thread: it holds that thread until it returns
-                self.abandon()
-                cfut.add_done_callback(self.returned)
-            raise DependencyTimeoutError(f"{self.name} gave no answer within {budget * 1e3:.0f} ms") from None
-        except asyncio.CancelledError:
-            self.breaker.release()
-            raise
-        except Exception as err:
-            self.failed(err)
-            raise
-        self.succeeded()
+        out = (await call_batch([Step(self, fn, args, budget_s)], self._pool))[0]
+        if isinstance(out, BaseException):
+            raise out
+        result: T = out
         return result
 
     def _timed_out(self) -> None:
@@ -180,6 +215,7 @@ class Dependency:
         """The breaker's state and the call counters (for ``/readyz`` and the admin status)."""
         out = {**self.breaker.snapshot(), "budget_ms": round(self.budget_s * 1e3, 3), **self.counts}
         out["abandoned"] = self._abandoned
+        out["running"] = self._running
         return out
 
     def close(self) -> None:
@@ -192,7 +228,11 @@ class DependencySkippedError(DependencyTimeoutError):
     """A call in a batch never ran: an earlier call of the batch failed or used up the budget."""
 
 
-_PENDING, _RUNNING, _DONE, _SKIPPED, _MOVED = range(5)
+class DependencyBusyError(DependencySkippedError):
+    """A call never ran: every slot of its dependency's ``max_running`` stayed held past its budget."""
+
+
+_PENDING, _RUNNING, _DONE, _SKIPPED, _MOVED, _BUSY = range(6)
 
 
 @dataclass(eq=False)
@@ -200,7 +240,7 @@ class Step:
     """One dependency's call inside :func:`call_batch`.
 
     Attributes:
-        dep: The dependency (its breaker, counters and abandoned-call cap apply to this call).
+        dep: The dependency (its breaker, counters and caps apply to this call).
         fn: The blocking callable.
         args: Its arguments.
         budget_s: This call's budget from the moment it starts (None: the dependency's); the
@@ -221,6 +261,8 @@ class Step:
     abandoned: bool = False
     verdict: str = ""
     moved_to: Step | None = None
+    #: When the budget of a call sent back to the loop (``max_running``) began: it keeps it.
+    origin: float | None = None
 
     @property
     def budget(self) -> float:
@@ -235,19 +277,71 @@ class Step:
         return step
 
 
+class _Waker:
+    """Wakes the event loop when a worker-thread future is done (one callback per future)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.watched: dict[int, Future[Any]] = {}  # kept alive: an id is never reused meanwhile
+
+    def _set(self) -> None:  # on the loop
+        self.flag = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def poke(self, _: Any = None) -> None:
+        """From any thread: wake the loop."""
+        if not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                self.loop.call_soon_threadsafe(self._set)
+
+    def watch(self, fut: Future[Any]) -> None:
+        if id(fut) not in self.watched:
+            self.watched[id(fut)] = fut
+            fut.add_done_callback(self.poke)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a watched future is done or :meth:`poke` is called (since the last wait), or ``timeout`` s."""
+        if not self.flag:
+            self.waiter = self.loop.create_future()
+            handle = self.loop.call_later(max(timeout, 0.0), self._set)
+            try:
+                await self.waiter
+            finally:
+                handle.cancel()
+                self.waiter = None
+        self.flag = False
+
+
 class _Batch:
     """The state one worker thread and the event loop share while a batch runs."""
 
-    def __init__(self, steps: list[Step], stop_on_error: bool, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        steps: list[Step],
+        stop_on_error: bool,
+        pool: ThreadPoolExecutor,
+        waker: _Waker,
+        since: float | None = None,
+    ) -> None:
         self.steps = steps
         self.stop_on_error = stop_on_error
+        self.pool = pool
+        self.waker = waker
         self.lock = threading.Lock()
         self.given_up = False
-        self.submitted = time.monotonic()
+        self.submitted = time.monotonic() if since is None else since
         self.future: Future[None] = pool.submit(self.run)
+        waker.watch(self.future)
 
     def run(self) -> None:
-        """In the worker thread: the steps in order, each unless the loop gave up on it or moved it."""
+        """In the worker thread: the steps in order, each unless the loop gave up on it or moved it.
+
+        A step whose dependency has every ``max_running`` slot held goes back to the loop
+        (``_BUSY``); in a chain, the steps after it go with it.
+        """
         prev: Any = None
         stop = False
         for step in self.steps:
@@ -257,14 +351,28 @@ class _Batch:
                 if self.given_up or stop:
                     step.state = _SKIPPED
                     continue
-                step.state = _RUNNING
-                step.started = time.monotonic()
+                if not step.dep.start():
+                    step.state = _BUSY
+                    step.result = prev  # a chained step's argument, for its new worker call
+                    if step.origin is None:
+                        step.origin = time.monotonic()
+                    bounced = True
+                else:
+                    step.state = _RUNNING
+                    step.started = time.monotonic()
+                    bounced = False
+            if bounced:
+                self.waker.poke()
+                if self.stop_on_error:
+                    return  # the rest of the chain waits on its result
+                continue
             args = (*step.args, prev) if step.chained else step.args
             try:
                 prev = step.fn(*args)
                 err: BaseException | None = None
             except BaseException as e:  # handed to the loop, which settles the breaker
                 err = e
+            step.dep.stop()
             with self.lock:
                 step.state = _DONE
                 step.ended = time.monotonic()
@@ -276,7 +384,7 @@ class _Batch:
 
     def finished(self) -> bool:
         with self.lock:
-            return self.given_up or all(s.state in (_DONE, _SKIPPED, _MOVED) for s in self.steps)
+            return self.given_up or all(s.state in (_DONE, _SKIPPED, _MOVED, _BUSY) for s in self.steps)
 
     def deadline(self, limit: float | None) -> float | None:
         """When the loop gives up on the step running or next (None: every step has ended)."""
@@ -286,9 +394,12 @@ class _Batch:
                 if step.state == _DONE:
                     start = step.ended
                     continue
-                if step.state in (_SKIPPED, _MOVED):
+                if step.state in (_SKIPPED, _MOVED, _BUSY):
                     continue
-                at = (step.started if step.state == _RUNNING else start) + step.budget
+                if step.state == _RUNNING:
+                    at = step.started + step.budget
+                else:
+                    at = (start if step.origin is None else step.origin) + step.budget
                 return at if limit is None else min(at, limit)
         return None
 
@@ -300,22 +411,40 @@ class _Batch:
                 return None
             return running[0].started + after
 
+    def _move(self, step: Step, **kw: Any) -> Step:
+        step.state = _MOVED
+        step.moved_to = Step(step.dep, step.fn, step.args, step.budget_s, **kw)
+        return step.moved_to
+
     def move_pending(self) -> list[Step]:
         """Take the steps not started yet out of this batch (they go to another worker call)."""
-        moved = []
         with self.lock:
-            for step in self.steps:
-                if step.state == _PENDING:
-                    step.state = _MOVED
-                    step.moved_to = Step(step.dep, step.fn, step.args, step.budget_s)
-                    moved.append(step.moved_to)
-        return moved
+            return [self._move(s, origin=s.origin) for s in self.steps if s.state == _PENDING]
 
-    def give_up(self, hold: bool = True) -> None:
+    def take_busy(self) -> list[list[Step]]:
+        """The steps sent back for want of a ``max_running`` slot, as new steps (a chain: with its rest)."""
+        groups: list[list[Step]] = []
+        with self.lock:
+            for i, step in enumerate(self.steps):
+                if step.state != _BUSY:
+                    continue
+                first = self._move(step, origin=step.origin)
+                if step.chained:  # the previous step's result is now a plain argument
+                    first.args = (*step.args, step.result)
+                group = [first]
+                if self.stop_on_error:
+                    group += [
+                        self._move(s, chained=s.chained) for s in self.steps[i + 1 :] if s.state == _PENDING
+                    ]
+                groups.append(group)
+        return groups
+
+    def give_up(self) -> None:
         """Stop the batch where it is (the loop's side): the step running is past its budget.
 
-        ``hold``: count that step's thread as held by an abandoned call until it returns. The
-        steps not started are skipped, or timed out when none had started (all queued).
+        That step's thread counts as held by an abandoned call until it returns; the steps not
+        started are skipped, except the first when none had started and the pool is its
+        dependency's own (it queued behind that dependency's own calls: a timeout).
         """
         self.future.cancel()  # still queued: it never starts
         with self.lock:
@@ -326,35 +455,12 @@ class _Batch:
             for step in self.steps:
                 if step.state == _RUNNING:
                     step.verdict = "timeout"
-                    if hold:
-                        step.abandoned = True
-                        step.dep.abandon()
+                    step.abandoned = True
+                    step.dep.abandon()
                 elif step.state == _PENDING:
-                    step.verdict = "skipped" if started else "timeout"
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-async def _until_any(futures: list[Future[Any]], timeout: float) -> None:
-    """Wait on the loop until one of ``futures`` (worker threads') is done, at most ``timeout`` s."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def done(_: Any) -> None:  # in the worker thread
-        if not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                loop.call_soon_threadsafe(_wake, waiter)
-
-    for f in futures:
-        f.add_done_callback(done)
-    handle = loop.call_later(max(timeout, 0.0), _wake, waiter)
-    try:
-        await waiter
-    finally:
-        handle.cancel()
+                    own = not started and step.origin is None and step.dep.owns(self.pool)
+                    step.verdict = "timeout" if own else "skipped"
+                    started = True  # the steps behind it are skipped
 
 
 async def call_batch(
@@ -373,17 +479,26 @@ async def call_batch(
     Each step is still one call of its :class:`Dependency`: admitted by its breaker (a step
     refused is never run), its outcome recorded there, and cut at its budget: the loop waits for
     the batch until the running step's budget (or ``limit_s`` from submission) runs out, then
-    leaves it behind in its thread (a timeout of that dependency, which now holds one thread
-    until it returns, under its ``max_abandoned`` cap) and skips the steps not yet started
-    (:class:`DependencySkippedError`, not counted against their breakers).
+    leaves it behind in its thread (a timeout of that dependency, which now holds that thread
+    until it returns) and skips the steps not yet started (:class:`DependencySkippedError`, not
+    counted against their breakers).
+
+    A step whose dependency has every ``max_running`` slot held when its turn comes does not
+    start: it goes back to the loop, which starts it in a worker call of its own once a slot
+    frees, or skips it at the end of its budget (:class:`DependencyBusyError`; refused as
+    saturated if the slots are held by abandoned calls). So overlapping requests never put more
+    than ``max_running`` threads into one hung dependency.
 
     With ``split_after_s`` (independent steps only), a step still running after that long
     loses the steps queued behind it: they move to a new worker call of the same pool, so a
     hung step costs the others one extra hop and never their answers.
 
+    If the caller is cancelled (a level timeout of the funnel), a step still running counts as
+    past its budget (a timeout, its thread held until it returns); the others are skipped.
+
     Args:
         steps: The calls, run in this order.
-        pool: Where the batch runs (one thread; two after a split).
+        pool: Where the batch runs (one thread; more after a split or a step sent back).
         limit_s: Bound on the whole batch from submission (None: only the steps' budgets).
         stop_on_error: Skip the steps after one that failed (a chain whose steps need the
             previous result).
@@ -392,7 +507,7 @@ async def call_batch(
     Returns:
         Per step, its result or the exception that stands for it: ``CircuitOpenError`` or
         ``DependencySaturatedError`` (refused), what ``fn`` raised, ``DependencyTimeoutError``
-        (past its budget) or ``DependencySkippedError``.
+        (past its budget) or ``DependencySkippedError`` (never ran).
     """
     out: list[Any] = [None] * len(steps)
     admitted: list[tuple[int, Step]] = []
@@ -411,53 +526,87 @@ async def call_batch(
             admitted.append((i, step))
     if not admitted:
         return out
-    first = _Batch([s for _, s in admitted], stop_on_error, pool)
+    waker = _Waker(asyncio.get_running_loop())
+    first = _Batch([s for _, s in admitted], stop_on_error, pool, waker)
     batches = [first]
+    waiting: list[list[Step]] = []  # sent back for want of a max_running slot
     limit = None if limit_s is None else first.submitted + limit_s
     split = None if stop_on_error else split_after_s
     try:
         while True:
             now = time.monotonic()
-            live = [b for b in batches if not b.future.done() and not b.finished()]
-            if not live:
-                break
+            for b in batches:
+                waiting += b.take_busy()
             wake = None
+            for group in list(waiting):
+                head = group[0]
+                assert head.origin is not None
+                at = head.origin + head.budget
+                at = at if limit is None else min(at, limit)
+                freed = head.dep.freed()  # before the check: a slot freed after it wakes us
+                if head.dep.has_slot() and at > now:
+                    waiting.remove(group)
+                    batches.append(_Batch(group, stop_on_error, pool, waker, since=head.origin))
+                elif at <= now:
+                    waiting.remove(group)
+                    head.verdict = "saturated" if head.dep.saturated() else "busy"
+                    for s in group:
+                        s.state = _SKIPPED
+                        s.verdict = s.verdict or "skipped"
+                else:
+                    waker.watch(freed)
+                    wake = at if wake is None else min(wake, at)
+            live = [b for b in batches if not b.future.done() and not b.finished()]
+            if not live and not waiting:
+                break
             for b in live:
-                at = b.deadline(limit)
-                if at is not None and at <= now:
+                due = b.deadline(limit)
+                if due is not None and due <= now:
                     b.give_up()
+                    wake = now
                     continue
                 if split is not None:
                     stall = b.stalled_at(split)
                     if stall is not None and stall <= now:
                         moved = b.move_pending()
                         if moved:
-                            batches.append(_Batch(moved, False, pool))
+                            batches.append(_Batch(moved, False, pool, waker))
                             wake = now
                     elif stall is not None:
-                        at = stall if at is None else min(at, stall)
-                if at is not None:
-                    wake = at if wake is None else min(wake, at)
-            if wake is None:  # every live batch was just given up (or has ended): settle them
+                        due = stall if due is None else min(due, stall)
+                if due is not None:
+                    wake = due if wake is None else min(wake, due)
+            if wake is None:  # every live batch has ended meanwhile: settle them
                 continue
             if wake > now:
-                await _until_any([b.future for b in live], wake - now)
-    except asyncio.CancelledError:  # no verdict on calls cut by the caller, as in Dependency.call
+                await waker.wait(wake - now)
+    except asyncio.CancelledError:  # a level timeout: a step still running is past its budget
         for b in batches:
-            b.give_up(hold=False)
+            b.give_up()
         for _, step in admitted:
             f = step.final()
-            if f.state == _DONE and not f.verdict and f.error is None:
-                step.dep.succeeded()
+            if f.verdict == "timeout":
+                step.dep._timed_out()
+            elif f.state == _DONE and not f.verdict:
+                if f.error is None:
+                    step.dep.succeeded()
+                else:
+                    step.dep.failed(f.error)
             else:
-                step.dep.breaker.release()
+                step.dep.skipped()
         raise
     for i, step in admitted:
         f = step.final()
         name = step.dep.name
-        if f.verdict == "timeout":  # past its budget, or queued past it
+        if f.verdict == "timeout":  # past its budget, or queued past it behind its own calls
             step.dep._timed_out()
             out[i] = DependencyTimeoutError(f"{name} gave no answer within {f.budget * 1e3:.0f} ms")
+        elif f.verdict == "saturated":  # its slots stayed held by calls left behind
+            step.dep._timed_out()
+            out[i] = DependencySaturatedError(f"{name} still has call(s) past their budget")
+        elif f.verdict == "busy":
+            step.dep.skipped()
+            out[i] = DependencyBusyError(f"{name} not started: its running calls held every slot")
         elif f.verdict == "skipped" or f.state != _DONE:  # an earlier step failed or took the budget
             step.dep.skipped()
             out[i] = DependencySkippedError(f"{name} not started: an earlier call in its batch ended it")

@@ -36,6 +36,7 @@ from streamrec.resilience import CircuitOpenError, ResilienceConfig
 from streamrec.service.args import FaultInjection
 from streamrec.service.guard import (
     Dependency,
+    DependencyBusyError,
     DependencySkippedError,
     DependencyTimeoutError,
     Step,
@@ -80,8 +81,9 @@ class StageRunner:
     Args:
         resilience: Stage budgets and breaker settings.
         source_timeout_s: Budget of each retrieval source.
-        source_threads: Worker threads for retrieval (at least 2, so one hung source never holds
-            them all; context building has its own thread).
+        source_threads: Worker threads for retrieval (at least 2; each source runs in at most
+            all but one of them at once, so a hung source never holds them all; context building
+            has its own thread).
         faults: Fault injection (off by default).
         known_users: Users whose last good features are kept for ``stale_features``.
         metrics: Where online-store reads are timed (None: off).
@@ -105,14 +107,17 @@ class StageRunner:
         self._source_timeout_s = source_timeout_s
         self._faults = faults or FaultInjection()
         # Context building (the user tower) and retrieval in separate pools: a hung source holds
-        # one retrieval thread, never the thread every request needs for its context.
-        self._retrieval = ThreadPoolExecutor(max(2, source_threads), thread_name_prefix="retrieval")
+        # retrieval threads (never all of them), never the thread every request needs for its context.
+        self._retrieval_threads = max(2, source_threads)
+        self._retrieval = ThreadPoolExecutor(self._retrieval_threads, thread_name_prefix="retrieval")
         # More threads than the two every runner has: the operator wants a request's sources to
         # overlap (args.source_threads), so each gets a worker call of its own.
         self._group_sources = self._grouped and source_threads <= 2
         mismatch = (StageVersionMismatchError,)  # a reload in progress, not a sick dependency
         # Context building is the replica's own CPU work: a stall must not open its breaker (only
-        # errors do); a hung call holds the one thread, and the next calls are refused at once.
+        # errors do); a hung call holds one thread, and the next calls are refused at once. One
+        # build runs at a time (its own pool has one thread), also when grouped dispatch runs it
+        # on the online store's pool of 2: a hung build never holds both of those threads.
         self.context = Dependency(
             "context",
             resilience.context_ms / 1e3,
@@ -121,6 +126,7 @@ class StageRunner:
             ignore=mismatch,
             max_abandoned=1,
             timeouts_trip=False,
+            max_running=1,
         )
         self.online = Dependency(
             "online_store",
@@ -151,7 +157,10 @@ class StageRunner:
                 cfg,
                 pool=self._retrieval,
                 ignore=(StageVersionMismatchError,),
-                max_abandoned=1,  # a hung source holds one retrieval thread, never all of them
+                max_abandoned=1,  # one call left behind: the next are refused at once
+                # At most all but one retrieval thread, however many requests overlap: a hung
+                # source never holds them all (the calls over it wait on the loop, or are skipped).
+                max_running=self._retrieval_threads - 1,
             )
             dep = self._sources.setdefault(name, dep)
         return dep
@@ -182,7 +191,11 @@ class StageRunner:
                     self.metrics.online_read((read.ended - t0) * 1e3, "ok")
                     with self._lock:
                         self._last[user_id] = features
-                    if not isinstance(built, DependencySkippedError):  # else: refused at admission
+                    # A build skipped only because the read's call ended: build it on its own. A
+                    # build refused, past its budget or left without a thread: the funnel degrades.
+                    if not isinstance(built, DependencySkippedError) or isinstance(
+                        built, DependencyBusyError
+                    ):
                         if isinstance(built, BaseException):
                             raise built
                         done: UserContext = built
@@ -239,8 +252,9 @@ class StageRunner:
         ``stages.solo_sources`` (long GIL-free work, an ANN search) each in a worker call of its
         own; the others together in one worker call, one after the other, each under its own
         breaker and cut at the source budget. A source still running after a quarter of its
-        budget hands the sources behind it to another worker call, so a hung source holds one
-        thread and costs the request its budget, and the others still answer. Otherwise
+        budget hands the sources behind it to another worker call, so a hung source costs the
+        request its budget and the others still answer; it never runs in every retrieval thread
+        at once, however many requests overlap (its ``max_running``). Otherwise
         (``hops``, or more source threads configured to overlap them): one worker call per
         source.
         """

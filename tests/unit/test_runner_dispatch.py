@@ -85,7 +85,8 @@ def test_grouped_dispatch_reads_and_builds_the_context_in_one_worker_call(world:
     assert sorted(parts) == ["a", "b", "tt"] and len(out.items) == 5 and not missed_sources(timings)
     t = stages.threads
     assert t["read"] == t["context"]  # one hop for both
-    assert t["a"] == t["b"] and stages.overlapped  # in-memory sources together, the solo one apart
+    assert t["a"] == t["b"]  # in-memory sources together
+    assert t["tt"] != t["a"] and stages.overlapped  # the solo one apart, in another thread
     snap = runner.snapshot()
     for dep in ("online_store", "context", "source:a", "source:b", "source:tt"):
         assert snap[dep]["ok"] == 1 and snap[dep]["calls"] == 1, dep
@@ -122,10 +123,9 @@ def test_a_hung_source_in_a_batched_call_costs_only_its_budget_and_the_others_an
         runner.close()
     for _, parts, _, _, out, _ in outs:
         assert sorted(parts) == ["a", "b"] and len(out.items) == 5  # moved to another thread in time
-    # The first request waits the source budget (200 ms), never the 10 s hang; the hung call
-    # holds one of the two retrieval threads, so the next ones refuse it at once and the other
-    # sources keep the second thread.
-    assert 0.19 < took[0] < 0.6 and all(t < 0.15 for t in took[1:]), took
+    # Never the 10 s hang; the hung call holds one of the two retrieval threads, so the next
+    # requests refuse it at once and the other sources keep the second thread.
+    assert all(t < 2.0 for t in took), took
     assert [missed_sources(o[-1]) for o in outs] == [{"hung": "timeout"}] * 2 + [{"hung": "circuit_open"}]
     assert snap["abandoned"] == 1 and snap["timeouts"] == 2 and snap["state"] == "open"  # threshold 2
     assert stages.threads["a"] != stages.threads["hung"]
@@ -143,7 +143,7 @@ def test_a_hung_read_in_the_grouped_call_is_cut_at_its_budget_then_the_context_b
     finally:
         stages.release.set()
         runner.close()
-    assert took < 0.5 and ctx.degraded == ["stale_features"]
+    assert took < 2.0 and ctx.degraded == ["stale_features"]  # never the 10 s hang
     assert ctx.reasons[0] == "online_store: timeout; served default features (the user is in no snapshot)"
     assert snap["online_store"]["timeouts"] == 1 and snap["online_store"]["abandoned"] == 1
     # the context step of the grouped call never ran (skipped, no verdict), then built on its own
@@ -157,31 +157,33 @@ def test_a_hung_context_in_the_grouped_call_costs_its_budget_then_is_refused_at_
     runner = StageRunner(_res(context_ms=50), 1.0)
     req = RecommendRequest(user_id=3, k=5)
 
-    async def twice() -> list[tuple[type[BaseException], float]]:
+    async def twice() -> list[type[BaseException]]:
         out = []
         for _ in range(2):
-            t0 = time.perf_counter()
             with pytest.raises(DeadlineExceededError) as err:
                 await runner.user_context(stages, req)
-            out.append((type(err.value), time.perf_counter() - t0))
+            out.append(type(err.value))
         return out
 
     try:
-        (first, t1), (second, t2) = asyncio.run(twice())
+        t0 = time.perf_counter()
+        first, second = asyncio.run(twice())
+        took = time.perf_counter() - t0
         snap = runner.snapshot()["context"]
     finally:
         stages.release.set()
         runner.close()
-    assert first is DependencyTimeoutError and 0.04 < t1 < 0.5
-    assert second is DependencySaturatedError and t2 < 0.05  # its thread is held: refused at once
-    assert snap["abandoned"] == 1 and snap["state"] == "closed"  # stalls never open it
+    assert first is DependencyTimeoutError and took < 2.0  # never the 10 s hang
+    assert second is DependencySaturatedError  # its thread is held: refused, never started
+    assert snap["abandoned"] == 1 and snap["running"] == 1  # one hung build, one thread
+    assert snap["state"] == "closed"  # stalls never open it
 
 
-def test_a_batch_queued_behind_busy_threads_times_out_and_never_runs() -> None:
+def test_a_batch_queued_behind_another_s_threads_is_skipped_and_never_runs() -> None:
     pool = ThreadPoolExecutor(1)
     release = threading.Event()
     ran: list[str] = []
-    pool.submit(release.wait, 10)  # the only thread is busy
+    pool.submit(release.wait, 10)  # the only thread of the shared pool is busy with other work
     deps = [Dependency(n, 0.05, BREAKER, pool=pool) for n in ("x", "y")]
     steps = [Step(d, ran.append, (d.name,)) for d in deps]
     try:
@@ -191,9 +193,30 @@ def test_a_batch_queued_behind_busy_threads_times_out_and_never_runs() -> None:
     finally:
         release.set()
         pool.shutdown(wait=True)
-    assert took < 0.5 and all(type(e) is DependencyTimeoutError for e in out)
+    assert took < 2.0 and all(type(e) is DependencySkippedError for e in out)
     assert ran == []  # cancelled while queued
-    assert [d.snapshot()["timeouts"] for d in deps] == [1, 1]
+    # not their fault: nothing charged on their breakers
+    assert [(d.snapshot()["timeouts"], d.snapshot()["skipped"]) for d in deps] == [(0, 1), (0, 1)]
+
+
+def test_a_chained_call_queued_behind_its_own_hung_calls_times_out_the_read_and_skips_the_build() -> None:
+    online = Dependency("online", 0.05, BREAKER, workers=1)
+    context = Dependency("context", 0.05, BREAKER, workers=1)
+    release = threading.Event()
+    ran: list[str] = []
+    online.pool.submit(release.wait, 10)  # the online store's own thread is stuck
+    steps = [Step(online, ran.append, ("read",)), Step(context, lambda x: ran.append("build"), chained=True)]
+    try:
+        out = asyncio.run(call_batch(steps, online.pool, stop_on_error=True))
+    finally:
+        release.set()
+        online.close()
+        context.close()
+    assert type(out[0]) is DependencyTimeoutError and type(out[1]) is DependencySkippedError
+    assert ran == []
+    assert online.snapshot()["timeouts"] == 1
+    c = context.snapshot()
+    assert c["timeouts"] == 0 and c["skipped"] == 1 and c["state"] == "closed"  # never ran: skipped
 
 
 def test_a_failing_step_stops_a_chained_batch_and_counts_only_on_its_own_breaker() -> None:
@@ -214,3 +237,138 @@ def test_a_failing_step_stops_a_chained_batch_and_counts_only_on_its_own_breaker
     assert first.snapshot()["errors"] == 1
     s = second.snapshot()
     assert s["errors"] == 0 and s["skipped"] == 1 and s["state"] == "closed"
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "hops"])
+def test_overlapping_requests_never_give_a_hung_source_every_retrieval_thread(
+    world: Path, dispatch: str
+) -> None:
+    stages = Sources(world, ("hung", "a", "b"))
+    runner = StageRunner(_res(), 0.2, dispatch=dispatch)  # type: ignore[arg-type]
+    req = RecommendRequest(user_id=3, k=5)
+
+    async def one(delay: float) -> Any:
+        await asyncio.sleep(delay)
+        return await run_funnel(runner.call_for(stages), req, stages.source_names, 0.2)
+
+    async def go() -> list[Any]:
+        # two requests overlap (the second while the first's hung call is inside its budget)
+        first = await asyncio.gather(one(0.0), one(0.0), one(0.03))
+        return [*first, *[await one(0.0) for _ in range(3)]]
+
+    try:
+        t0 = time.perf_counter()
+        outs = asyncio.run(go())
+        took = time.perf_counter() - t0
+        snap = runner.snapshot()
+    finally:
+        stages.release.set()
+        runner.close()
+    assert took < 5.0  # never waits for the 10 s hang
+    for _, parts, _, _, out, timings in outs:  # the healthy sources answer every request
+        assert (
+            sorted(parts) == ["a", "b"] and len(out.items) == 5 and set(missed_sources(timings)) == {"hung"}
+        )
+    for name in ("source:a", "source:b"):
+        s = snap[name]
+        assert s["state"] == "closed" and s["timeouts"] == 0 and s["ok"] == len(outs), (name, s)
+    hung = snap["source:hung"]
+    assert hung["running"] == 1 and hung["abandoned"] == 1  # one thread held, whatever overlapped
+    assert hung["state"] == "open"
+
+
+def test_overlapping_requests_never_give_a_hung_context_both_online_store_threads(world: Path) -> None:
+    stages = Sources(world, ("a",))
+    stages.context_fault = "hang"  # type: ignore[attr-defined]
+    runner = StageRunner(_res(context_ms=50), 1.0)
+    req = RecommendRequest(user_id=3, k=5)
+
+    async def go() -> tuple[list[BaseException | UserContext], dict[str, Any]]:
+        outs = await asyncio.gather(
+            *(runner.user_context(stages, req) for _ in range(3)), return_exceptions=True
+        )
+        features = await runner.online.call(stages.read_features, 3)  # a thread is still free
+        return outs, features
+
+    try:
+        outs, features = asyncio.run(go())
+        snap = runner.snapshot()
+    finally:
+        stages.release.set()
+        runner.close()
+    assert all(isinstance(o, DeadlineExceededError) for o in outs) and isinstance(features, dict)
+    assert snap["context"]["running"] == 1 and snap["context"]["abandoned"] == 1
+    o = snap["online_store"]
+    assert o["state"] == "closed" and o["timeouts"] == 0 and o["ok"] == 4
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "hops"])
+def test_a_hung_source_cut_by_the_level_timeout_is_charged_and_left_behind(
+    world: Path, dispatch: str
+) -> None:
+    stages = Sources(world, ("hung", "a", "b"))
+    runner = StageRunner(_res(), 0.2, dispatch=dispatch)  # type: ignore[arg-type]
+    req = RecommendRequest(user_id=3, k=5)
+
+    async def go() -> Any:
+        with pytest.raises(TimeoutError):  # the funnel's level timeout, inside the source budget
+            await asyncio.wait_for(run_funnel(runner.call_for(stages), req, stages.source_names, 0.2), 0.1)
+        cut = runner.snapshot()["source:hung"]
+        return cut, await run_funnel(runner.call_for(stages), req, stages.source_names, 0.2)
+
+    try:
+        cut, (_, parts, *_, timings) = asyncio.run(go())
+        snap = runner.snapshot()
+    finally:
+        stages.release.set()
+        runner.close()
+    assert cut["timeouts"] == 1 and cut["abandoned"] == 1  # charged, its thread counted as held
+    assert sorted(parts) == ["a", "b"] and missed_sources(timings) == {"hung": "timeout"}  # refused
+    assert snap["source:hung"]["state"] == "open"  # threshold 2: the cut call and the refusal
+    assert snap["source:a"]["state"] == snap["source:b"]["state"] == "closed"
+
+
+def test_a_cancelled_call_still_running_counts_as_a_timeout() -> None:
+    release = threading.Event()
+    dep = Dependency("store", 5.0, BREAKER, workers=1, max_abandoned=1)
+
+    async def go() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(dep.call(release.wait, 10), 0.05)
+
+    try:
+        asyncio.run(go())
+        snap = dep.snapshot()
+    finally:
+        release.set()
+        dep.close()
+    assert snap["timeouts"] == 1 and snap["abandoned"] == 1 and not dep.ready()
+
+
+def test_a_step_over_its_running_cap_waits_on_the_loop_then_runs() -> None:
+    pool = ThreadPoolExecutor(2)
+    dep = Dependency("x", 5.0, BREAKER, pool=pool, max_running=1)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def first() -> str:
+        entered.set()
+        release.wait(10)
+        return "first"
+
+    async def go() -> list[Any]:
+        a = asyncio.create_task(call_batch([Step(dep, first)], pool))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 5)
+        b = asyncio.create_task(call_batch([Step(dep, lambda: "second")], pool))
+        await asyncio.sleep(0.05)
+        assert not b.done()  # sent back to the loop: no second thread taken
+        release.set()
+        return [*(await a), *(await b)]
+
+    try:
+        out = asyncio.run(go())
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert out == ["first", "second"]
+    assert dep.snapshot()["ok"] == 2 and dep.snapshot()["skipped"] == 0

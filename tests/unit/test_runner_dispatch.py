@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from streamrec.service.guard import (
     DependencySkippedError,
     DependencyTimeoutError,
     Step,
+    _Waker,
     call_batch,
 )
 from streamrec.service.runner import StageRunner
@@ -97,7 +98,7 @@ def test_hops_and_grouped_dispatch_give_the_same_answer(world: Path) -> None:
     outs = []
     for dispatch in ("hops", "grouped"):
         stages = Sources(world, ("a", "b"))
-        runner = StageRunner(_res(), 1.0, dispatch=dispatch)  # type: ignore[arg-type]
+        runner = StageRunner(_res(), 1.0, dispatch=dispatch)
         try:
             *_, out, _ = asyncio.run(run_funnel(runner.call_for(stages), req, stages.source_names, 1.0))
         finally:
@@ -158,7 +159,7 @@ def test_a_hung_context_in_the_grouped_call_costs_its_budget_then_is_refused_at_
     req = RecommendRequest(user_id=3, k=5)
 
     async def twice() -> list[type[BaseException]]:
-        out = []
+        out: list[type[BaseException]] = []
         for _ in range(2):
             with pytest.raises(DeadlineExceededError) as err:
                 await runner.user_context(stages, req)
@@ -372,3 +373,22 @@ def test_a_step_over_its_running_cap_waits_on_the_loop_then_runs() -> None:
         pool.shutdown(wait=True)
     assert out == ["first", "second"]
     assert dep.snapshot()["ok"] == 2 and dep.snapshot()["skipped"] == 0
+
+
+def test_the_loop_s_waker_adds_one_callback_per_future_however_often_it_waits_on_it() -> None:
+    class Counting(_Waker):
+        pokes = 0
+
+        def poke(self, _: Any = None) -> None:
+            self.pokes += 1
+
+    async def go() -> int:
+        waker = Counting(asyncio.get_running_loop())
+        fut: Future[None] = Future()
+        for _ in range(5):  # one loop iteration each
+            waker.watch(fut)
+            await waker.wait(0.0)
+        fut.set_result(None)
+        return waker.pokes
+
+    assert asyncio.run(go()) == 1

@@ -51,6 +51,7 @@ from streamrec.pipeline.train import (
     fit_ranker,
     fit_retrieval,
     item_table_as_of,
+    positives_with_features,
     ranker_rows,
     ranker_window_start,
 )
@@ -305,7 +306,7 @@ def rolling_evaluation(
     Args:
         state: The pipeline state after its evaluation.
         fc: The feature client (snapshots built at every fold's split times).
-        pit: Positives before ``T_test`` with point-in-time features.
+        pit: Positives before ``T_test`` with point-in-time features (joined again after the folds' snapshots are written).
         main: The pipeline's evaluation report (the last fold).
         main_scores: Its methods' per-user scores (``evaluate(..., scores_out=)``).
         main_funnel: The evaluated funnel (for the last fold's user ids).
@@ -326,6 +327,10 @@ def rolling_evaluation(
         state.log(
             f"  rolling: {len(extra)} more feature snapshots for the earlier folds, {built.files} files"
         )
+        # The folds' two-tower rows join those snapshots too: the main fit's join ran before they
+        # existed, so an early positive found none and trained on defaults (an empty history).
+        with _step(state, "rolling_training_set"):
+            pit = positives_with_features(state, fc)
     rows: list[dict[str, Any]] = []
     scored: list[list[MethodScores]] = []
     users: list[npt.NDArray[np.int64]] = []

@@ -159,8 +159,8 @@ class ItemKNN(ScoringRecommender):
     """Item-based collaborative filtering with cosine similarity on the binary matrix.
 
     ``sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|)`` (users who interacted), diagonal removed, only
-    the ``neighbours`` most similar items of each item kept (equal similarities: the lower item
-    index first). A user's score for item ``j`` is the sum of ``sim(i, j)`` over the items ``i``
+    the ``neighbours`` most similar items of each item kept (similarities equal in float32: the
+    lower item index first). A user's score for item ``j`` is the sum of ``sim(i, j)`` over the items ``i``
     in their history.
 
     Args:

@@ -50,9 +50,11 @@ class Dependency:
             :meth:`close`).
         ignore: Exceptions that say nothing of the dependency's health (they pass through
             without counting as failures, e.g. a request built by another model version).
-        max_abandoned: Calls left behind past their budget that may still hold a thread; once
-            reached, calls are refused at once (:class:`DependencySaturatedError`, a timeout of
-            the breaker) until one returns (None: no such refusal).
+        max_abandoned: Calls left behind (past their budget, or cut by the caller) that may
+            still hold a thread; once reached, calls are refused at once
+            (:class:`DependencySaturatedError`) until one returns (None: no such refusal). A
+            refusal is a timeout of the breaker only when one of those calls is past its own
+            budget: a healthy call cut early by its caller opens no breaker.
         max_running: Calls that may run at once in worker threads, hung or not, within their
             budget or past it (None: only the pools bound them). A call about to start past it
             does not start: it goes back to the event loop, waits there (holding no thread) for
@@ -86,7 +88,7 @@ class Dependency:
         self._ignore = ignore
         self._max_abandoned = max_abandoned
         self._max_running = max_running
-        self._abandoned = 0
+        self._abandoned: list[float] = []  # per call left behind: when its budget ends
         self._running = 0
         self._freed: Future[None] | None = None
         self._lock = threading.Lock()
@@ -105,7 +107,13 @@ class Dependency:
 
     def saturated(self) -> bool:
         """Whether the cap of abandoned calls is reached (calls are refused at once)."""
-        return self._max_abandoned is not None and self._abandoned >= self._max_abandoned
+        return self._max_abandoned is not None and len(self._abandoned) >= self._max_abandoned
+
+    def overdue(self) -> bool:
+        """Whether a call left behind is past its own budget (a refusal it causes is charged)."""
+        now = time.monotonic()
+        with self._lock:
+            return any(due <= now for due in self._abandoned)
 
     def ready(self) -> bool:
         """Whether a call would be admitted now (breaker closed, not saturated); claims nothing."""
@@ -126,10 +134,12 @@ class Dependency:
             self.counts["refused"] += 1
             raise CircuitOpenError(self.name, self.breaker.retry_after())
         if self.saturated():
-            self._timed_out()
-            raise DependencySaturatedError(
-                f"{self.name} still has {self._abandoned} call(s) past their budget"
-            )
+            held = len(self._abandoned)
+            if self.overdue():
+                self._timed_out()
+            else:  # only calls cut by their caller within their budget: no verdict
+                self.skipped()
+            raise DependencySaturatedError(f"{self.name} still has {held} call(s) left behind")
 
     def succeeded(self) -> None:
         """Settle an admitted call that returned."""
@@ -149,15 +159,19 @@ class Dependency:
         self.breaker.release()
         self.counts["skipped"] += 1
 
-    def abandon(self) -> None:
-        """A call left behind past its budget still holds a thread (:meth:`returned` when it ends)."""
-        with self._lock:
-            self._abandoned += 1
+    def abandon(self, due: float) -> None:
+        """A call left behind still holds a thread (:meth:`returned` when it ends).
 
-    def returned(self, _: Any = None) -> None:
-        """An abandoned call's thread is free again."""
+        Args:
+            due: When its budget ends (``time.monotonic()``; past already unless its caller cut it).
+        """
         with self._lock:
-            self._abandoned -= 1
+            self._abandoned.append(due)
+
+    def returned(self, due: float) -> None:
+        """An abandoned call's thread is free again (``due`` as given to :meth:`abandon`)."""
+        with self._lock:
+            self._abandoned.remove(due)
 
     def has_slot(self) -> bool:
         """Whether a call could start now under ``max_running`` (claims nothing)."""
@@ -214,7 +228,7 @@ class Dependency:
     def snapshot(self) -> dict[str, Any]:
         """The breaker's state and the call counters (for ``/readyz`` and the admin status)."""
         out = {**self.breaker.snapshot(), "budget_ms": round(self.budget_s * 1e3, 3), **self.counts}
-        out["abandoned"] = self._abandoned
+        out["abandoned"] = len(self._abandoned)
         out["running"] = self._running
         return out
 
@@ -259,6 +273,8 @@ class Step:
     started: float = 0.0
     ended: float = 0.0
     abandoned: bool = False
+    #: When its budget ends, set when the loop gives up on it (a step left behind: its cap entry).
+    due: float = 0.0
     verdict: str = ""
     moved_to: Step | None = None
     #: When the budget of a call sent back to the loop (``max_running``) began: it keeps it.
@@ -378,13 +394,26 @@ class _Batch:
                 step.ended = time.monotonic()
                 step.result, step.error = (None, err) if err is not None else (prev, None)
                 if step.abandoned:  # the loop left it behind: its thread is free again
-                    step.dep.returned()
+                    step.dep.returned(step.due)
             if err is not None and self.stop_on_error:
                 stop = True
 
     def finished(self) -> bool:
         with self.lock:
             return self.given_up or all(s.state in (_DONE, _SKIPPED, _MOVED, _BUSY) for s in self.steps)
+
+    @staticmethod
+    def _due(step: Step, start: float) -> float:
+        """When ``step``'s budget ends: from its start, or from ``start`` (its turn) while pending.
+
+        A step that waited on the loop for a ``max_running`` slot keeps the budget that began
+        when it was sent back (``origin``): the wait is not given to it again once it starts.
+        """
+        if step.state == _RUNNING:
+            begun = step.started if step.origin is None else min(step.started, step.origin)
+        else:
+            begun = start if step.origin is None else step.origin
+        return begun + step.budget
 
     def deadline(self, limit: float | None) -> float | None:
         """When the loop gives up on the step running or next (None: every step has ended)."""
@@ -396,10 +425,7 @@ class _Batch:
                     continue
                 if step.state in (_SKIPPED, _MOVED, _BUSY):
                     continue
-                if step.state == _RUNNING:
-                    at = step.started + step.budget
-                else:
-                    at = (start if step.origin is None else step.origin) + step.budget
+                at = self._due(step, start)
                 return at if limit is None else min(at, limit)
         return None
 
@@ -439,26 +465,40 @@ class _Batch:
                 groups.append(group)
         return groups
 
-    def give_up(self) -> None:
+    def give_up(self, cancelled: bool = False) -> None:
         """Stop the batch where it is (the loop's side): the step running is past its budget.
 
         That step's thread counts as held by an abandoned call until it returns; the steps not
         started are skipped, except the first when none had started and the pool is its
         dependency's own (it queued behind that dependency's own calls: a timeout).
+
+        Args:
+            cancelled: The caller was cancelled (a level timeout), whenever that came: a step
+                still within its own budget then is no timeout (``cut``: left behind, its thread
+                still counted until it returns, no verdict on its breaker).
         """
         self.future.cancel()  # still queued: it never starts
+        now = time.monotonic()
         with self.lock:
             if self.given_up:
                 return
             self.given_up = True
             started = any(step.state not in (_PENDING, _MOVED) for step in self.steps)
+            start = self.submitted
             for step in self.steps:
-                if step.state == _RUNNING:
-                    step.verdict = "timeout"
+                if step.state == _DONE:
+                    start = step.ended
+                elif step.state == _RUNNING:
+                    step.due = self._due(step, start)
+                    step.verdict = "cut" if cancelled and now < step.due else "timeout"
+                    if step.verdict == "timeout":  # also when cut by ``limit_s``: past its budget now
+                        step.due = min(step.due, now)
                     step.abandoned = True
-                    step.dep.abandon()
+                    step.dep.abandon(step.due)
                 elif step.state == _PENDING:
                     own = not started and step.origin is None and step.dep.owns(self.pool)
+                    if own and cancelled and now < self._due(step, start):
+                        own = False  # cut while queued, within its budget
                     step.verdict = "timeout" if own else "skipped"
                     started = True  # the steps behind it are skipped
 
@@ -493,8 +533,10 @@ async def call_batch(
     loses the steps queued behind it: they move to a new worker call of the same pool, so a
     hung step costs the others one extra hop and never their answers.
 
-    If the caller is cancelled (a level timeout of the funnel), a step still running counts as
-    past its budget (a timeout, its thread held until it returns); the others are skipped.
+    If the caller is cancelled (a level timeout of the funnel), a step still running is left
+    behind (its thread counted against ``max_abandoned`` until it returns) and is a timeout of
+    its dependency only if it is past its own budget by then (else no verdict: a healthy call
+    cut early opens no breaker); the others are skipped.
 
     Args:
         steps: The calls, run in this order.
@@ -535,6 +577,9 @@ async def call_batch(
     try:
         while True:
             now = time.monotonic()
+            # Which batches still run BEFORE taking the steps sent back: a step a worker sends back
+            # after the scan below keeps its batch in ``live`` (the loop waits for it), never lost.
+            live = [b for b in batches if not b.future.done() and not b.finished()]
             for b in batches:
                 waiting += b.take_busy()
             wake = None
@@ -547,16 +592,19 @@ async def call_batch(
                 if head.dep.has_slot() and at > now:
                     waiting.remove(group)
                     batches.append(_Batch(group, stop_on_error, pool, waker, since=head.origin))
+                    live.append(batches[-1])
                 elif at <= now:
                     waiting.remove(group)
-                    head.verdict = "saturated" if head.dep.saturated() else "busy"
+                    if head.dep.saturated():  # charged only when a call holding it is overdue
+                        head.verdict = "saturated" if head.dep.overdue() else "held"
+                    else:
+                        head.verdict = "busy"
                     for s in group:
                         s.state = _SKIPPED
                         s.verdict = s.verdict or "skipped"
                 else:
                     waker.watch(freed)
                     wake = at if wake is None else min(wake, at)
-            live = [b for b in batches if not b.future.done() and not b.finished()]
             if not live and not waiting:
                 break
             for b in live:
@@ -580,12 +628,12 @@ async def call_batch(
                 continue
             if wake > now:
                 await waker.wait(wake - now)
-    except asyncio.CancelledError:  # a level timeout: a step still running is past its budget
+    except asyncio.CancelledError:  # a level timeout: a step running is left behind
         for b in batches:
-            b.give_up()
+            b.give_up(cancelled=True)
         for _, step in admitted:
             f = step.final()
-            if f.verdict == "timeout":
+            if f.verdict == "timeout":  # past its own budget when cut
                 step.dep._timed_out()
             elif f.state == _DONE and not f.verdict:
                 if f.error is None:
@@ -601,9 +649,12 @@ async def call_batch(
         if f.verdict == "timeout":  # past its budget, or queued past it behind its own calls
             step.dep._timed_out()
             out[i] = DependencyTimeoutError(f"{name} gave no answer within {f.budget * 1e3:.0f} ms")
-        elif f.verdict == "saturated":  # its slots stayed held by calls left behind
-            step.dep._timed_out()
-            out[i] = DependencySaturatedError(f"{name} still has call(s) past their budget")
+        elif f.verdict in ("saturated", "held"):  # its slots stayed held by calls left behind
+            if f.verdict == "saturated":  # one of them past its budget
+                step.dep._timed_out()
+            else:  # all cut by their callers within their budgets: no verdict
+                step.dep.skipped()
+            out[i] = DependencySaturatedError(f"{name} still has call(s) left behind")
         elif f.verdict == "busy":
             step.dep.skipped()
             out[i] = DependencyBusyError(f"{name} not started: its running calls held every slot")

@@ -19,6 +19,7 @@ import pytest
 from streamrec.api_models import RecommendRequest
 from streamrec.funnel.stages import Candidates, UserContext, missed_sources, run_funnel
 from streamrec.resilience import CircuitBreakerConfig, DeadlineExceededError
+from streamrec.service import guard
 from streamrec.service.guard import (
     Dependency,
     DependencySaturatedError,
@@ -304,18 +305,18 @@ def test_overlapping_requests_never_give_a_hung_context_both_online_store_thread
 
 
 @pytest.mark.parametrize("dispatch", ["grouped", "hops"])
-def test_a_hung_source_cut_by_the_level_timeout_is_charged_and_left_behind(
+def test_a_source_cut_by_the_level_timeout_within_its_budget_is_left_behind_uncharged(
     world: Path, dispatch: str
 ) -> None:
     stages = Sources(world, ("hung", "a", "b"))
-    runner = StageRunner(_res(), 0.2, dispatch=dispatch)  # type: ignore[arg-type]
+    runner = StageRunner(_res(), 0.5, dispatch=dispatch)  # type: ignore[arg-type]
     req = RecommendRequest(user_id=3, k=5)
 
     async def go() -> Any:
         with pytest.raises(TimeoutError):  # the funnel's level timeout, inside the source budget
-            await asyncio.wait_for(run_funnel(runner.call_for(stages), req, stages.source_names, 0.2), 0.1)
+            await asyncio.wait_for(run_funnel(runner.call_for(stages), req, stages.source_names, 0.5), 0.1)
         cut = runner.snapshot()["source:hung"]
-        return cut, await run_funnel(runner.call_for(stages), req, stages.source_names, 0.2)
+        return cut, await run_funnel(runner.call_for(stages), req, stages.source_names, 0.5)
 
     try:
         cut, (_, parts, *_, timings) = asyncio.run(go())
@@ -323,27 +324,70 @@ def test_a_hung_source_cut_by_the_level_timeout_is_charged_and_left_behind(
     finally:
         stages.release.set()
         runner.close()
-    assert cut["timeouts"] == 1 and cut["abandoned"] == 1  # charged, its thread counted as held
+    # Cut at 0.1 s of its 0.5 s budget: no timeout of its breaker, its thread counted as held.
+    assert cut["timeouts"] == 0 and cut["abandoned"] == 1 and cut["skipped"] >= 1
     assert sorted(parts) == ["a", "b"] and missed_sources(timings) == {"hung": "timeout"}  # refused
-    assert snap["source:hung"]["state"] == "open"  # threshold 2: the cut call and the refusal
+    hung = snap["source:hung"]  # the refusal (its held call still within its budget): no verdict
+    assert hung["state"] == "closed" and hung["timeouts"] == 0 and hung["abandoned"] == 1, hung
     assert snap["source:a"]["state"] == snap["source:b"]["state"] == "closed"
 
 
-def test_a_cancelled_call_still_running_counts_as_a_timeout() -> None:
+def test_a_call_cancelled_within_its_budget_is_left_behind_but_not_charged() -> None:
     release = threading.Event()
     dep = Dependency("store", 5.0, BREAKER, workers=1, max_abandoned=1)
 
-    async def go() -> None:
-        with pytest.raises(TimeoutError):
+    async def go() -> BaseException | None:
+        with pytest.raises(TimeoutError):  # the caller's level timeout, long before the 5 s budget
             await asyncio.wait_for(dep.call(release.wait, 10), 0.05)
+        try:  # refused at once (the cap holds the cut call), not charged either
+            await dep.call(lambda: "never")
+        except DeadlineExceededError as err:
+            return err
+        return None
 
     try:
-        asyncio.run(go())
+        refused = asyncio.run(go())
+        snap = dep.snapshot()
+        ready = dep.ready()
+    finally:
+        release.set()
+        dep.close()
+    assert isinstance(refused, DependencySaturatedError)
+    assert snap["timeouts"] == 0 and snap["errors"] == 0 and snap["skipped"] == 2, snap
+    assert snap["abandoned"] == 1 and snap["state"] == "closed" and not ready  # the cap stays honest
+
+
+def test_a_call_cancelled_past_its_budget_is_a_timeout() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+    dep = Dependency("store", 0.05, BREAKER, workers=1, max_abandoned=1)
+
+    def hung() -> None:
+        entered.set()
+        release.wait(10)
+
+    async def go() -> BaseException | None:
+        task = asyncio.create_task(dep.call(hung))
+        await asyncio.sleep(0)  # the call is submitted; the loop now waits on it
+        assert entered.wait(5)
+        time.sleep(0.2)  # the loop is held (a stall): the cancel comes after the 50 ms budget
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        try:  # refused at once, charged: the call holding the cap is past its budget
+            await dep.call(lambda: "never")
+        except DeadlineExceededError as err:
+            return err
+        return None
+
+    try:
+        refused = asyncio.run(go())
         snap = dep.snapshot()
     finally:
         release.set()
         dep.close()
-    assert snap["timeouts"] == 1 and snap["abandoned"] == 1 and not dep.ready()
+    assert isinstance(refused, DependencySaturatedError)
+    assert snap["timeouts"] == 2 and snap["abandoned"] == 1 and snap["state"] == "open", snap
 
 
 def test_a_step_over_its_running_cap_waits_on_the_loop_then_runs() -> None:
@@ -392,3 +436,72 @@ def test_the_loop_s_waker_adds_one_callback_per_future_however_often_it_waits_on
         return waker.pokes
 
     assert asyncio.run(go()) == 1
+
+
+def test_a_step_sent_back_just_as_the_loop_scans_still_waits_for_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker sends the step back and returns between the loop's scan and its exit check."""
+    scanned, ran = threading.Event(), threading.Event()
+    first_scan, first_run = [True], [True]
+    take_busy, run = guard._Batch.take_busy, guard._Batch.run
+
+    def late_run(self: Any) -> None:
+        if first_run[0]:
+            first_run[0] = False
+            scanned.wait(5)  # starts only once the loop has scanned
+            run(self)
+            ran.set()
+            return
+        run(self)
+
+    def slow_scan(self: Any) -> list[list[Step]]:
+        out = take_busy(self)
+        if first_scan[0]:
+            first_scan[0] = False
+            scanned.set()
+            ran.wait(5)  # the worker sent its step back and returned meanwhile
+        return out
+
+    monkeypatch.setattr(guard._Batch, "run", late_run)
+    monkeypatch.setattr(guard._Batch, "take_busy", slow_scan)
+    pool = ThreadPoolExecutor(2)
+    dep = Dependency("x", 5.0, BREAKER, pool=pool, max_running=1)
+    assert dep.start()  # another request's call holds the one slot
+
+    async def go() -> list[Any]:
+        task = asyncio.create_task(call_batch([Step(dep, lambda: "ran")], pool))
+        await asyncio.get_running_loop().run_in_executor(None, ran.wait, 5)
+        dep.stop()  # that call returns: the slot is free
+        return await task
+
+    try:
+        out = asyncio.run(go())
+    finally:
+        pool.shutdown(wait=True)
+    assert ran.is_set() and out == ["ran"]
+    snap = dep.snapshot()
+    assert snap["ok"] == 1 and snap["skipped"] == 0 and snap["running"] == 0
+
+
+def test_a_step_that_waited_for_a_slot_keeps_the_budget_it_had_when_sent_back() -> None:
+    release = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    dep = Dependency("x", 9.5, BREAKER, pool=pool, max_running=1)
+    # Sent back to the loop 9 s ago (its 9.5 s budget began then): half a second is left to it
+    # once it starts, never a fresh 9.5 s.
+    step = Step(dep, release.wait, (10,), origin=time.monotonic() - 9.0)
+
+    async def go() -> list[Any]:
+        return await call_batch([step], pool)
+
+    try:
+        t0 = time.perf_counter()
+        out = asyncio.run(go())
+        took = time.perf_counter() - t0
+        snap = dep.snapshot()
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert took < 2.0  # never the fresh 9.5 s budget (nor the 10 s hang)
+    assert isinstance(out[0], DependencyTimeoutError) and snap["abandoned"] == 1

@@ -134,8 +134,16 @@ class StageRunner:
             resilience.breaker_for("online_store"),
             workers=2,
         )
+        # One abandoned call: a hung ranker holds its one thread, the next calls are refused at once
+        # (simple_ranking), and charged once that call is past its budget, also when the level
+        # timeout cut it first (a slow pre-rank can start the ranker too late for its own deadline).
         self.ranker = Dependency(
-            "ranker", resilience.ranker_ms / 1e3, resilience.breaker_for("ranker"), 1, ignore=mismatch
+            "ranker",
+            resilience.ranker_ms / 1e3,
+            resilience.breaker_for("ranker"),
+            1,
+            ignore=mismatch,
+            max_abandoned=1,
         )
         self._sources: dict[str, Dependency] = {}
         self._last: LRUCache[int, dict[str, Any]] = LRUCache(maxsize=max(1, known_users))

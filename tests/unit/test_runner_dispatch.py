@@ -505,3 +505,33 @@ def test_a_step_that_waited_for_a_slot_keeps_the_budget_it_had_when_sent_back() 
         pool.shutdown(wait=True)
     assert took < 2.0  # never the fresh 9.5 s budget (nor the 10 s hang)
     assert isinstance(out[0], DependencyTimeoutError) and snap["abandoned"] == 1
+
+
+def test_a_hung_ranker_the_level_timeout_cuts_first_still_opens_its_breaker(world: Path) -> None:  # noqa: F811
+    # A slow pre-rank can start the ranker too late for its own deadline: every call is then cut
+    # by the level timeout within its budget (uncharged). Its cap refuses the next calls at once
+    # (simple ranking, no wait) and charges them once the cut call is past its budget.
+    stages = Blocking(world)
+    stages.ranker = "hang"
+    runner = StageRunner(_res(), source_timeout_s=1.0)
+    ctx = stages.user_context(RecommendRequest(user_id=1, k=5))
+    merged = stages.merge(ctx, {s: stages.retrieve(s, ctx) for s in stages.source_names})
+
+    async def go() -> list[str]:
+        with pytest.raises(TimeoutError):  # the level timeout, inside the ranker's 30 ms budget
+            await asyncio.wait_for(runner.rank(stages, ctx, merged), 0.01)
+        await asyncio.sleep(0.1)  # the cut call is now past its budget
+        out = []
+        for _ in range(3):  # each again under a level timeout shorter than the ranker's budget
+            ranked = await asyncio.wait_for(runner.rank(stages, ctx, merged), 0.02)
+            out.append(ranked.reasons[-1])
+        return out
+
+    try:
+        reasons = asyncio.run(go())
+        snap = runner.snapshot()["ranker"]
+    finally:
+        stages.release.set()
+        runner.close()
+    assert all(r.startswith("ranker: ") for r in reasons), reasons  # simple ranking, at once
+    assert snap["abandoned"] == 1 and snap["state"] == "open", snap

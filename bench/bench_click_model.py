@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     from scipy.stats import norm, spearmanr
 
+    from streamrec.data.click_model import pair_terms
     from streamrec.data.simulator import UserSimulator
-    from streamrec.data.synth import pair_terms
     from streamrec.funnel.offline import recommend_offline
     from streamrec.funnel.recommender import build_stages
 

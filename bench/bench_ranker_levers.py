@@ -184,8 +184,8 @@ def main() -> None:  # noqa: PLR0915
     import torch
     from scipy.stats import spearmanr
 
+    from streamrec.data.click_model import pair_terms
     from streamrec.data.simulator import UserSimulator
-    from streamrec.data.synth import pair_terms
     from streamrec.evaluation.metrics import ndcg_at_k
     from streamrec.features.client import FeatureClient
     from streamrec.features.item_table import DENSE_FEATURES

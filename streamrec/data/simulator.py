@@ -3,8 +3,8 @@
 :class:`UserSimulator` loads ``truth/`` of a data directory written by
 :func:`streamrec.data.synth.synthesize` and answers "would this user click these items, shown
 at these positions, at this time?" with the *same* click model the generator used
-(:func:`~streamrec.data.synth.pair_terms`, :func:`~streamrec.data.synth.click_probability` and
-:func:`~streamrec.data.synth.sample_outcomes`). Online evaluation (A/B, shadow, canary) serves a
+(:func:`~streamrec.data.click_model.pair_terms`, :func:`~streamrec.data.click_model.click_probability` and
+:func:`~streamrec.data.click_model.sample_outcomes`). Online evaluation (A/B, shadow, canary) serves a
 slate from a policy and scores it with :meth:`UserSimulator.simulate_session`.
 
 The ground truth is for evaluation only: never build features from it.
@@ -21,15 +21,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from streamrec.data.click_model import ClickModelParams, click_probability, pair_terms, sample_outcomes
 from streamrec.data.synth import (
     DAY_US,
     SYNTH_DEVICES,
-    ClickModelParams,
     ItemTruth,
     SynthConfig,
-    click_probability,
-    pair_terms,
-    sample_outcomes,
     to_us,
 )
 from streamrec.errors import DataError, DataNotFoundError

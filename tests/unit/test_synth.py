@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from streamrec.config import parse_config
+from streamrec.data.click_model import pair_terms
 from streamrec.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA
 from streamrec.data.simulator import UserSimulator
 from streamrec.data.store import DataStore
@@ -19,7 +20,6 @@ from streamrec.data.synth import (
     RNG_BLOCK,
     SynthConfig,
     WorldGenerator,
-    pair_terms,
     synthesize,
 )
 from streamrec.errors import ConfigError, DataError, DataNotFoundError

@@ -28,6 +28,7 @@ manifest.FitRecord`), and ``data_cutoff`` becomes the refit's last event.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -108,23 +109,74 @@ def refit_on_all(state: PipelineState, fc: FeatureClient, pit: pd.DataFrame) -> 
     with _step(state, "refit_training_set"):
         newer = positives_with_features(refit, fc, start=state.t_test)
         pit_all = pd.concat([pit, newer], ignore_index=True)
+    # The ranker rows' generator is seeded as the evaluated fit's: the same sampling procedure,
+    # not its draws.
+    return fit_models_at(refit, fc, pit_all, "refit", steps="refit_")
+
+
+def fit_models_at(
+    state: PipelineState,
+    fc: FeatureClient,
+    pit: pd.DataFrame,
+    tag: str,
+    *,
+    steps: str | None = None,
+    rng: np.random.Generator | None = None,
+) -> Fit:
+    """Fit everything a bundle serves on the events before ``state.t_test``.
+
+    The evaluated fit's sequence, which the refit (:func:`refit_on_all`) and every earlier fold
+    of the rolling evaluation (:func:`~streamrec.pipeline.rolling.evaluate_fold`) repeat with
+    the split times moved::
+
+        retrieval A  on the positives before t_rank
+        ranker rows  positives in [t_rank, t_test) + hard negatives from retrieval A's funnel
+        retrieval B  on the positives before t_test
+        ranker       DCN-V2 on the ranker rows, with retrieval B's feature layout
+
+    Args:
+        state: Events and config; ``state.t_rank`` and ``state.t_test`` are the split times.
+        fc: The feature client (snapshots built at both split times).
+        pit: Positives with point-in-time features (those before ``t_test`` are used).
+        tag: Run-name tag: the runs are ``{tag}_a``, ``{tag}_b`` and ``ranker-{tag}`` (``a``,
+            ``b`` and ``ranker`` when empty).
+        steps: Prefix of the timed steps (``retrieval_a``, ``ranker_rows``, ``retrieval_b``,
+            ``ranker``), which also log the ranker rows and the ranker's validation AUC; None:
+            neither (the caller times the whole fit).
+        rng: Generator of the ranker rows' negatives; None: a new one seeded with ``cfg.seed``.
+
+    Raises:
+        TrainingDataError: the ranker window yields no usable rows.
+        ModelError: a training job failed.
+    """
+    assert state.t_rank is not None and state.t_test is not None
+    cfg = state.cfg
+    t_rank, cutoff = state.t_rank, state.t_test
+    names = (f"{tag}_a", f"{tag}_b", f"ranker-{tag}") if tag else ("a", "b", "ranker")
+    label = "" if steps is None else steps.replace("_", " ")
+
+    def step(name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if steps is None else _step(state, steps + name)
+
     table_rank = item_table_as_of(fc, t_rank)
-    with _step(state, "refit_retrieval_a"):
-        models_a = fit_retrieval(refit, pit_all, table_rank, t_rank, "refit_a")
+    with step("retrieval_a"):
+        models_a = fit_retrieval(state, pit, table_rank, t_rank, names[0])
     funnel_a = Funnel(models_a, table_rank, None, cfg.retrieval)
-    with _step(state, "refit_ranker_rows"):
-        # A generator seeded as the evaluated fit's: the same sampling procedure, not its draws.
-        rdata, row_stats = ranker_rows(refit, fc, funnel_a, np.random.default_rng(cfg.seed))
-    state.log(
-        f"  refit ranker rows: {int(row_stats['ranker_rows']):,}, "
-        f"positive rate {row_stats['ranker_positive_rate']:.3f}"
-    )
+    with step("ranker_rows"):
+        rng = np.random.default_rng(cfg.seed) if rng is None else rng
+        rdata, row_stats = ranker_rows(state, fc, funnel_a, rng)
+    if steps is not None:
+        state.log(
+            f"  {label}ranker rows: {int(row_stats['ranker_rows']):,}, "
+            f"positive rate {row_stats['ranker_positive_rate']:.3f}"
+        )
     table = item_table_as_of(fc, cutoff)
-    with _step(state, "refit_retrieval_b"):
-        models = fit_retrieval(refit, pit_all, table, cutoff, "refit_b")
-    with _step(state, "refit_ranker"):
-        ranker, history, layout = fit_ranker(refit, models, table, rdata, "ranker-refit")
-    state.log(f"  refit ranker: val AUC {history[-1].get('val_auc', float('nan')):.3f}")
+    with step("retrieval_b"):
+        models = fit_retrieval(state, pit, table, cutoff, names[1])
+    with step("ranker"):
+        ranker, history, layout = fit_ranker(state, models, table, rdata, names[2])
+    if steps is not None:
+        state.log(f"  {label}ranker: val AUC {history[-1].get('val_auc', float('nan')):.3f}")
     return Fit(models, table, ranker, history, rdata, row_stats, layout, t_rank, cutoff)
 
 

@@ -43,16 +43,13 @@ from streamrec.funnel.core import Funnel
 from streamrec.models.scoring import RankerScorer
 from streamrec.pipeline.config import RollingSettings
 from streamrec.pipeline.evaluate import evaluate, test_truth
+from streamrec.pipeline.refit import fit_models_at
 from streamrec.pipeline.snapshots import snapshot_times
 from streamrec.pipeline.train import (
     PipelineState,
     _step,
     _ts,
-    fit_ranker,
-    fit_retrieval,
-    item_table_as_of,
     positives_with_features,
-    ranker_rows,
     ranker_window_start,
 )
 
@@ -252,8 +249,8 @@ def evaluate_fold(
 ) -> tuple[dict[str, Any], npt.NDArray[np.int64]]:
     """Fit every model on the events before ``fold.cutoff`` and evaluate up to ``fold.window_end``.
 
-    The steps of the evaluated fit (:func:`~streamrec.pipeline.train.run_pipeline`), through the
-    same functions and config, on the world as it was up to the fold's window end.
+    The steps of the evaluated fit (:func:`~streamrec.pipeline.refit.fit_models_at`, as the
+    refit runs them), with the same config, on the world as it was up to the fold's window end.
 
     Returns:
         The fold's evaluation report and the raw ids of its evaluated users (row order).
@@ -275,15 +272,8 @@ def evaluate_fold(
         t_test=fold.cutoff,
         end=_ts(visible["timestamp"].max()),
     )
-    tag = f"fold{fold.index}"
-    table_rank = item_table_as_of(fc, fold.t_rank)
-    models_a = fit_retrieval(fstate, pit, table_rank, fold.t_rank, f"{tag}_a")
-    funnel_a = Funnel(models_a, table_rank, None, cfg.retrieval)
-    rdata, _ = ranker_rows(fstate, fc, funnel_a, np.random.default_rng(cfg.seed))
-    table = item_table_as_of(fc, fold.cutoff)
-    models = fit_retrieval(fstate, pit, table, fold.cutoff, f"{tag}_b")
-    ranker, _, _ = fit_ranker(fstate, models, table, rdata, f"ranker-{tag}")
-    funnel = Funnel(models, table, RankerScorer(ranker), cfg.retrieval)  # type: ignore[arg-type]
+    fit = fit_models_at(fstate, fc, pit, f"fold{fold.index}")
+    funnel = Funnel(fit.models, fit.table, RankerScorer(fit.ranker), cfg.retrieval)  # type: ignore[arg-type]
     report = evaluate(fstate, fc, funnel, np.random.default_rng(cfg.seed), scores_out=scores_out)
     return report, _evaluated_users(fstate, funnel)
 

@@ -54,14 +54,14 @@ def run(name: str, prepare, log, tuning: bool = True, rolling_folds: int = 0) ->
     }
 
 
-def _ci(row: dict, metric: str) -> str:
-    lo, hi = row.get("ci", {}).get(metric, (float("nan"), float("nan")))
-    return f"{row[metric]:.4f} [{lo:.3f}, {hi:.3f}]"
-
-
 def markdown(results: dict[str, dict]) -> str:
-    """The methods table of each dataset with 95% intervals, chosen parameters and the paired line."""
+    """The methods table of each dataset with 95% intervals, chosen parameters and the paired line.
+
+    Then the funnel and the rolling evaluation (the library's table:
+    :func:`streamrec.pipeline.report.rolling_markdown`).
+    """
     from streamrec.evaluation.config import NOT_TUNABLE
+    from streamrec.pipeline.report import metric_cell, paired_lines, rolling_markdown
 
     out: list[str] = []
     for name, r in results.items():
@@ -77,18 +77,9 @@ def markdown(results: dict[str, dict]) -> str:
             shown = ", ".join(f"{k}={v}" for k, v in params.items() if k not in NOT_TUNABLE) if params else ""
             if params is not None and not m.get("tuned"):
                 shown = f"{shown} (defaults)" if shown else "-"
-            out.append(
-                f"| {m['method']} | {_ci(m, 'ndcg@10')} | {_ci(m, 'recall@10')} | {_ci(m, 'ndcg@20')} | "
-                f"{_ci(m, 'recall@20')} | {m['coverage@10']:.3f} | {shown} |"
-            )
-        paired = s.get("paired_vs_best_baseline") or {}
-        for challenger in ("streamrec_ranked", "streamrec_full"):
-            d = paired.get(challenger, {}).get("ndcg@10")
-            if d:
-                out.append(
-                    f"\n{challenger} minus {paired['baseline']} (paired, per test user): NDCG@10 "
-                    f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
-                )
+            cells = " | ".join(metric_cell(m, c) for c in ("ndcg@10", "recall@10", "ndcg@20", "recall@20"))
+            out.append(f"| {m['method']} | {cells} | {m['coverage@10']:.3f} | {shown} |")
+        out += paired_lines(s.get("paired_vs_best_baseline"), "per test user")
         out.append("")
         out += funnel_markdown(r.get("funnel") or [])
         out += rolling_markdown(r.get("rolling"))
@@ -110,51 +101,6 @@ def funnel_markdown(funnel: list[dict]) -> list[str]:
             f"| {row['candidates']} | {cells} | {row['recall_merged']:.3f} | {row['merged_vs_best_single']:.3f} |"
         )
     return [*out, ""]
-
-
-def rolling_markdown(roll: dict | None) -> list[str]:
-    """The rolling evaluation: folds, then the pooled methods with intervals over user-windows."""
-    if not roll:
-        return []
-    pooled = roll["pooled"]
-    out = [
-        f"Rolling evaluation: {len(roll['folds'])} folds, {pooled['n_user_windows']} user-windows "
-        f"({pooled.get('n_distinct_users')} distinct users)",
-        "",
-        "| fold | cutoff | test window to | train positives | users | best baseline (NDCG@10) | streamrec_full NDCG@10 | streamrec_full minus it, paired |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for f in roll["folds"]:
-        by = {m["method"]: m for m in f["methods"]}
-        best = f.get("best_baseline")
-        d = ((f.get("paired_vs_best_baseline") or {}).get("streamrec_full") or {}).get("ndcg@10")
-        paired = f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" if d else ""
-        out.append(
-            f"| {f['fold']}{'' if f.get('refit') else ' (test cutoff)'} | {f['cutoff'][:16]} | {f['window_end'][:16]} | "
-            f"{f['train_positives']} | {f['n_users']} | {best} ({by[best]['ndcg@10']:.4f}) | "
-            f"{_ci(by['streamrec_full'], 'ndcg@10')} | {paired} |"
-        )
-    out += [
-        "",
-        "| method (pooled) | NDCG@10 [95% CI] | Recall@10 [95% CI] | NDCG@20 [95% CI] | Recall@20 [95% CI] |",
-        "|---|---|---|---|---|",
-    ]
-    for m in pooled["methods"]:
-        out.append(
-            f"| {m['method']} | {_ci(m, 'ndcg@10')} | {_ci(m, 'recall@10')} | {_ci(m, 'ndcg@20')} | {_ci(m, 'recall@20')} |"
-        )
-    paired = pooled.get("paired_vs_best_baseline") or {}
-    for challenger in ("streamrec_ranked", "streamrec_full"):
-        d = paired.get(challenger, {}).get("ndcg@10")
-        if d:
-            out.append(
-                f"\n{challenger} minus {paired['baseline']} (paired, per user-window, pooled): NDCG@10 "
-                f"{d['difference']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]"
-            )
-    for s in roll.get("skipped", []):
-        out.append(f"\nFold {s['fold']} skipped: {s['reason']}")
-    out.append("")
-    return out
 
 
 def main() -> None:

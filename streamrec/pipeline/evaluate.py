@@ -35,6 +35,9 @@ from streamrec.retrieval.merge import merge_candidates
 
 I64 = npt.NDArray[np.int64]
 
+#: StreamRec's methods, paired against the best baseline (every other method is a baseline).
+CHALLENGERS = ("streamrec_ranked", "streamrec_full")
+
 
 def _pad(rows: list[I64], k: int) -> I64:
     out = np.full((len(rows), k), -1, dtype=np.int64)
@@ -190,7 +193,7 @@ def evaluate(
         else float("nan"),
         "intervals": {"over": "test users", **interval_args},
         "paired_vs_best_baseline": paired_vs_best(
-            scores, ("streamrec_ranked", "streamrec_full"), [b["method"] for b in baselines], **interval_args
+            scores, CHALLENGERS, [b["method"] for b in baselines], **interval_args
         ),
     }
     if scores_out is not None:

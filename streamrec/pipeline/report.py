@@ -20,14 +20,13 @@ def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a training report, for people.
 
     Methods side by side (95% intervals over test users where computed), the retrieval funnel
-    stage by stage, then StreamRec against the best baseline (paired over test users).
+    stage by stage, then StreamRec against the best baseline (paired over test users), then the
+    rolling evaluation where there is one (:func:`rolling_markdown`).
     """
     cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@10"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in report.get("methods", []):
-        ci = m.get("ci") or {}
-        cells = [_f(m.get(c, "")) + _interval(ci.get(c)) for c in cols]
-        lines.append(f"| {m['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m['method']} | " + " | ".join(metric_cell(m, c) for c in cols) + " |")
     out = [
         f"Offline evaluation (temporal split; test users: {report.get('summary', {}).get('n_users', '?')})",
         "",
@@ -62,14 +61,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_f(s.get('ndcg@10_vs_best_baseline'))}x"
         )
         paired = s.get("paired_vs_best_baseline") or {}
-        for method in ("streamrec_ranked", "streamrec_full"):
-            diff = (paired.get(method) or {}).get("ndcg@10")
-            if diff:
-                out.append(
-                    f"{method} minus {paired.get('baseline')}, NDCG@10 paired over test users: "
-                    f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
-                )
-    out += _rolling(report.get("rolling"))
+        for method, diff in _challengers(paired):
+            out.append(
+                f"{method} minus {paired.get('baseline')}, NDCG@10 paired over test users: "
+                f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
+            )
+    rolling = rolling_markdown(report.get("rolling"))
+    out += ["", *rolling] if rolling else []
     fit = report.get("fit")
     if fit:
         ev, sv = fit["evaluated"], fit["served"]
@@ -96,51 +94,83 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _rolling(roll: dict[str, Any] | None) -> list[str]:
-    """The rolling evaluation: pooled methods with intervals over user-windows, then the folds."""
+def metric_cell(row: dict[str, Any], metric: str) -> str:
+    """A method's metric with its interval where computed: ``0.1243 [0.103, 0.148]``."""
+    return _f(row.get(metric, "")) + _interval((row.get("ci") or {}).get(metric))
+
+
+def _signed(diff: dict[str, Any]) -> str:
+    """A paired difference with its interval, both signed: ``-0.0162 [-0.0361, +0.0030]``."""
+    ci = diff.get("ci")
+    if not isinstance(ci, list | tuple) or len(ci) != 2 or ci[0] is None:
+        return f"{diff['difference']:+.4f}"
+    return f"{diff['difference']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def paired_lines(paired: dict[str, Any] | None, per: str) -> list[str]:
+    """Each challenger minus the best baseline in NDCG@10, a line each (after a blank line).
+
+    Args:
+        paired: A ``paired_vs_best_baseline`` (the challengers' differences and ``baseline``).
+        per: What the differences pair over, e.g. ``per test user``.
+    """
+    return [
+        f"\n{challenger} minus {(paired or {}).get('baseline')} (paired, {per}): NDCG@10 {_signed(diff)}"
+        for challenger, diff in _challengers(paired)
+    ]
+
+
+def _challengers(paired: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(challenger, its NDCG@10 difference)`` of a ``paired_vs_best_baseline``, in its order.
+
+    The challengers are the entries that hold differences by metric
+    (:func:`~streamrec.evaluation.comparison.paired_vs_best`); one without NDCG@10 is left out.
+    """
+    return [
+        (name, diffs["ndcg@10"])
+        for name, diffs in (paired or {}).items()
+        if isinstance(diffs, dict) and diffs.get("ndcg@10")
+    ]
+
+
+def rolling_markdown(roll: dict[str, Any] | None) -> list[str]:
+    """The rolling evaluation: the folds, then the pooled methods with intervals over user-windows.
+
+    Markdown lines, the last one blank: the section :func:`format_report` prints and the one
+    ``bench/bench_quality.py`` writes for docs/benchmarks.md.
+    """
     if not roll:
         return []
     pooled = roll["pooled"]
-    folds = roll["folds"]
     distinct = pooled.get("n_distinct_users")
     out = [
+        f"Rolling evaluation: {len(roll['folds'])} folds, {pooled['n_user_windows']} user-windows"
+        + (f" ({distinct} distinct users)" if distinct is not None else ""),
         "",
-        f"Rolling evaluation ({len(folds)} folds, each retrained before its cutoff; "
-        f"{pooled['n_user_windows']} user-windows"
-        + (f", {distinct} distinct users" if distinct is not None else "")
-        + "); pooled, 95% intervals over user-windows:",
-        "",
-        "| method | ndcg@10 | recall@10 | ndcg@20 | recall@20 |",
-        "|---|---|---|---|---|",
+        "| fold | cutoff | test window to | train positives | users | best baseline (NDCG@10) | "
+        "streamrec_full NDCG@10 | streamrec_full minus it, paired |",
+        "|---" * 8 + "|",
     ]
-    for m in pooled["methods"]:
-        ci = m.get("ci") or {}
-        cells = [
-            _f(m.get(c, "")) + _interval(ci.get(c)) for c in ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
-        ]
-        out.append(f"| {m['method']} | " + " | ".join(cells) + " |")
-    paired = pooled.get("paired_vs_best_baseline") or {}
-    for method in ("streamrec_ranked", "streamrec_full"):
-        diff = (paired.get(method) or {}).get("ndcg@10")
-        if diff:
-            out.append(
-                f"{method} minus {paired.get('baseline')}, NDCG@10 paired over user-windows: "
-                f"{diff['difference']:+.4f}{_interval(diff.get('ci'))}"
-            )
+    for f in roll["folds"]:
+        by = {m["method"]: m for m in f["methods"]}
+        best = f.get("best_baseline")
+        best_cell = f"{best} ({_f(by[best].get('ndcg@10', ''))})" if best in by else str(best)
+        diff = ((f.get("paired_vs_best_baseline") or {}).get("streamrec_full") or {}).get("ndcg@10")
+        out.append(
+            f"| {f['fold']}{'' if f.get('refit') else ' (test cutoff)'} | {str(f['cutoff'])[:16]} | "
+            f"{str(f['window_end'])[:16]} | {f.get('train_positives', '')} | {f['n_users']} | {best_cell} | "
+            f"{metric_cell(by.get('streamrec_full', {}), 'ndcg@10')} | {_signed(diff) if diff else ''} |"
+        )
+    cols = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
     out += [
         "",
-        "| fold | cutoff | test window end | users | best baseline | its ndcg@10 | streamrec_full ndcg@10 |",
+        "| method (pooled) | NDCG@10 [95% CI] | Recall@10 [95% CI] | NDCG@20 [95% CI] | Recall@20 [95% CI] |",
+        "|---" * 5 + "|",
     ]
-    out.append("|---" * 7 + "|")
-    for f in folds:
-        by = {m["method"]: m for m in f["methods"]}
-        best = by.get(f.get("best_baseline") or "", {})
-        full = by.get("streamrec_full", {})
-        out.append(
-            f"| {f['fold']}{'' if f.get('refit') else ' (the test cutoff)'} | {f['cutoff']} | {f['window_end']} | "
-            f"{f['n_users']} | {f.get('best_baseline')} | {_f(best.get('ndcg@10', ''))} | {_f(full.get('ndcg@10', ''))} |"
-        )
+    for m in pooled["methods"]:
+        out.append(f"| {m['method']} | " + " | ".join(metric_cell(m, c) for c in cols) + " |")
+    out += paired_lines(pooled.get("paired_vs_best_baseline"), "per user-window, pooled")
     for s in roll.get("skipped", []):
-        out.append(f"Fold {s['fold']} (cutoff {s['cutoff']}) skipped: {s['reason']}")
+        out.append(f"\nFold {s['fold']} skipped: {s['reason']}")
     out.append("")
     return out

@@ -42,7 +42,7 @@ from streamrec.features.client import FeatureClient
 from streamrec.funnel.core import Funnel
 from streamrec.models.scoring import RankerScorer
 from streamrec.pipeline.config import RollingSettings
-from streamrec.pipeline.evaluate import evaluate, test_truth
+from streamrec.pipeline.evaluate import CHALLENGERS, evaluate, test_truth
 from streamrec.pipeline.refit import fit_models_at
 from streamrec.pipeline.snapshots import snapshot_times
 from streamrec.pipeline.train import (
@@ -52,9 +52,6 @@ from streamrec.pipeline.train import (
     positives_with_features,
     ranker_window_start,
 )
-
-#: The methods paired against the best baseline (everything else in a fold is a baseline).
-CHALLENGERS = ("streamrec_ranked", "streamrec_full")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pytest
 from streamrec.errors import ConfigError
 from streamrec.evaluation.comparison import MethodScores
 from streamrec.pipeline.config import RollingSettings, SplitSettings
-from streamrec.pipeline.report import format_report
+from streamrec.pipeline.report import format_report, rolling_markdown
 from streamrec.pipeline.rolling import fold_quantiles, plan_folds, pool_folds
 
 
@@ -113,23 +113,27 @@ def test_text_report_prints_the_pooled_rows_and_the_folds() -> None:
         "fold": 1,
         "cutoff": "c1",
         "window_end": "c2",
+        "train_positives": 900,
         "n_users": 120,
         "best_baseline": "als",
         "refit": True,
         "methods": [{"method": "als", "ndcg@10": 0.1}, {"method": "streamrec_full", "ndcg@10": 0.2}],
+        "paired_vs_best_baseline": {
+            "baseline": "als",
+            "streamrec_full": {"ndcg@10": {"difference": 0.1, "ci": [0.02, 0.18]}},
+        },
     }
     pooled = pool_folds([[_scores("als", [0.1, 0.2]), _scores("streamrec_full", [0.3, 0.2])]], n_resamples=50)
     pooled["n_distinct_users"] = 2
-    text = format_report(
-        {"methods": [], "summary": {}, "rolling": {"folds": [fold], "pooled": pooled, "skipped": []}}
-    )
-    assert (
-        "Rolling evaluation (1 folds, each retrained before its cutoff; 2 user-windows, 2 distinct users)"
-        in text
-    )
-    assert "streamrec_full minus als, NDCG@10 paired over user-windows: +0.1000" in text
-    assert "| 1 | c1 | c2 | 120 | als | 0.1000 | 0.2000 |" in text
+    roll = {"folds": [fold], "pooled": pooled, "skipped": []}
+    text = format_report({"methods": [], "summary": {}, "rolling": roll})
+    assert "Rolling evaluation: 1 folds, 2 user-windows (2 distinct users)" in text
+    assert "streamrec_full minus als (paired, per user-window, pooled): NDCG@10 +0.1000" in text
+    assert "| 1 | c1 | c2 | 900 | 120 | als (0.1000) | 0.2000 | +0.1000 [+0.0200, +0.1800] |" in text
+    assert "| streamrec_full | 0.2500 [" in text  # the pooled rows, with intervals over user-windows
     assert "Rolling" not in format_report({"methods": [], "summary": {}})
+    # The same section as the benchmark's tables (bench/bench_quality.py): one renderer.
+    assert "\n".join(rolling_markdown(roll)) in text
 
 
 def test_cli_rolling_folds_sets_the_config_and_keeps_the_json_shape(

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from pydantic import Field
 
 from streamrec.config import StrictModel
+from streamrec.data.schema import EVENT_TYPES
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -22,6 +23,11 @@ IntArr = npt.NDArray[np.integer[Any]]
 
 #: Outcome codes of an impression.
 EV_IMPRESSION, EV_SKIP, EV_CLICK, EV_COMPLETE = 0, 1, 2, 3
+#: The event type each outcome code is logged as (index = code): the synthetic event log's
+#: ``event_type`` and the user simulator's, all of them :data:`~streamrec.data.schema.EVENT_TYPES`.
+OUTCOME_EVENT_TYPES: tuple[str, ...] = ("impression", "skip", "click", "complete")
+if not set(OUTCOME_EVENT_TYPES) <= set(EVENT_TYPES):  # pragma: no cover
+    raise RuntimeError(f"click_model.OUTCOME_EVENT_TYPES {OUTCOME_EVENT_TYPES} is not within {EVENT_TYPES}")
 
 
 class ClickModelParams(StrictModel):

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from streamrec.data.click_model import ClickModelParams, click_probability, pair_terms, sample_outcomes
+from streamrec.data.click_model import (
+    EV_CLICK,
+    OUTCOME_EVENT_TYPES,
+    ClickModelParams,
+    click_probability,
+    pair_terms,
+    sample_outcomes,
+)
 from streamrec.data.synth import (
     DAY_US,
     SYNTH_DEVICES,
@@ -31,8 +38,6 @@ from streamrec.data.synth import (
 )
 from streamrec.errors import DataError, DataNotFoundError
 from streamrec.paths import DataLayout
-
-_EVENT_TYPES = ("impression", "skip", "click", "complete")
 
 
 @dataclass(frozen=True)
@@ -251,8 +256,8 @@ class UserSimulator:
             item_ids=items,
             positions=pos,
             probabilities=prob,
-            clicked=outcome >= 2,
-            event_types=[_EVENT_TYPES[k] for k in outcome.tolist()],
+            clicked=outcome >= EV_CLICK,
+            event_types=[OUTCOME_EVENT_TYPES[k] for k in outcome.tolist()],
             watch_fraction=watch,
         )
 

@@ -108,6 +108,7 @@ from tqdm import tqdm
 from streamrec.config import StrictModel, record_config, utc_stamp
 from streamrec.data.click_model import (
     EV_CLICK,
+    OUTCOME_EVENT_TYPES,
     ClickModelParams,
     click_probability,
     pair_terms,
@@ -175,8 +176,6 @@ _MAX_SESSION_US = 50 * 60 * SECOND_US
 
 # random streams (the first element of every spawn key)
 _S_STRUCTURE, _S_ITEMS, _S_USERS, _S_EVENTS = 1, 2, 3, 4
-
-_EVENT_TYPES = ("impression", "skip", "click", "complete")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -800,7 +799,7 @@ class WorldGenerator:
                 "event_id": _arrow_series(_join_ids(prefix, uid, "-", n_in_day[order])),
                 "user_id": uid,
                 "item_id": it.item_id[item][order],
-                "event_type": _arrow_series(_take_strings(_EVENT_TYPES, outcome[order])),
+                "event_type": _arrow_series(_take_strings(OUTCOME_EVENT_TYPES, outcome[order])),
                 "label": (outcome[order] >= EV_CLICK).astype(np.int8),
                 "timestamp": _us_to_series(t[order]),
                 "session_id": _arrow_series(_join_ids(prefix, uid, "-s", sess_k[sess_of_imp])),

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ from streamrec.features.spec import (
     service_views,
     views_for,
 )
+from streamrec.features.versions import VersionedWriter
 from streamrec.paths import DataLayout, exclusive_file_lock
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class BuildReport:
     files: int
     compacted: int
     seconds: float
+    rewritten: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
@@ -340,8 +342,11 @@ class FeatureClient:
         Writes one snapshot file per batch/stream view for each cutoff ``as_of - k * every``
         (``k < snapshots``), or for each of ``cutoffs``; rebuilding a cutoff replaces its files.
         Several snapshots give point-in-time training sets a value close before every event.
-        Records the category vocabulary and data-dependent defaults in ``features/meta.json`` and
-        compacts push files.
+        A versioned view (:attr:`~streamrec.features.spec.View.versioned`) gets at each cutoff
+        only the rows that differ from the stored state before it (:mod:`.versions`; an
+        existing later cutoff is rewritten when that state changed: :attr:`BuildReport.rewritten`,
+        and it is materialized again). ``rows`` counts the rows written. Records the category
+        vocabulary and data-dependent defaults in ``features/meta.json`` and compacts push files.
 
         Args:
             as_of: Cutoff: ISO time, ``now``, or ``latest``/None (just after the last event).
@@ -398,22 +403,42 @@ class FeatureClient:
         )
         for v in VIEWS:  # files written before a feature was added: the new files' schema
             offline.upgrade_files(self.features_dir, v)
+        made = pd.Timestamp.now(tz="UTC")
+        writers = {v.name: VersionedWriter(self.features_dir, v, times, made) for v in VIEWS if v.versioned}
+
+        def enter_pending(name: str, t: pd.Timestamp) -> None:
+            prev = pending.get(name)
+            pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+
         for t in times:
-            snap = compute_snapshot(users, items, events, t, vocab)
+            snap = compute_snapshot(users, items, events, t, vocab, created=made)
             vocab = snap.vocab
             for name, frame in snap.frames.items():
-                offline.write_snapshot(self.features_dir, VIEWS_BY_NAME[name], frame, t)
-                rows[name] += len(frame)
+                view = VIEWS_BY_NAME[name]
+                if name in writers:
+                    writers[name].add(t, frame)
+                else:
+                    offline.write_snapshot(self.features_dir, view, frame, t)
+                    rows[name] += len(frame)
                 files += 1
-                prev = pending.get(name)
                 if not extra:
-                    pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+                    enter_pending(name, t)
             bar.update(1)
         bar.close()
+        rewritten: dict[str, list[str]] = {}
+        for name, w in writers.items():
+            again = w.finish()
+            files += len(again)
+            rows[name] += w.rows
+            for t in again:  # already materialized maybe, with rows that no longer hold there
+                enter_pending(name, t)
+            if again:
+                rewritten[name] = [t.isoformat() for t in again]
         compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
         assert snap is not None
         if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
             meta["category_vocab"] = vocab
+            meta["pending"] = pending  # changed only by rewritten cutoffs of versioned views
         else:
             defaults = dict(meta.get("defaults", {}))
             defaults.update(snap.defaults)
@@ -440,6 +465,7 @@ class FeatureClient:
             files=files,
             compacted=compacted,
             seconds=round(time.perf_counter() - t0, 3),
+            rewritten=rewritten,
         )
 
     # --------------------------------------------------------------------- apply
@@ -487,6 +513,14 @@ class FeatureClient:
         (inclusive; default now). Views without offline rows are skipped. The item table, if
         loaded, is reloaded.
 
+        A versioned view has no row in the window for an entity unchanged since long ago: the
+        online store keeps what it had. So a versioned view is materialized from its earliest
+        row into an online store this data directory has not materialized it into before
+        (``meta.json`` ``online_ends``, per store: a Redis store next to a used SQLite one gets
+        every entity). On Redis, which never writes a row dated at or before the one it holds,
+        the entities with rows in the window up to the previous end lose their stored time
+        first, so a cutoff rebuilt with other values overwrites them as on SQLite.
+
         Returns:
             Per-view windows and entity rows written, total throughput.
 
@@ -499,6 +533,7 @@ class FeatureClient:
         fvs = self._require_applied(refresh=True)
         meta = self._meta()
         pending = dict(meta.get("pending", {}))
+        ends = meta.setdefault("online_ends", {}).setdefault(self.settings.describe(), {})
         report: dict[str, dict[str, Any]] = {}
         total = 0
         for v in VIEWS:
@@ -507,6 +542,8 @@ class FeatureClient:
                 report[v.name] = {"skipped": "no offline rows"}
                 continue
             prev = fvs[v.name].most_recent_end_time
+            if v.versioned and v.name not in ends:
+                prev = None  # a store this view was never materialized into: every entity
             start = utc_timestamp(prev) if prev is not None else rng[0]
             if v.name in pending:
                 start = min(start, utc_timestamp(pending[v.name]))
@@ -517,11 +554,14 @@ class FeatureClient:
             if n == 0:
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
                 continue
+            if v.versioned and prev is not None and self.settings.kind == "redis":
+                self._redis_forget_times(v, start, utc_timestamp(prev))
             with self._online_guard(f"materialize {v.name}"), self._feast_output(progress):
                 self.store.materialize(
                     start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
                 )
             pending.pop(v.name, None)
+            ends[v.name] = stop.isoformat()
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
             total += n
         meta["pending"] = pending
@@ -540,7 +580,7 @@ class FeatureClient:
             rows_per_second=round(total / secs, 1) if secs > 0 else 0.0,
         )
 
-    def _count_entities(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> int:
+    def _entities_between(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> np.ndarray:
         import pyarrow.parquet as pq
 
         keys: list[np.ndarray] = []
@@ -548,7 +588,41 @@ class FeatureClient:
             t = pq.read_table(f, columns=[view.join_key, TIMESTAMP_FIELD]).to_pandas()
             ts = pd.to_datetime(t[TIMESTAMP_FIELD], utc=True)
             keys.append(t.loc[(ts >= start) & (ts <= stop), view.join_key].to_numpy())
-        return int(len(np.unique(np.concatenate(keys)))) if keys else 0
+        return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+
+    def _count_entities(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> int:
+        return len(self._entities_between(view, start, stop))
+
+    def _redis_forget_times(self, view: View, start: pd.Timestamp, until: pd.Timestamp) -> int:
+        """Drop Redis's stored time of ``view`` for the entities with rows in ``[start, until]``.
+
+        Feast's Redis store skips a row dated at or before the time it holds for the entity
+        (an equal time too). A versioned view's rebuilt cutoff carries the same date as the row
+        materialized from it before: without this, a changed value there would never reach
+        Redis. Only the time field goes: the values stay readable until overwritten.
+        Returns how many entities were touched.
+        """
+        from feast.infra.online_stores.redis import _versioned_fv_name
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+        ids = self._entities_between(view, start, until)
+        if not len(ids):
+            return 0
+        online = self.store._get_provider().online_store
+        config = self.store.config
+        ts_key = f"_ts:{_versioned_fv_name(self._require_applied()[view.name], config)}"
+        keys = [
+            EntityKeyProto(join_keys=[view.join_key], entity_values=[ValueProto(int64_val=int(i))])
+            for i in ids
+        ]
+        with self._online_guard(f"materialize {view.name}"):
+            client = online._get_client(config.online_store)
+            pipe = client.pipeline(transaction=False)
+            for k in online._generate_redis_keys_for_entities(config, keys):
+                pipe.hdel(k, ts_key)
+            pipe.execute()
+        return len(ids)
 
     # -------------------------------------------------------------- training set
     def training_set(self, labelled_events: pd.DataFrame, *, service: str = "ranking") -> pd.DataFrame:

@@ -92,6 +92,16 @@ def _stamp(ts: datetime | pd.Timestamp) -> str:
     return t.strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def stamp(ts: datetime | pd.Timestamp) -> str:
+    """The UTC time as it appears in file names (``20261204T000000000000Z``)."""
+    return _stamp(ts)
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a table in the view's schema to ``path`` atomically (replacing it)."""
+    _atomic_write(table, path)
+
+
 def write_snapshot(
     features_dir: Path, view: View, frame: pd.DataFrame, as_of: datetime | pd.Timestamp
 ) -> Path:
@@ -102,18 +112,20 @@ def write_snapshot(
 
 
 def upgrade_files(features_dir: Path, view: View) -> int:
-    """Rewrite the view's files written before a feature was added, with the feature null.
+    """Rewrite the view's files written before a feature was added or moved, to the spec's schema.
 
     Feast reads a view's folder with one schema; a file without a column the spec now declares
     (e.g. ``category_positives``, added 2026-12-04) breaks every read and materialization of
-    the view. Null reads as the feature's default. Returns how many files were rewritten.
+    the view. Null reads as the feature's default. A column the view no longer declares (e.g.
+    ``tenure_days``, moved from ``user_profile`` to ``user_tenure``) is dropped. Returns how
+    many files were rewritten.
     """
     schema = arrow_schema(view)
     done = 0
     for f in files(features_dir, view):
         have = pq.read_schema(f)
         missing = [fld for fld in schema if fld.name not in have.names]
-        if not missing:
+        if not missing and set(have.names) <= set(schema.names):
             continue
         t = pq.read_table(f)
         for fld in missing:

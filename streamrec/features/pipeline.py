@@ -102,7 +102,7 @@ def compute_snapshot(
         created: Write time recorded in ``created_timestamp`` (default: now).
 
     Returns:
-        The snapshot (frames for ``user_profile``, ``user_activity_30d``,
+        The snapshot (frames for ``user_profile``, ``user_tenure``, ``user_activity_30d``,
         ``user_category_prefs``, ``user_recent_interactions``, ``item_metadata``,
         ``item_engagement_7d``, ``item_popularity``, ``item_trending``).
 
@@ -127,7 +127,8 @@ def compute_snapshot(
     p7 = float(ev7["label"].mean()) if len(ev7) else p30
 
     frames: dict[str, pd.DataFrame] = {}
-    frames["user_profile"] = _stamp(_user_profile(users, user_ids, t), t, made)
+    frames["user_profile"] = _stamp(_user_profile(users, user_ids), t, made)
+    frames["user_tenure"] = _stamp(_user_tenure(users, user_ids, t), t, made)
     frames["user_activity_30d"] = _stamp(_user_activity(ev, user_ids, t, p30), t, made)
     prefs, prior = _category_prefs(ev, items, user_ids, vocab)
     frames["user_category_prefs"] = _stamp(prefs, t, made)
@@ -145,8 +146,12 @@ def compute_snapshot(
     return Snapshot(t, frames, defaults, vocab)
 
 
-def _user_profile(users: pd.DataFrame, user_ids: np.ndarray, t: pd.Timestamp) -> pd.DataFrame:
-    u = users.drop_duplicates("user_id", keep="last").set_index("user_id").reindex(user_ids)
+def _users_at(users: pd.DataFrame, user_ids: np.ndarray) -> pd.DataFrame:
+    return users.drop_duplicates("user_id", keep="last").set_index("user_id").reindex(user_ids)
+
+
+def _user_profile(users: pd.DataFrame, user_ids: np.ndarray) -> pd.DataFrame:
+    u = _users_at(users, user_ids)
     out = pd.DataFrame({"user_id": user_ids})
 
     def col(name: str) -> pd.Series:
@@ -157,10 +162,13 @@ def _user_profile(users: pd.DataFrame, user_ids: np.ndarray, t: pd.Timestamp) ->
     for name in ("gender", "occupation", "region"):
         c = col(name)
         out[name] = c.where(c.notna(), None).astype(object)
-    signup = pd.to_datetime(col("signup_at"), utc=True)
-    tenure = ((t - signup) / pd.Timedelta(days=1)).clip(lower=0.0)
-    out["tenure_days"] = tenure.astype("float32")
     return out
+
+
+def _user_tenure(users: pd.DataFrame, user_ids: np.ndarray, t: pd.Timestamp) -> pd.DataFrame:
+    signup = pd.to_datetime(_users_at(users, user_ids)["signup_at"].reset_index(drop=True), utc=True)
+    tenure = ((t - signup) / pd.Timedelta(days=1)).clip(lower=0.0)
+    return pd.DataFrame({"user_id": user_ids, "tenure_days": tenure.astype("float32").to_numpy()})
 
 
 def _user_activity(ev: pd.DataFrame, user_ids: np.ndarray, t: pd.Timestamp, prior: float) -> pd.DataFrame:

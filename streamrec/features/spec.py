@@ -110,11 +110,16 @@ class View:
         mode: ``batch`` (built by the pipeline, materialized), ``stream`` (batch-built *and*
             updated online by pushes through ``<name>_push``) or ``training`` (written by
             training jobs through :meth:`FeatureClient.write_embeddings`).
-        ttl: How old a row may be and still join an event (point-in-time) or be materialized.
+        ttl: How old a row may be and still join an event (point-in-time); ``timedelta(0)`` is
+            unbounded (Feast: the rows live forever), the TTL of versioned views.
         description: What the view holds.
         owner: Team answerable for the view.
         features: The view's features.
         tags: Free-form Feast tags.
+        versioned: A slowly changing batch view computed from a table without history: a
+            build stores at each cutoff only the rows that differ from the stored state before
+            it (:mod:`streamrec.features.versions`), so its rows grow with changes, not with
+            cutoffs x entities; a row holds until a newer one replaces it (unbounded TTL).
     """
 
     name: str
@@ -125,6 +130,7 @@ class View:
     owner: str
     features: tuple[Feature, ...]
     tags: dict[str, str] = field(default_factory=dict)
+    versioned: bool = False
 
     @property
     def join_key(self) -> str:
@@ -155,14 +161,17 @@ ENTITIES: dict[str, Entity] = {
 }
 
 _D = timedelta(days=1)
+#: TTL of versioned views: unbounded (Feast reads a TTL of 0 as "lives forever").
+UNBOUNDED_TTL = timedelta(0)
 
 VIEWS: tuple[View, ...] = (
     View(
         "user_profile",
         "user",
         "batch",
-        365 * _D,
-        "Demographics and tenure from the user table, snapshotted at each build.",
+        UNBOUNDED_TTL,
+        "Demographics from the user table, stored as versions: a build writes the rows that "
+        "changed (new users, edited attributes) at each cutoff.",
         OWNER_PLATFORM,
         (
             Feature("age", "int64", "Age in years; -1 when unknown.", OWNER_PLATFORM, -1),
@@ -177,10 +186,18 @@ VIEWS: tuple[View, ...] = (
             Feature(
                 "region", "string", "Region or zip prefix ('unknown' when absent).", OWNER_PLATFORM, "unknown"
             ),
-            Feature(
-                "tenure_days", "float32", "Days since sign-up at the snapshot time.", OWNER_PLATFORM, 0.0
-            ),
         ),
+        versioned=True,
+    ),
+    View(
+        "user_tenure",
+        "user",
+        "batch",
+        365 * _D,
+        "Tenure at each build's cutoff: it changes with every cutoff, so unlike the versioned "
+        "profile it is written in full at each.",
+        OWNER_PLATFORM,
+        (Feature("tenure_days", "float32", "Days since sign-up at the snapshot time.", OWNER_PLATFORM, 0.0),),
     ),
     View(
         "user_activity_30d",
@@ -328,8 +345,9 @@ VIEWS: tuple[View, ...] = (
         "item_metadata",
         "item",
         "batch",
-        365 * _D,
-        "Catalogue attributes from the item table, snapshotted at each build.",
+        UNBOUNDED_TTL,
+        "Catalogue attributes from the item table, stored as versions: a build writes the rows "
+        "that changed (new items, edited attributes) at each cutoff.",
         OWNER_PLATFORM,
         (
             Feature("primary_category", "string", "First listed category.", OWNER_PLATFORM, "unknown"),
@@ -345,6 +363,7 @@ VIEWS: tuple[View, ...] = (
                 "flagged", "bool", "Flagged by content policy (never recommended).", OWNER_PLATFORM, False
             ),
         ),
+        versioned=True,
     ),
     View(
         "item_engagement_7d",
@@ -460,6 +479,7 @@ SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
         "User and item features of the ranker; training sets are built from this service.",
         (
             "user_profile",
+            "user_tenure",
             "user_activity_30d",
             "user_category_prefs",
             "user_recent_interactions",
@@ -473,6 +493,7 @@ SERVICES: dict[str, tuple[str, tuple[str, ...]]] = {
         "The ranking service plus both two-tower embeddings (once training has written them).",
         (
             "user_profile",
+            "user_tenure",
             "user_activity_30d",
             "user_category_prefs",
             "user_recent_interactions",
@@ -547,7 +568,8 @@ def catalogue_markdown() -> str:
     out = []
     for v in VIEWS:
         src = f"push source `{v.push_source}`" if v.push_source else v.mode
-        out.append(f"### `{v.name}` ({v.entity}, {src}, TTL {v.ttl.days} d)\n")
+        ttl = f"TTL {v.ttl.days} d" if v.ttl > timedelta(0) else "no TTL"
+        out.append(f"### `{v.name}` ({v.entity}, {src}, {ttl}{', versioned' if v.versioned else ''})\n")
         out.append(f"{v.description} Owner: {v.owner}.\n")
         out.append("| feature | type | default | owner | description |")
         out.append("|---|---|---|---|---|")

@@ -36,7 +36,9 @@ def test_a_build_at_explicit_cutoffs_writes_every_view_at_each(world: Path) -> N
     cutoffs = [end - pd.Timedelta(days=k) for k in (6, 3, 0)]
     report = fc.build(cutoffs=cutoffs)
     assert report.snapshots == [t.isoformat() for t in sorted(cutoffs)]
-    assert sorted(_rows(fc, META).values()) == [50, 50, 50] and len(_rows(fc, ACTIVITY)) == 3
+    # versioned item metadata: the catalogue once (nothing changed since); event views in full
+    assert sorted(_rows(fc, META).values()) == [0, 0, 50] and len(_rows(fc, ACTIVITY)) == 3
+    assert sorted(_rows(fc, ACTIVITY).values()) == [60, 60, 60]
     for t in cutoffs:  # the catalogue is readable as of every cutoff
         assert features_as_of(fc, "item", t)["primary_category"].ne("unknown").sum() >= 45
     with pytest.raises(FeatureStoreError, match="cutoffs is empty"):
@@ -58,6 +60,21 @@ def test_files_written_before_a_feature_existed_are_upgraded_and_read_as_its_def
     assert offline.upgrade_files(fc.features_dir, prefs) == 0  # once
     table = offline.read_latest(fc.features_dir, prefs, end).to_pandas()
     assert table["category_positives"].isna().all() and len(table) >= 60
+
+
+def test_user_profile_files_with_tenure_are_upgraded_to_the_versioned_view(world: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fc = FeatureClient(world)
+    end = DataStore(world).events()["timestamp"].max()
+    fc.build(cutoffs=[end])
+    profile = VIEWS_BY_NAME["user_profile"]
+    (f,) = offline.files(fc.features_dir, profile, ["snapshot"])
+    old = pq.read_table(f)  # as a build before tenure_days moved to user_tenure wrote it
+    pq.write_table(old.append_column("tenure_days", pa.array([1.0] * old.num_rows, pa.float32())), f)
+    assert offline.upgrade_files(fc.features_dir, profile) == 1
+    assert pq.read_schema(f).names == offline.arrow_schema(profile).names
 
 
 def test_a_push_against_a_registry_older_than_the_spec_writes_nothing_and_says_to_apply(world: Path) -> None:

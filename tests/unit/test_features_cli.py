@@ -62,7 +62,8 @@ def test_build_json(tiny):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["as_of"] == "2026-03-09T21:00:01+00:00"  # 'latest': one second after the last event
-    assert len(report["snapshots"]) == 2 and report["rows"]["user_profile"] == 4
+    assert len(report["snapshots"]) == 2 and report["rows"]["user_tenure"] == 4
+    assert report["rows"]["user_profile"] == 2  # versioned: the second cutoff changed nothing
     files = sorted(p.name for p in (tiny / "features" / "offline" / "item_trending").iterdir())
     assert len(files) == 2 and all(f.startswith("snapshot-") for f in files)
     meta = json.loads((tiny / "features" / "meta.json").read_text())

@@ -68,6 +68,7 @@ def test_every_entity_every_view_and_stamped_at_cutoff():
     snap = frames()
     assert set(snap.frames) == {
         "user_profile",
+        "user_tenure",
         "user_activity_30d",
         "user_category_prefs",
         "user_recent_interactions",
@@ -182,8 +183,8 @@ def test_item_metadata_nulls_stay_null_for_defaults():
     assert bool(i12["flagged"]) and row(meta, "item_id", 10)["published_at"] == int(
         (T - pd.Timedelta(days=5)).timestamp()
     )
-    prof = frames().frames["user_profile"]
-    assert pd.isna(row(prof, "user_id", 2)["age"]) and row(prof, "user_id", 3)["tenure_days"] == 0.0
+    prof, tenure = frames().frames["user_profile"], frames().frames["user_tenure"]
+    assert pd.isna(row(prof, "user_id", 2)["age"]) and row(tenure, "user_id", 3)["tenure_days"] == 0.0
 
 
 def test_missing_columns_are_named():

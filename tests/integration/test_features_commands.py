@@ -32,7 +32,10 @@ def test_build_apply_materialize_check_on_ml100k(backend, ml100k, tmp_path, requ
     run(["data", "ingest", "--format", "ml-100k", "--path", str(ml100k), "--data-dir", d, "--json"])
     built = run(["features", "build", "--data-dir", d, "--snapshots", "2", "--json"], env)
     assert built["users"] == 943 and built["items"] == 1682
-    assert built["rows"]["item_metadata"] == 2 * 1682 and built["rows"]["user_profile"] == 2 * 943
+    # versioned views: the catalogue and the profiles once (nothing changed between the two
+    # cutoffs); the other views at each cutoff
+    assert built["rows"]["item_metadata"] == 1682 and built["rows"]["user_profile"] == 943
+    assert built["rows"]["user_tenure"] == 2 * 943 and built["rows"]["item_popularity"] == 2 * 1682
     applied = run(["features", "apply", "--data-dir", d, "--json"], env)
     assert applied["online_store"].startswith("redis" if backend != "sqlite" else "sqlite")
     mat = run(["features", "materialize", "--data-dir", d, "--json"], env)

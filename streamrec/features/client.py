@@ -517,7 +517,7 @@ class FeatureClient:
         online store keeps what it had. So a versioned view is materialized from its earliest
         row into an online store this data directory has not materialized it into before
         (``meta.json`` ``online_ends``, per store: a Redis store next to a used SQLite one gets
-        every entity). On Redis, which never writes a row dated at or before the one it holds,
+        every entity) or that holds nothing of it (an emptied SQLite table or Redis database). On Redis, which never writes a row dated at or before the one it holds,
         the entities with rows in the window up to the previous end lose their stored time
         first, so a cutoff rebuilt with other values overwrites them as on SQLite.
 
@@ -534,6 +534,11 @@ class FeatureClient:
         meta = self._meta()
         pending = dict(meta.get("pending", {}))
         ends = meta.setdefault("online_ends", {}).setdefault(self.settings.describe(), {})
+        fresh = {  # before writing anything: Redis keys hold every view of an entity together
+            v.name
+            for v in VIEWS
+            if v.versioned and (v.name not in ends or self._online_view_empty(fvs[v.name]))
+        }
         report: dict[str, dict[str, Any]] = {}
         total = 0
         for v in VIEWS:
@@ -542,8 +547,8 @@ class FeatureClient:
                 report[v.name] = {"skipped": "no offline rows"}
                 continue
             prev = fvs[v.name].most_recent_end_time
-            if v.versioned and v.name not in ends:
-                prev = None  # a store this view was never materialized into: every entity
+            if v.name in fresh:
+                prev = None  # a store that holds nothing of this view: every entity
             start = utc_timestamp(prev) if prev is not None else rng[0]
             if v.name in pending:
                 start = min(start, utc_timestamp(pending[v.name]))
@@ -592,6 +597,30 @@ class FeatureClient:
 
     def _count_entities(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> int:
         return len(self._entities_between(view, start, stop))
+
+    def _online_view_empty(self, fv: Any) -> bool:
+        """Whether the online store holds nothing of the view (a SQLite file or Redis db emptied).
+
+        SQLite: the view's table has no row. Redis: the whole database is empty (its keys hold
+        every view of an entity together). Unknown stores: False.
+        """
+        online = self.store._get_provider().online_store
+        config = self.store.config
+        with self._online_guard("materialize"):
+            if self.settings.kind == "sqlite" and hasattr(online, "_get_conn"):
+                from feast.infra.online_stores.sqlite import _quote_id, _table_id
+
+                versioned = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
+                table = _quote_id(_table_id(config.project, fv, versioned))
+                try:
+                    return (
+                        online._get_conn(config).execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+                    )
+                except sqlite3.OperationalError:  # no table yet: apply creates it
+                    return True
+            if self.settings.kind == "redis" and hasattr(online, "_get_client"):
+                return int(online._get_client(config.online_store).dbsize()) == 0
+        return False
 
     def _redis_forget_times(self, view: View, start: pd.Timestamp, until: pd.Timestamp) -> int:
         """Drop Redis's stored time of ``view`` for the entities with rows in ``[start, until]``.

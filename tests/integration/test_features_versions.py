@@ -129,6 +129,17 @@ def test_an_unchanged_item_keeps_its_online_value_and_a_new_store_gets_every_ite
     assert fresh.views["item_metadata"]["rows"] == len(ids)
     assert _online_categories(other, ids) == [before[0], ["news"], *before[2:]]
 
+    # ... and so does the first store once emptied (its SQLite file removed, its Redis db flushed)
+    if backend == "sqlite":
+        (d / "features" / "online_store.db").unlink()
+        fc = FeatureClient(d, online="sqlite")
+        fc.apply()
+    else:
+        fc.store._get_provider().online_store._get_client(fc.store.config.online_store).flushdb()
+    refilled = fc.materialize((later + pd.Timedelta(hours=2)).to_pydatetime())
+    assert refilled.views["item_metadata"].get("rows") == len(ids), refilled.views["item_metadata"]
+    assert _online_categories(fc, ids) == [before[0], ["news"], *before[2:]]
+
 
 def test_feasts_redis_store_skips_a_row_dated_as_the_one_it_holds(
     tmp_path: Path, redis_url_factory: Callable[[], str]

@@ -2,7 +2,9 @@
 
 Layout under ``<data dir>/features/offline/<view>/``::
 
-    snapshot-<as_of>.parquet     rows of one batch build (rebuilding the same cutoff replaces it)
+    snapshot-<as_of>.parquet     rows of one batch build (rebuilding the same cutoff replaces it;
+                                 a versioned view's hold the changed rows only, see
+                                 :mod:`streamrec.features.versions`)
     push-<stamp>-<id>.parquet    rows written by the streaming path (also already online)
     training-<stamp>-<id>.parquet  embeddings written by training jobs (also already online)
 

@@ -36,7 +36,7 @@ import asyncio
 from typing import Any
 
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve import metrics as serve_metrics
 from ray.serve.handle import DeploymentHandle
 
@@ -117,18 +117,21 @@ class Ranker(StageHost):
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
         self.init_host(args, serve_metrics)
         self.start_freshness_sync()  # new items' features and vectors
-        self._merge_rank_batch.set_max_batch_size(self._args.ranker_batch.max_batch_size)
-        self._merge_rank_batch.set_batch_wait_timeout_s(self._args.ranker_batch.batch_wait_timeout_s)
+        # Ray's serve.batch stubs omit the setters its wrapper carries (and its docs prescribe):
+        self._merge_rank_batch.set_max_batch_size(self._args.ranker_batch.max_batch_size)  # type: ignore[attr-defined]
+        self._merge_rank_batch.set_batch_wait_timeout_s(self._args.ranker_batch.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
+    # One argument per request, (ctx, parts): the one-list-per-batch shape Ray's serve.batch types.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _merge_rank_batch(
-        self, ctxs: list[UserContext], parts: list[dict[str, Candidates]]
+        self, requests: list[tuple[UserContext, dict[str, Candidates]]]
     ) -> list[Candidates | BaseException]:
+        ctxs, parts = [ctx for ctx, _ in requests], [part for _, part in requests]
         return await merge_rank_batch(self._runner, self.stages, ctxs, parts)
 
     async def merge_rank(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
         """:meth:`Stages.merge` then :meth:`Stages.rank` (batched across requests)."""
-        return unwrap(await self._merge_rank_batch(ctx, parts))
+        return unwrap(await self._merge_rank_batch((ctx, parts)))
 
     async def merge(self, ctx: UserContext, parts: dict[str, Candidates]) -> Candidates:
         """:meth:`Stages.merge` alone (unbatched)."""
@@ -177,7 +180,7 @@ class Gateway:
             composition); all None in the fused composition.
     """
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits it
         self,
         args: dict[str, Any],
         features: DeploymentHandle | None = None,
@@ -337,6 +340,16 @@ class Gateway:
         self._reloads.history.record(version, outcome, detail)
 
 
+def _deployment(decorated: object) -> Deployment:
+    """``decorated`` as the ``Deployment`` that ``@serve.deployment`` made of a class.
+
+    mypy types a decorated class as the class itself (it does not apply class decorators), so
+    ``.bind`` is reached through this check rather than on the class name.
+    """
+    assert isinstance(decorated, Deployment), decorated
+    return decorated
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The Serve application for ``args`` (see :class:`streamrec.service.args.ServeArgs`).
 
@@ -348,8 +361,10 @@ def build_app(args: dict[str, Any]) -> Application:
     parsed = ServeArgs.parse(args)
     raw = dict(args or {})  # keep secrets as given (a dump would mask SecretStr values)
     if parsed.composition == "fused":
-        return Gateway.bind(raw)
-    return Gateway.bind(raw, Features.bind(raw), Retriever.bind(raw), Ranker.bind(raw), Reranker.bind(raw))
+        return _deployment(Gateway).bind(raw)
+    return _deployment(Gateway).bind(
+        raw, *(_deployment(stage).bind(raw) for stage in (Features, Retriever, Ranker, Reranker))
+    )
 
 
 __all__ = ["Features", "Gateway", "Ranker", "Reranker", "Retriever", "build_app"]

@@ -36,12 +36,15 @@ def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
     port quarantine is off so that a restarted or reloaded replica gets its port back at once.
     HAProxy resends a request to another replica (or the fallback proxy) not only when it could
     not connect (Ray's default, ``conn-failure``) but also when the replica closed the connection
-    without answering (``empty-response``: a replica killed mid-request), so such a request is
-    retried instead of failing. Safe for this API: ``/v1/recommend`` is a read and events that
-    carry their ``event_id`` are deduplicated (events without one get a fresh id from each
-    replica, so a resent batch of those can be stored twice: clients should send ids); HAProxy
-    never resends a request larger than its buffer (16 KiB)
-    (docs/adr/ADR-010, "Dead replicas").
+    without answering (``empty-response``: a replica killed after reading the request), and
+    Ray's ``observe layer4 ... on-error mark-down`` is off: with it, the requests in flight on a
+    replica it marked down were answered 502 instead of resent. A request the killed replica
+    still held unread is reset by the kernel, which HAProxy does not resend: it gets a 500 or a
+    closed connection (measured by ``tests/faults/test_replica_kill.py``). Resending is safe for
+    this API: ``/v1/recommend`` is a read and events that carry their ``event_id`` are
+    deduplicated (events without one get a fresh id from each replica, so a resent batch of
+    those can be stored twice: clients should send ids); HAProxy never resends a request larger
+    than its buffer (16 KiB) (docs/adr/ADR-010, "Dead replicas").
     Must be in the environment of the processes that start Ray (docs/operations.md, ADR-008).
 
     Raises:
@@ -59,7 +62,21 @@ def direct_ingress_env(port: int, span: int = 50) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(port + PROXY_PORT_OFFSET + 1),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port + PROXY_PORT_OFFSET + 2),
         "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_OBSERVE_MARK_DOWN_ENABLED": "0",
     }
+
+
+def proxy_resend_env() -> dict[str, str]:
+    """Ray Serve settings that make its HTTP proxy resend a request whose replica died unanswered.
+
+    The proxy calls :func:`streamrec.service.ingress_retry.proxy_middlewares` at start and wraps
+    its app in :class:`~streamrec.service.ingress_retry.ResendUnanswered`. Must be in the
+    environment of the processes that start Ray (``streamrec serve`` sets it for the Ray it
+    starts; on a cluster, export it before ``ray start``: docs/operations.md).
+    """
+    from streamrec.service.ingress_retry import PROXY_CALLBACK
+
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
 
 
 def _demo_auth(cfg_args: dict[str, Any], key: str, admin_key: str | None) -> dict[str, Any]:
@@ -206,6 +223,8 @@ def serve(
 
     if throughput_optimized:
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    if not addr:  # Ray's proxy resends a request whose gateway replica died before answering
+        os.environ.update(proxy_resend_env())
     import ray
     from ray import serve as ray_serve
 

@@ -1,15 +1,17 @@
 """(c) A replica ``SIGKILL``ed under load: what the client sees, and that Serve replaces it.
 
-Both tests drive 20 requests/s open loop (``tests/faults/conftest.py``), ``SIGKILL`` one replica's
-process 3 s in, keep the load on, then wait until Serve has replaced it (a new process, the
-application ``RUNNING``, the deployment ``HEALTHY``) and answers are at ``full`` again.
+Each test drives 20 requests/s open loop (``tests/faults/conftest.py``), ``SIGKILL``s one replica's
+process 3 s in (the gateway tests just after :data:`BURST` requests sent at once, so that the
+victim holds some), keeps the load on, then waits until Serve has replaced it (a new process) and
+answers are at ``full`` again.
 
-* **Fused gateway** (one replica, Ray's HTTP proxy in front): the requests the replica was
-  serving when it died cannot be answered by it, and Ray's proxy does not resend a request a
-  replica had accepted: they get a 500 (the proxy maps the replica's ``ActorDiedError`` to 500).
-  Requests sent after the kill wait in the proxy's router for the replacement. The test bounds
-  the errors by the requests in flight at the kill; everything else must be a 200 with ``k``
-  items (or a 503 with ``Retry-After``).
+* **Fused gateway** (two replicas, Ray's HTTP proxy in front): the requests the replica was
+  serving when it died get no answer from it (``ActorDiedError``), and the proxy's
+  ``ResendUnanswered`` (``streamrec.service.ingress_retry``) runs each once more, on the live
+  replica: the client sees only 200s with ``k`` items (or a 503 with ``Retry-After``).
+* **Fused gateway behind HAProxy** (``streamrec serve --direct-ingress``, two gateway replicas,
+  its own Ray): HAProxy resends what it can, but a request the dead replica still held unread is
+  reset by the kernel and not resent (a 500 or a closed connection): bounded by the burst.
 * **Cluster ranker** (two ``Ranker`` replicas, 10 requests/s): the gateway resends a stage call whose replica
   died (``streamrec/service/cluster.py``), so the client sees nothing but 200s with ``k`` items,
   and the funnel's breaker does not open.
@@ -19,27 +21,36 @@ The numbers of the last run are in ``docs/operations.md`` ("What each fault cost
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from deployments import config
+from tests.e2e.conftest import READ_KEY
 from tests.faults.conftest import (
     REPO,
     FaultApps,
+    FaultWorld,
     Outcome,
+    _open_loop,
     auth_args,
     deploy_extra,
     level_share,
     open_loop,
-    pct,
     summary,
     wait_full,
 )
+from tests.redis_server import free_port
 
 pytestmark = [pytest.mark.slow]
 
@@ -47,6 +58,8 @@ RPS = 20.0
 LOAD_S = 18.0
 KILL_AT_S = 3.0
 CLUSTER_RPS = 10.0
+#: Requests sent at once just before a gateway kill, so that the victim holds some of them.
+BURST = 12
 USERS = range(1, 301)
 
 
@@ -139,30 +152,34 @@ def kill_apps(fault_apps: FaultApps) -> Iterator[FaultApps]:
 
 
 def test_fused_gateway_replica_killed(kill_apps: FaultApps) -> None:
-    """(c) One of the two gateway replicas of the fused composition ``SIGKILL``ed (Ray's HTTP proxy)."""
+    """(c) One of the two gateway replicas of the fused composition ``SIGKILL``ed (Ray's HTTP proxy).
+
+    :data:`BURST` requests are in flight at the kill, so the dead replica holds some of them:
+    Ray's proxy fails those (``ActorDiedError``) without answering, and
+    ``streamrec.service.ingress_retry.ResendUnanswered`` runs each once more, on the live replica.
+    """
     fault_apps = kill_apps
     _warm(fault_apps, "fused2")
-    outcomes, victim, kill_ms = _kill_under_load(fault_apps, "fused2", "Gateway")
-    replaced_s = _wait_replaced("fused2", "Gateway", victim, n=2)
-    in_flight = _in_flight(outcomes, kill_ms)
-    errors = [o for o in outcomes if o.status != 200]
-    answered_after = [o for o in outcomes if o.sent_ms > kill_ms and o.status == 200]
-    print(
-        f"\n[fault] fused gateway killed at {kill_ms / 1e3:.2f}s ({in_flight} in flight): {summary(outcomes)}"
-        f"\n[fault] errors: {sorted((o.status, round(o.sent_ms), round(o.latency_ms)) for o in errors)}"
-        f"\n[fault] answered after the kill: {len(answered_after)}, p50 {pct(answered_after, 50):.0f} ms,"
-        f" slowest {max((o.latency_ms for o in answered_after), default=0):.0f} ms;"
-        f" replaced (new process, HEALTHY) {replaced_s:.1f}s after the load"
+    before = _replicas("fused2", "Gateway")
+    assert len(before) == 2, before
+    victim = sorted(before.values())[0]
+    outcomes, burst = asyncio.run(
+        _load_with_burst_and_kill(fault_apps.base_url, "/fused2/v1/recommend", victim, 0.05)
     )
-    # No 5xx but a 503 that says when to come back ...
-    retry_later = [o for o in errors if o.status == 503 and o.retry_after]
-    # ... except the requests the dead replica had accepted: Ray's proxy answers those 500 and
-    # does not resend them (docs/adr/ADR-010, "Dead replicas"). Never more than were in flight.
-    lost = [o for o in errors if o not in retry_later]
-    assert all(o.status == 500 for o in lost), summary(outcomes)
-    assert len(lost) <= in_flight, summary(outcomes)
-    assert all(o.sent_ms <= kill_ms + 1000 for o in lost), summary(outcomes)  # only around the kill
-    assert all(o.items == 10 for o in outcomes if o.status == 200), summary(outcomes)
+    replaced_s = _wait_replaced("fused2", "Gateway", victim, n=2)
+    everything = outcomes + burst
+    print(
+        f"\n[fault] fused gateway {victim} killed {KILL_AT_S:.0f}s in, 50 ms after {BURST} requests at once:"
+        f" burst {sorted((o.status, round(o.latency_ms)) for o in burst)}"
+        f"\n[fault] fused load: {summary(outcomes)}"
+        f"\n[fault] replaced (new process, HEALTHY) {replaced_s:.1f}s after the load"
+    )
+    # No 5xx: the requests the dead replica held were resent; at most a 503 that says when to
+    # come back (Serve's back-pressure), and every answer has k items.
+    assert all(o.status == 200 or (o.status == 503 and o.retry_after) for o in everything), [
+        (o.status, o.items) for o in burst
+    ]
+    assert all(o.items == 10 for o in everything if o.status == 200), summary(outcomes)
     print(f"[fault] fused gateway back to full after {wait_full(fault_apps, 'fused2', 60.0):.1f}s")
 
 
@@ -232,3 +249,138 @@ def test_cluster_ranker_replica_killed(kill_apps: FaultApps) -> None:
         ready = c.get("/cluster/readyz").json()
     assert ready.get("breakers", {}).get("funnel") == "closed", ready
     print(f"[fault] cluster back to full after {wait_full(fault_apps, 'cluster', 60.0):.1f}s")
+
+
+# --------------------------------------------------------------------------- behind HAProxy
+
+
+def _haproxy_gateways(port: int) -> dict[int, int]:
+    """The gateway replicas behind the HAProxy on ``port``: process id -> direct-ingress port.
+
+    Found by their process title and a listening port in the direct-ingress range (``port + 1`` to
+    ``port + 50``): the service runs in its own Ray, which the session's GCS does not see.
+    """
+    import psutil
+
+    found: dict[int, int] = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if "ServeReplica:streamrec:Gateway" not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            ports = [c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        mine = [q for q in ports if port < q <= port + 50]
+        if mine:
+            found[p.info["pid"]] = mine[0]
+    return found
+
+
+@contextmanager
+def _serve_direct_ingress(data_dir: Path, log: Path) -> Iterator[tuple[str, int]]:
+    """``streamrec serve --direct-ingress`` (configs/serve/local.yaml: two gateways) in its own Ray."""
+    port = free_port()
+    env = {**os.environ, "STREAMREC_API_KEY": READ_KEY}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamrec", "serve", "--config", "configs/serve/local.yaml",
+             "--data-dir", str(data_dir), "--port", str(port), "--direct-ingress", "--num-cpus", "2"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while "StreamRec is serving" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+async def _load_with_burst_and_kill(
+    base: str, path: str, victim: int, after_s: float
+) -> tuple[list[Outcome], list[Outcome]]:
+    """20 requests/s open loop for :data:`LOAD_S`; :data:`KILL_AT_S` in, :data:`BURST` requests at
+    once and, ``after_s`` later (while the victim still holds its share of them), ``SIGKILL`` the victim.
+    """
+    headers = {"X-API-Key": READ_KEY}
+    burst: list[Outcome] = []
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
+
+        async def one(user: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(path, json={"user_id": user, "k": 10}, headers=headers)
+            except httpx.HTTPError:
+                burst.append(Outcome(0, (time.perf_counter() - t0) * 1e3))
+                return
+            ms = (time.perf_counter() - t0) * 1e3
+            items = len(r.json()["items"]) if r.status_code == 200 else 0
+            burst.append(Outcome(r.status_code, ms, items=items, retry_after=r.headers.get("retry-after")))
+
+        load = asyncio.create_task(_open_loop(base, path, headers, RPS, LOAD_S, USERS))
+        await asyncio.sleep(KILL_AT_S)
+        sent = [asyncio.create_task(one(500 + i)) for i in range(BURST)]
+        await asyncio.sleep(after_s)
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.gather(*sent)
+        return await load, burst
+
+
+def test_fused_gateway_replica_killed_behind_haproxy(fault_world: FaultWorld, tmp_path: Path) -> None:
+    """(c) One of two fused gateway replicas ``SIGKILL``ed behind HAProxy (``--direct-ingress``).
+
+    What HAProxy can resend it does (``retry-on conn-failure empty-response``, with Ray's
+    ``observe layer4 ... on-error mark-down`` off: with it, a replica marked down answered even
+    cleanly closed requests 502): requests sent to the dead replica after the kill, and those
+    it had read. Requests the replica still held unread in its sockets are reset by the kernel,
+    which HAProxy does not resend: those get a 500 (HAProxy's 502 under Ray's error file) or a
+    closed connection (docs/adr/ADR-010, "Dead replicas"). The test bounds the errors by the
+    burst in flight at the kill; everything else is a 200 with ``k`` items, and Serve starts a
+    new replica.
+    """
+    log = tmp_path / "serve.log"
+    with _serve_direct_ingress(fault_world.data_dir, log) as (base, port):
+        with httpx.Client(base_url=base, timeout=30.0) as c:  # warm: 10 answers in a row at full
+            streak, user, deadline = 0, 1, time.monotonic() + 120
+            while streak < 10:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                r = c.post("/v1/recommend", json={"user_id": user, "k": 10}, headers={"X-API-Key": READ_KEY})
+                full = r.status_code == 200 and r.json()["metadata"]["degradation_level"] == "full"
+                streak, user = (streak + 1 if full else 0), user + 1
+        before = _haproxy_gateways(port)
+        assert len(before) == 2, (before, log.read_text()[-3000:])
+        victim = sorted(before)[0]
+        outcomes, burst = asyncio.run(_load_with_burst_and_kill(base, "/v1/recommend", victim, 0.015))
+        lost = [o for o in burst if o.status != 200]
+        print(
+            f"\n[fault] haproxy: gateway {victim} killed {KILL_AT_S:.0f}s in, 15 ms after {BURST} requests at"
+            f" once: {len(lost)} not answered {sorted((o.status, round(o.latency_ms)) for o in lost)}"
+            f"\n[fault] haproxy load: {summary(outcomes)}"
+        )
+        # Only requests the victim held can be lost (500 or a closed connection): never the whole
+        # burst (the other replica's share), and of the paced load only one sent around the kill.
+        assert all(o.status in (0, 500) for o in lost) and len(lost) < BURST, [
+            (o.status, o.items) for o in burst
+        ]
+        assert all(o.items == 10 for o in burst if o.status == 200), [(o.status, o.items) for o in burst]
+        around = [o for o in outcomes if o.status != 200]  # a paced request queued behind the burst
+        assert all(o.status in (0, 500) and abs(o.sent_ms - KILL_AT_S * 1e3) < 1000 for o in around), summary(
+            outcomes
+        )
+        assert all(o.items == 10 for o in outcomes if o.status == 200), summary(outcomes)
+        t0, after = time.monotonic(), _haproxy_gateways(port)
+        while not (len(after) == 2 and victim not in after):
+            assert time.monotonic() - t0 < 120, f"not replaced within 120 s: {after}"
+            time.sleep(1)
+            after = _haproxy_gateways(port)
+        print(f"[fault] haproxy: replaced ({after}) {time.monotonic() - t0:.1f}s after the load")
+        with httpx.Client(base_url=base, timeout=30.0) as c:
+            r = c.post("/v1/recommend", json={"user_id": 7, "k": 10}, headers={"X-API-Key": READ_KEY})
+        assert r.status_code == 200 and len(r.json()["items"]) == 10

@@ -36,3 +36,16 @@ def test_haproxy_replicas_proxy_and_listeners_get_distinct_ports_above_the_publi
 def test_a_replica_range_that_would_reach_the_proxy_port_is_refused(span: int) -> None:
     with pytest.raises(ConfigError, match="port span"):
         direct_ingress_env(8000, span=span)
+
+
+def test_haproxy_resends_what_a_dead_replica_closed_and_ray_proxy_resends_what_it_never_answered() -> None:
+    from ray._common.utils import import_attr
+
+    from streamrec.cli.serve import proxy_resend_env
+    from streamrec.service.ingress_retry import ResendUnanswered
+
+    env = direct_ingress_env(8000)
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
+    assert env["RAY_SERVE_HAPROXY_OBSERVE_MARK_DOWN_ENABLED"] == "0"  # mark-down answered them 502
+    (mw,) = import_attr(proxy_resend_env()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"])()
+    assert mw.cls is ResendUnanswered

@@ -8,8 +8,10 @@ as the default, as no row does). Rows are dated ``t``, the cutoff where the chan
 So the newest row per entity at or before any time equals the full snapshot of the latest cutoff
 before it, with an unbounded TTL.
 
-Rebuilding a cutoff keeps every entity its old file had (so an online row dated ``t`` is
-overwritten by a row dated ``t``, not left stale), and a cutoff inserted before existing ones
+Rebuilding a cutoff keeps the entities of its old file whose value there changes (so an online
+row dated ``t`` with the old value is overwritten by a row dated ``t``, not left stale; one
+with an unchanged value needs no overwrite, so a full file from before versions shrinks to
+the changes), and a cutoff inserted before existing ones
 rewrites the next existing cutoff against the new state before it, so the state at every later
 cutoff stays what its last build computed.
 """
@@ -127,8 +129,8 @@ def changes(
         view: The versioned view.
         before: The stored state just before ``at``.
         target: Every entity's value at ``at``.
-        keep: Entities that must have a row at ``at`` whatever their value (the old file's,
-            when the cutoff is rebuilt).
+        keep: Entities that must have a row at ``at`` whatever their value (those of the old
+            file whose value changes, when the cutoff is rebuilt).
         at: The cutoff: every row is dated ``at``.
         created: Write time of the rows.
 
@@ -208,7 +210,9 @@ class VersionedWriter:
         return State.of(self.view, pq.read_table(path, schema=offline.arrow_schema(self.view)))
 
     def _write(self, at: pd.Timestamp, target: State, old_file: State | None) -> None:
-        keep = old_file.keys if old_file is not None else np.zeros(0, dtype=np.int64)
+        keep = np.zeros(0, dtype=np.int64)
+        if old_file is not None:  # its rows may be online, dated ``at``: those whose value changes
+            keep = old_file.keys[old_file.fp != target.fp_of(old_file.keys)]
         table = changes(self.view, self._new, target, keep, at, self.created)
         path = self.features_dir / self.view.offline_dir / f"snapshot-{offline.stamp(at)}.parquet"
         offline.write_table(table, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from streamrec.data.store import DataStore
@@ -200,3 +201,39 @@ def test_changes_writes_changed_new_kept_and_gone_entities_only() -> None:
     assert out["primary_category"].tolist() == ["x", None, "e", None, "g", None]
     assert (out["event_timestamp"] == at).all()
     assert before.overlay(State.of(META, pa.Table.from_pandas(out))).same_values(target)
+
+
+def test_a_rebuilt_full_file_keeps_only_the_entities_whose_value_changes(tmp_path: Path) -> None:
+    """An upgraded data directory's full snapshot file shrinks to the changes when rebuilt."""
+    world = tmp_path / "data"
+    synthesize(SynthConfig(users=20, items=15, days=6, seed=6), world, progress=False)
+    fc = FeatureClient(world)
+    ds = DataStore(world)
+    end = ds.events()["timestamp"].max()
+    t1, t2 = end - pd.Timedelta(days=2), end
+    fc.build(cutoffs=[t1, t2])
+    expected = {t1: _full(world, t1)}
+    files = stored_cutoffs(fc.features_dir, META)
+    full = pq.read_table(files[t1])  # t2's file as a build before versions wrote it: every item
+    ts = pa.array([t2] * full.num_rows, offline.TS)
+    full = full.set_column(full.schema.get_field_index("event_timestamp"), "event_timestamp", ts)
+    offline.write_table(full, files[t2])
+    items = ds.items()
+    edited = int(items["item_id"].iloc[0])
+    items.at[items.index[0], "categories"] = ["opera"]
+    ds.upsert_items(items)
+    report = fc.build(cutoffs=[t2])
+    assert report.rows["item_metadata"] == 1  # the edit only, not the old file's 15 items
+    assert pq.read_table(stored_cutoffs(fc.features_dir, META)[t2])["item_id"].to_pylist() == [edited]
+    expected[t2] = _full(world, t2)
+    _check(fc, expected)
+    # a cutoff inserted before the first stored one becomes the full copy; the next shrinks
+    t0 = t1 - pd.Timedelta(days=1)
+    assert fc.build(cutoffs=[t0]).rewritten == {
+        "item_metadata": [t1.isoformat()],
+        "user_profile": [t1.isoformat()],
+    }
+    expected[t0] = _full(world, t0)
+    _check(fc, expected)
+    files = stored_cutoffs(fc.features_dir, META)
+    assert pq.read_table(files[t1]).num_rows < pq.read_table(files[t0]).num_rows

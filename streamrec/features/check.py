@@ -63,7 +63,7 @@ def check_store(
     details: list[dict[str, Any]] = []
     checked = mismatches = values = 0
     for v in VIEWS:
-        end = fvs[v.name].most_recent_end_time
+        end = client.materialized_until(v.name, fvs)
         latest = offline.read_latest(client.features_dir, v, end).to_pandas()
         if latest.empty:
             per_view[v.name] = {"checked": 0, "mismatches": 0}

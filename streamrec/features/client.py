@@ -80,6 +80,27 @@ _PUSH_LOCK_TTL_S = 30.0
 _PUSH_LOCK_WAIT_S = 10.0
 
 
+#: The ``pending`` key of a data directory from before per-store windows: the next store's.
+_ANY_STORE = "*"
+
+
+def _pending_by_store(meta: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``meta.json`` ``pending``: per online store, per view, the earliest cutoff built since.
+
+    Every store this data directory materialized into (``online_ends``) has its own window; a
+    store never materialized into loads every view from its earliest row and needs none. A data
+    directory from before per-store windows (one ``view -> time`` map, or no ``online_ends``)
+    keeps its map under :data:`_ANY_STORE` for the next store to materialize.
+    """
+    raw = dict(meta.get("pending", {}))
+    stores = list(meta.get("online_ends", {}))
+    if "online_ends" not in meta:
+        stores.append(_ANY_STORE)
+    if any(isinstance(v, str) for v in raw.values()):  # one map for every store
+        return {s: {k: v for k, v in raw.items() if isinstance(v, str)} for s in stores}
+    return {s: dict(raw.get(s, {})) for s in stores}
+
+
 def _online_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
 
@@ -397,7 +418,7 @@ class FeatureClient:
         rows: Counter[str] = Counter()
         files = 0
         snap = None
-        pending = dict(meta.get("pending", {}))
+        pending = _pending_by_store(meta)
         bar = tqdm(
             total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
         )
@@ -407,8 +428,9 @@ class FeatureClient:
         writers = {v.name: VersionedWriter(self.features_dir, v, times, made) for v in VIEWS if v.versioned}
 
         def enter_pending(name: str, t: pd.Timestamp) -> None:
-            prev = pending.get(name)
-            pending[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+            for views in pending.values():  # every online store has its own window
+                prev = views.get(name)
+                views[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
 
         for t in times:
             snap = compute_snapshot(users, items, events, t, vocab, created=made)
@@ -508,9 +530,12 @@ class FeatureClient:
     def materialize(self, end: datetime | str | None = None, *, progress: bool = False) -> MaterializeReport:
         """Load the newest offline rows into the online store, incrementally per view.
 
-        Each view is materialized from its previous materialization end (or its earliest row
-        the first time, or the earliest cutoff built since, whichever is earlier) to ``end``
-        (inclusive; default now). Views without offline rows are skipped. The item table, if
+        Each view is materialized from its previous materialization end into this online
+        store (``meta.json`` ``online_ends``, per store and view; Feast's registry end, shared
+        by the stores, only for a data directory from before those) or its earliest row the
+        first time, or the earliest cutoff built since that this store has not materialized
+        (``meta.json`` ``pending``, per store), whichever is earlier, to ``end`` (inclusive;
+        default now). Views without offline rows are skipped. The item table, if
         loaded, is reloaded.
 
         A versioned view has no row in the window for an entity unchanged since long ago: the
@@ -532,8 +557,12 @@ class FeatureClient:
         stop = utc_timestamp(end) if end is not None else pd.Timestamp.now(tz="UTC")
         fvs = self._require_applied(refresh=True)
         meta = self._meta()
-        pending = dict(meta.get("pending", {}))
-        ends = meta.setdefault("online_ends", {}).setdefault(self.settings.describe(), {})
+        here = self.settings.describe()
+        legacy = "online_ends" not in meta  # a data directory from before per-store ends
+        by_store = _pending_by_store(meta)
+        pending = by_store.pop(_ANY_STORE, None) or by_store.get(here, {})
+        meta["pending"] = {**by_store, here: pending}
+        ends = meta.setdefault("online_ends", {}).setdefault(here, {})
         fresh = {  # before writing anything: Redis keys hold every view of an entity together
             v.name
             for v in VIEWS
@@ -546,7 +575,7 @@ class FeatureClient:
             if rng is None:
                 report[v.name] = {"skipped": "no offline rows"}
                 continue
-            prev = fvs[v.name].most_recent_end_time
+            prev = self._previous_end(v.name, ends, fvs, legacy)
             if v.name in fresh:
                 prev = None  # a store that holds nothing of this view: every entity
             start = utc_timestamp(prev) if prev is not None else rng[0]
@@ -569,7 +598,6 @@ class FeatureClient:
             ends[v.name] = stop.isoformat()
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
             total += n
-        meta["pending"] = pending
         self._write_meta(meta)
         self.store.refresh_registry()
         if self._item_table is not None:
@@ -584,6 +612,29 @@ class FeatureClient:
             seconds=round(secs, 3),
             rows_per_second=round(total / secs, 1) if secs > 0 else 0.0,
         )
+
+    @staticmethod
+    def _previous_end(
+        name: str, ends: dict[str, str], fvs: dict[str, Any], legacy: bool
+    ) -> pd.Timestamp | None:
+        """The previous materialization end into this client's online store of view ``name`` (None: never).
+
+        ``meta.json`` ``online_ends`` per store; Feast's registry end, shared by every store of
+        the data directory, only for a data directory from before those were recorded.
+        """
+        if name in ends:
+            return utc_timestamp(ends[name])
+        end = fvs[name].most_recent_end_time if legacy else None
+        return utc_timestamp(end) if end is not None else None
+
+    def materialized_until(self, name: str, fvs: dict[str, Any] | None = None) -> pd.Timestamp | None:
+        """Until when view ``name`` was materialized into this client's online store (None: never)."""
+        meta = self._meta()
+        fvs = fvs if fvs is not None else self._registered()
+        ends = meta.get("online_ends", {}).get(self.settings.describe(), {})
+        if name not in fvs:
+            return None
+        return self._previous_end(name, ends, fvs, "online_ends" not in meta)
 
     def _entities_between(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> np.ndarray:
         import pyarrow.parquet as pq
@@ -1129,8 +1180,8 @@ class FeatureClient:
         frame: pd.DataFrame | None = None
         until: dict[str, str | None] = {}
         for v in views_for("item"):
-            end = fvs[v.name].most_recent_end_time if v.name in fvs else None
-            until[v.name] = utc_timestamp(end).isoformat() if end is not None else None
+            end = self.materialized_until(v.name, fvs)
+            until[v.name] = end.isoformat() if end is not None else None
             part = offline.read_latest(self.features_dir, v, end).drop([TIMESTAMP_FIELD, CREATED_FIELD])
             df = part.to_pandas()
             frame = df if frame is None else frame.merge(df, on="item_id", how="outer")
@@ -1148,8 +1199,8 @@ class FeatureClient:
             return True
         fvs = self._registered(refresh=True)
         for v in views_for("item"):
-            end = fvs[v.name].most_recent_end_time if v.name in fvs else None
-            now = utc_timestamp(end).isoformat() if end is not None else None
+            end = self.materialized_until(v.name, fvs)
+            now = end.isoformat() if end is not None else None
             if now != self._item_table.materialized_until.get(v.name):
                 return True
         return False

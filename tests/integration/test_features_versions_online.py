@@ -167,3 +167,39 @@ def test_feasts_redis_store_skips_a_row_dated_as_the_one_it_holds(
     assert _online_categories(fc, [item])[0] != ["opera"]
     fc._write_online(view, [{**row, "event_timestamp": end + pd.Timedelta(microseconds=1)}])
     assert _online_categories(fc, [item]) == [["opera"]]
+
+
+def test_each_online_store_has_its_own_materialization_window(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """SQLite materializing an edit first leaves it pending for Redis (one registry, two stores)."""
+    d, end = _world(tmp_path)
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    h = pd.Timedelta(hours=1)
+    sq = FeatureClient(d, online="sqlite")
+    rd = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    sq.build(cutoffs=[end])
+    sq.apply()
+    sq.materialize((end + h).to_pydatetime())
+    rd.materialize((end + h).to_pydatetime())
+    _set_categories(d, item, ["opera"])
+    sq.build(cutoffs=[end + 2 * h])
+    sq.materialize((end + 3 * h).to_pydatetime())  # Feast's registry end moves to end + 3h
+    mat = rd.materialize((end + 4 * h).to_pydatetime())
+    assert mat.views["item_metadata"]["start"] == (end + h).isoformat()  # Redis's own end
+    assert _online_categories(rd, [item]) == _online_categories(sq, [item]) == [["opera"]]
+    assert rd.materialized_until("item_metadata") == end + 4 * h
+    assert sq.materialized_until("item_metadata") == end + 3 * h
+    assert rd.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
+    # a rebuilt earlier cutoff is pending for each store until that store materializes it
+    _set_categories(d, item, ["news"])
+    sq.build(cutoffs=[end + 2 * h])
+    assert (
+        sq.materialize((end + 5 * h).to_pydatetime()).views["item_metadata"]["start"]
+        == (end + 2 * h).isoformat()
+    )
+    assert (
+        rd.materialize((end + 5 * h).to_pydatetime()).views["item_metadata"]["start"]
+        == (end + 2 * h).isoformat()
+    )
+    assert _online_categories(rd, [item]) == _online_categories(sq, [item]) == [["news"]]

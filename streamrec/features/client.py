@@ -542,7 +542,8 @@ class FeatureClient:
         online store keeps what it had. So a versioned view is materialized from its earliest
         row into an online store this data directory has not materialized it into before
         (``meta.json`` ``online_ends``, per store: a Redis store next to a used SQLite one gets
-        every entity) or that holds nothing of it (an emptied SQLite table or Redis database). On Redis, which never writes a row dated at or before the one it holds,
+        every entity) or that holds nothing of it (an emptied SQLite table, or a Redis database without the
+        view's marker key: flushed, even if pushes wrote to it since). On Redis, which never writes a row dated at or before the one it holds,
         the entities with rows in the window up to the previous end lose their stored time
         first, so a cutoff rebuilt with other values overwrites them as on SQLite.
 
@@ -594,6 +595,8 @@ class FeatureClient:
                 self.store.materialize(
                     start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
                 )
+            if v.versioned:
+                self._mark_materialized(v.name, stop)
             pending.pop(v.name, None)
             ends[v.name] = stop.isoformat()
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
@@ -652,8 +655,10 @@ class FeatureClient:
     def _online_view_empty(self, fv: Any) -> bool:
         """Whether the online store holds nothing of the view (a SQLite file or Redis db emptied).
 
-        SQLite: the view's table has no row. Redis: the whole database is empty (its keys hold
-        every view of an entity together). Unknown stores: False.
+        SQLite: the view's table has no row. Redis: the view's marker key, set after each
+        materialization (:meth:`_redis_marker`), is missing: a flushed database, even one that
+        pushes wrote to since, or one materialized by a version before markers (its keys hold
+        every view of an entity together, so their count cannot tell). Unknown stores: False.
         """
         online = self.store._get_provider().online_store
         config = self.store.config
@@ -670,8 +675,20 @@ class FeatureClient:
                 except sqlite3.OperationalError:  # no table yet: apply creates it
                     return True
             if self.settings.kind == "redis" and hasattr(online, "_get_client"):
-                return int(online._get_client(config.online_store).dbsize()) == 0
+                return not online._get_client(config.online_store).exists(self._redis_marker(fv.name))
         return False
+
+    def _redis_marker(self, view: str) -> str:
+        """The Redis key set after each materialization of ``view`` (gone: flushed or never)."""
+        return f"streamrec:{self.store.config.project}:materialized:{view}"
+
+    def _mark_materialized(self, view: str, stop: pd.Timestamp) -> None:
+        online = self.store._get_provider().online_store
+        if self.settings.kind == "redis" and hasattr(online, "_get_client"):
+            with self._online_guard(f"materialize {view}"):
+                online._get_client(self.store.config.online_store).set(
+                    self._redis_marker(view), stop.isoformat()
+                )
 
     def _redis_forget_times(self, view: View, start: pd.Timestamp, until: pd.Timestamp) -> int:
         """Drop Redis's stored time of ``view`` for the entities with rows in ``[start, until]``.

@@ -203,3 +203,32 @@ def test_each_online_store_has_its_own_materialization_window(
         == (end + 2 * h).isoformat()
     )
     assert _online_categories(rd, [item]) == _online_categories(sq, [item]) == [["news"]]
+
+
+def test_a_flushed_redis_written_to_by_a_push_is_refilled(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """The empty check is per view: a push after the flush does not hide it."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    fc.build(cutoffs=[end + 2 * h])  # nothing changed: no versioned row in the next window
+    fc.store._get_provider().online_store._get_client(fc.store.config.online_store).flushdb()
+    events = DataStore(d).events()
+    event = events[events["label"] == 1].iloc[0]
+    fc.push_interaction(
+        {
+            "user_id": int(event["user_id"]),
+            "item_id": int(event["item_id"]),
+            "event_type": "click",
+            "timestamp": end + 2.5 * h,
+        }
+    )
+    mat = fc.materialize((end + 3 * h).to_pydatetime())
+    ids = DataStore(d).items()["item_id"].astype(int).tolist()
+    assert mat.views["item_metadata"]["rows"] == len(ids)
+    assert all(_online_categories(fc, ids))
+    assert fc.check(sample=30).per_view["user_profile"]["mismatches"] == 0

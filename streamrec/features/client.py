@@ -544,8 +544,9 @@ class FeatureClient:
         (``meta.json`` ``online_ends``, per store: a Redis store next to a used SQLite one gets
         every entity) or that holds nothing of it (an emptied SQLite table, or a Redis database without the
         view's marker key: flushed, even if pushes wrote to it since). On Redis, which never writes a row dated at or before the one it holds,
-        the entities with rows in the window up to the previous end lose their stored time
-        first, so a cutoff rebuilt with other values overwrites them as on SQLite.
+        the entities with rows in the window lose their stored time first (also when the view
+        is reloaded from its earliest row: Redis may hold it from before markers), so a cutoff
+        rebuilt with other values overwrites them as on SQLite.
 
         Returns:
             Per-view windows and entity rows written, total throughput.
@@ -589,8 +590,8 @@ class FeatureClient:
             if n == 0:
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
                 continue
-            if v.versioned and prev is not None and self.settings.kind == "redis":
-                self._redis_forget_times(v, start, utc_timestamp(prev))
+            if v.versioned and self.settings.kind == "redis":  # whatever it holds, also when
+                self._redis_forget_times(v, start, stop)  # reloaded: upgraded, marker lost
             with self._online_guard(f"materialize {v.name}"), self._feast_output(progress):
                 self.store.materialize(
                     start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
@@ -703,11 +704,14 @@ class FeatureClient:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
         from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
+        online = self.store._get_provider().online_store
+        config = self.store.config
+        with self._online_guard(f"materialize {view.name}"):
+            if not online._get_client(config.online_store).dbsize():  # nothing stored: no time
+                return 0
         ids = self._entities_between(view, start, until)
         if not len(ids):
             return 0
-        online = self.store._get_provider().online_store
-        config = self.store.config
         ts_key = f"_ts:{_versioned_fv_name(self._require_applied()[view.name], config)}"
         keys = [
             EntityKeyProto(join_keys=[view.join_key], entity_values=[ValueProto(int64_val=int(i))])

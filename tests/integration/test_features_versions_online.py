@@ -11,6 +11,7 @@ around, is pinned.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -232,3 +233,29 @@ def test_a_flushed_redis_written_to_by_a_push_is_refilled(
     assert mat.views["item_metadata"]["rows"] == len(ids)
     assert all(_online_categories(fc, ids))
     assert fc.check(sample=30).per_view["user_profile"]["mismatches"] == 0
+
+
+def test_an_edit_rebuilt_at_the_same_cutoff_reaches_redis_after_an_upgrade(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """Redis filled before per-store ends and markers: the first materialization reloads the
+    view from its earliest row, and an equal event time must not keep the old value."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    meta_file = d / "features" / "meta.json"  # the state an older version left behind
+    meta = json.loads(meta_file.read_text())
+    meta.pop("online_ends")
+    meta_file.write_text(json.dumps(meta))
+    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
+    client.delete(fc._redis_marker("item_metadata"), fc._redis_marker("user_profile"))
+    _set_categories(d, item, ["opera"])
+    fc.build(cutoffs=[end])  # the same cutoff rebuilt with the edit
+    mat = fc.materialize((end + 2 * h).to_pydatetime())
+    assert mat.views["item_metadata"]["start"] == end.isoformat()
+    assert _online_categories(fc, [item]) == [["opera"]]
+    assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0

@@ -379,7 +379,10 @@ class FeatureClient:
             extra: Add snapshots for point-in-time reads only (the rolling evaluation's earlier
                 cutoffs, :mod:`streamrec.pipeline.rolling`): the recorded data-dependent
                 defaults, the pending materialisation and the last build stay those of the
-                previous build (the vocabulary still grows).
+                previous build (the vocabulary still grows). A versioned view's cutoff that
+                changed rows enters the pending window when it is at or after the newest
+                stored cutoff (it holds the newest state); an earlier one reaches the online
+                store through the next stored cutoff, rewritten when its state changed.
 
         Returns:
             Rows per view, files written, timing.
@@ -438,7 +441,10 @@ class FeatureClient:
             for name, frame in snap.frames.items():
                 view = VIEWS_BY_NAME[name]
                 if name in writers:
-                    writers[name].add(t, frame)
+                    w = writers[name]
+                    w.add(t, frame)
+                    if extra and w.written.get(t) and (w.newest_stored is None or t >= w.newest_stored):
+                        enter_pending(name, t)  # the newest state: no later cutoff's rewrite carries it
                 else:
                     offline.write_snapshot(self.features_dir, view, frame, t)
                     rows[name] += len(frame)
@@ -460,7 +466,7 @@ class FeatureClient:
         assert snap is not None
         if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
             meta["category_vocab"] = vocab
-            meta["pending"] = pending  # changed only by rewritten cutoffs of versioned views
+            meta["pending"] = pending  # changed only by versioned views (see extra)
         else:
             defaults = dict(meta.get("defaults", {}))
             defaults.update(snap.defaults)

@@ -191,12 +191,16 @@ class VersionedWriter:
     created: pd.Timestamp
     rewritten: list[pd.Timestamp] = field(default_factory=list)
     rows: int = 0
+    #: Rows written per cutoff of the build.
+    written: dict[pd.Timestamp, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.view.versioned or self.view.mode != "batch":
             raise ValueError(f"view {self.view.name} is not a versioned batch view")
         first = min(self.cutoffs)
         self._existing = stored_cutoffs(self.features_dir, self.view)
+        #: The newest cutoff stored before this build (None: none).
+        self.newest_stored = max(self._existing) if self._existing else None
         built = set(self.cutoffs)
         self._others = sorted(c for c in self._existing if c > first and c not in built)
         base = offline.read_latest(self.features_dir, self.view, first - _ONE_US)
@@ -218,6 +222,7 @@ class VersionedWriter:
         offline.write_table(table, path)
         self._new = self._new.overlay(State.of(self.view, table))
         self.rows += table.num_rows
+        self.written[at] = table.num_rows
 
     def _existing_cutoff(self, at: pd.Timestamp) -> None:
         old_file = self._old_file(at)

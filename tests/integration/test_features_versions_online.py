@@ -259,3 +259,20 @@ def test_an_edit_rebuilt_at_the_same_cutoff_reaches_redis_after_an_upgrade(
     assert mat.views["item_metadata"]["start"] == end.isoformat()
     assert _online_categories(fc, [item]) == [["opera"]]
     assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
+
+
+def test_an_extra_build_after_the_newest_cutoff_reaches_the_online_store(tmp_path: Path) -> None:
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="sqlite")
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + 3 * h).to_pydatetime())
+    _set_categories(d, item, ["opera"])
+    fc.build(cutoffs=[end + h], extra=True)  # after the newest stored cutoff, before the last end
+    fc.build(cutoffs=[end + 5 * h])  # unchanged since: no row
+    mat = fc.materialize((end + 6 * h).to_pydatetime())
+    assert mat.views["item_metadata"]["start"] == (end + h).isoformat()
+    assert _online_categories(fc, [item]) == [["opera"]]
+    assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0

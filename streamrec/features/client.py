@@ -889,7 +889,9 @@ class FeatureClient:
         Feast keeps one table per view and its ``online_read`` runs one query per view (five
         for a user, ~0.3 ms together here). This runs one ``UNION ALL`` over the same tables on
         the online store's own connection and decodes the rows as Feast does: per entity the
-        features present and the row timestamp (UTC), ``(None, None)`` when it has no row
+        requested features present (a row of a feature the view no longer has, such as
+        ``user_profile``'s ``tenure_days`` written before ``user_tenure``, is left out) and the
+        row timestamp (UTC), ``(None, None)`` when it has no row
         (pinned Feast 0.67; see ADR-002).
         """
         from feast.infra.key_encoding_utils import serialize_entity_key
@@ -903,6 +905,7 @@ class FeatureClient:
         tables = [_quote_id(_table_id(config.project, fv, versioned)) for fv, _ in reader]
         conn = online._get_conn(config)
         found: list[dict[bytes, tuple[Any, dict[str, Any]]]] = [{} for _ in reader]
+        wanted = [set(names) for _, names in reader]  # a table may keep a feature the view dropped
         for start in range(0, len(blobs), _SQLITE_KEYS_PER_STATEMENT):  # stay under SQLite's variable cap
             chunk = blobs[start : start + _SQLITE_KEYS_PER_STATEMENT]
             marks = ",".join(f"?{i + 1}" for i in range(len(chunk)))
@@ -911,6 +914,8 @@ class FeatureClient:
                 for j, t in enumerate(tables)
             )
             for j, key, name, blob, ts in conn.execute(sql, chunk).fetchall():
+                if name not in wanted[j]:
+                    continue
                 value = ValueProto()
                 value.ParseFromString(blob)
                 ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)

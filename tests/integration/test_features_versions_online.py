@@ -276,3 +276,36 @@ def test_an_extra_build_after_the_newest_cutoff_reaches_the_online_store(tmp_pat
     assert mat.views["item_metadata"]["start"] == (end + h).isoformat()
     assert _online_categories(fc, [item]) == [["opera"]]
     assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
+
+
+def test_sqlite_serves_only_the_features_a_view_has(tmp_path: Path) -> None:
+    """A user_profile table with tenure_days rows (written before user_tenure) serves none."""
+    import sqlite3
+
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    d, end = _world(tmp_path)
+    fc = FeatureClient(d, online="sqlite")
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + pd.Timedelta(hours=1)).to_pydatetime())
+    user = int(DataStore(d).users()["user_id"].iloc[0])
+    key = fc._online_rows("user", [user])
+    assert key["user_profile"][0] is not None
+    fvs = fc._require_applied()
+    db = sqlite3.connect(d / "features" / "online_store.db")
+    profile = f'"{fc.store.config.project}_{fvs["user_profile"].name}"'
+    tenure = f'"{fc.store.config.project}_{fvs["user_tenure"].name}"'
+    blob = ValueProto(float_val=999.0).SerializeToString()
+    with db:  # old rows left in user_profile's table, the users not in user_tenure yet
+        db.execute(
+            f"INSERT INTO {profile} (entity_key, feature_name, value, event_ts, created_ts) "
+            f"SELECT entity_key, 'tenure_days', ?, MAX(event_ts), MAX(created_ts) FROM {profile} "
+            "GROUP BY entity_key",
+            (blob,),
+        )
+        db.execute(f"DELETE FROM {tenure}")
+    db.close()
+    fc = FeatureClient(d, online="sqlite")
+    assert "tenure_days" not in fc._online_rows("user", [user])["user_profile"][0][1]
+    assert fc.online_user_features(user)["tenure_days"] == 0.0  # the default, not the old row

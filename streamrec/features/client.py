@@ -608,6 +608,7 @@ class FeatureClient:
             ends[v.name] = stop.isoformat()
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
             total += n
+            self._write_meta(meta)  # a later view failing keeps this one's end and pending
         self._write_meta(meta)
         self.store.refresh_registry()
         if self._item_table is not None:

@@ -309,3 +309,25 @@ def test_sqlite_serves_only_the_features_a_view_has(tmp_path: Path) -> None:
     fc = FeatureClient(d, online="sqlite")
     assert "tenure_days" not in fc._online_rows("user", [user])["user_profile"][0][1]
     assert fc.online_user_features(user)["tenure_days"] == 0.0  # the default, not the old row
+
+
+def test_a_failed_materialization_keeps_the_ends_of_the_views_written_before(tmp_path: Path) -> None:
+    import sqlite3
+
+    from streamrec.errors import OnlineStoreUnavailableError
+
+    d, end = _world(tmp_path)
+    fc = FeatureClient(d, online="sqlite")
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fvs = fc._require_applied()
+    with sqlite3.connect(d / "features" / "online_store.db") as db:  # a later view cannot be written
+        db.execute(f'DROP TABLE "{fc.store.config.project}_{fvs["item_popularity"].name}"')
+    stop = end + pd.Timedelta(hours=1)
+    with pytest.raises(OnlineStoreUnavailableError):
+        fc.materialize(stop.to_pydatetime())
+    meta = json.loads((d / "features" / "meta.json").read_text())
+    ends = meta["online_ends"][fc.settings.describe()]
+    assert ends["user_profile"] == ends["item_metadata"] == stop.isoformat()
+    assert "item_popularity" not in ends and "item_popularity" in meta["pending"][fc.settings.describe()]
+    assert "item_metadata" not in meta["pending"][fc.settings.describe()]

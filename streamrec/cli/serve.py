@@ -72,7 +72,8 @@ def proxy_resend_env() -> dict[str, str]:
     The proxy calls :func:`streamrec.service.ingress_retry.proxy_middlewares` at start and wraps
     its app in :class:`~streamrec.service.ingress_retry.ResendUnanswered`. Must be in the
     environment of the processes that start Ray (``streamrec serve`` sets it for the Ray it
-    starts; on a cluster, export it before ``ray start``: docs/operations.md).
+    starts unless the variable is already set: an operator's own callback, or an empty value for
+    none; on a cluster, export it before ``ray start``: docs/operations.md).
     """
     from streamrec.service.ingress_retry import PROXY_CALLBACK
 
@@ -224,7 +225,8 @@ def serve(
     if throughput_optimized:
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     if not addr:  # Ray's proxy resends a request whose gateway replica died before answering
-        os.environ.update(proxy_resend_env())
+        for name, value in proxy_resend_env().items():
+            os.environ.setdefault(name, value)  # an operator's own callback (or "": none) wins
     import ray
     from ray import serve as ray_serve
 

@@ -65,8 +65,14 @@ def as_response(out: Any) -> RecommendResponse:
 
 
 def _failure_text(f: LevelFailure) -> str:
-    """``level: reason (ExceptionType)``: stable text (reasons are counted; details go to the log)."""
+    """``level: reason (ExceptionType)``: stable text (reasons are counted; details go to the log).
+
+    A level that had nothing for this user (``LookupError``: no precomputed list, nothing unseen,
+    nothing cached) is a miss, not a fault: ``level: nothing for this user``.
+    """
     kind = f.error.split(":", 1)[0] if f.reason == "error" and f.error else ""
+    if kind == "LookupError":
+        return f"{f.level}: nothing for this user"
     return f"{f.level}: {f.reason}" + (f" ({kind})" if kind else "")
 
 

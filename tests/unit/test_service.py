@@ -285,6 +285,8 @@ def test_funnel_failure_serves_the_batch_list_then_popularity_then_cached(world:
     assert "full: error (RuntimeError)" in (resp.metadata.degradation_reason or "")
     resp = asyncio.run(service(RecommendRequest(user_id=4, k=5)))  # no batch list for user 4
     assert resp.metadata.degradation_level == "popularity" and len(resp.items) == 5
+    # A level with nothing for the user is a miss, not an error of that level.
+    assert "batch: nothing for this user" in (resp.metadata.degradation_reason or "")
     # Without popularity, the user's last good answer is the last resort.
     service._fallback = None
     resp = asyncio.run(service._run_cached(RecommendRequest(user_id=5, k=5)))

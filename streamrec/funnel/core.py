@@ -26,7 +26,7 @@ from streamrec.data.schema import storable_id
 from streamrec.errors import ConfigError, ModelError
 from streamrec.features.defaults import apply_defaults
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
-from streamrec.funnel.stages import Candidates
+from streamrec.funnel.stages import COVISIT, SOURCE_NAMES, Candidates
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
 from streamrec.ranking.features import (
@@ -50,9 +50,6 @@ from streamrec.timeutil import epoch_s
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-SOURCE_NAMES: tuple[str, ...] = ("two_tower", "cf", "affinity", "trending")
-#: The co-visitation source, served when the bundle has one (bundles trained before it do not).
-COVISIT = "covisit"
 
 
 @dataclass

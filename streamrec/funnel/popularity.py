@@ -39,7 +39,7 @@ from streamrec.api_models import RecommendRequest, RecommendResponse
 from streamrec.data.schema import storable_id
 from streamrec.data.store import DataStore
 from streamrec.errors import DataNotFoundError
-from streamrec.funnel.stages import Candidates, UserContext, check_context_version
+from streamrec.funnel.stages import POPULARITY, Candidates, UserContext, check_context_version
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {"view": 1.0, "click": 2.0, "complete": 3
 #: Event types that do *not* make an item "seen" by the user.
 NOT_SEEN_TYPES: frozenset[str] = frozenset({"impression"})
 #: Name of the single retrieval source.
-SOURCE = "popularity"
+SOURCE = POPULARITY
 
 _EMPTY = np.empty(0, dtype=np.int64)
 

@@ -133,6 +133,17 @@ class Candidates:
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
+#: The trained recommender's retrieval sources, always served.
+SOURCE_NAMES: tuple[str, ...] = ("two_tower", "cf", "affinity", "trending")
+#: The co-visitation source, served when the bundle has one (bundles trained before it do not).
+COVISIT = "covisit"
+#: Every retrieval source name a trained recommender can serve.
+TRAINED_SOURCES: tuple[str, ...] = (*SOURCE_NAMES, COVISIT)
+#: The popularity stages' single source (the fallback level, and the model-free service).
+POPULARITY = "popularity"
+#: Every retrieval source name any stages serve.
+ALL_SOURCES: tuple[str, ...] = (*TRAINED_SOURCES, POPULARITY)
+
 
 class Stages(Protocol):
     """What a composition needs from the funnel's stages (the trained recommender, popularity, no-op).

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from streamrec.auth import AuthConfig
 from streamrec.config import StrictModel, parse_config
 from streamrec.experiments.config import ExperimentConfig
+from streamrec.funnel.stages import ALL_SOURCES
 from streamrec.monitoring.health import HealthConfig
 from streamrec.monitoring.logs import RequestLogConfig
 from streamrec.reranking.config import ReRankConfig
@@ -46,6 +47,17 @@ class FaultInjection(StrictModel):
     ranker_error: bool = False
     ranker_delay_ms: float = Field(default=0.0, ge=0)
     source_delay_ms: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+
+    @field_validator("source_delay_ms")
+    @classmethod
+    def _known_sources(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(ALL_SOURCES))
+        if unknown:
+            raise ValueError(
+                f"faults.source_delay_ms names no retrieval source: {', '.join(unknown)}"
+                f" (sources: {', '.join(ALL_SOURCES)})"
+            )
+        return v
 
     @property
     def active(self) -> bool:

@@ -375,3 +375,13 @@ def test_response_cache_is_bounded() -> None:
     assert len(cache) == 2 and cache.items(1, 5) == []
     assert cache.items(3, 5) == [{"item_id": 3, "score": 1.0, "sources": ["cached"]}]
     assert ResponseCache(0).items(3, 5) == []
+
+
+def test_a_fault_switch_naming_no_retrieval_source_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from streamrec.service.args import FaultInjection
+
+    assert FaultInjection(source_delay_ms={"trending": 400, "covisit": 10}).active
+    with pytest.raises(ValidationError, match="names no retrieval source: trendng"):
+        FaultInjection(source_delay_ms={"trendng": 400})  # a typo would inject nothing

@@ -7,6 +7,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,6 +79,15 @@ def proxy_resend_env() -> dict[str, str]:
     from streamrec.service.ingress_retry import PROXY_CALLBACK
 
     return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+
+
+def install_proxy_resend(env: MutableMapping[str, str]) -> None:
+    """Put :func:`proxy_resend_env` into ``env`` unless the variable is set there already.
+
+    An operator's own value wins: their own proxy callback, or an empty value for none.
+    """
+    for name, value in proxy_resend_env().items():
+        env.setdefault(name, value)
 
 
 def _demo_auth(cfg_args: dict[str, Any], key: str, admin_key: str | None) -> dict[str, Any]:
@@ -225,8 +235,7 @@ def serve(
     if throughput_optimized:
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     if not addr:  # Ray's proxy resends a request whose gateway replica died before answering
-        for name, value in proxy_resend_env().items():
-            os.environ.setdefault(name, value)  # an operator's own callback (or "": none) wins
+        install_proxy_resend(os.environ)
     import ray
     from ray import serve as ray_serve
 

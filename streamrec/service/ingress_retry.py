@@ -4,19 +4,24 @@ Ray's proxy answers a request whose replica died mid-request (``ActorDiedError``
 and does not resend it. :class:`ResendUnanswered` wraps the proxy's ASGI app: it buffers the
 request body, and when the proxy returns without having started a response (that 500 is not
 sent by the proxy but by the HTTP server after it), it runs the request once more, which Serve's
-router sends to a live replica. A request that got any response (a 200, the gateway's own 4xx or
-5xx, the proxy's 408/429/503) is never resent. Installed in the proxy actor through
-``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` (:data:`PROXY_CALLBACK`); docs/adr/ADR-010,
-"Dead replicas".
+router sends to a live replica. Never resent: a request that got any response (a 200, the
+gateway's own 4xx or 5xx, the proxy's 408/429/503), one whose client hung up, one that is not
+safe to run twice (only reads and event batches whose every event carries its ``event_id`` are),
+and any past the resend budget (a request that kills its replica would kill the next one too).
+Installed in the proxy actor through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
+(:data:`PROXY_CALLBACK`); docs/adr/ADR-010, "Dead replicas".
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from streamrec.auth import RateLimiter
+
+log = logging.getLogger(__name__)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -25,8 +30,11 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 #: Import path of the proxy callback, the value of ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``.
 PROXY_CALLBACK = "streamrec.service.ingress_retry:proxy_middlewares"
-#: A body larger than this is streamed through once and never resent (bytes).
+#: A body larger than this is streamed through once and never resent (bytes; the gateway's
+#: default ``max_body_bytes``).
 MAX_BUFFERED_BODY = 1 << 20
+#: Resends allowed at once, and per second after that, per proxy.
+RESEND_BURST, RESENDS_PER_S = 10, 1.0
 
 
 class ResendUnanswered:
@@ -35,12 +43,16 @@ class ResendUnanswered:
     Args:
         app: The wrapped ASGI app (Ray's proxy).
         max_body: The largest body kept for a resend, in bytes.
+        budget: Limits the resends (default :data:`RESEND_BURST` at once, :data:`RESENDS_PER_S`).
     """
 
-    def __init__(self, app: ASGIApp, max_body: int = MAX_BUFFERED_BODY) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body: int = MAX_BUFFERED_BODY, budget: RateLimiter | None = None
+    ) -> None:
         self.app = app
         self.max_body = max_body
-        #: Requests resent since start (read by tests through the proxy's logs).
+        self.budget = budget or RateLimiter(RESENDS_PER_S, RESEND_BURST)
+        #: Requests resent since start.
         self.resent = 0
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
@@ -60,23 +72,82 @@ class ResendUnanswered:
                 started = True
             await send(message)
 
+        client = _Client(receive)
         for attempt in (1, 2):
             # Each attempt gets the scope as it arrived: Ray's proxy rewrites its copy (the path
             # without the route prefix, the request-id header), and a resend of that is a 404.
             fresh = {**scope, "headers": list(scope.get("headers", []))}
+            failed: Exception | None = None
             try:
-                await self.app(fresh, _replay([_body_message(body)], receive), tracking_send)
-            except Exception:
+                await self.app(fresh, client.replay(body), tracking_send)
+            except Exception as exc:
                 if started or attempt == 2:
                     raise
-            if started or attempt == 2:
+                failed = exc
+            if started or attempt == 2 or not self._may_resend(scope, body, client, failed):
+                if failed is not None:
+                    raise failed
                 return
-            self.resent += 1
-            logger.warning(
-                "resending %s %s: the replica answered nothing (died mid-request?)",
-                scope.get("method"),
-                scope.get("path"),
-            )
+
+    def _may_resend(
+        self, scope: MutableMapping[str, Any], body: bytes, client: _Client, failed: Exception | None
+    ) -> bool:
+        """Whether an unanswered first attempt runs again (and log the verdict when it matters)."""
+        what = f"{scope.get('method')} {scope.get('path')}"
+        if client.gone or not _safe_to_resend(scope, body):
+            return False
+        if not self.budget.acquire("resend").allowed:
+            log.warning("not resending %s: over the resend budget", what)
+            return False
+        self.resent += 1
+        why = "died mid-request?" if failed is None else type(failed).__name__
+        log.warning("resending %s: the replica answered nothing (%s)", what, why, exc_info=failed)
+        return True
+
+
+class _Client:
+    """The connection's ``receive``: each attempt gets the body first, and a hang-up is remembered."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.gone = False
+
+    def replay(self, body: bytes) -> Receive:
+        pending = [_body_message(body)]
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop(0)
+            message = await self._receive()
+            if message.get("type") == "http.disconnect":
+                self.gone = True
+            return message
+
+        return receive
+
+
+def _safe_to_resend(scope: MutableMapping[str, Any], body: bytes) -> bool:
+    """Whether running the request twice does no harm: a read, or events that all carry their id.
+
+    ``POST /v1/recommend`` is a read; ``POST /v1/events`` is deduplicated by ``event_id``, so only
+    a batch whose every event names one may run twice (an event without one gets a fresh id in
+    each attempt). Anything else (admin calls: reloads, promotions) is never resent.
+    """
+    method, path = scope.get("method", ""), str(scope.get("path", "")).rstrip("/")
+    if method in ("GET", "HEAD") or path.endswith("/v1/recommend"):
+        return True
+    if not path.endswith("/v1/events"):
+        return False
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return False
+    events = payload.get("events") if isinstance(payload, dict) else None
+    return (
+        isinstance(events, list)
+        and bool(events)
+        and all(isinstance(e, dict) and isinstance(e.get("event_id"), str) and e["event_id"] for e in events)
+    )
 
 
 async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool, list[Message]]:

@@ -126,9 +126,9 @@ def ray_session() -> Iterator[None]:
     """Ray started once per test session (2 CPUs), shut down at the end."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        from streamrec.cli.serve import proxy_resend_env
+        from streamrec.cli.serve import install_proxy_resend
 
-        os.environ.update(proxy_resend_env())  # as `streamrec serve` starts Ray: the proxy resends
+        install_proxy_resend(os.environ)  # as `streamrec serve` starts Ray: the proxy resends
         ray.init(
             address="local",
             num_cpus=2,

@@ -162,17 +162,23 @@ def test_fused_gateway_replica_killed(kill_apps: FaultApps) -> None:
     _warm(fault_apps, "fused2")
     before = _replicas("fused2", "Gateway")
     assert len(before) == 2, before
+    resent_before = _proxy_resends("/fused2/v1/recommend")
     victim = sorted(before.values())[0]
     outcomes, burst = asyncio.run(
         _load_with_burst_and_kill(fault_apps.base_url, "/fused2/v1/recommend", victim, 0.05)
     )
     replaced_s = _wait_replaced("fused2", "Gateway", victim, n=2)
     everything = outcomes + burst
+    resent = _proxy_resends("/fused2/v1/recommend") - resent_before
     print(
         f"\n[fault] fused gateway {victim} killed {KILL_AT_S:.0f}s in, 50 ms after {BURST} requests at once:"
         f" burst {sorted((o.status, round(o.latency_ms)) for o in burst)}"
         f"\n[fault] fused load: {summary(outcomes)}"
-        f"\n[fault] replaced (new process, HEALTHY) {replaced_s:.1f}s after the load"
+        f"\n[fault] resent by the proxy: {resent}; replaced (new process, HEALTHY) {replaced_s:.1f}s after the load"
+    )
+    # The dead replica held some of the burst, and the proxy resent them (not a kill nobody saw).
+    assert resent >= 1, (
+        "no request was resent: the kill met no request in flight, or the proxy lacks the callback"
     )
     # No 5xx: the requests the dead replica held were resent; at most a 503 that says when to
     # come back (Serve's back-pressure), and every answer has k items.
@@ -181,6 +187,15 @@ def test_fused_gateway_replica_killed(kill_apps: FaultApps) -> None:
     ]
     assert all(o.items == 10 for o in everything if o.status == 200), summary(outcomes)
     print(f"[fault] fused gateway back to full after {wait_full(fault_apps, 'fused2', 60.0):.1f}s")
+
+
+def _proxy_resends(path: str) -> int:
+    """How many requests to ``path`` Ray's proxy has resent in this session (its actor's log)."""
+    from ray._private import worker
+
+    logs = Path(worker._global_node.get_session_dir_path()) / "logs"
+    line = f"resending POST {path}"
+    return sum(f.read_text(errors="replace").count(line) for f in logs.glob("worker-*.err"))
 
 
 def _fused_config(apps: FaultApps) -> dict[str, Any]:
@@ -364,9 +379,10 @@ def test_fused_gateway_replica_killed_behind_haproxy(fault_world: FaultWorld, tm
             f" once: {len(lost)} not answered {sorted((o.status, round(o.latency_ms)) for o in lost)}"
             f"\n[fault] haproxy load: {summary(outcomes)}"
         )
-        # Only requests the victim held can be lost (500 or a closed connection): never the whole
-        # burst (the other replica's share), and of the paced load only one sent around the kill.
-        assert all(o.status in (0, 500) for o in lost) and len(lost) < BURST, [
+        # Only requests the victim held can be lost (500 or a closed connection): about half the
+        # burst at most (the other replica's share is answered; 0-4 of 12 measured), and of the
+        # paced load only one sent around the kill.
+        assert all(o.status in (0, 500) for o in lost) and len(lost) <= BURST // 2 + 1, [
             (o.status, o.items) for o in burst
         ]
         assert all(o.items == 10 for o in burst if o.status == 200), [(o.status, o.items) for o in burst]

@@ -49,3 +49,16 @@ def test_haproxy_resends_what_a_dead_replica_closed_and_ray_proxy_resends_what_i
     assert env["RAY_SERVE_HAPROXY_OBSERVE_MARK_DOWN_ENABLED"] == "0"  # mark-down answered them 502
     (mw,) = import_attr(proxy_resend_env()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"])()
     assert mw.cls is ResendUnanswered
+
+
+def test_an_operators_own_proxy_callback_or_none_is_left_alone() -> None:
+    from streamrec.cli.serve import install_proxy_resend, proxy_resend_env
+
+    name = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+    env: dict[str, str] = {}
+    install_proxy_resend(env)
+    assert env == proxy_resend_env()
+    for theirs in ("", "their.module:callback"):
+        env = {name: theirs}
+        install_proxy_resend(env)
+        assert env == {name: theirs}

@@ -19,6 +19,8 @@ class ScriptedApp:
         self.script = list(script)
         self.bodies: list[bytes] = []
         self.paths: list[str] = []
+        self.watch = False
+        self.seen: list[str] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         self.paths.append(scope["path"])
@@ -31,6 +33,8 @@ class ScriptedApp:
             if not m.get("more_body"):
                 break
         self.bodies.append(body)
+        if self.watch:  # as Ray's proxy watches the connection while the replica works
+            self.seen.append((await receive())["type"])
         step = self.script.pop(0)
         if step == "raise":
             raise RuntimeError("ActorDiedError")
@@ -41,7 +45,13 @@ class ScriptedApp:
             await send({"type": "http.response.body", "body": b"ok"})
 
 
-def run(app: Any, chunks: list[bytes], scope_type: str = "http") -> list[Message]:
+def run(
+    app: Any,
+    chunks: list[bytes],
+    scope_type: str = "http",
+    path: str = "/app/v1/recommend",
+    hung_up: bool = False,
+) -> list[Message]:
     incoming = [
         {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
     ]
@@ -50,13 +60,14 @@ def run(app: Any, chunks: list[bytes], scope_type: str = "http") -> list[Message
     async def receive() -> Message:
         if incoming:
             return incoming.pop(0)
-        await asyncio.sleep(3600)  # the client stays connected
+        if not hung_up:
+            await asyncio.sleep(3600)  # the client stays connected
         return {"type": "http.disconnect"}
 
     async def send(m: Message) -> None:
         sent.append(m)
 
-    scope = {"type": scope_type, "method": "POST", "path": "/app/v1/recommend", "headers": []}
+    scope = {"type": scope_type, "method": "POST", "path": path, "headers": []}
     asyncio.run(app(scope, receive, send))
     return sent
 
@@ -115,3 +126,37 @@ def test_the_proxy_callback_names_this_middleware() -> None:
 
     (mw,) = import_attr(PROXY_CALLBACK)()
     assert mw.cls is ResendUnanswered and proxy_middlewares()[0].cls is ResendUnanswered
+
+
+def test_a_request_whose_client_hung_up_is_not_resent() -> None:
+    inner = ScriptedApp("silent", "answer")
+    inner.watch = True
+    mw = ResendUnanswered(inner)
+    assert run(mw, [b"{}"], hung_up=True) == []
+    assert inner.seen == ["http.disconnect"] and len(inner.bodies) == 1 and mw.resent == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "resent"),
+    [
+        ("/v1/events", b'{"events": [{"event_id": "a1"}, {"event_id": "b2"}]}', True),
+        ("/v1/events", b'{"events": [{"event_id": "a1"}, {"user_id": 1}]}', False),  # one gets a fresh id
+        ("/v1/events", b"not json", False),
+        ("/v1/admin/reload", b"{}", False),
+    ],
+)
+def test_only_what_is_safe_to_run_twice_is_resent(path: str, body: bytes, resent: bool) -> None:
+    inner = ScriptedApp("silent", "answer")
+    mw = ResendUnanswered(inner)
+    run(mw, [body], path=path)
+    assert (mw.resent, len(inner.bodies)) == ((1, 2) if resent else (0, 1))
+
+
+def test_resends_stop_at_the_budget() -> None:
+    from streamrec.auth import RateLimiter
+
+    mw = ResendUnanswered(ScriptedApp(*["silent", "answer"] * 3), budget=RateLimiter(1e-6, 2))
+    for _ in range(3):
+        mw.app.script = ["silent", "answer"]  # type: ignore[attr-defined]
+        run(mw, [b"{}"])
+    assert mw.resent == 2  # the third unanswered request is left to the server's 500

@@ -24,7 +24,6 @@ import contextlib
 import io
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections import Counter
@@ -47,6 +46,8 @@ from streamrec.errors import (
 from streamrec.features import offline
 from streamrec.features.defaults import DefaultContext, apply_defaults
 from streamrec.features.item_table import ItemFeatureTable
+from streamrec.features.materialize import Materializer, pending_by_store, previous_end, redis_marker
+from streamrec.features.online import online_errors, read_rows, write_rows
 from streamrec.features.pipeline import MAX_WINDOW, compute_snapshot
 from streamrec.features.push import (
     PushBatch,
@@ -72,39 +73,10 @@ from streamrec.paths import DataLayout, exclusive_file_lock
 if TYPE_CHECKING:
     from streamrec.features.check import CheckReport
 
-#: Entity keys per SQLite statement of the one-statement online read (SQLite caps bound variables).
-_SQLITE_KEYS_PER_STATEMENT = 500
 #: The Redis push lock expires this long after it was taken (a holder that died frees it).
 _PUSH_LOCK_TTL_S = 30.0
 #: How long a push waits for the Redis push lock before giving up.
 _PUSH_LOCK_WAIT_S = 10.0
-
-
-#: The ``pending`` key of a data directory from before per-store windows: the next store's.
-_ANY_STORE = "*"
-
-
-def _pending_by_store(meta: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """``meta.json`` ``pending``: per online store, per view, the earliest cutoff built since.
-
-    Every store this data directory materialized into (``online_ends``) has its own window; a
-    store never materialized into loads every view from its earliest row and needs none. A data
-    directory from before per-store windows (one ``view -> time`` map, or no ``online_ends``)
-    keeps its map under :data:`_ANY_STORE` for the next store to materialize.
-    """
-    raw = dict(meta.get("pending", {}))
-    stores = list(meta.get("online_ends", {}))
-    if "online_ends" not in meta:
-        stores.append(_ANY_STORE)
-    if any(isinstance(v, str) for v in raw.values()):  # one map for every store
-        return {s: {k: v for k, v in raw.items() if isinstance(v, str)} for s in stores}
-    return {s: dict(raw.get(s, {})) for s in stores}
-
-
-def _online_errors() -> tuple[type[BaseException], ...]:
-    import redis.exceptions
-
-    return (redis.exceptions.RedisError, sqlite3.Error, ConnectionError, TimeoutError, OSError)
 
 
 def resolve_as_of(value: str | datetime | None, store: DataStore) -> pd.Timestamp:
@@ -306,7 +278,7 @@ class FeatureClient:
             yield
         except OnlineStoreUnavailableError:
             raise
-        except _online_errors() as err:
+        except online_errors() as err:
             self.stats["online_errors"] += 1
             raise OnlineStoreUnavailableError(
                 f"online store ({self.settings.describe()}) unavailable during {what}: {err}"
@@ -421,7 +393,7 @@ class FeatureClient:
         rows: Counter[str] = Counter()
         files = 0
         snap = None
-        pending = _pending_by_store(meta)
+        pending = pending_by_store(meta)
         bar = tqdm(
             total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
         )
@@ -564,52 +536,10 @@ class FeatureClient:
         t0 = time.perf_counter()
         stop = utc_timestamp(end) if end is not None else pd.Timestamp.now(tz="UTC")
         fvs = self._require_applied(refresh=True)
-        meta = self._meta()
-        here = self.settings.describe()
-        legacy = "online_ends" not in meta  # a data directory from before per-store ends
-        by_store = _pending_by_store(meta)
-        pending = by_store.pop(_ANY_STORE, None) or by_store.get(here, {})
-        meta["pending"] = {**by_store, here: pending}
-        ends = meta.setdefault("online_ends", {}).setdefault(here, {})
-        fresh = {  # before writing anything: Redis keys hold every view of an entity together
-            v.name
-            for v in VIEWS
-            if v.versioned and (v.name not in ends or self._online_view_empty(fvs[v.name]))
-        }
-        report: dict[str, dict[str, Any]] = {}
-        total = 0
-        for v in VIEWS:
-            rng = offline.time_range(self.features_dir, v)
-            if rng is None:
-                report[v.name] = {"skipped": "no offline rows"}
-                continue
-            prev = self._previous_end(v.name, ends, fvs, legacy)
-            if v.name in fresh:
-                prev = None  # a store that holds nothing of this view: every entity
-            start = utc_timestamp(prev) if prev is not None else rng[0]
-            if v.name in pending:
-                start = min(start, utc_timestamp(pending[v.name]))
-            if start > stop:
-                report[v.name] = {"skipped": f"already materialized until {start.isoformat()}"}
-                continue
-            n = self._count_entities(v, start, stop)
-            if n == 0:
-                report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
-                continue
-            if v.versioned and self.settings.kind == "redis":  # whatever it holds, also when
-                self._redis_forget_times(v, start, stop)  # reloaded: upgraded, marker lost
-            with self._online_guard(f"materialize {v.name}"), self._feast_output(progress):
-                self.store.materialize(
-                    start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
-                )
-            if v.versioned:
-                self._mark_materialized(v.name, stop)
-            pending.pop(v.name, None)
-            ends[v.name] = stop.isoformat()
-            report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
-            total += n
-            self._write_meta(meta)  # a later view failing keeps this one's end and pending
-        self._write_meta(meta)
+        materializer = Materializer(self.store, self.settings, self.features_dir, self._online_guard)
+        report, total = materializer.run(
+            self._meta(), fvs, stop, quiet=lambda: self._feast_output(progress), write_meta=self._write_meta
+        )
         self.store.refresh_registry()
         if self._item_table is not None:
             self._item_table = None
@@ -624,20 +554,6 @@ class FeatureClient:
             rows_per_second=round(total / secs, 1) if secs > 0 else 0.0,
         )
 
-    @staticmethod
-    def _previous_end(
-        name: str, ends: dict[str, str], fvs: dict[str, Any], legacy: bool
-    ) -> pd.Timestamp | None:
-        """The previous materialization end into this client's online store of view ``name`` (None: never).
-
-        ``meta.json`` ``online_ends`` per store; Feast's registry end, shared by every store of
-        the data directory, only for a data directory from before those were recorded.
-        """
-        if name in ends:
-            return utc_timestamp(ends[name])
-        end = fvs[name].most_recent_end_time if legacy else None
-        return utc_timestamp(end) if end is not None else None
-
     def materialized_until(self, name: str, fvs: dict[str, Any] | None = None) -> pd.Timestamp | None:
         """Until when view ``name`` was materialized into this client's online store (None: never)."""
         meta = self._meta()
@@ -645,92 +561,11 @@ class FeatureClient:
         ends = meta.get("online_ends", {}).get(self.settings.describe(), {})
         if name not in fvs:
             return None
-        return self._previous_end(name, ends, fvs, "online_ends" not in meta)
-
-    def _entities_between(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> np.ndarray:
-        import pyarrow.parquet as pq
-
-        keys: list[np.ndarray] = []
-        for f in offline.files(self.features_dir, view):
-            t = pq.read_table(f, columns=[view.join_key, TIMESTAMP_FIELD]).to_pandas()
-            ts = pd.to_datetime(t[TIMESTAMP_FIELD], utc=True)
-            keys.append(t.loc[(ts >= start) & (ts <= stop), view.join_key].to_numpy())
-        return np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
-
-    def _count_entities(self, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> int:
-        return len(self._entities_between(view, start, stop))
-
-    def _online_view_empty(self, fv: Any) -> bool:
-        """Whether the online store holds nothing of the view (a SQLite file or Redis db emptied).
-
-        SQLite: the view's table has no row. Redis: the view's marker key, set after each
-        materialization (:meth:`_redis_marker`), is missing: a flushed database, even one that
-        pushes wrote to since, or one materialized by a version before markers (its keys hold
-        every view of an entity together, so their count cannot tell). Unknown stores: False.
-        """
-        online = self.store._get_provider().online_store
-        config = self.store.config
-        with self._online_guard("materialize"):
-            if self.settings.kind == "sqlite" and hasattr(online, "_get_conn"):
-                from feast.infra.online_stores.sqlite import _quote_id, _table_id
-
-                versioned = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
-                table = _quote_id(_table_id(config.project, fv, versioned))
-                try:
-                    return (
-                        online._get_conn(config).execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
-                    )
-                except sqlite3.OperationalError:  # no table yet: apply creates it
-                    return True
-            if self.settings.kind == "redis" and hasattr(online, "_get_client"):
-                return not online._get_client(config.online_store).exists(self._redis_marker(fv.name))
-        return False
+        return previous_end(name, ends, fvs, "online_ends" not in meta)
 
     def _redis_marker(self, view: str) -> str:
         """The Redis key set after each materialization of ``view`` (gone: flushed or never)."""
-        return f"streamrec:{self.store.config.project}:materialized:{view}"
-
-    def _mark_materialized(self, view: str, stop: pd.Timestamp) -> None:
-        online = self.store._get_provider().online_store
-        if self.settings.kind == "redis" and hasattr(online, "_get_client"):
-            with self._online_guard(f"materialize {view}"):
-                online._get_client(self.store.config.online_store).set(
-                    self._redis_marker(view), stop.isoformat()
-                )
-
-    def _redis_forget_times(self, view: View, start: pd.Timestamp, until: pd.Timestamp) -> int:
-        """Drop Redis's stored time of ``view`` for the entities with rows in ``[start, until]``.
-
-        Feast's Redis store skips a row dated at or before the time it holds for the entity
-        (an equal time too). A versioned view's rebuilt cutoff carries the same date as the row
-        materialized from it before: without this, a changed value there would never reach
-        Redis. Only the time field goes: the values stay readable until overwritten.
-        Returns how many entities were touched.
-        """
-        from feast.infra.online_stores.redis import _versioned_fv_name
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
-        online = self.store._get_provider().online_store
-        config = self.store.config
-        with self._online_guard(f"materialize {view.name}"):
-            if not online._get_client(config.online_store).dbsize():  # nothing stored: no time
-                return 0
-        ids = self._entities_between(view, start, until)
-        if not len(ids):
-            return 0
-        ts_key = f"_ts:{_versioned_fv_name(self._require_applied()[view.name], config)}"
-        keys = [
-            EntityKeyProto(join_keys=[view.join_key], entity_values=[ValueProto(int64_val=int(i))])
-            for i in ids
-        ]
-        with self._online_guard(f"materialize {view.name}"):
-            client = online._get_client(config.online_store)
-            pipe = client.pipeline(transaction=False)
-            for k in online._generate_redis_keys_for_entities(config, keys):
-                pipe.hdel(k, ts_key)
-            pipe.execute()
-        return len(ids)
+        return redis_marker(self.store.config.project, view)
 
     # -------------------------------------------------------------- training set
     def training_set(self, labelled_events: pd.DataFrame, *, service: str = "ranking") -> pd.DataFrame:
@@ -825,7 +660,6 @@ class FeatureClient:
         """Raw online rows: ``view -> [(event_ts, {feature: python value}) | None per id]``."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
         from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-        from feast.type_map import feast_value_type_to_python_type
 
         key = "user_id" if entity == "user" else "item_id"
         keys = [EntityKeyProto(join_keys=[key], entity_values=[ValueProto(int64_val=int(i))]) for i in ids]
@@ -833,97 +667,9 @@ class FeatureClient:
         if views is not None:
             wanted = {v.name for v in views}
             reader = [(fv, names) for fv, names in reader if fv.name in wanted]
-        provider = self.store._get_provider()
-        online = provider.online_store
-        out: dict[str, list[Any]] = {}
+        store = self.store
         with self._online_guard("read"):
-            if self.settings.kind == "redis" and hasattr(online, "_generate_hset_keys_for_features"):
-                results = self._redis_read(online, reader, keys)
-            elif self.settings.kind == "sqlite" and hasattr(online, "_get_conn"):
-                results = self._sqlite_read(online, reader, keys)
-            else:  # copies: Feast appends to the list it is given
-                results = [
-                    provider.online_read(self.store.config, fv, keys, list(names)) for fv, names in reader
-                ]
-            for (fv, _), res in zip(reader, results, strict=True):
-                rows: list[Any] = []
-                for ts, values in res:
-                    conv = {k: feast_value_type_to_python_type(v) for k, v in (values or {}).items()}
-                    # SQLite answers None for an absent entity, Redis empty values (and epoch 0)
-                    rows.append((ts, conv) if any(v is not None for v in conv.values()) else None)
-                out[fv.name] = rows
-        return out
-
-    def _redis_read(
-        self, online: Any, reader: list[tuple[Any, list[str]]], keys: list[Any]
-    ) -> list[list[Any]]:
-        """All views of one entity in one pipelined round trip.
-
-        Feast keeps every view of an entity in one Redis hash (field = hash of ``view:feature``);
-        its ``online_read`` issues one round trip per view. This reads all the views' fields with
-        one ``HMGET`` per entity, using the online store's own key and decoding helpers (pinned
-        Feast 0.67; see ADR-002).
-        """
-        config = self.store.config
-        plan = []
-        fields: list[Any] = []
-        for fv, names in reader:
-            requested, hset_keys = online._generate_hset_keys_for_features(fv, list(names))
-            plan.append((fv.name, requested, len(fields), len(hset_keys)))
-            fields += hset_keys
-        redis_keys = online._generate_redis_keys_for_entities(config, keys)
-        client = online._get_client(config.online_store)
-        pipe = client.pipeline(transaction=False)
-        for k in redis_keys:
-            pipe.hmget(k, fields)
-        replies = pipe.execute()
-        return [
-            [online._get_features_for_entity(reply[start : start + n], name, requested) for reply in replies]
-            for name, requested, start, n in plan
-        ]
-
-    def _sqlite_read(
-        self, online: Any, reader: list[tuple[Any, list[str]]], keys: list[Any]
-    ) -> list[list[Any]]:
-        """All views of one entity in one SQLite statement.
-
-        Feast keeps one table per view and its ``online_read`` runs one query per view (five
-        for a user, ~0.3 ms together here). This runs one ``UNION ALL`` over the same tables on
-        the online store's own connection and decodes the rows as Feast does: per entity the
-        requested features present (a row of a feature the view no longer has, such as
-        ``user_profile``'s ``tenure_days`` written before ``user_tenure``, is left out) and the
-        row timestamp (UTC), ``(None, None)`` when it has no row
-        (pinned Feast 0.67; see ADR-002).
-        """
-        from feast.infra.key_encoding_utils import serialize_entity_key
-        from feast.infra.online_stores.sqlite import _quote_id, _table_id
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-
-        config = self.store.config
-        versioned = bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
-        version = config.entity_key_serialization_version
-        blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
-        tables = [_quote_id(_table_id(config.project, fv, versioned)) for fv, _ in reader]
-        conn = online._get_conn(config)
-        found: list[dict[bytes, tuple[Any, dict[str, Any]]]] = [{} for _ in reader]
-        wanted = [set(names) for _, names in reader]  # a table may keep a feature the view dropped
-        for start in range(0, len(blobs), _SQLITE_KEYS_PER_STATEMENT):  # stay under SQLite's variable cap
-            chunk = blobs[start : start + _SQLITE_KEYS_PER_STATEMENT]
-            marks = ",".join(f"?{i + 1}" for i in range(len(chunk)))
-            sql = " UNION ALL ".join(
-                f"SELECT {j}, entity_key, feature_name, value, event_ts FROM {t} WHERE entity_key IN ({marks})"
-                for j, t in enumerate(tables)
-            )
-            for j, key, name, blob, ts in conn.execute(sql, chunk).fetchall():
-                if name not in wanted[j]:
-                    continue
-                value = ValueProto()
-                value.ParseFromString(blob)
-                ts = ts.astimezone(UTC) if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-                feats = found[j].get(key, (None, {}))[1]
-                feats[name] = value
-                found[j][key] = (ts, feats)  # like Feast: the timestamp of the entity's last row
-        return [[view.get(b, (None, None)) for b in blobs] for view in found]
+            return read_rows(store, self.settings.kind, reader, keys)
 
     def online_user_features(self, user_id: int) -> dict[str, Any]:
         """Every user feature of one user from the online store, defaults applied.
@@ -1111,29 +857,10 @@ class FeatureClient:
         The same conversion and ``online_write_batch`` that ``FeatureStore.push`` and
         ``write_to_online_store`` end in, without their per-call registry deserialisation.
         """
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-        from feast.type_map import python_values_to_proto_values
-
         fv = next(fv for fv, _ in self._reader(view.entity) if fv.name == view.name)
-        types = {f.name: f.dtype.to_value_type() for f in fv.features}
-        protos = {
-            name: python_values_to_proto_values([r[name] for r in rows], types[name])
-            for name in view.feature_names
-        }
-        data = [
-            (
-                EntityKeyProto(
-                    join_keys=[view.join_key], entity_values=[ValueProto(int64_val=int(r[view.join_key]))]
-                ),
-                {name: protos[name][i] for name in view.feature_names},
-                utc_timestamp(r[TIMESTAMP_FIELD]).to_pydatetime(),
-                utc_timestamp(r[CREATED_FIELD]).to_pydatetime(),
-            )
-            for i, r in enumerate(rows)
-        ]
+        store = self.store
         with self._online_guard(f"write {view.name}"):
-            self.store._get_provider().online_write_batch(self.store.config, fv, data, progress=None)
+            write_rows(store, fv, view, rows)
 
     # ---------------------------------------------------------------- embeddings
     def write_embeddings(

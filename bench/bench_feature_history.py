@@ -49,6 +49,7 @@ def _run(world: Path, mode: str) -> dict[str, Any]:
 
     import pandas as pd
 
+    from streamrec.features import build as build_module
     from streamrec.features import client as client_module
     from streamrec.features.client import FeatureClient
     from streamrec.features.spec import VIEWS
@@ -68,6 +69,7 @@ def _run(world: Path, mode: str) -> dict[str, Any]:
         if mode != "versioned":  # every view in full at each cutoff
             full = tuple(dataclasses.replace(v, versioned=False) for v in VIEWS)
             stack.enter_context(mock.patch.object(client_module, "VIEWS", full))
+            stack.enter_context(mock.patch.object(build_module, "VIEWS", full))  # the build reads these
         if mode == "before":
             assert state.end is not None
             days = int((state.end - state.events["timestamp"].min()) / timedelta(days=1)) + 2

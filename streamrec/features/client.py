@@ -28,15 +28,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from streamrec.data.schema import storable_id
-from streamrec.data.store import DataStore
 from streamrec.errors import (
     FeatureStoreError,
     InvalidPayloadError,
@@ -44,22 +43,21 @@ from streamrec.errors import (
     OnlineStoreUnavailableError,
 )
 from streamrec.features import offline
+from streamrec.features.build import BuildReport, OfflineBuild
+from streamrec.features.build import resolve_as_of as resolve_as_of
 from streamrec.features.defaults import DefaultContext, apply_defaults
+from streamrec.features.historical import training_frame
 from streamrec.features.item_table import ItemFeatureTable
-from streamrec.features.materialize import Materializer, pending_by_store, previous_end, redis_marker
-from streamrec.features.online import online_errors, read_rows, write_rows
-from streamrec.features.pipeline import MAX_WINDOW, compute_snapshot
+from streamrec.features.materialize import Materializer, previous_end, redis_marker
+from streamrec.features.online import online_errors, push_lock, read_rows, write_rows
 from streamrec.features.push import (
     PushBatch,
-    category_prefs_rows,
-    recent_rows,
-    trending_rows,
+    merged_rows,
     utc_timestamp,
 )
 from streamrec.features.repo import OnlineStoreSettings, load_definitions, repo_config
 from streamrec.features.spec import (
     CREATED_FIELD,
-    FEATURES,
     TIMESTAMP_FIELD,
     VIEWS,
     VIEWS_BY_NAME,
@@ -67,63 +65,10 @@ from streamrec.features.spec import (
     service_views,
     views_for,
 )
-from streamrec.features.versions import VersionedWriter
-from streamrec.paths import DataLayout, exclusive_file_lock
+from streamrec.paths import DataLayout
 
 if TYPE_CHECKING:
     from streamrec.features.check import CheckReport
-
-#: The Redis push lock expires this long after it was taken (a holder that died frees it).
-_PUSH_LOCK_TTL_S = 30.0
-#: How long a push waits for the Redis push lock before giving up.
-_PUSH_LOCK_WAIT_S = 10.0
-
-
-def resolve_as_of(value: str | datetime | None, store: DataStore) -> pd.Timestamp:
-    """Parse a build cutoff: ISO time, ``now``, or ``latest``/None (one second after the last event).
-
-    Raises:
-        FeatureStoreError: ``latest`` with no stored events, or an unparseable time.
-    """
-    if value is None or (isinstance(value, str) and value.lower() == "latest"):
-        dates = store.event_dates()
-        if not dates:
-            raise FeatureStoreError(
-                f"no validated events in {store.layout.root}: "
-                "run `streamrec data ingest` or `streamrec data synth` first"
-            )
-        last = store.events(
-            start=datetime.combine(dates[-1], datetime.min.time(), tzinfo=UTC), columns=["timestamp"]
-        )
-        return utc_timestamp(last["timestamp"].max()).floor("s") + pd.Timedelta(seconds=1)
-    if isinstance(value, str) and value.lower() == "now":
-        return pd.Timestamp.now(tz="UTC").floor("s")
-    try:
-        return utc_timestamp(value)
-    except (ValueError, TypeError) as err:
-        raise FeatureStoreError(
-            f"invalid --as-of '{value}': use an ISO time, 'now' or 'latest' ({err})"
-        ) from None
-
-
-@dataclass
-class BuildReport:
-    """What :meth:`FeatureClient.build` wrote."""
-
-    as_of: str
-    snapshots: list[str]
-    rows: dict[str, int]
-    users: int
-    items: int
-    events_read: int
-    files: int
-    compacted: int
-    seconds: float
-    rewritten: dict[str, list[str]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON output."""
-        return asdict(self)
 
 
 @dataclass
@@ -284,40 +229,12 @@ class FeatureClient:
                 f"online store ({self.settings.describe()}) unavailable during {what}: {err}"
             ) from err
 
-    @contextlib.contextmanager
-    def _push_lock(self) -> Iterator[None]:
+    def _push_lock(self) -> contextlib.AbstractContextManager[None]:
         """Serialise the read-modify-write of :meth:`push_interactions` across processes.
 
-        A push reads the current rows, merges the events in and writes the rows back: two
-        gateway replicas pushing for the same user or item at the same moment would otherwise
-        each write a merge that lacks the other's events. SQLite (a local file, so one machine):
-        an exclusive ``flock`` on ``<features>/push.lock``. Redis (possibly many machines): a
-        Redis lock per project that expires after ``_PUSH_LOCK_TTL_S`` if its holder dies.
+        See :func:`streamrec.features.online.push_lock`.
         """
-        if self.settings.kind == "redis":
-            online = self.store._get_provider().online_store
-            client = online._get_client(self.store.config.online_store)
-            lock = client.lock(
-                f"streamrec:{self.store.config.project}:push-lock",
-                timeout=_PUSH_LOCK_TTL_S,
-                blocking_timeout=_PUSH_LOCK_WAIT_S,
-            )
-            with self._online_guard("push lock"):
-                acquired = lock.acquire()
-            if not acquired:
-                raise OnlineStoreUnavailableError(
-                    f"online store ({self.settings.describe()}): the push lock stayed taken for "
-                    f"{_PUSH_LOCK_WAIT_S:g} s; another process is pushing or died holding it (it expires "
-                    f"after {_PUSH_LOCK_TTL_S:g} s)"
-                )
-            try:
-                yield
-            finally:
-                with contextlib.suppress(Exception):  # expired meanwhile: nothing left to release
-                    lock.release()
-            return
-        with exclusive_file_lock(self.features_dir / "push.lock"):
-            yield
+        return push_lock(self.store, self.settings, self.features_dir, self._online_guard)
 
     # --------------------------------------------------------------------- build
     def build(
@@ -363,109 +280,9 @@ class FeatureClient:
             FeatureStoreError: no data, bad ``as_of``.
             MissingFeatureColumnsError: the stored data lacks a required column.
         """
-        from tqdm import tqdm
-
-        t0 = time.perf_counter()
-        if snapshots < 1:
-            raise FeatureStoreError("--snapshots must be at least 1")
-        ds = DataStore(self.layout.root)
-        users, items = ds.users(), ds.items()
-        if users.empty and items.empty:
-            raise FeatureStoreError(
-                f"no validated users or items in {self.layout.root}: "
-                "run `streamrec data ingest` or `streamrec data synth` first"
-            )
-        times: list[pd.Timestamp]
-        if cutoffs is not None:
-            times = sorted({utc_timestamp(t) for t in cutoffs})
-            if not times:
-                raise FeatureStoreError("features build: cutoffs is empty; give at least one time")
-            cutoff = times[-1]
-        else:
-            cutoff = resolve_as_of(as_of, ds)
-            times = [cutoff - k * every for k in reversed(range(snapshots))]
-        cols = ["user_id", "item_id", "event_type", "label", "timestamp"]
-        events = ds.events(
-            start=(times[0] - MAX_WINDOW).to_pydatetime(), end=cutoff.to_pydatetime(), columns=cols
-        )
-        meta = self._meta()
-        vocab = list(meta.get("category_vocab", []))
-        rows: Counter[str] = Counter()
-        files = 0
-        snap = None
-        pending = pending_by_store(meta)
-        bar = tqdm(
-            total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
-        )
-        for v in VIEWS:  # files written before a feature was added: the new files' schema
-            offline.upgrade_files(self.features_dir, v)
-        made = pd.Timestamp.now(tz="UTC")
-        writers = {v.name: VersionedWriter(self.features_dir, v, times, made) for v in VIEWS if v.versioned}
-
-        def enter_pending(name: str, t: pd.Timestamp) -> None:
-            for views in pending.values():  # every online store has its own window
-                prev = views.get(name)
-                views[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
-
-        for t in times:
-            snap = compute_snapshot(users, items, events, t, vocab, created=made)
-            vocab = snap.vocab
-            for name, frame in snap.frames.items():
-                view = VIEWS_BY_NAME[name]
-                if name in writers:
-                    w = writers[name]
-                    w.add(t, frame)
-                    if extra and w.written.get(t) and (w.newest_stored is None or t >= w.newest_stored):
-                        enter_pending(name, t)  # the newest state: no later cutoff's rewrite carries it
-                else:
-                    offline.write_snapshot(self.features_dir, view, frame, t)
-                    rows[name] += len(frame)
-                files += 1
-                if not extra:
-                    enter_pending(name, t)
-            bar.update(1)
-        bar.close()
-        rewritten: dict[str, list[str]] = {}
-        for name, w in writers.items():
-            again = w.finish()
-            files += len(again)
-            rows[name] += w.rows
-            for t in again:  # already materialized maybe, with rows that no longer hold there
-                enter_pending(name, t)
-            if again:
-                rewritten[name] = [t.isoformat() for t in again]
-        compacted = sum(offline.compact(self.features_dir, v) for v in VIEWS if v.mode == "stream")
-        assert snap is not None
-        if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
-            meta["category_vocab"] = vocab
-            meta["pending"] = pending  # changed only by versioned views (see extra)
-        else:
-            defaults = dict(meta.get("defaults", {}))
-            defaults.update(snap.defaults)
-            meta.update(
-                {
-                    "category_vocab": vocab,
-                    "defaults": defaults,
-                    "pending": pending,
-                    "last_build": {
-                        "as_of": cutoff.isoformat(),
-                        "snapshots": [t.isoformat() for t in times],
-                        "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                    },
-                }
-            )
-        self._write_meta(meta)
-        return BuildReport(
-            as_of=cutoff.isoformat(),
-            snapshots=[t.isoformat() for t in times],
-            rows=dict(rows),
-            users=int(users["user_id"].nunique()),
-            items=int(items["item_id"].nunique()),
-            events_read=len(events),
-            files=files,
-            compacted=compacted,
-            seconds=round(time.perf_counter() - t0, 3),
-            rewritten=rewritten,
+        job = OfflineBuild(self.layout, self._meta, self._write_meta)
+        return job.run(
+            as_of, snapshots=snapshots, every=every, cutoffs=cutoffs, progress=progress, extra=extra
         )
 
     # --------------------------------------------------------------------- apply
@@ -598,54 +415,14 @@ class FeatureClient:
             )
         views = service_views(service)
         self._require_applied()
-        df = labelled_events.copy().reset_index(drop=True)
-        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[ns, UTC]")
-        df["user_id"] = df["user_id"].astype("int64")
-        df["item_id"] = df["item_id"].astype("int64")
-        present = [v for v in views if offline.has_data(self.features_dir, v)]
-        for v in present:
-            df = df.drop(columns=[c for c in v.feature_names if c in df.columns])
-            if len(df):
-                df = df.merge(
-                    self._historical(v, df[[v.join_key, "timestamp"]]),
-                    on=[v.join_key, "timestamp"],
-                    how="left",
-                )
-        attrs: dict[str, Any] = {}
-        for entity in ("user", "item"):
-            cols = [f for v in present if v.entity == entity for f in v.feature_names]
-            attrs[f"rows_without_{entity}_features"] = (
-                int(df[cols].isna().all(axis=1).sum()) if cols else len(df)
-            )
-        counts: dict[str, int] = {}
-        names = [f for v in views for f in v.feature_names]
-        df = apply_defaults(df, self.context, features=names, counts=counts)
-        attrs["defaults_filled"] = counts
-        df.attrs.update(attrs)
-        return df
-
-    def _historical(self, view: View, keys: pd.DataFrame) -> pd.DataFrame:
-        """One view's point-in-time values for unique ``(join key, timestamp)`` pairs.
-
-        One Feast call per view on de-duplicated pairs keeps the result independent of the
-        offline store. The configured DuckDB store needs none of it, but Feast's file (Dask)
-        store drops entity rows whose candidate rows all fall outside the TTL (which would also
-        drop the row for every other view of the same call), collapses rows sharing a join key
-        and timestamp (feast-dev/feast#6787), and fails to sort the null rows of entities with
-        no offline row at all (so those are not sent). Pairs missing from the answer have no
-        valid value: the caller's left join leaves them null, :func:`apply_defaults` fills them.
-        """
-        ent = keys.drop_duplicates().rename(columns={"timestamp": TIMESTAMP_FIELD})
-        ent = ent[ent[view.join_key].isin(offline.entity_ids(self.features_dir, view))].reset_index(drop=True)
-        if ent.empty:
-            return keys.iloc[:0].assign(**{f: pd.Series(dtype=object) for f in view.feature_names})
-        refs = [f"{view.name}:{f}" for f in view.feature_names]
-        with self._feast_output(False):
-            got = self.store.get_historical_features(entity_df=ent, features=refs).to_df()
-        got = got.rename(columns={TIMESTAMP_FIELD: "timestamp"})
-        got["timestamp"] = pd.to_datetime(got["timestamp"], utc=True).astype("datetime64[ns, UTC]")
-        got = got.drop_duplicates([view.join_key, "timestamp"], keep="last")
-        return got[[view.join_key, "timestamp", *view.feature_names]]
+        return training_frame(
+            self.store,
+            self.features_dir,
+            labelled_events,
+            views,
+            self.context,
+            lambda: self._feast_output(False),
+        )
 
     # -------------------------------------------------------------------- online
     def _reader(self, entity: str) -> list[tuple[Any, list[str]]]:
@@ -795,37 +572,8 @@ class FeatureClient:
         users, items = list(batch.interactions), list(batch.positives)
         user_read = self._online_rows("user", users, [recent_v, prefs_v]) if users else {}
         item_read = self._online_rows("item", items, [trend_v, meta_v]) if items else {}
-
-        def stored(read: dict[str, list[Any]], view: View, ids: list[int]) -> dict[int, Any]:
-            return dict(zip(ids, read.get(view.name, [None] * len(ids)), strict=True))
-
-        item_cats = {
-            iid: list((row[1] if row is not None else {}).get("categories") or [])
-            for iid, row in stored(item_read, meta_v, items).items()
-        }
         meta = self._meta()  # the vocabulary and the prior of the same build
-        prior = list(
-            DefaultContext(dict(meta.get("defaults", {}))).resolve(FEATURES["category_prefs"].default) or []
-        )
-        written = [
-            (view, rows)
-            for view, rows in (
-                (recent_v, recent_rows(batch.interactions, stored(user_read, recent_v, users), now)),
-                (
-                    prefs_v,
-                    category_prefs_rows(
-                        batch.interactions,
-                        stored(user_read, prefs_v, users),
-                        item_cats,
-                        list(meta.get("category_vocab", [])),
-                        prior,
-                        now,
-                    ),
-                ),
-                (trend_v, trending_rows(batch.positives, stored(item_read, trend_v, items), now)),
-            )
-            if rows
-        ]
+        written = merged_rows(batch, user_read, item_read, meta, now)
         self._check_registered([view for view, _ in written])  # before writing any of them
         for view, rows in written:
             if feast_push:

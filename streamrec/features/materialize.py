@@ -181,7 +181,7 @@ class Materializer:
                 )
 
     def forget_times(self, view: View, fv: Any, start: pd.Timestamp, until: pd.Timestamp) -> int:
-        """Drop Redis's stored time of ``view`` (registered as ``fv``) for the entities with rows in ``[start, until]``.
+        """Drop Redis's stored time of ``view`` (``fv``) for the entities with rows in ``[start, until]``.
 
         Feast's Redis store skips a row dated at or before the time it holds for the entity
         (an equal time too). A versioned view's rebuilt cutoff carries the same date as the row

@@ -1,16 +1,27 @@
-"""Raw online-store access on Feast's cached views: one-round-trip reads and provider writes."""
+"""Raw online-store access on Feast's cached views: one-round-trip reads, provider writes, the push lock."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
+from streamrec.errors import OnlineStoreUnavailableError
 from streamrec.features.push import utc_timestamp
+from streamrec.features.repo import OnlineStoreSettings
 from streamrec.features.spec import CREATED_FIELD, TIMESTAMP_FIELD, View
+from streamrec.paths import exclusive_file_lock
 
 #: Entity keys per SQLite statement of the one-statement online read (SQLite caps bound variables).
 SQLITE_KEYS_PER_STATEMENT = 500
+#: The Redis push lock expires this long after it was taken (a holder that died frees it).
+PUSH_LOCK_TTL_S = 30.0
+#: How long a push waits for the Redis push lock before giving up.
+PUSH_LOCK_WAIT_S = 10.0
 
 
 def online_errors() -> tuple[type[BaseException], ...]:
@@ -150,3 +161,44 @@ def write_rows(store: Any, fv: Any, view: View, rows: list[dict[str, Any]]) -> N
         for i, r in enumerate(rows)
     ]
     store._get_provider().online_write_batch(store.config, fv, data, progress=None)
+
+
+@contextlib.contextmanager
+def push_lock(
+    store: Any,
+    settings: OnlineStoreSettings,
+    features_dir: Path,
+    guard: Callable[[str], AbstractContextManager[None]],
+) -> Iterator[None]:
+    """Serialise a push's read-modify-write across processes (``FeatureClient.push_interactions``).
+
+    A push reads the current rows, merges the events in and writes the rows back: two
+    gateway replicas pushing for the same user or item at the same moment would otherwise
+    each write a merge that lacks the other's events. SQLite (a local file, so one machine):
+    an exclusive ``flock`` on ``<features>/push.lock``. Redis (possibly many machines): a
+    Redis lock per project that expires after ``PUSH_LOCK_TTL_S`` if its holder dies.
+    """
+    if settings.kind == "redis":
+        online = store._get_provider().online_store
+        client = online._get_client(store.config.online_store)
+        lock = client.lock(
+            f"streamrec:{store.config.project}:push-lock",
+            timeout=PUSH_LOCK_TTL_S,
+            blocking_timeout=PUSH_LOCK_WAIT_S,
+        )
+        with guard("push lock"):
+            acquired = lock.acquire()
+        if not acquired:
+            raise OnlineStoreUnavailableError(
+                f"online store ({settings.describe()}): the push lock stayed taken for "
+                f"{PUSH_LOCK_WAIT_S:g} s; another process is pushing or died holding it (it expires "
+                f"after {PUSH_LOCK_TTL_S:g} s)"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # expired meanwhile: nothing left to release
+                lock.release()
+        return
+    with exclusive_file_lock(features_dir / "push.lock"):
+        yield

@@ -18,7 +18,8 @@ import pandas as pd
 
 from streamrec.data.schema import EVENT_TYPES
 from streamrec.errors import InvalidPayloadError
-from streamrec.features.spec import CREATED_FIELD, TIMESTAMP_FIELD
+from streamrec.features.defaults import DefaultContext
+from streamrec.features.spec import CREATED_FIELD, FEATURES, TIMESTAMP_FIELD, VIEWS_BY_NAME, View
 from streamrec.features.transforms import add_category_positives, derive_label, merge_recent, trending_update
 
 _ONE_US = pd.Timedelta(microseconds=1)
@@ -234,3 +235,54 @@ def parse_event(e: Any, i: int) -> dict[str, Any]:
         raise InvalidPayloadError(f"event {i}: 'timestamp' is missing")
     out["timestamp"] = t
     return out
+
+
+def merged_rows(
+    batch: PushBatch,
+    user_read: Mapping[str, list[Stored]],
+    item_read: Mapping[str, list[Stored]],
+    meta: Mapping[str, Any],
+    now: pd.Timestamp,
+) -> list[tuple[View, list[dict[str, Any]]]]:
+    """The new rows of the push views: the stored online rows with the events of ``batch`` merged in.
+
+    ``user_read`` / ``item_read``: the stored online rows of the batch's users (their
+    interactions) and items (their positives), ``view -> [row | None per id]`` in the batch's
+    order; ``meta``: the build's ``meta.json`` (the vocabulary and the prior of the same build).
+
+    Returns:
+        ``(view, rows)`` for each view that gets rows (the user views first).
+    """
+    recent_v, prefs_v = VIEWS_BY_NAME["user_recent_interactions"], VIEWS_BY_NAME["user_category_prefs"]
+    trend_v, meta_v = VIEWS_BY_NAME["item_trending"], VIEWS_BY_NAME["item_metadata"]
+    users, items = list(batch.interactions), list(batch.positives)
+
+    def stored(read: Mapping[str, list[Stored]], view: View, ids: list[int]) -> dict[int, Any]:
+        return dict(zip(ids, read.get(view.name, [None] * len(ids)), strict=True))
+
+    item_cats = {
+        iid: list((row[1] if row is not None else {}).get("categories") or [])
+        for iid, row in stored(item_read, meta_v, items).items()
+    }
+    prior = list(
+        DefaultContext(dict(meta.get("defaults", {}))).resolve(FEATURES["category_prefs"].default) or []
+    )
+    return [
+        (view, rows)
+        for view, rows in (
+            (recent_v, recent_rows(batch.interactions, stored(user_read, recent_v, users), now)),
+            (
+                prefs_v,
+                category_prefs_rows(
+                    batch.interactions,
+                    stored(user_read, prefs_v, users),
+                    item_cats,
+                    list(meta.get("category_vocab", [])),
+                    prior,
+                    now,
+                ),
+            ),
+            (trend_v, trending_rows(batch.positives, stored(item_read, trend_v, items), now)),
+        )
+        if rows
+    ]

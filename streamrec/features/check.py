@@ -22,7 +22,7 @@ class CheckReport:
 
     ``checked`` counts entity rows compared (per view, plus item-table rows); ``mismatches``
     counts those with at least one differing value. ``ok`` is false on any mismatch or
-    schema problem.
+    schema problem, or when nothing was compared although the offline store has rows.
     """
 
     checked: int
@@ -51,7 +51,8 @@ def check_store(
     :func:`~streamrec.features.spec.schema_report`.
 
     Returns:
-        The report; ``ok`` is false on any mismatch or schema problem.
+        The report; ``ok`` is false on any mismatch or schema problem, or when no row was
+        compared although the offline store has rows (nothing materialized: nothing verified).
 
     Raises:
         OnlineStoreUnavailableError: the online store cannot be reached.
@@ -111,7 +112,9 @@ def check_store(
         checked += len(pick)
         mismatches += bad_rows
     schema = schema_report()
-    ok = mismatches == 0 and not any(schema.values())
+    # Nothing compared while there are offline rows: nothing was verified (never materialized).
+    unverified = checked == 0 and any(offline.time_range(client.features_dir, v) for v in VIEWS)
+    ok = mismatches == 0 and not any(schema.values()) and not unverified
     return CheckReport(
         checked=checked,
         mismatches=mismatches,

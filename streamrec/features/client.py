@@ -48,7 +48,7 @@ from streamrec.features.build import resolve_as_of as resolve_as_of
 from streamrec.features.defaults import DefaultContext, apply_defaults
 from streamrec.features.historical import training_frame
 from streamrec.features.item_table import ItemFeatureTable
-from streamrec.features.materialize import Materializer, previous_end, redis_marker
+from streamrec.features.materialize import Materializer, recorded_end, redis_marker
 from streamrec.features.online import online_errors, push_lock, read_rows, write_rows
 from streamrec.features.push import (
     PushBatch,
@@ -372,13 +372,16 @@ class FeatureClient:
         )
 
     def materialized_until(self, name: str, fvs: dict[str, Any] | None = None) -> pd.Timestamp | None:
-        """Until when view ``name`` was materialized into this client's online store (None: never)."""
-        meta = self._meta()
+        """Until when view ``name`` was materialized into the online store (None: never).
+
+        This client's store's end, or when it has none recorded the newest of any store's
+        (:func:`~streamrec.features.materialize.recorded_end`): what the item table and the
+        check read the offline rows up to.
+        """
         fvs = fvs if fvs is not None else self._registered()
-        ends = meta.get("online_ends", {}).get(self.settings.describe(), {})
         if name not in fvs:
             return None
-        return previous_end(name, ends, fvs, "online_ends" not in meta)
+        return recorded_end(name, self._meta(), self.settings.describe(), fvs)
 
     def _redis_marker(self, view: str) -> str:
         """The Redis key set after each materialization of ``view`` (gone: flushed or never)."""

@@ -51,6 +51,26 @@ def previous_end(name: str, ends: dict[str, str], fvs: dict[str, Any], legacy: b
     return utc_timestamp(end) if end is not None else None
 
 
+def recorded_end(name: str, meta: Mapping[str, Any], here: str, fvs: dict[str, Any]) -> pd.Timestamp | None:
+    """Until when view ``name`` was materialized, for reads of the offline rows (None: never).
+
+    This store's end (``meta.json`` ``online_ends[here]``); when it has none recorded (another
+    spelling of the same Redis URL, the default SQLite client of a data directory served from
+    Redis), the newest end recorded for any store, else Feast's registry end. The item table
+    and the check need what has been materialized, not per-store precision; materialization
+    itself uses :func:`previous_end`.
+    """
+    all_ends = meta.get("online_ends", {})
+    if name in all_ends.get(here, {}):
+        return utc_timestamp(all_ends[here][name])
+    recorded = [utc_timestamp(e[name]) for e in all_ends.values() if name in e]
+    if recorded:
+        return max(recorded)
+    fv = fvs.get(name)
+    end = fv.most_recent_end_time if fv is not None else None
+    return utc_timestamp(end) if end is not None else None
+
+
 def entities_between(features_dir: Path, view: View, start: pd.Timestamp, stop: pd.Timestamp) -> np.ndarray:
     """The entity ids of the view's offline rows dated in ``[start, stop]``."""
     import pyarrow.parquet as pq

@@ -331,3 +331,43 @@ def test_a_failed_materialization_keeps_the_ends_of_the_views_written_before(tmp
     assert ends["user_profile"] == ends["item_metadata"] == stop.isoformat()
     assert "item_popularity" not in ends and "item_popularity" in meta["pending"][fc.settings.describe()]
     assert "item_metadata" not in meta["pending"][fc.settings.describe()]
+
+
+def test_a_client_whose_store_has_no_recorded_end_reads_the_newest_one(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """Another spelling of the Redis URL, or the default SQLite client, still sees every item.
+
+    The item table and the check read offline rows up to the materialization end; a client
+    whose store key is not in ``online_ends`` read None (0 items), and its check passed having
+    compared 0 rows.
+    """
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    url = redis_url_factory()
+    assert "127.0.0.1" in url
+    fc = FeatureClient(d, online="redis", redis_url=url)
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    n = len(DataStore(d).items())
+    other = FeatureClient(d, online="redis", redis_url=url.replace("127.0.0.1", "localhost"))
+    for client in (fc, other, FeatureClient(d)):
+        table = client.item_table()
+        assert len(table) == n
+        assert sum(1 for c in table.category_lists() if len(c)) == n
+        assert table.materialized_until["item_metadata"] == (end + h).isoformat()
+        assert not client.item_table_is_stale()
+    report = other.check(sample=20)
+    assert report.ok and report.checked > 0 and report.per_view["item_metadata"]["checked"] > 0
+
+
+def test_check_fails_when_nothing_was_compared(tmp_path: Path) -> None:
+    """Built and applied but never materialized: 0 rows compared is not a pass."""
+    d, end = _world(tmp_path)
+    fc = FeatureClient(d, online="sqlite")
+    fc.build(cutoffs=[end])
+    fc.apply()
+    report = fc.check(sample=10)
+    assert report.checked == 0
+    assert not report.ok

@@ -144,8 +144,10 @@ class Materializer:
                 report[v.name] = {"skipped": f"already materialized until {start.isoformat()}"}
                 continue
             n = len(entities_between(self.features_dir, v, start, stop))
-            if n == 0:
+            if n == 0:  # the window was processed: its end is recorded (a legacy view's first)
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
+                pending.pop(v.name, None)
+                ends[v.name] = stop.isoformat()
                 continue
             if v.versioned and self.settings.kind == "redis":  # whatever it holds, also when
                 self.forget_times(v, fvs[v.name], start, stop)  # reloaded: upgraded, marker lost

@@ -371,3 +371,24 @@ def test_check_fails_when_nothing_was_compared(tmp_path: Path) -> None:
     report = fc.check(sample=10)
     assert report.checked == 0
     assert not report.ok
+
+
+def test_a_view_without_rows_in_the_first_window_after_an_upgrade_keeps_its_end(tmp_path: Path) -> None:
+    """A data directory from before ``online_ends``: a view skipped for an empty window still
+    reads as materialized afterwards (it read as never, and the item table dropped it)."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="sqlite")
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    mf = d / "features" / "meta.json"
+    meta = json.loads(mf.read_text())
+    meta.pop("online_ends")
+    meta.pop("pending", None)
+    mf.write_text(json.dumps(meta))
+    report = fc.materialize((end + 2 * h).to_pydatetime())
+    assert "no rows between" in report.views["item_popularity"]["skipped"]
+    until = FeatureClient(d).item_table().materialized_until
+    for name in ("item_engagement_7d", "item_popularity", "item_metadata"):
+        assert until[name] == (end + 2 * h).isoformat()

@@ -72,11 +72,15 @@ class BuildReport:
 
 @dataclass
 class OfflineBuild:
-    """Builds one data directory's offline features; ``meta.json`` read and written by the caller."""
+    """Builds one data directory's offline features.
+
+    ``read_meta`` reads ``meta.json``; ``update_meta(change)`` applies ``change`` to it re-read
+    under the caller's lock (the build changes only the vocabulary, pending, defaults and last build).
+    """
 
     layout: DataLayout
     read_meta: Callable[[], dict[str, Any]]
-    write_meta: Callable[[dict[str, Any]], None]
+    update_meta: Callable[[Callable[[dict[str, Any]], None]], None]
 
     def run(
         self,
@@ -123,7 +127,6 @@ class OfflineBuild:
         rows: Counter[str] = Counter()
         files = 0
         snap = None
-        pending = pending_by_store(meta)
         bar = tqdm(
             total=len(times), desc="features build", unit="snapshot", disable=not progress, file=sys.stderr
         )
@@ -132,10 +135,10 @@ class OfflineBuild:
         made = pd.Timestamp.now(tz="UTC")
         writers = {v.name: VersionedWriter(features_dir, v, times, made) for v in VIEWS if v.versioned}
 
+        entered: dict[str, pd.Timestamp] = {}  # per view, the earliest cutoff to materialize again
+
         def enter_pending(name: str, t: pd.Timestamp) -> None:
-            for views in pending.values():  # every online store has its own window
-                prev = views.get(name)
-                views[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+            entered[name] = min(entered.get(name, t), t)
 
         for t in times:
             snap = compute_snapshot(users, items, events, t, vocab, created=made)
@@ -166,25 +169,28 @@ class OfflineBuild:
                 rewritten[name] = [t.isoformat() for t in again]
         compacted = sum(offline.compact(features_dir, v) for v in VIEWS if v.mode == "stream")
         assert snap is not None
-        if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
-            meta["category_vocab"] = vocab
-            meta["pending"] = pending  # changed only by versioned views (see extra)
-        else:
-            defaults = dict(meta.get("defaults", {}))
-            defaults.update(snap.defaults)
-            meta.update(
-                {
-                    "category_vocab": vocab,
-                    "defaults": defaults,
-                    "pending": pending,
-                    "last_build": {
-                        "as_of": cutoff.isoformat(),
-                        "snapshots": [t.isoformat() for t in times],
-                        "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
-                    },
-                }
-            )
-        self.write_meta(meta)
+        built_as_of, built_times = cutoff.isoformat(), [t.isoformat() for t in times]
+        defaults_now = dict(snap.defaults)
+
+        def record(meta: dict[str, Any]) -> None:  # meta re-read under the lock: keep the rest
+            current = list(meta.get("category_vocab", []))
+            meta["category_vocab"] = current + [c for c in vocab if c not in current]
+            pending = pending_by_store(meta)
+            for views in pending.values():  # every online store has its own window
+                for name, t in entered.items():
+                    prev = views.get(name)
+                    views[name] = t.isoformat() if prev is None else min(utc_timestamp(prev), t).isoformat()
+            meta["pending"] = pending
+            if extra:  # snapshots for point-in-time reads only: the recorded build stays as it was
+                return
+            meta["defaults"] = {**meta.get("defaults", {}), **defaults_now}
+            meta["last_build"] = {
+                "as_of": built_as_of,
+                "snapshots": built_times,
+                "built_at": pd.Timestamp.now(tz="UTC").isoformat(),
+            }
+
+        self.update_meta(record)
         return BuildReport(
             as_of=cutoff.isoformat(),
             snapshots=[t.isoformat() for t in times],

@@ -25,9 +25,10 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,7 @@ from streamrec.features.spec import (
     service_views,
     views_for,
 )
-from streamrec.paths import DataLayout
+from streamrec.paths import DataLayout, exclusive_file_lock
 
 if TYPE_CHECKING:
     from streamrec.features.check import CheckReport
@@ -144,12 +145,36 @@ class FeatureClient:
         return json.loads(p.read_text()) if p.is_file() else {}
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace ``meta.json`` atomically (a unique temporary file, synced, then renamed).
+
+        Callers changing it hold the meta lock (:meth:`_update_meta`).
+        """
         self.features_dir.mkdir(parents=True, exist_ok=True)
         p = self.features_dir / "meta.json"
-        tmp = p.with_name(f".meta.json.{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(tmp, p)
+        fd, tmp = tempfile.mkstemp(prefix=".meta.json.", dir=self.features_dir)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(meta, indent=2, default=str))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self._context = None
+
+    def _update_meta(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read-modify-write ``meta.json`` under an exclusive file lock (``features/meta.lock``).
+
+        ``change`` gets the current contents, re-read under the lock, and changes only the keys
+        its operation owns: a build and a materialization running at once keep each other's.
+        """
+        self.features_dir.mkdir(parents=True, exist_ok=True)
+        with exclusive_file_lock(self.features_dir / "meta.lock"):
+            meta = self._meta()
+            change(meta)
+            self._write_meta(meta)
 
     @property
     def context(self) -> DefaultContext:
@@ -280,7 +305,7 @@ class FeatureClient:
             FeatureStoreError: no data, bad ``as_of``.
             MissingFeatureColumnsError: the stored data lacks a required column.
         """
-        job = OfflineBuild(self.layout, self._meta, self._write_meta)
+        job = OfflineBuild(self.layout, self._meta, self._update_meta)
         return job.run(
             as_of, snapshots=snapshots, every=every, cutoffs=cutoffs, progress=progress, extra=extra
         )
@@ -355,7 +380,7 @@ class FeatureClient:
         fvs = self._require_applied(refresh=True)
         materializer = Materializer(self.store, self.settings, self.features_dir, self._online_guard)
         report, total = materializer.run(
-            self._meta(), fvs, stop, quiet=lambda: self._feast_output(progress), write_meta=self._write_meta
+            self._meta(), fvs, stop, quiet=lambda: self._feast_output(progress), update_meta=self._update_meta
         )
         self.store.refresh_registry()
         if self._item_table is not None:
@@ -666,9 +691,10 @@ class FeatureClient:
         self._require_applied()
         self._write_online(view, frame.to_dict("records"))
         offline.write_rows(self.features_dir, view, frame, "training")
-        meta = self._meta()
-        meta.setdefault("defaults", {})[f"{kind}_embedding_dim"] = int(vec.shape[1])
-        self._write_meta(meta)
+        dim = int(vec.shape[1])
+        self._update_meta(
+            lambda meta: meta.setdefault("defaults", {}).__setitem__(f"{kind}_embedding_dim", dim)
+        )
         if kind == "item":
             self._item_table = None
         return len(frame)

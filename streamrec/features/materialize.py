@@ -108,12 +108,15 @@ class Materializer:
         stop: pd.Timestamp,
         *,
         quiet: Callable[[], AbstractContextManager[None]],
-        write_meta: Callable[[dict[str, Any]], None],
+        update_meta: Callable[[Callable[[dict[str, Any]], None]], None],
     ) -> tuple[dict[str, dict[str, Any]], int]:
-        """Materialize every view up to ``stop``, recording ends and pending in ``meta``.
+        """Materialize every view up to ``stop``, recording ends and pending in ``meta.json``.
 
-        See :meth:`streamrec.features.client.FeatureClient.materialize`. ``meta`` is written
-        with ``write_meta`` after each view; ``quiet`` wraps Feast's output.
+        See :meth:`streamrec.features.client.FeatureClient.materialize`. ``meta`` is the
+        contents read at the start; after each view, ``update_meta`` records its end in the
+        contents re-read under the caller's lock and drops its pending entry only if it still
+        holds the value read (a build meanwhile may have entered an earlier cutoff). ``quiet``
+        wraps Feast's output.
 
         Returns:
             Per-view windows and entity rows written, and the total rows.
@@ -122,8 +125,22 @@ class Materializer:
         legacy = "online_ends" not in meta  # a data directory from before per-store ends
         by_store = pending_by_store(meta)
         pending = by_store.pop(ANY_STORE, None) or by_store.get(here, {})
-        meta["pending"] = {**by_store, here: pending}
-        ends = meta.setdefault("online_ends", {}).setdefault(here, {})
+        read = dict(pending)  # pending as read: entries a build changed since stay
+        ends = dict(meta.get("online_ends", {}).get(here, {}))
+
+        def record(name: str | None) -> None:
+            def change(m: dict[str, Any]) -> None:
+                now = pending_by_store(m)
+                mine = now.pop(ANY_STORE, None) or now.get(here, {})
+                if name is not None:
+                    if name in read and mine.get(name) == read[name]:
+                        mine.pop(name)
+                    m.setdefault("online_ends", {}).setdefault(here, {})[name] = stop.isoformat()
+                m["pending"] = {**now, here: mine}
+                m.setdefault("online_ends", {}).setdefault(here, {})
+
+            update_meta(change)
+
         fresh = {  # before writing anything: Redis keys hold every view of an entity together
             v.name for v in VIEWS if v.versioned and (v.name not in ends or self.view_empty(fvs[v.name]))
         }
@@ -146,8 +163,8 @@ class Materializer:
             n = len(entities_between(self.features_dir, v, start, stop))
             if n == 0:  # the window was processed: its end is recorded (a legacy view's first)
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
-                pending.pop(v.name, None)
                 ends[v.name] = stop.isoformat()
+                record(v.name)
                 continue
             if v.versioned and self.settings.kind == "redis":  # whatever it holds, also when
                 self.forget_times(v, fvs[v.name], start, stop)  # reloaded: upgraded, marker lost
@@ -157,12 +174,11 @@ class Materializer:
                 )
             if v.versioned:
                 self.mark(v.name, stop)
-            pending.pop(v.name, None)
             ends[v.name] = stop.isoformat()
+            record(v.name)  # a later view failing keeps this one's end and pending
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
             total += n
-            write_meta(meta)  # a later view failing keeps this one's end and pending
-        write_meta(meta)
+        record(None)  # a legacy directory's pending becomes this store's
         return report, total
 
     def view_empty(self, fv: Any) -> bool:

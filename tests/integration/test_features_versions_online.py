@@ -392,3 +392,39 @@ def test_a_view_without_rows_in_the_first_window_after_an_upgrade_keeps_its_end(
     until = FeatureClient(d).item_table().materialized_until
     for name in ("item_engagement_7d", "item_popularity", "item_metadata"):
         assert until[name] == (end + 2 * h).isoformat()
+
+
+def test_a_build_during_a_materialization_keeps_its_meta_and_reaches_the_online_store(tmp_path: Path) -> None:
+    """meta.json is changed under a lock, re-read, only the operation's own keys: the build's
+    last_build, defaults and pending survive the materialization that was running, and the
+    item it edited reaches the online store with the next materialization."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    ids = DataStore(d).items()["item_id"].astype(int).tolist()
+    item, item2 = ids[0], ids[1]
+    fc = FeatureClient(d, online="sqlite")
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h / 2).to_pydatetime())
+    _set_categories(d, item2, ["jazz"])
+    fc.build(cutoffs=[end + h])  # item_metadata has rows in the next window
+    other = FeatureClient(d, online="sqlite")
+    m = FeatureClient(d, online="sqlite")
+    feast_materialize = m.store.materialize
+    done: list[int] = []
+
+    def during(**kw: object) -> None:
+        feast_materialize(**kw)
+        if not done and kw.get("feature_views") == ["item_engagement_7d"]:
+            done.append(1)
+            _set_categories(d, item, ["opera"])
+            other.build(cutoffs=[end + 2 * h])
+
+    m.store.materialize = during
+    m.materialize((end + 3 * h).to_pydatetime())
+    assert done
+    meta = json.loads((d / "features" / "meta.json").read_text())
+    assert meta["last_build"]["as_of"] == (end + 2 * h).isoformat()
+    assert "opera" in meta["category_vocab"]
+    fc.materialize((end + 4 * h).to_pydatetime())
+    assert _online_categories(fc, [item, item2]) == [["opera"], ["jazz"]]

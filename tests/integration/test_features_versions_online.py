@@ -145,7 +145,7 @@ def test_an_unchanged_item_keeps_its_online_value_and_a_new_store_gets_every_ite
 def test_feasts_redis_store_skips_a_row_dated_as_the_one_it_holds(
     tmp_path: Path, redis_url_factory: Callable[[], str]
 ) -> None:
-    """What the client works around (``FeatureClient._redis_forget_times``), pinned on Feast 0.67."""
+    """What the client works around (``Materializer.forget_times``), pinned on Feast 0.67."""
     d, end = _world(tmp_path)
     fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
     fc.build(cutoffs=[end])

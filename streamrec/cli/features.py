@@ -122,7 +122,10 @@ def check(
     redis_url: RedisOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare online values with the offline store; exit 1 on any mismatch or schema problem."""
+    """Compare online values with the offline store; exit 1 on a mismatch, a schema problem or none compared.
+
+    Nothing compared while offline rows exist means the store was never materialized.
+    """
     report = _client(data_dir, online_store, redis_url).check(sample=sample, seed=seed)
     payload = report.to_dict()
     if as_json:
@@ -140,6 +143,8 @@ def check(
             )
         problems = {k: v for k, v in report.schema.items() if v}
         typer.echo(f"schema         {'ok' if not problems else json.dumps(problems)}")
+        if report.unverified:
+            typer.echo(f"unverified     {report.unverified}")
     if not report.ok:
         raise typer.Exit(1)
 

@@ -33,6 +33,8 @@ class CheckReport:
     schema: dict[str, list[str]]
     online_store: str
     ok: bool = field(default=True)
+    #: Why nothing was verified, when nothing was compared although offline rows exist.
+    unverified: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON output."""
@@ -124,6 +126,12 @@ def check_store(
         schema=schema,
         online_store=client.settings.describe(),
         ok=ok,
+        unverified=(
+            "nothing compared: no offline rows up to this store's materialized end "
+            "(run `streamrec features materialize`)"
+            if unverified
+            else None
+        ),
     )
 
 

@@ -100,6 +100,13 @@ class PushResult:
     seconds: float
 
 
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
 class FeatureClient:
     """Feature store access for one data directory (offline build, Feast, online, item table).
 
@@ -153,6 +160,8 @@ class FeatureClient:
         p = self.features_dir / "meta.json"
         fd, tmp = tempfile.mkstemp(prefix=".meta.json.", dir=self.features_dir)
         try:
+            # mkstemp makes the file 0600: keep the mode other users (serving pods) read it with.
+            os.fchmod(fd, p.stat().st_mode & 0o777 if p.exists() else _default_file_mode())
             with os.fdopen(fd, "w") as fh:
                 fh.write(json.dumps(meta, indent=2, default=str))
                 fh.flush()

@@ -163,7 +163,13 @@ MISS_CAUSE_TAGS: tuple[str, ...] = ("timeout", "error", "circuit_open")
 
 #: Components a degradation reason can name (the ``reason`` tag is ``<component>_<cause>``).
 _COMPONENTS = ("online_store", "ranker", "full", "funnel", "batch", "popularity", "cached", "source")
-_CAUSES = (("circuit open", "circuit_open"), ("timeout", "timeout"), ("error", "error"), ("no ", "empty"))
+_CAUSES = (
+    ("circuit open", "circuit_open"),
+    ("timeout", "timeout"),
+    ("error", "error"),
+    ("no ", "empty"),
+    ("nothing", "empty"),
+)
 _ROUTES = ("recommend", "events", "reload", "items", "status", "healthz", "readyz")
 
 

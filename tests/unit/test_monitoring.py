@@ -132,6 +132,7 @@ def test_rays_own_metrics_api_accepts_every_declaration() -> None:
         ("ranker: circuit open; ordered by merged retrieval score", "ranker_circuit_open"),
         ("full: error (RuntimeError)", "full_error"),
         ("full: timeout", "full_timeout"),
+        ("batch: nothing for this user", "batch_empty"),
         ("3 item(s) backfilled from batch", "backfill"),
         ("user 12345 did something new", "other"),
     ],

@@ -29,13 +29,8 @@ from streamrec.data.click_model import (
     pair_terms,
     sample_outcomes,
 )
-from streamrec.data.synth import (
-    DAY_US,
-    SYNTH_DEVICES,
-    ItemTruth,
-    SynthConfig,
-    to_us,
-)
+from streamrec.data.synth import ItemTruth, to_us
+from streamrec.data.synth_config import DAY_US, SYNTH_DEVICES, SynthConfig
 from streamrec.errors import DataError, DataNotFoundError
 from streamrec.paths import DataLayout
 

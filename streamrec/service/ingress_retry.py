@@ -60,9 +60,10 @@ class ResendUnanswered:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
+        client = _Client(receive)
         body, complete, first = await _read_body(receive, self.max_body)
         if not complete:  # too large to keep: one attempt, the body streamed as it comes
-            await self.app(scope, _replay(first, receive), send)
+            await self.app(scope, client.replay(first), send)
             return
         started = False
 
@@ -72,14 +73,13 @@ class ResendUnanswered:
                 started = True
             await send(message)
 
-        client = _Client(receive)
         for attempt in (1, 2):
             # Each attempt gets the scope as it arrived: Ray's proxy rewrites its copy (the path
             # without the route prefix, the request-id header), and a resend of that is a 404.
             fresh = {**scope, "headers": list(scope.get("headers", []))}
             failed: Exception | None = None
             try:
-                await self.app(fresh, client.replay(body), tracking_send)
+                await self.app(fresh, client.replay([_body_message(body)]), tracking_send)
             except Exception as exc:
                 if started or attempt == 2:
                     raise
@@ -112,8 +112,9 @@ class _Client:
         self._receive = receive
         self.gone = False
 
-    def replay(self, body: bytes) -> Receive:
-        pending = [_body_message(body)]
+    def replay(self, messages: list[Message]) -> Receive:
+        """A ``receive`` that gives ``messages`` first, then the connection's own."""
+        pending = list(messages)
 
         async def receive() -> Message:
             if pending:
@@ -175,18 +176,6 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool, list[Me
 
 def _body_message(body: bytes) -> Message:
     return {"type": "http.request", "body": body, "more_body": False}
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A ``receive`` that gives ``messages`` first, then the connection's own (its disconnect)."""
-    pending = list(messages)
-
-    async def replay() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replay
 
 
 def proxy_middlewares() -> list[Any]:

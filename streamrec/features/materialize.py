@@ -144,6 +144,9 @@ class Materializer:
         fresh = {  # before writing anything: Redis keys hold every view of an entity together
             v.name for v in VIEWS if v.versioned and (v.name not in ends or self.view_empty(fvs[v.name]))
         }
+        marked = {  # Redis restored from an older snapshot: its marker (and data) end earlier
+            v.name: self.marker_end(v.name) for v in VIEWS if v.versioned and v.name not in fresh
+        }
         report: dict[str, dict[str, Any]] = {}
         total = 0
         for v in VIEWS:
@@ -154,6 +157,8 @@ class Materializer:
             prev = previous_end(v.name, ends, fvs, legacy)
             if v.name in fresh:
                 prev = None  # a store that holds nothing of this view: every entity
+            elif prev is not None and marked.get(v.name) is not None:
+                prev = min(prev, marked[v.name])  # the earlier of what it holds and what was recorded
             start = utc_timestamp(prev) if prev is not None else rng[0]
             if v.name in pending:
                 start = min(start, utc_timestamp(pending[v.name]))
@@ -208,6 +213,28 @@ class Materializer:
                     redis_marker(config.project, fv.name)
                 )
         return False
+
+    def marker_end(self, view: str) -> pd.Timestamp | None:
+        """The end the view's Redis marker (:func:`redis_marker`) holds; None: no marker, not Redis.
+
+        Redis restored from an older snapshot (RDB, AOF) holds that snapshot's marker with its
+        data, so its end is earlier than the one ``meta.json`` recorded: the window starts at
+        the earlier of the two. A marker that does not parse as a time reads as none.
+        """
+        online = self.store._get_provider().online_store
+        if self.settings.kind != "redis" or not hasattr(online, "_get_client"):
+            return None
+        with self.guard(f"materialize {view}"):
+            raw = online._get_client(self.store.config.online_store).get(
+                redis_marker(self.store.config.project, view)
+            )
+        if raw is None:
+            return None
+        try:
+            end = utc_timestamp(raw.decode() if isinstance(raw, bytes) else str(raw))
+        except (ValueError, TypeError):
+            return None
+        return None if pd.isna(end) else end
 
     def mark(self, view: str, stop: pd.Timestamp) -> None:
         """Set the view's Redis marker (:func:`redis_marker`) to ``stop``; other stores: nothing."""

@@ -428,3 +428,59 @@ def test_a_build_during_a_materialization_keeps_its_meta_and_reaches_the_online_
     assert "opera" in meta["category_vocab"]
     fc.materialize((end + 4 * h).to_pydatetime())
     assert _online_categories(fc, [item, item2]) == [["opera"], ["jazz"]]
+
+
+def test_redis_restored_from_an_older_snapshot_gets_the_rows_written_since(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """A snapshot (RDB) taken after the first materialization, restored after the second: Redis
+    holds the older marker and the older rows while meta.json records the newer end. The next
+    window starts at the earlier of the two, so the edit materialized in between is written again.
+    """
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    original = list(DataStore(d).items()["categories"].iloc[0])
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
+    snapshot = {k: client.dump(k) for k in client.scan_iter()}  # the RDB taken here
+    _set_categories(d, item, ["opera"])
+    fc.build(cutoffs=[end + 2 * h])
+    fc.materialize((end + 3 * h).to_pydatetime())
+    assert _online_categories(fc, [item]) == [["opera"]]
+
+    client.flushdb()  # restored from the older snapshot
+    for k, v in snapshot.items():
+        client.restore(k, 0, v)
+    assert _online_categories(fc, [item]) == [original]
+    assert client.get(fc._redis_marker("item_metadata")) == (end + h).isoformat().encode()
+    mat = fc.materialize((end + 4 * h).to_pydatetime())
+    assert mat.views["item_metadata"]["start"] == (end + h).isoformat()  # not meta.json's end + 3h
+    assert mat.views["item_metadata"]["rows"] == 1
+    assert _online_categories(fc, [item]) == [["opera"]]
+    assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
+    assert client.get(fc._redis_marker("item_metadata")) == (end + 4 * h).isoformat().encode()
+
+
+def test_a_redis_marker_newer_than_the_recorded_end_keeps_the_recorded_start(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """The other way round (meta.json restored from an older copy): the recorded end is earlier."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
+    client.set(fc._redis_marker("item_metadata"), (end + 5 * h).isoformat())
+    client.set(fc._redis_marker("user_profile"), "not a time")  # reads as no marker
+    mat = fc.materialize((end + 6 * h).to_pydatetime())
+    for name in ("item_metadata", "user_profile"):
+        assert (
+            mat.views[name]["skipped"]
+            == f"no rows between {(end + h).isoformat()} and {(end + 6 * h).isoformat()}"
+        )

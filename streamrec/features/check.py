@@ -33,7 +33,8 @@ class CheckReport:
     schema: dict[str, list[str]]
     online_store: str
     ok: bool = field(default=True)
-    #: Why nothing was verified, when nothing was compared although offline rows exist.
+    #: Why nothing was verified: the store was never materialized (nothing compared, though
+    #: another store of the data directory was), or nothing was compared although offline rows exist.
     unverified: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,15 +53,33 @@ def check_store(
     compares the item table with the online item features, and adds the definition
     :func:`~streamrec.features.spec.schema_report`.
 
+    A store this data directory never materialized into (:func:`never_materialized`) is not
+    compared (against another store's end every row would differ): the report fails with that
+    reason in ``unverified``.
+
     Returns:
-        The report; ``ok`` is false on any mismatch or schema problem, or when no row was
-        compared although the offline store has rows (nothing materialized: nothing verified).
+        The report; ``ok`` is false on any mismatch or schema problem, when the store was never
+        materialized, or when no row was compared although the offline store has rows (nothing
+        materialized: nothing verified).
 
     Raises:
         OnlineStoreUnavailableError: the online store cannot be reached.
         FeatureStoreError: definitions not applied.
     """
     fvs = client._require_applied(refresh=True)
+    never = never_materialized(client, fvs)
+    if never is not None:  # compared against another store's end, every row would differ
+        return CheckReport(
+            checked=0,
+            mismatches=0,
+            mismatched_values=0,
+            per_view={v.name: {"checked": 0, "mismatches": 0} for v in VIEWS},
+            details=[],
+            schema=schema_report(),
+            online_store=client.settings.describe(),
+            ok=False,
+            unverified=never,
+        )
     rng = np.random.default_rng(seed)
     per_view: dict[str, dict[str, int]] = {}
     details: list[dict[str, Any]] = []
@@ -132,6 +151,31 @@ def check_store(
             if unverified
             else None
         ),
+    )
+
+
+def never_materialized(client: FeatureClient, fvs: dict[str, Any]) -> str | None:
+    """Why the client's online store reads as never materialized, or None.
+
+    Never materialized: ``meta.json`` records no end for this store (``online_ends``; a data
+    directory from before those cannot tell) and the store holds no versioned view (SQLite:
+    empty tables; Redis: no marker key). Another spelling of a materialized Redis URL, which
+    has no end of its own but holds the views, is checked against the newest recorded end.
+    """
+    from streamrec.features.materialize import Materializer
+
+    ends = client._meta().get("online_ends")
+    here = client.settings.describe()
+    if ends is None or ends.get(here):
+        return None
+    materializer = Materializer(client.store, client.settings, client.features_dir, client._online_guard)
+    if not all(materializer.view_empty(fvs[v.name]) for v in VIEWS if v.versioned and v.name in fvs):
+        return None
+    others = sorted(s for s, e in ends.items() if e and s != here)
+    return (
+        f"online store {here} was never materialized: nothing compared"
+        + (f" (materialized: {', '.join(others)})" if others else "")
+        + "; run `streamrec features materialize` with this online store"
     )
 
 

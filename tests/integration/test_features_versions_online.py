@@ -484,3 +484,36 @@ def test_a_redis_marker_newer_than_the_recorded_end_keeps_the_recorded_start(
             mat.views[name]["skipped"]
             == f"no rows between {(end + h).isoformat()} and {(end + 6 * h).isoformat()}"
         )
+
+
+def test_check_of_a_store_never_materialized_next_to_one_that_was_says_so(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """It compared against the other store's end and listed every row as a mismatch."""
+    from typer.testing import CliRunner
+
+    from streamrec.cli import app
+
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    url = redis_url_factory()
+    rd = FeatureClient(d, online="redis", redis_url=url)
+    rd.build(cutoffs=[end])
+    rd.apply()
+    rd.materialize((end + h).to_pydatetime())
+    sq = FeatureClient(d, online="sqlite")
+    stores = [sq, FeatureClient(d, online="redis", redis_url=redis_url_factory()), sq]
+    for n, never in enumerate(stores):
+        if n == 2:
+            sq.apply()  # its tables exist, empty: every row read as a mismatch
+        report = never.check(sample=10)
+        assert not report.ok and report.checked == 0 and report.mismatches == 0 and not report.details
+        assert "never materialized" in (report.unverified or ""), report.unverified
+        assert rd.settings.describe() in (report.unverified or "")
+    res = CliRunner().invoke(app, ["features", "check", "--data-dir", str(d), "--online-store", "sqlite"])
+    assert res.exit_code == 1 and "never materialized" in res.output and "MISMATCH" not in res.output, (
+        res.output
+    )
+    sq.materialize((end + h).to_pydatetime())  # once materialized, it is checked
+    assert sq.check(sample=10).ok
+    assert rd.check(sample=10).ok

@@ -169,14 +169,15 @@ class Materializer:
             if start > stop:
                 report[v.name] = {"skipped": f"already materialized until {start.isoformat()}"}
                 continue
-            n = len(entities_between(self.features_dir, v, start, stop))
+            ids = entities_between(self.features_dir, v, start, stop)  # read once per view
+            n = len(ids)
             if n == 0:  # the window was processed: its end is recorded (a legacy view's first)
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
                 ends[v.name] = stop.isoformat()
                 record(v.name)
                 continue
             if v.versioned and self.settings.kind == "redis":  # whatever it holds, also when
-                self.forget_times(v, fvs[v.name], start, stop)  # reloaded: upgraded, marker lost
+                self.forget_times(v, fvs[v.name], start, stop, ids=ids)  # reloaded: upgraded, marker lost
             with self.guard(f"materialize {v.name}"), quiet():
                 self.store.materialize(
                     start_date=start.to_pydatetime(), end_date=stop.to_pydatetime(), feature_views=[v.name]
@@ -250,7 +251,14 @@ class Materializer:
                 )
 
     def forget_times(
-        self, view: View, fv: Any, start: pd.Timestamp, until: pd.Timestamp, *, chunk: int = FORGET_CHUNK
+        self,
+        view: View,
+        fv: Any,
+        start: pd.Timestamp,
+        until: pd.Timestamp,
+        *,
+        ids: np.ndarray | None = None,
+        chunk: int = FORGET_CHUNK,
     ) -> int:
         """Drop Redis's stored time of ``view`` (``fv``) for the entities with rows in ``[start, until]``.
 
@@ -258,7 +266,8 @@ class Materializer:
         (an equal time too). A versioned view's rebuilt cutoff carries the same date as the row
         materialized from it before: without this, a changed value there would never reach
         Redis. Only the time field goes: the values stay readable until overwritten. One
-        pipeline per ``chunk`` entities.
+        pipeline per ``chunk`` entities. ``ids``: those entities when the caller has read them
+        (:func:`entities_between`), else they are read here.
         Returns how many entities were touched.
         """
         from feast.infra.online_stores.redis import _versioned_fv_name
@@ -270,7 +279,8 @@ class Materializer:
         with self.guard(f"materialize {view.name}"):
             if not online._get_client(config.online_store).dbsize():  # nothing stored: no time
                 return 0
-        ids = entities_between(self.features_dir, view, start, until)
+        if ids is None:
+            ids = entities_between(self.features_dir, view, start, until)
         if not len(ids):
             return 0
         ts_key = f"_ts:{_versioned_fv_name(fv, config)}"

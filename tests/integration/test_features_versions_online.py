@@ -566,3 +566,33 @@ def test_forget_times_covers_every_entity_in_chunks(
     assert executes == [chunk] * (len(ids) // chunk) + ([len(ids) % chunk] if len(ids) % chunk else [])
     assert not any(client.hexists(k, ts_key) for k in keys)  # every entity, values kept
     assert _online_categories(fc, ids) == [list(c) for c in DataStore(d).items()["categories"]]
+
+
+def test_a_redis_materialization_reads_each_views_window_once(
+    tmp_path: Path, redis_url_factory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window's entities are read once per view: counted, then their Redis times dropped."""
+    from streamrec.features import materialize as mat_module
+
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    _set_categories(d, item, ["opera"])
+    fc.build(cutoffs=[end])  # the same cutoff rebuilt: Redis's equal time must be dropped
+    reads: list[str] = []
+    real = mat_module.entities_between
+
+    def counted(features_dir: Path, view: object, start: pd.Timestamp, stop: pd.Timestamp) -> object:
+        reads.append(view.name)  # type: ignore[attr-defined]
+        return real(features_dir, view, start, stop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mat_module, "entities_between", counted)
+    report = fc.materialize((end + 2 * h).to_pydatetime())
+    assert report.views["item_metadata"]["start"] == end.isoformat()
+    written = [v for v, r in report.views.items() if "rows" in r or "no rows" in r.get("skipped", "")]
+    assert sorted(reads) == sorted(written) and len(set(reads)) == len(reads), reads
+    assert _online_categories(fc, [item]) == [["opera"]]

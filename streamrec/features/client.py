@@ -100,12 +100,42 @@ class PushResult:
     seconds: float
 
 
+#: Linux's per-process status file; its ``Umask:`` line (Linux 4.7+) reads the umask unchanged.
+_PROC_STATUS = "/proc/self/status"
+
+
+def _umask_from_status(text: str) -> int | None:
+    """The umask in a ``/proc/<pid>/status`` text (a line ``Umask:  0022``), None when absent."""
+    for line in text.splitlines():
+        if line.startswith("Umask:"):
+            try:
+                return int(line.split(":", 1)[1].strip(), 8)
+            except ValueError:
+                return None
+    return None
+
+
+def _process_umask() -> int:
+    """The process's umask: from ``/proc/self/status`` on Linux, else by setting and restoring it.
+
+    ``os.umask`` can only read it by changing it: process-wide, other threads creating files
+    meanwhile would get mode 0o666/0o777. Used only where ``/proc`` has no ``Umask:`` line.
+    """
+    try:
+        with open(_PROC_STATUS) as fh:
+            umask = _umask_from_status(fh.read())
+    except OSError:
+        umask = None
+    if umask is None:
+        umask = os.umask(0)
+        os.umask(umask)
+    return umask
+
 
 def _default_file_mode() -> int:
     """The mode ``open()`` would give a new file under the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_process_umask()
+
 
 class FeatureClient:
     """Feature store access for one data directory (offline build, Feast, online, item table).

@@ -83,6 +83,22 @@ def _worker_loop(config: dict[str, Any]) -> None:
     _train(kind, model, cfg, config["data"], device, report, rank, world)
 
 
+def ensure_ray() -> None:
+    """Join Ray once per process: ``RAY_ADDRESS``'s cluster (``ray job submit`` sets it), else a private local one.
+
+    Never a stray ``ray start`` cluster that happens to run on this machine.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
 def fit(
     kind: Kind,
     cfg: TwoTowerConfig | RankerConfig,
@@ -117,15 +133,7 @@ def fit(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(
-            # RAY_ADDRESS (set by `ray job submit`) joins that cluster; else a private local one,
-            # never a stray `ray start` cluster that happens to run on this machine.
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    ensure_ray()
     use_gpu = scaling.use_gpu
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         logger.warning("use_gpu requested but the Ray cluster has no GPU: training on CPU")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -551,15 +550,7 @@ def precompute_fallback(
     import ray
 
     out = DataLayout.at(data_dir).root / "fallback" / version
-    if not ray.is_initialized():
-        ray.init(
-            # RAY_ADDRESS (set by `ray job submit`) joins that cluster; else a private local one,
-            # never a stray `ray start` cluster that happens to run on this machine.
-            address=os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    ray_train.ensure_ray()
 
     class TopN:
         def __init__(self) -> None:
@@ -655,22 +646,14 @@ def run_pipeline(
         build_features(state, fc)
     with _step(state, "training_set"):
         pit = positives_with_features(state, fc)
-    table_rank = item_table_as_of(fc, state.t_rank)
-    with _step(state, "retrieval_a"):
-        models_a = fit_retrieval(state, pit, table_rank, state.t_rank, "a")
-    funnel_a = Funnel(models_a, table_rank, None, cfg.retrieval)
-    with _step(state, "ranker_rows"):
-        rdata, row_stats = ranker_rows(state, fc, funnel_a, rng)
-    log(
-        f"  ranker rows: {int(row_stats['ranker_rows']):,}, positive rate {row_stats['ranker_positive_rate']:.3f}"
+    # The evaluated fit: retrieval A, ranker rows, retrieval B, ranker (the refit and every
+    # rolling fold repeat this same sequence with the split times moved).
+    from streamrec.pipeline.refit import fit_models_at, fit_record, serve_fit
+
+    evaluated = fit_models_at(state, fc, pit, "", steps="", rng=rng)
+    funnel_b = Funnel(
+        evaluated.models, evaluated.table, RankerScorer(evaluated.ranker), cfg.retrieval  # type: ignore[arg-type]
     )
-    table_test = item_table_as_of(fc, state.t_test)
-    with _step(state, "retrieval_b"):
-        models_b = fit_retrieval(state, pit, table_test, state.t_test, "b")
-    with _step(state, "ranker"):
-        ranker, r_hist, layout_dense = fit_ranker(state, models_b, table_test, rdata, "ranker")
-    log(f"  ranker: val AUC {r_hist[-1].get('val_auc', float('nan')):.3f}")
-    funnel_b = Funnel(models_b, table_test, RankerScorer(ranker), cfg.retrieval)  # type: ignore[arg-type]
     from streamrec.evaluation.comparison import MethodScores
     from streamrec.pipeline.evaluate import evaluate
 
@@ -679,18 +662,13 @@ def run_pipeline(
     with _step(state, "evaluate"):
         report = evaluate(state, fc, funnel_b, rng, **({"scores_out": scores} if rolling else {}))
     report["training"] = {
-        **row_stats,
-        "ranker_val_auc": float(r_hist[-1].get("val_auc", float("nan"))),
+        **evaluated.row_stats,
+        "ranker_val_auc": float(evaluated.ranker_history[-1].get("val_auc", float("nan"))),
         "ann_recall@50": state.timings.get("ann_recall@50_b"),
     }
 
     # What serves: the same steps refit on all of history (streamrec.pipeline.refit) unless
     # refit_on_all is off. The metrics above, the manifest's and the gates' stay the held-out fit's.
-    from streamrec.pipeline.refit import Fit, fit_record, serve_fit
-
-    evaluated = Fit(
-        models_b, table_test, ranker, r_hist, rdata, row_stats, layout_dense, state.t_rank, state.t_test
-    )
     served, refit_skipped = serve_fit(state, fc, pit, evaluated)
     fit = fit_record(state, evaluated, served, refit_skipped)
     report["fit"] = fit.model_dump(mode="json")

@@ -87,6 +87,9 @@ class ReRankConfig(StrictModel):
     Attributes:
         k: Items returned by default (a request may ask for another ``k``).
         content_policy: Remove flagged items.
+        hide_unpublished: Remove items whose ``published_at`` is after the request time (a
+            release scheduled through the catalogue, or an offline evaluation at a cutoff before
+            the item existed); an unknown time (0) counts as published.
         suppress_seen: Remove items the user already interacted with (``exclude`` ids are
             always removed).
         promotion: Promoted-item boost.
@@ -99,6 +102,7 @@ class ReRankConfig(StrictModel):
 
     k: int = Field(default=20, ge=1, le=100)
     content_policy: bool = True
+    hide_unpublished: bool = True
     suppress_seen: bool = True
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     freshness: FreshnessConfig = Field(default_factory=FreshnessConfig)

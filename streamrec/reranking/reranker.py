@@ -2,7 +2,8 @@
 
 Rule order (see ``docs/adr/ADR-005-degradation.md``):
 
-1. **content_policy** — flagged items are removed.
+1. **content_policy** — flagged items are removed, and (``hide_unpublished``) items whose
+   publication time is after the request (a scheduled release).
 2. **seen_suppression** — items the user already interacted with, and the request's ``exclude``
    ids, are removed; duplicate candidates keep their best-scored copy.
 3. **promoted_boost** — the best ``max_boosted`` promoted items get a score boost.
@@ -120,6 +121,7 @@ class ReRankSummary:
         output_count: Items returned.
         k: Items asked for.
         removed_flagged: Removed by the content policy.
+        removed_unpublished: Removed as not published yet at the request (``hide_unpublished``).
         removed_seen: Removed as already seen.
         removed_excluded: Removed because the request excluded them (and not already counted).
         duplicates_removed: Duplicate candidates dropped.
@@ -145,6 +147,7 @@ class ReRankSummary:
     output_count: int
     k: int
     removed_flagged: int = 0
+    removed_unpublished: int = 0
     removed_seen: int = 0
     removed_excluded: int = 0
     duplicates_removed: int = 0
@@ -172,7 +175,7 @@ class ReRankSummary:
         """
         d = asdict(self)
         groups = {
-            "content_policy": ("removed_flagged",),
+            "content_policy": ("removed_flagged", "removed_unpublished"),
             "seen_suppression": (
                 "removed_seen",
                 "removed_excluded",
@@ -373,6 +376,11 @@ class ReRanker:
             flagged = meta.flagged[idx]
             removed_flagged = int(np.count_nonzero(flagged))
             keep &= ~flagged
+        removed_unpublished = 0
+        if cfg.hide_unpublished:
+            unpublished = keep & (meta.published_at[idx] > now_s)  # 0 = unknown: published
+            removed_unpublished = int(np.count_nonzero(unpublished))
+            keep &= ~unpublished
         # 2. seen-item suppression, request excludes, duplicates
         cand_ids = meta.item_ids[idx]
         removed_seen = removed_excl = 0
@@ -465,6 +473,7 @@ class ReRanker:
             output_count=len(items),
             k=k,
             removed_flagged=removed_flagged,
+            removed_unpublished=removed_unpublished,
             removed_seen=removed_seen,
             removed_excluded=removed_excl,
             duplicates_removed=int(duplicates),

@@ -34,6 +34,7 @@ def cfg(**rules: Any) -> ReRankConfig:
     """A config with every rule off except those given (``name={...}`` or ``name=True``)."""
     base: dict[str, Any] = {
         "content_policy": False,
+        "hide_unpublished": False,
         "suppress_seen": False,
         "promotion": {"enabled": False},
         "freshness": {"enabled": False},
@@ -43,7 +44,7 @@ def cfg(**rules: Any) -> ReRankConfig:
     for name, value in rules.items():
         if isinstance(value, dict):
             base[name] = {"enabled": True, **value}
-        elif name in ("content_policy", "suppress_seen", "k", "quota_priority"):
+        elif name in ("content_policy", "hide_unpublished", "suppress_seen", "k", "quota_priority"):
             base[name] = value
         else:
             base[name] = {"enabled": bool(value)}
@@ -206,6 +207,25 @@ def test_content_policy_and_seen_suppression_scenario() -> None:
     assert [it.item_index for it in res.items] == [4, 5, 6, 7, 8, 9]
     s = res.summary
     assert (s.removed_flagged, s.removed_seen, s.removed_excluded, s.unknown_exclude_ids) == (2, 1, 1, 1)
+
+
+def test_unpublished_items_are_hidden_until_their_publication_time() -> None:
+    # Rows 1 and 3 are scheduled releases (published after the request); row 4's time is unknown.
+    published = np.full(6, OLD)
+    published[[1, 3]] = NOW + 3600.0
+    published[4] = 0.0
+    meta = meta_of(6, published_at=published)
+    res = ReRanker(meta, cfg(hide_unpublished=True, k=6)).rerank(ranked(6), now=NOW)
+    assert [it.item_index for it in res.items] == [0, 2, 4, 5]
+    assert res.summary.removed_unpublished == 2
+    assert res.summary.by_rule()["content_policy"]["removed_unpublished"] == 2
+    # At their publication time they are served; with the rule off, always.
+    later = ReRanker(meta, cfg(hide_unpublished=True, k=6)).rerank(ranked(6), now=NOW + 3600.0)
+    assert [it.item_index for it in later.items] == [0, 1, 2, 3, 4, 5]
+    off = ReRanker(meta, cfg(k=6)).rerank(ranked(6), now=NOW)
+    assert len(off.items) == 6 and off.summary.removed_unpublished == 0
+    # The default keeps the rule on.
+    assert ReRankConfig().hide_unpublished
 
 
 def test_excludes_apply_even_when_seen_suppression_is_off() -> None:

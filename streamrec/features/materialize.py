@@ -148,9 +148,13 @@ class Materializer:
         fresh = {  # before writing anything: Redis keys hold every view of an entity together
             v.name for v in VIEWS if v.versioned and (v.name not in ends or self.view_empty(fvs[v.name]))
         }
-        marked = {  # Redis restored from an older snapshot: its marker (and data) end earlier
-            v.name: self.marker_end(v.name) for v in VIEWS if v.versioned and v.name not in fresh
-        }
+        restored: dict[str, str] = {}  # a Redis marker older than the recorded end, or unreadable
+        for v in VIEWS:
+            if v.versioned and v.name not in fresh:
+                why = self.marker_behind(v.name, utc_timestamp(ends[v.name]))
+                if why is not None:
+                    restored[v.name] = why
+        fresh |= set(restored)  # reloaded from the earliest row, as a flushed Redis
         report: dict[str, dict[str, Any]] = {}
         total = 0
         for v in VIEWS:
@@ -160,9 +164,7 @@ class Materializer:
                 continue
             prev = previous_end(v.name, ends, fvs, legacy)
             if v.name in fresh:
-                prev = None  # a store that holds nothing of this view: every entity
-            elif prev is not None and marked.get(v.name) is not None:
-                prev = min(prev, marked[v.name])  # the earlier of what it holds and what was recorded
+                prev = None  # a store that holds nothing (or less than recorded) of this view: every entity
             start = utc_timestamp(prev) if prev is not None else rng[0]
             if v.name in pending:
                 start = min(start, utc_timestamp(pending[v.name]))
@@ -173,6 +175,8 @@ class Materializer:
             n = len(ids)
             if n == 0:  # the window was processed: its end is recorded (a legacy view's first)
                 report[v.name] = {"skipped": f"no rows between {start.isoformat()} and {stop.isoformat()}"}
+                if v.versioned:  # the marker keeps up with the recorded end (behind it: a restore)
+                    self.mark(v.name, stop)
                 ends[v.name] = stop.isoformat()
                 record(v.name)
                 continue
@@ -187,6 +191,8 @@ class Materializer:
             ends[v.name] = stop.isoformat()
             record(v.name)  # a later view failing keeps this one's end and pending
             report[v.name] = {"start": start.isoformat(), "end": stop.isoformat(), "rows": n}
+            if v.name in restored:
+                report[v.name]["reloaded"] = restored[v.name]
             total += n
         record(None)  # a legacy directory's pending becomes this store's
         return report, total
@@ -222,9 +228,8 @@ class Materializer:
     def marker_end(self, view: str) -> pd.Timestamp | None:
         """The end the view's Redis marker (:func:`redis_marker`) holds; None: no marker, not Redis.
 
-        Redis restored from an older snapshot (RDB, AOF) holds that snapshot's marker with its
-        data, so its end is earlier than the one ``meta.json`` recorded: the window starts at
-        the earlier of the two. A marker that does not parse as a time reads as none.
+        Raises:
+            ValueError: the marker does not parse as a time.
         """
         online = self.store._get_provider().online_store
         if self.settings.kind != "redis" or not hasattr(online, "_get_client"):
@@ -237,9 +242,33 @@ class Materializer:
             return None
         try:
             end = utc_timestamp(raw.decode() if isinstance(raw, bytes) else str(raw))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"marker {raw!r} is not a time") from e
+        if pd.isna(end):
+            raise ValueError(f"marker {raw!r} is not a time")
+        return end
+
+    def marker_behind(self, view: str, recorded: pd.Timestamp) -> str | None:
+        """Why the view's Redis marker says Redis holds less than its recorded end, or None.
+
+        ``recorded``: the view's end in ``meta.json`` for this store. None: not Redis, no
+        marker (:meth:`view_empty` tells), or a marker at or after ``recorded``. Each materialization sets the marker before recording its end, also for a window with
+        no rows, so a marker older than the recorded end means a Redis restored from an older
+        snapshot (RDB, AOF): it holds that snapshot's rows, and a cutoff rebuilt at or before
+        the snapshot's time and materialized since is in neither window. An unreadable marker
+        tells nothing either. The caller reloads the view from its earliest row, as for a
+        missing marker (:meth:`view_empty`).
+        """
+        try:
+            end = self.marker_end(view)
+        except ValueError as e:
+            return f"{e}: reloaded from the earliest row"
+        if end is None or end >= recorded:
             return None
-        return None if pd.isna(end) else end
+        return (
+            f"marker end {end.isoformat()} is before the recorded end {recorded.isoformat()} "
+            "(restored from an older snapshot?): reloaded from the earliest row"
+        )
 
     def mark(self, view: str, stop: pd.Timestamp) -> None:
         """Set the view's Redis marker (:func:`redis_marker`) to ``stop``; other stores: nothing."""

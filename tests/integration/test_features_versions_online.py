@@ -430,45 +430,85 @@ def test_a_build_during_a_materialization_keeps_its_meta_and_reaches_the_online_
     assert _online_categories(fc, [item, item2]) == [["opera"], ["jazz"]]
 
 
+def _snapshot(fc: FeatureClient) -> tuple[object, dict[bytes, bytes]]:
+    """The Redis client and a DUMP of every key: the RDB taken here."""
+    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
+    return client, {k: client.dump(k) for k in client.scan_iter()}
+
+
+def _restore(client: object, snapshot: dict[bytes, bytes]) -> None:
+    client.flushdb()  # type: ignore[attr-defined]
+    for k, v in snapshot.items():
+        client.restore(k, 0, v)  # type: ignore[attr-defined]
+
+
 def test_redis_restored_from_an_older_snapshot_gets_the_rows_written_since(
     tmp_path: Path, redis_url_factory: Callable[[], str]
 ) -> None:
     """A snapshot (RDB) taken after the first materialization, restored after the second: Redis
-    holds the older marker and the older rows while meta.json records the newer end. The next
-    window starts at the earlier of the two, so the edit materialized in between is written again.
+    holds the older marker and the older rows while meta.json records the newer end. A marker
+    older than the recorded end reloads the view from its earliest row, as a missing one.
     """
     d, end = _world(tmp_path)
     h = pd.Timedelta(hours=1)
     fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
-    item = int(DataStore(d).items()["item_id"].iloc[0])
+    ids = DataStore(d).items()["item_id"].astype(int).tolist()
+    item = ids[0]
     original = list(DataStore(d).items()["categories"].iloc[0])
     fc.build(cutoffs=[end])
     fc.apply()
     fc.materialize((end + h).to_pydatetime())
-    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
-    snapshot = {k: client.dump(k) for k in client.scan_iter()}  # the RDB taken here
+    client, snapshot = _snapshot(fc)
     _set_categories(d, item, ["opera"])
     fc.build(cutoffs=[end + 2 * h])
     fc.materialize((end + 3 * h).to_pydatetime())
     assert _online_categories(fc, [item]) == [["opera"]]
 
-    client.flushdb()  # restored from the older snapshot
-    for k, v in snapshot.items():
-        client.restore(k, 0, v)
+    _restore(client, snapshot)  # restored from the older snapshot
     assert _online_categories(fc, [item]) == [original]
-    assert client.get(fc._redis_marker("item_metadata")) == (end + h).isoformat().encode()
+    assert client.get(fc._redis_marker("item_metadata")) == (end + h).isoformat().encode()  # type: ignore[attr-defined]
     mat = fc.materialize((end + 4 * h).to_pydatetime())
-    assert mat.views["item_metadata"]["start"] == (end + h).isoformat()  # not meta.json's end + 3h
-    assert mat.views["item_metadata"]["rows"] == 1
+    assert mat.views["item_metadata"]["start"] == end.isoformat()  # the earliest row, not end + 3h
+    assert mat.views["item_metadata"]["rows"] == len(ids)
+    assert "before the recorded end" in mat.views["item_metadata"]["reloaded"]
     assert _online_categories(fc, [item]) == [["opera"]]
     assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
-    assert client.get(fc._redis_marker("item_metadata")) == (end + 4 * h).isoformat().encode()
+    assert client.get(fc._redis_marker("item_metadata")) == (end + 4 * h).isoformat().encode()  # type: ignore[attr-defined]
 
 
-def test_a_redis_marker_newer_than_the_recorded_end_keeps_the_recorded_start(
+def test_redis_restored_from_before_a_rebuilt_earlier_cutoff_is_repaired(
     tmp_path: Path, redis_url_factory: Callable[[], str]
 ) -> None:
-    """The other way round (meta.json restored from an older copy): the recorded end is earlier."""
+    """The review's repro: the cutoff rebuilt with an edit is dated at or before the snapshot's
+    marker, so after the restore it lies in no window between the marker and the recorded end;
+    the next materialization skipped ('no rows between ...') and Redis kept the old value while
+    `check` reported it. Now the stale marker reloads the view."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    item = int(DataStore(d).items()["item_id"].iloc[0])
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    client, snapshot = _snapshot(fc)
+    _set_categories(d, item, ["opera"])
+    fc.build(cutoffs=[end])  # a correction: the same, already materialized cutoff rebuilt
+    fc.materialize((end + 3 * h).to_pydatetime())
+    assert _online_categories(fc, [item]) == [["opera"]]
+
+    _restore(client, snapshot)
+    mat = fc.materialize((end + 4 * h).to_pydatetime())
+    assert "skipped" not in mat.views["item_metadata"], mat.views["item_metadata"]
+    assert mat.views["item_metadata"]["start"] == end.isoformat()
+    assert _online_categories(fc, [item]) == [["opera"]]
+    assert fc.check(sample=20).per_view["item_metadata"]["mismatches"] == 0
+
+
+def test_an_empty_window_moves_the_redis_marker_and_does_not_reload(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """A window with no row records its end and sets the marker to it: a marker behind the
+    recorded end would read as a restore and reload the view every time."""
     d, end = _world(tmp_path)
     h = pd.Timedelta(hours=1)
     fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
@@ -476,14 +516,46 @@ def test_a_redis_marker_newer_than_the_recorded_end_keeps_the_recorded_start(
     fc.apply()
     fc.materialize((end + h).to_pydatetime())
     client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
-    client.set(fc._redis_marker("item_metadata"), (end + 5 * h).isoformat())
-    client.set(fc._redis_marker("user_profile"), "not a time")  # reads as no marker
-    mat = fc.materialize((end + 6 * h).to_pydatetime())
+    empty = fc.materialize((end + 2 * h).to_pydatetime())  # nothing built since: no row
     for name in ("item_metadata", "user_profile"):
-        assert (
-            mat.views[name]["skipped"]
-            == f"no rows between {(end + h).isoformat()} and {(end + 6 * h).isoformat()}"
-        )
+        assert empty.views[name]["skipped"].startswith("no rows between"), empty.views[name]
+        assert client.get(fc._redis_marker(name)) == (end + 2 * h).isoformat().encode()
+        assert fc.materialized_until(name) == end + 2 * h
+    fc.build(cutoffs=[end + 3 * h])  # nothing changed: still no versioned row
+    again = fc.materialize((end + 4 * h).to_pydatetime())
+    for name in ("item_metadata", "user_profile"):
+        assert again.views[name] == {
+            "skipped": f"no rows between {(end + 2 * h).isoformat()} and {(end + 4 * h).isoformat()}"
+        }, again.views[name]
+        assert client.get(fc._redis_marker(name)) == (end + 4 * h).isoformat().encode()
+
+
+def test_a_redis_marker_newer_than_the_recorded_end_keeps_the_recorded_start(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """The other way round (meta.json restored from an older copy): the recorded end is earlier.
+    An unparseable marker tells nothing: the view is reloaded, as with no marker."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    fc = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    users = DataStore(d).users()["user_id"].astype(int).tolist()
+    fc.build(cutoffs=[end])
+    fc.apply()
+    fc.materialize((end + h).to_pydatetime())
+    client = fc.store._get_provider().online_store._get_client(fc.store.config.online_store)
+    client.set(fc._redis_marker("item_metadata"), (end + 5 * h).isoformat())
+    client.set(fc._redis_marker("user_profile"), "not a time")
+    mat = fc.materialize((end + 6 * h).to_pydatetime())
+    assert (
+        mat.views["item_metadata"]["skipped"]
+        == f"no rows between {(end + h).isoformat()} and {(end + 6 * h).isoformat()}"
+    )
+    profile = mat.views["user_profile"]
+    assert profile["start"] == end.isoformat() and profile["rows"] == len(users), profile
+    assert "is not a time" in profile["reloaded"]
+    for name in ("item_metadata", "user_profile"):
+        assert client.get(fc._redis_marker(name)) == (end + 6 * h).isoformat().encode()
+    assert fc.check(sample=20).per_view["user_profile"]["mismatches"] == 0
 
 
 def test_check_of_a_store_never_materialized_next_to_one_that_was_says_so(

@@ -22,7 +22,8 @@ class CheckReport:
 
     ``checked`` counts entity rows compared (per view, plus item-table rows); ``mismatches``
     counts those with at least one differing value. ``ok`` is false on any mismatch or
-    schema problem, or when nothing was compared although the offline store has rows.
+    schema problem, when the store reads as never materialized, or when nothing was
+    compared although the offline store has rows.
     """
 
     checked: int
@@ -33,8 +34,8 @@ class CheckReport:
     schema: dict[str, list[str]]
     online_store: str
     ok: bool = field(default=True)
-    #: Why nothing was verified: the store was never materialized (nothing compared, though
-    #: another store of the data directory was), or nothing was compared although offline rows exist.
+    #: Why nothing was verified: the store reads as never materialized (:func:`never_materialized`;
+    #: nothing compared), or nothing was compared although offline rows exist.
     unverified: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,8 +55,8 @@ def check_store(
     :func:`~streamrec.features.spec.schema_report`.
 
     A store this data directory never materialized into (:func:`never_materialized`) is not
-    compared (against another store's end every row would differ): the report fails with that
-    reason in ``unverified``.
+    compared (against another store's end, or Feast's registry end, every row would differ):
+    the report fails with that reason in ``unverified``.
 
     Returns:
         The report; ``ok`` is false on any mismatch or schema problem, when the store was never
@@ -158,9 +159,15 @@ def never_materialized(client: FeatureClient, fvs: dict[str, Any]) -> str | None
     """Why the client's online store reads as never materialized, or None.
 
     Never materialized: ``meta.json`` records no end for this store (``online_ends``; a data
-    directory from before those cannot tell) and the store holds no versioned view (SQLite:
-    empty tables; Redis: no marker key). Another spelling of a materialized Redis URL, which
-    has no end of its own but holds the views, is checked against the newest recorded end.
+    directory from before those cannot tell) while another store has one, and this store
+    holds no versioned view (SQLite: empty tables; Redis: no marker key). Only then would the
+    check read the offline rows up to another store's end and list every row as a mismatch;
+    with no end recorded for any store it compares against Feast's registry end, or compares
+    nothing and fails as such. Another spelling of a materialized Redis URL, which has no end
+    of its own but holds the markers, is checked against the newest recorded end. A Redis
+    filled only by plain ``feast materialize`` holds rows but no marker and no end of its own:
+    next to a store with one it reads as never materialized (``streamrec features
+    materialize`` loads every view from its earliest row and sets the markers).
     """
     from streamrec.features.materialize import Materializer
 
@@ -168,14 +175,15 @@ def never_materialized(client: FeatureClient, fvs: dict[str, Any]) -> str | None
     here = client.settings.describe()
     if ends is None or ends.get(here):
         return None
+    others = sorted(s for s, e in ends.items() if e and s != here)
+    if not others:  # no other store's end to read the offline rows up to
+        return None
     materializer = Materializer(client.store, client.settings, client.features_dir, client._online_guard)
     if not all(materializer.view_empty(fvs[v.name]) for v in VIEWS if v.versioned and v.name in fvs):
         return None
-    others = sorted(s for s, e in ends.items() if e and s != here)
     return (
         f"online store {here} was never materialized: nothing compared"
-        + (f" (materialized: {', '.join(others)})" if others else "")
-        + "; run `streamrec features materialize` with this online store"
+        f" (materialized: {', '.join(others)}); run `streamrec features materialize` with this online store"
     )
 
 

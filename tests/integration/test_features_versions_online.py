@@ -21,6 +21,7 @@ import pytest
 
 from streamrec.data.store import DataStore
 from streamrec.data.synth import SynthConfig, synthesize
+from streamrec.features import offline
 from streamrec.features.client import FeatureClient
 from streamrec.features.spec import VIEWS_BY_NAME
 
@@ -668,3 +669,45 @@ def test_a_redis_materialization_reads_each_views_window_once(
     written = [v for v, r in report.views.items() if "rows" in r or "no rows" in r.get("skipped", "")]
     assert sorted(reads) == sorted(written) and len(set(reads)) == len(reads), reads
     assert _online_categories(fc, [item]) == [["opera"]]
+
+
+def test_check_reads_never_materialized_only_next_to_a_store_with_an_end(
+    tmp_path: Path, redis_url_factory: Callable[[], str]
+) -> None:
+    """No store with a recorded end: the usual 'nothing compared' failure, not 'never
+    materialized'. A Redis filled by plain `feast materialize` (no marker, no end of its own)
+    next to a materialized SQLite store reads as never materialized; `materialize` fills it."""
+    d, end = _world(tmp_path)
+    h = pd.Timedelta(hours=1)
+    sq = FeatureClient(d, online="sqlite")
+    sq.apply()
+    assert all(
+        "no offline rows" in r.get("skipped", "") for r in sq.materialize(end.to_pydatetime()).views.values()
+    )
+    assert json.loads((d / "features" / "meta.json").read_text())["online_ends"] == {
+        sq.settings.describe(): {}
+    }
+    sq.build(cutoffs=[end])
+    report = sq.check(sample=10)
+    assert not report.ok and report.checked == 0
+    assert "nothing compared: no offline rows" in (report.unverified or ""), report.unverified
+
+    sq.materialize((end + h).to_pydatetime())
+    rd = FeatureClient(d, online="redis", redis_url=redis_url_factory())
+    rd.apply()
+    built = [v.name for v in VIEWS_BY_NAME.values() if offline.time_range(d / "features", v)]
+    rd.store.materialize(  # plain Feast: no marker, no end recorded
+        start_date=(end - 400 * 24 * h).to_pydatetime(),
+        end_date=(end + h).to_pydatetime(),
+        feature_views=built,
+    )
+    client = rd.store._get_provider().online_store._get_client(rd.store.config.online_store)
+    assert client.dbsize() and not client.exists(rd._redis_marker("item_metadata"))  # rows, no marker
+    report = rd.check(sample=10)
+    assert not report.ok and report.checked == 0
+    assert "never materialized" in (report.unverified or "") and sq.settings.describe() in (
+        report.unverified or ""
+    )
+    mat = rd.materialize((end + 2 * h).to_pydatetime())
+    assert mat.views["item_metadata"]["start"] == end.isoformat()  # from its earliest row
+    assert rd.check(sample=10).ok

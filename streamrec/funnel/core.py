@@ -397,25 +397,33 @@ class Funnel:
     ) -> I64:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first.
 
-        With ``items`` (their rows) and ``now``, the best fresh candidates below the cut are kept
-        too (as many as the re-ranker's freshness quota asks for), after the others: a new
-        item has no engagement for the ranker to score, and the quota can only place fresh
-        items that reach the re-ranker.
+        With ``items`` (their rows) and ``now``: when the re-ranker hides unpublished items
+        (``hide_unpublished``), the cut reaches past them, so the re-ranker still gets that many
+        items it may serve (it removes and counts the others); and the best fresh candidates below
+        the cut are kept too (as many as the re-ranker's freshness quota asks for), after the
+        others: a new item has no engagement for the ranker to score, and the quota can only place
+        fresh items that reach the re-ranker.
         """
         order = np.argsort(-scores, kind="stable")
         cut = max(self.settings.ranked, k)
-        keep = order[:cut]
-        fresh_cfg = self.reranker.config.freshness
-        if items is None or now is None or fresh_cfg.min_items <= 0 or order.size <= cut:
-            return keep.astype(np.int64)
+        if items is None or now is None or order.size <= cut:
+            return order[:cut].astype(np.int64)
+        config = self.reranker.config
         meta = self.reranker.metadata
-        rest = order[cut:]
-        rows = items[rest]
+        rows = items[order]
         pub = np.zeros(rows.size)
         known = rows < len(meta)
         pub[known] = meta.published_at[rows[known]]
-        fresh = (pub >= now - fresh_cfg.window_hours * 3600.0) & (pub <= now)
-        extra = rest[fresh][: fresh_cfg.min_items]
+        if config.hide_unpublished:
+            servable = np.cumsum(pub <= now)
+            cut = min(int(np.searchsorted(servable, cut)) + 1, order.size)
+        keep = order[:cut]
+        fresh_cfg = config.freshness
+        if fresh_cfg.min_items <= 0 or order.size <= cut:
+            return keep.astype(np.int64)
+        rest_pub = pub[cut:]
+        fresh = (rest_pub >= now - fresh_cfg.window_hours * 3600.0) & (rest_pub <= now)
+        extra = order[cut:][fresh][: fresh_cfg.min_items]
         return np.concatenate([keep, extra]).astype(np.int64)
 
     def with_catalogue(self, changes: Mapping[int, Mapping[str, Any]]) -> Funnel:

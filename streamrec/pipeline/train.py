@@ -567,9 +567,15 @@ def precompute_fallback(
                 now=self.now,
                 rerank=False,
             )
-            tops = [a.unranked_top(top_n) for a in answers]
-            items = [self.funnel.table.item_ids[t.items].astype(np.int64) for t in tops]
-            scores = [t.scores.astype(np.float32) for t in tops]
+            # The ranker's order without seen items and, as the re-ranker would, items not
+            # published yet at ``as_of`` (a scheduled release never reaches a batch list).
+            table = self.funnel.table
+            tops = [a.unranked_top(len(a.ranked.items)) for a in answers]
+            servable = [np.flatnonzero(table.published_at[t.items] <= self.now)[:top_n] for t in tops]
+            items = [
+                table.item_ids[t.items[keep]].astype(np.int64) for t, keep in zip(tops, servable, strict=True)
+            ]
+            scores = [t.scores[keep].astype(np.float32) for t, keep in zip(tops, servable, strict=True)]
             return {
                 "user_id": uids,
                 "item_ids": np.array(items, dtype=object),
@@ -652,7 +658,10 @@ def run_pipeline(
 
     evaluated = fit_models_at(state, fc, pit, "", steps="", rng=rng)
     funnel_b = Funnel(
-        evaluated.models, evaluated.table, RankerScorer(evaluated.ranker), cfg.retrieval  # type: ignore[arg-type]
+        evaluated.models,
+        evaluated.table,
+        RankerScorer(evaluated.ranker),  # type: ignore[arg-type]
+        cfg.retrieval,
     )
     from streamrec.evaluation.comparison import MethodScores
     from streamrec.pipeline.evaluate import evaluate

@@ -400,7 +400,8 @@ def test_rerank_rules_come_from_the_serve_args(trained: tuple[Path, dict[str, An
     off = {"enabled": False}
     lax = build_stages(
         d,
-        rerank={"content_policy": False, "suppress_seen": False, "promotion": off, "freshness": off}
+        rerank={"content_policy": False, "hide_unpublished": False, "suppress_seen": False}
+        | {"promotion": off, "freshness": off}
         | {"diversity": off, "fairness": off},
     )
 
@@ -516,6 +517,7 @@ def test_new_catalogue_items_are_retrieved_ranked_and_served_without_a_reload(
 
     from streamrec.data.catalogue import CatalogueLog, CatalogueView
     from streamrec.funnel.recommender import build_stages
+    from streamrec.funnel.stages import Candidates
     from streamrec.service.args import ServeArgs
     from streamrec.service.loading import load_stages
 
@@ -603,6 +605,25 @@ def test_new_catalogue_items_are_retrieved_ranked_and_served_without_a_reload(
         assert stages.funnel.table.index(new_a) == n0
         again = [_funnel(stages, RecommendRequest(user_id=u, k=10), across_processes=False) for u in users]
         assert not [a for a in again if new_a in [i.item_id for i in a.items]]
+        # A release scheduled for tomorrow: in the catalogue and retrieved, never served before its time.
+        new_c = int(f0.table.item_ids.max()) + 3000
+        tomorrow = datetime.fromtimestamp(_time.time() + 86400, UTC).isoformat()
+        log.append([{"item_id": new_c, "categories": [favourite], "published_at": tomorrow}])
+        assert stages.apply_catalogue(CatalogueView(d).state) is True
+        f2 = stages.funnel
+        row_c = f2.table.index(new_c)
+        ctxs = {u: stages.user_context(RecommendRequest(user_id=u, k=10)) for u in fans}
+        assert any(row_c in stages.retrieve("affinity", ctxs[u]).items.tolist() for u in fans)
+        scheduled = [_funnel(stages, RecommendRequest(user_id=u, k=10), across_processes=False) for u in fans]
+        assert not [a for a in scheduled if new_c in [i.item_id for i in a.items]]
+        assert all(len(a.items) == 10 for a in scheduled)
+        # Even ranked first it is removed (its catalogue time reached the re-ranker) until its day.
+        rows = np.concatenate([[row_c], np.arange(30, dtype=np.int64)])
+        top_c = Candidates(rows, np.linspace(1.0, 0.0, rows.size, dtype=np.float32), [["affinity"]] * rows.size)
+        res = f2.rerank(f2.context(fans[0], {}, now=_time.time()), top_c, 10)
+        assert new_c not in {it.item_id for it in res.items} and res.summary.removed_unpublished == 1
+        on_the_day = f2.rerank(f2.context(fans[0], {}, now=_time.time() + 2 * 86400), top_c, 10)
+        assert on_the_day.items[0].item_id == new_c and on_the_day.summary.removed_unpublished == 0
     finally:
         shutil.rmtree(d / "catalogue", ignore_errors=True)  # the module's other tests serve the bundle as trained
 

@@ -402,9 +402,9 @@ class FeatureClient:
         row into an online store this data directory has not materialized it into before
         (``meta.json`` ``online_ends``, per store: a Redis store next to a used SQLite one gets
         every entity) or that holds nothing of it (an emptied SQLite table, or a Redis database without the
-        view's marker key: flushed, even if pushes wrote to it since); on Redis it starts no later
-        than the end its marker holds (a Redis restored from an older snapshot holds older rows
-        than ``meta.json`` records). On Redis, which never writes a row dated at or before the one it holds,
+        view's marker key: flushed, even if pushes wrote to it since, or whose marker is older
+        than the end ``meta.json`` records for that store or unreadable: restored from an older
+        snapshot, so its rows are older too; the report's ``reloaded`` says why). On Redis, which never writes a row dated at or before the one it holds,
         the entities with rows in the window lose their stored time first (also when the view
         is reloaded from its earliest row: Redis may hold it from before markers), so a cutoff
         rebuilt with other values overwrites them as on SQLite.

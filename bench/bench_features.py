@@ -272,6 +272,8 @@ def markdown(r: dict) -> str:
     ]
 
     def cell(store: str, key: str) -> str:
+        if key not in r.get(store, {}):  # a store this run (and the previous file) did not measure
+            return "-"
         return f"{r[store][key]['p50_ms']} / {r[store][key]['p99_ms']}"
 
     for key, label in (
@@ -286,10 +288,10 @@ def markdown(r: dict) -> str:
         rows.append(
             f"| raw Redis PING (the floor), p50 / p99 (ms) | - | {cell('redis', 'redis_ping_floor')} |"
         )
-    rows.append(
-        f"| materialize (entity rows/s) | {r['sqlite']['materialize']['rows_per_s']} | "
-        f"{r['redis']['materialize']['rows_per_s']} |"
-    )
+    rate = {s: r[s]["materialize"]["rows_per_s"] if s in r else "-" for s in ("sqlite", "redis")}
+    rows.append(f"| materialize (entity rows/s) | {rate['sqlite']} | {rate['redis']} |")
+    if "item_table" not in r:
+        return "\n".join(rows)
     it = r["item_table"]
     rows.append(f"| item table load, {it['items']} items (s, median of 3) | {it['load_median_s']} | (same) |")
     rows.append(f"| item table lookup, 500 items p50 / p99 (ms) | {it['lookup_500_items']['p50_ms']} / "

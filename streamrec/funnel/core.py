@@ -236,9 +236,10 @@ class Funnel:
             q = m.two_tower.encode_users(np.asarray([user_idx]), udense, hist_pad)
         rctx = RetrievalContext(
             user_index=user_idx,
-            recent_items=np.concatenate([history, excl_rows]) if excl_rows.size else history,
+            recent_items=history,
             query_vector=q,
             history=history,
+            exclude=excl_rows if excl_rows.size else None,
         )
         cf_vec = m.cf.query_vector(RetrievalContext(user_index=user_idx, recent_items=history))
         return FunnelContext(
@@ -271,15 +272,13 @@ class Funnel:
         if source == "cf":
             # The CF query was computed once in context() (also a ranker feature): reuse it.
             q = None if ctx.cf_vector is None else ctx.cf_vector[None, :]
-            return m.cf.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items, q), n)
+            return m.cf.retrieve(replace(ctx.retrieval, query_vector=q), n)
         if source == "affinity":
-            return m.affinity.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
+            return m.affinity.retrieve(replace(ctx.retrieval, query_vector=None), n)
         if source == "trending":
-            return m.trending.retrieve(RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items), n)
+            return m.trending.retrieve(replace(ctx.retrieval, query_vector=None), n)
         if source == COVISIT and m.covisit is not None:
-            return m.covisit.retrieve(
-                RetrievalContext(ctx.user_idx, ctx.retrieval.recent_items, history=ctx.history), n
-            )
+            return m.covisit.retrieve(replace(ctx.retrieval, query_vector=None), n)
         raise KeyError(f"unknown retrieval source '{source}'; known: {', '.join(self.source_names)}")
 
     def merge(self, parts: dict[str, tuple[I64, F32]]) -> tuple[MergedCandidates, F32]:

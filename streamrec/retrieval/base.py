@@ -35,14 +35,16 @@ class UserContext:
         query_vector: A precomputed query embedding (e.g. from the two-tower user tower);
             overrides the source's own vector lookup.
         history: The user's recent interactions, most recent first, for sources that start
-            from items (co-visitation); ``None`` means ``recent_items``. Unlike
-            ``recent_items`` it leaves out items a request only asks to exclude.
+            from items (co-visitation); ``None`` means ``recent_items``.
+        exclude: Items never to return that are no signal of taste (a request's ``exclude``
+            ids: e.g. already shown); unlike ``recent_items`` no source learns from them.
     """
 
     user_index: int = -1
     recent_items: IntArray | None = None
     query_vector: FloatArray | None = None
     history: IntArray | None = None
+    exclude: IntArray | None = None
 
     @property
     def known(self) -> bool:
@@ -126,7 +128,7 @@ class RetrievalSource(ABC):
         self._seen = sp.csr_matrix(seen) if seen is not None else None
 
     def excluded_items(self, ctx: UserContext) -> IntArray:
-        """Items not to return for this user: their seen row plus ``recent_items`` and ``history``."""
+        """Items not to return for this user: their seen row plus ``recent_items``, ``history`` and ``exclude``."""
         parts: list[IntArray] = []
         if self._seen is not None and 0 <= ctx.user_index < self._seen.shape[0]:
             s = self._seen
@@ -135,6 +137,8 @@ class RetrievalSource(ABC):
             parts.append(np.asarray(ctx.recent_items, dtype=np.int64).ravel())
         if ctx.history is not None:
             parts.append(np.asarray(ctx.history, dtype=np.int64).ravel())
+        if ctx.exclude is not None:
+            parts.append(np.asarray(ctx.exclude, dtype=np.int64).ravel())
         if not parts:
             return np.empty(0, np.int64)
         return np.unique(np.concatenate(parts))

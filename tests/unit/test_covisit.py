@@ -310,3 +310,26 @@ def test_merged_sources_choose_which_candidates_are_merged() -> None:
         RetrievalSettings(merged_sources=["popularity"])
     with pytest.raises(ConfigError, match="names none of this bundle's sources"):
         _funnel(covisit=False, merged_sources=["covisit"])
+
+
+def test_a_requests_exclude_ids_are_never_returned_and_never_taste() -> None:
+    """`exclude` ids (e.g. already shown) leave every source's results but feed no source's model of
+    the user: before, they joined ``recent_items``, which affinity counts as history."""
+    from streamrec.funnel.core import Funnel
+
+    f = _funnel(covisit=True)
+    assert isinstance(f, Funnel)
+    # An unknown user who excludes the two comedy items (ids 12, 13): still the population prior.
+    plain = f.context(999, {}, now=10.0)
+    excl = f.context(999, {}, now=10.0, exclude_ids=[12, 13])
+    assert excl.retrieval.exclude is not None and sorted(excl.retrieval.exclude.tolist()) == [2, 3]
+    assert excl.retrieval.recent_items is not None and excl.retrieval.recent_items.size == 0
+    np.testing.assert_allclose(
+        f.models.affinity.preferences(excl.retrieval), f.models.affinity.preferences(plain.retrieval)
+    )
+    for source in f.source_names:
+        items, _ = f.retrieve(source, excl, 5)
+        assert not {2, 3} & set(items.tolist()), source
+    # What the user watched is taste: a watched comedy raises comedy.
+    watched = f.context(999, {"recent_item_ids": [12]}, now=10.0)
+    assert f.models.affinity.preferences(watched.retrieval)[1] > f.models.affinity.preferences(plain.retrieval)[1]

@@ -396,9 +396,9 @@ class Funnel:
     ) -> I64:
         """Positions of the best ``settings.ranked`` scores (``k`` when more are asked for), best first.
 
-        With ``items`` (their rows) and ``now``: when the re-ranker hides unpublished items
-        (``hide_unpublished``), the cut reaches past them, so the re-ranker still gets that many
-        items it may serve (it removes and counts the others); and the best fresh candidates below
+        With ``items`` (their rows) and ``now``: the cut reaches past candidates the re-ranker
+        will drop anyway (unpublished ones under ``hide_unpublished``, rows its metadata does not
+        hold yet), so it still gets that many items it may serve; and the best fresh candidates below
         the cut are kept too (as many as the re-ranker's freshness quota asks for), after the
         others: a new item has no engagement for the ranker to score, and the quota can only place
         fresh items that reach the re-ranker.
@@ -413,9 +413,11 @@ class Funnel:
         pub = np.zeros(rows.size)
         known = rows < len(meta)
         pub[known] = meta.published_at[rows[known]]
-        if config.hide_unpublished:
-            servable = np.cumsum(pub <= now)
-            cut = min(int(np.searchsorted(servable, cut)) + 1, order.size)
+        # Rows the re-ranking metadata does not hold yet (another replica appended them a
+        # moment earlier) are dropped by rerank() too: neither counts towards the cut.
+        servable = known & (pub <= now) if config.hide_unpublished else known
+        if not servable[:cut].all():
+            cut = min(int(np.searchsorted(np.cumsum(servable), cut)) + 1, order.size)
         keep = order[:cut]
         fresh_cfg = config.freshness
         if fresh_cfg.min_items <= 0 or order.size <= cut:

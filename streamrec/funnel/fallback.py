@@ -16,10 +16,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
 from cachetools import LRUCache
 
 Item = dict[str, Any]
+
+
+def batch_lists(
+    user_ids: npt.ArrayLike,
+    item_ids: list[npt.NDArray[np.int64]],
+    scores: list[npt.NDArray[np.float32]],
+) -> pa.Table:
+    """One batch of the batch job's lists, as :meth:`BatchTopN.load` reads them.
+
+    The lists are Arrow ``list<int64>`` / ``list<float>`` columns whatever their lengths: a numpy
+    object array of equal-length lists would be written as a fixed-shape tensor column and a
+    ragged one as a variable-shaped one, and a folder holding both cannot be read back as one.
+    """
+    return pa.table(
+        {
+            "user_id": pa.array(np.asarray(user_ids, dtype=np.int64)),
+            "item_ids": pa.array([np.asarray(i, dtype=np.int64) for i in item_ids], type=pa.list_(pa.int64())),
+            "scores": pa.array([np.asarray(x, dtype=np.float32) for x in scores], type=pa.list_(pa.float32())),
+        }
+    )
 
 
 class BatchTopN:

@@ -50,7 +50,7 @@ from streamrec.features.client import FeatureClient
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
 from streamrec.features.snapshot import features_as_of
 from streamrec.funnel.core import Funnel, RetrievalModels
-from streamrec.funnel.offline import recommend_offline
+from streamrec.funnel.offline import OfflineAnswer, recommend_offline
 from streamrec.funnel.recommender import RecommenderStages
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.train_loop import RankerData, TwoTowerData
@@ -547,7 +547,10 @@ def precompute_fallback(
     as_of: pd.Timestamp,
 ) -> Path:
     """Top-N per user with Ray Data (the ``batch`` degradation level), written as parquet."""
+    import pyarrow as pa
     import ray
+
+    from streamrec.funnel.fallback import batch_lists
 
     out = DataLayout.at(data_dir).root / "fallback" / version
     ray_train.ensure_ray()
@@ -557,7 +560,7 @@ def precompute_fallback(
             torch.set_num_threads(1)
             self.funnel, self.ufeat, self.now = _offline_funnel(data_dir, bundle_dir, as_of)
 
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
             uids = batch["user_id"]
             answers = recommend_offline(
                 RecommenderStages(self.funnel, None, "batch"),
@@ -567,20 +570,8 @@ def precompute_fallback(
                 now=self.now,
                 rerank=False,
             )
-            # The ranker's order without seen items and, as the re-ranker would, items not
-            # published yet at ``as_of`` (a scheduled release never reaches a batch list).
-            table = self.funnel.table
-            tops = [a.unranked_top(len(a.ranked.items)) for a in answers]
-            servable = [np.flatnonzero(table.published_at[t.items] <= self.now)[:top_n] for t in tops]
-            items = [
-                table.item_ids[t.items[keep]].astype(np.int64) for t, keep in zip(tops, servable, strict=True)
-            ]
-            scores = [t.scores[keep].astype(np.float32) for t, keep in zip(tops, servable, strict=True)]
-            return {
-                "user_id": uids,
-                "item_ids": np.array(items, dtype=object),
-                "scores": np.array(scores, dtype=object),
-            }
+            tops = [batch_top(a, self.funnel.table, self.now, top_n) for a in answers]
+            return batch_lists(uids, [t[0] for t in tops], [t[1] for t in tops])
 
     items = ray.data.from_items([{"user_id": int(u)} for u in users])
     # Light reservations: the job must also run beside a serving app on a small shared cluster.
@@ -591,6 +582,25 @@ def precompute_fallback(
         shutil.rmtree(out)
     ds.write_parquet(str(out), ray_remote_args={"num_cpus": 0.1})
     return out
+
+
+def batch_top(
+    answer: OfflineAnswer, table: ItemFeatureTable, now: float, top_n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """A user's batch list: the ranker's order without seen and not yet published items, cut to ``top_n``.
+
+    Unpublished items are left out whatever the serving config's ``hide_unpublished`` (not known
+    when the batch job runs): a scheduled release never reaches a batch list.
+
+    Args:
+        answer: The user's :class:`~streamrec.funnel.offline.OfflineAnswer` (run without re-ranking).
+        table: The item table the answer's rows index.
+        now: The batch job's ``as_of``, epoch seconds.
+        top_n: Items kept.
+    """
+    top = answer.unranked_top(len(answer.ranked.items))
+    keep = np.flatnonzero(table.published_at[top.items] <= now)[:top_n]
+    return table.item_ids[top.items[keep]].astype(np.int64), top.scores[keep].astype(np.float32)
 
 
 def _offline_funnel(

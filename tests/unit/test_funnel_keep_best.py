@@ -66,3 +66,15 @@ def test_fresh_items_below_the_cut_still_join_and_unpublished_ones_do_not() -> N
     f = _funnel(published, ranked=3, freshness={"enabled": True, "min_items": 2, "window_hours": 48})
     keep = f.keep_best(np.linspace(1.0, 0.2, 8), 0, np.arange(8, dtype=np.int64), NOW)
     assert keep.tolist() == [0, 1, 2, 6]
+
+
+def test_rows_the_metadata_does_not_hold_yet_do_not_count_towards_the_cut() -> None:
+    """A retriever replica may hand over rows appended a moment before this replica has them."""
+    published = np.full(10, OLD)
+    published[0] = NOW + 3600.0
+    for rule in (True, False):
+        f = _funnel(published, ranked=4, hide_unpublished=rule)
+        items = np.array([0, 10, 11, 1, 2, 3, 4, 5], dtype=np.int64)
+        keep = f.keep_best(np.linspace(1.0, 0.1, 8), 0, items, NOW)
+        servable = [int(r) for r in items[keep] if r < 10 and (not rule or published[r] <= NOW)]
+        assert len(servable) == 4, (rule, items[keep].tolist())

@@ -1,7 +1,8 @@
 """The co-visitation retrieval source, side by side: the whole pipeline with and without it.
 
     python bench/bench_covisit.py [--ml100k PATH] [--only ml-100k|synthetic] [--work-dir DIR]
-                                  [--compare covisit|covisit-for-cf] [--grid]
+                                  [--compare covisit|covisit-for-cf|new-arrivals|new-arrivals-for-cf]
+                                  [--grid]
                                   [--out bench/results/covisit.json]
 
 For each dataset (ML-100K; the synthetic demo world: 2,000 users, 1,000 items, 14 days, seed 7) the
@@ -9,7 +10,9 @@ data is ingested / generated once into ``--work-dir`` and the training pipeline 
 one process on it, with the default training configuration (``configs/training/default.yaml``)
 and ``retrieval.covisit.enabled`` true, then false (registry off; baselines: most_popular only and
 untuned, since only the two StreamRec runs are compared). ``--compare covisit-for-cf`` makes the
-*with* run merge co-visitation in place of CF's candidates (``retrieval.merged_sources``). Recorded per run: the funnel's per-source
+*with* run merge co-visitation in place of CF's candidates (``retrieval.merged_sources``);
+``--compare new-arrivals`` / ``new-arrivals-for-cf`` do the same with the new-arrivals source
+(``retrieval.new_arrivals.enabled``; co-visitation off in both runs). Recorded per run: the funnel's per-source
 and merged candidate recall (``funnel``), NDCG/recall of ``streamrec_ranked`` and
 ``streamrec_full`` with their bootstrap intervals, and wall time; across runs: the paired
 difference *with minus without* per test user (same split, same test users) with its bootstrap
@@ -99,14 +102,17 @@ class _Recorder:
 CHALLENGERS: dict[str, list[str] | None] = {
     "covisit": None,  # a fifth source
     "covisit-for-cf": ["two_tower", "affinity", "trending", "covisit"],  # in place of CF's candidates
+    "new-arrivals": None,  # the new-arrivals source as a fifth source
+    "new-arrivals-for-cf": ["two_tower", "affinity", "trending", "new_arrivals"],
 }
 
 
-def _config(covisit: bool, merged_sources: list[str] | None = None) -> Any:
+def _config(covisit: bool, merged_sources: list[str] | None = None, new_arrivals: bool = False) -> Any:
     from streamrec.pipeline.config import load_training_config
 
     cfg = load_training_config(REPO / "configs/training/default.yaml")
     cfg.retrieval.covisit.enabled = covisit
+    cfg.retrieval.new_arrivals.enabled = new_arrivals
     if merged_sources is not None:  # validated: names of sources
         cfg.retrieval = type(cfg.retrieval).model_validate(
             {**cfg.retrieval.model_dump(), "merged_sources": merged_sources}
@@ -117,19 +123,26 @@ def _config(covisit: bool, merged_sources: list[str] | None = None) -> Any:
 
 
 def run_variant(
-    data_dir: Path, covisit: bool, log: Any, merged_sources: list[str] | None = None
+    data_dir: Path,
+    covisit: bool,
+    log: Any,
+    merged_sources: list[str] | None = None,
+    new_arrivals: bool = False,
 ) -> tuple[dict[str, Any], _Recorder]:
     """One pipeline run; its report (trimmed) and the recorder."""
     from streamrec.pipeline.train import run_pipeline
 
     t0 = time.perf_counter()
     with _Recorder() as rec:
-        report = run_pipeline(data_dir, _config(covisit, merged_sources), register=False, log=log)
+        report = run_pipeline(
+            data_dir, _config(covisit, merged_sources, new_arrivals), register=False, log=log
+        )
     wall = time.perf_counter() - t0
     methods = {m["method"]: m for m in report["methods"]}
     keep = ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "coverage@10", "ci")
     return {
         "covisit": covisit,
+        "new_arrivals": new_arrivals,
         "merged_sources": merged_sources,
         "funnel": report["funnel"],
         "methods": {k: {m: v[m] for m in keep if m in v} for k, v in methods.items()},
@@ -449,7 +462,7 @@ def main() -> None:
         "--compare",
         choices=sorted(CHALLENGERS),
         default="covisit",
-        help="The 'with' run: co-visitation as a fifth source, or in place of CF's candidates.",
+        help="The 'with' run: co-visitation (or the new-arrivals source) as a fifth source, or in place of CF's candidates.",
     )
     p.add_argument("--grid", action="store_true", help="Also measure co-visit settings and merge options.")
     p.add_argument("--grid-only", action="store_true", help="Only the 'with' run and the grid.")
@@ -459,8 +472,19 @@ def main() -> None:
     )
     p.add_argument("--fusion", default=None, help="Only the fusion study on the lists a --dump DUMP wrote.")
     p.add_argument("--dump", default=None, help="Write the grid's candidate lists to DUMP.<dataset>.pkl.")
-    p.add_argument("--out", default=str(REPO / "bench/results/covisit.json"))
+    p.add_argument(
+        "--out",
+        default=None,
+        help="Default: bench/results/covisit.json (new_arrivals.json for --compare new-arrivals*).",
+    )
     args = p.parse_args()
+    arrivals = args.compare.startswith("new-arrivals")
+    if arrivals and (args.grid or args.grid_only or args.dump):
+        p.error(
+            "--grid, --grid-only and --dump study the co-visitation source; not with --compare new-arrivals*"
+        )
+    if args.out is None:
+        args.out = str(REPO / "bench/results" / ("new_arrivals.json" if arrivals else "covisit.json"))
 
     def log(m: str) -> None:
         print(m, file=sys.stderr, flush=True)
@@ -487,7 +511,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in names:
         d = _prepare(name, Path(args.work_dir), args.ml100k)
-        with_run, rec_with = run_variant(d, True, log, CHALLENGERS[args.compare])
+        with_run, rec_with = run_variant(
+            d, not arrivals, log, CHALLENGERS[args.compare], new_arrivals=arrivals
+        )
         res: dict[str, Any] = {"with": with_run}
         if args.grid or args.grid_only:
             assert rec_with.evaluated is not None
@@ -515,6 +541,7 @@ def main() -> None:
         },
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": "configs/training/default.yaml; baselines most_popular only, untuned",
+        "compare": args.compare,
         "datasets": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

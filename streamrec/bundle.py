@@ -43,6 +43,7 @@ from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.config import RetrievalSettings
 from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import load_index, save_index
+from streamrec.retrieval.new_arrivals import NewArrivalsConfig, NewArrivalsSource
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
 
 #: role -> path inside the bundle (files and directories).
@@ -108,7 +109,11 @@ def save_bundle(
     (d / "settings.json").write_text(
         json.dumps(
             {
-                "retrieval": settings.model_dump(mode="json"),
+                # A source left at its defaults (off) is not written: code from before it can
+                # still read the bundle (its settings refuse unknown keys).
+                "retrieval": settings.model_dump(
+                    mode="json", exclude={"new_arrivals"} if settings.new_arrivals == NewArrivalsConfig() else None
+                ),
                 "als": als_config.model_dump(mode="json"),
                 "ranker_layout": ranker_layout,
             },
@@ -193,13 +198,15 @@ class LoadedBundle:
             item_vectors = np.load(d / "item_vectors.npy", allow_pickle=False)
             uf = np.load(d / "cf_user_factors.npy", allow_pickle=False)
             itf = np.load(d / "cf_item_factors.npy", allow_pickle=False)
+            # pydantic's ValidationError is a ValueError: settings this code cannot read (a
+            # newer version's) are a bundle it cannot serve, not a crash.
+            self.settings = RetrievalSettings.model_validate(self.settings_raw["retrieval"])
+            als_cfg = ALSConfig.model_validate(self.settings_raw["als"])
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise CorruptCheckpointError(
                 f"bundle {d} cannot be read ({err}): retrain or pick another version"
             ) from err
         self.path = d
-        self.settings = RetrievalSettings.model_validate(self.settings_raw["retrieval"])
-        als_cfg = ALSConfig.model_validate(self.settings_raw["als"])
         two_tower = load_model(d / "two_tower", "cpu", expected=TwoTowerModel)
         tt_index = load_index(d / "tt_index")
         cf = CFSource(ALS.from_factors(train, uf, itf, als_cfg), index=None)
@@ -228,6 +235,11 @@ class LoadedBundle:
             config=TrendingConfig(half_life_hours=self.settings.trending_half_life_hours),
             seen=train,
         )
+        new_arrivals = (  # nothing stored: built from the item table's publication times
+            NewArrivalsSource(table.published_at, self.settings.new_arrivals, seen=train)
+            if self.settings.new_arrivals.enabled
+            else None
+        )
         return self._retrieval_models_cls(
-            users, train, two_tower, item_vectors, tt_index, cf, affinity, trending, self.covisit
+            users, train, two_tower, item_vectors, tt_index, cf, affinity, trending, self.covisit, new_arrivals
         )

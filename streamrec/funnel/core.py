@@ -26,7 +26,7 @@ from streamrec.data.schema import storable_id
 from streamrec.errors import ConfigError, ModelError
 from streamrec.features.defaults import apply_defaults
 from streamrec.features.item_table import DENSE_FEATURES, ItemFeatureTable
-from streamrec.funnel.stages import COVISIT, SOURCE_NAMES, Candidates
+from streamrec.funnel.stages import COVISIT, NEW_ARRIVALS, SOURCE_NAMES, Candidates
 from streamrec.models.scoring import RankerScorer
 from streamrec.models.two_tower import HISTORY_PAD, TwoTowerModel
 from streamrec.ranking.features import (
@@ -44,6 +44,7 @@ from streamrec.retrieval.config import RetrievalSettings
 from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import AnnSource, VectorIndex
 from streamrec.retrieval.merge import MergedCandidates, merge_candidates
+from streamrec.retrieval.new_arrivals import NewArrivalsSource
 from streamrec.retrieval.trending import TrendingSource
 from streamrec.timeutil import epoch_s
 
@@ -66,6 +67,7 @@ class RetrievalModels:
         affinity: Category-affinity source.
         trending: Trending source.
         covisit: Co-visitation source, or ``None`` (disabled, or a bundle trained before it).
+        new_arrivals: New-arrivals source, or ``None`` (disabled).
     """
 
     users: IdMap
@@ -77,11 +79,13 @@ class RetrievalModels:
     affinity: AffinitySource
     trending: TrendingSource
     covisit: CovisitSource | None = None
+    new_arrivals: NewArrivalsSource | None = None
 
     @property
     def source_names(self) -> tuple[str, ...]:
         """The sources these models serve, in the order of the ranker's per-source columns."""
-        return SOURCE_NAMES if self.covisit is None else (*SOURCE_NAMES, COVISIT)
+        optional = ((COVISIT, self.covisit), (NEW_ARRIVALS, self.new_arrivals))
+        return (*SOURCE_NAMES, *(name for name, source in optional if source is not None))
 
 
 @dataclass
@@ -240,6 +244,7 @@ class Funnel:
             query_vector=q,
             history=history,
             exclude=excl_rows if excl_rows.size else None,
+            now=float(now),
         )
         cf_vec = m.cf.query_vector(RetrievalContext(user_index=user_idx, recent_items=history))
         return FunnelContext(
@@ -258,7 +263,7 @@ class Funnel:
 
     # ---------------------------------------------------------------- retrieval
     def retrieve(self, source: str, ctx: FunnelContext, n: int | None = None) -> tuple[I64, F32]:
-        """Candidates of one source (``two_tower``, ``cf``, ``affinity``, ``trending``, ``covisit``).
+        """Candidates of one source (``two_tower``, ``cf``, ``affinity``, ``trending``, ``covisit``, ``new_arrivals``).
 
         Args:
             source: Source name.
@@ -279,6 +284,8 @@ class Funnel:
             return m.trending.retrieve(replace(ctx.retrieval, query_vector=None), n)
         if source == COVISIT and m.covisit is not None:
             return m.covisit.retrieve(replace(ctx.retrieval, query_vector=None), n)
+        if source == NEW_ARRIVALS and m.new_arrivals is not None:
+            return m.new_arrivals.retrieve(replace(ctx.retrieval, query_vector=None), n)
         raise KeyError(f"unknown retrieval source '{source}'; known: {', '.join(self.source_names)}")
 
     def merge(self, parts: dict[str, tuple[I64, F32]]) -> tuple[MergedCandidates, F32]:
@@ -434,8 +441,9 @@ class Funnel:
         into the re-ranking metadata. Items the bundle does not hold are appended as new rows,
         in the order of ``changes`` (the catalogue log's order, so every replica numbers them
         alike): into the item table, the two-tower vectors (the item tower on their categories)
-        and its ANN index, the affinity and trending sources and the re-ranking metadata (the
-        freshness quota sees their publication time). Rows only ever grow, so a request that
+        and its ANN index, the affinity, trending and new-arrivals sources and the re-ranking
+        metadata (the freshness quota sees their publication time). Publication times changed
+        for any item reach the new-arrivals source too. Rows only ever grow, so a request that
         began on this funnel can finish on the returned one. Appending continues from this
         funnel when the earlier new items are unchanged, else starts again from the bundle's.
 
@@ -456,6 +464,16 @@ class Funnel:
         if not out.added:
             out._base = out
         out.reranker = ReRanker(out._bundle_metadata.with_changes(changes), self.reranker.config)
+        arrivals = out.models.new_arrivals
+        moved = np.fromiter((i for i, f in changes.items() if "published_at" in f), dtype=np.int64)
+        if arrivals is not None and moved.size:  # publication times the catalogue set count here too
+            rows = out.table.index_of(moved)
+            rows = rows[rows >= 0]
+            pub = out.reranker.metadata.published_at[rows]
+            if not np.array_equal(arrivals.published_at[rows], pub):
+                times = arrivals.published_at.copy()
+                times[rows] = pub
+                out.models = replace(out.models, new_arrivals=arrivals.with_published(times))
         return out
 
     def with_engagement(
@@ -527,11 +545,17 @@ class Funnel:
             affinity=m.affinity.with_items([c.tolist() for c in new_codes]),
             trending=m.trending.with_items(len(ids)),
             covisit=None if m.covisit is None else m.covisit.with_items(len(ids)),
+            new_arrivals=None if m.new_arrivals is None else m.new_arrivals.with_items(table.published_at[rows]),
         )
         out = copy.copy(self)
         out.models, out.table = models, table
         out.features = self.features.with_table(table)
-        out._bundle_metadata = self._bundle_metadata.with_items(ids)
+        # Their publication time as the table has it (an upsert without published_at: when the
+        # log first named it), so the freshness quota and new arrivals agree; the catalogue's
+        # own published_at, applied by with_catalogue, still wins.
+        out._bundle_metadata = self._bundle_metadata.with_items(ids).with_changes(
+            {i: {"published_at": built[i][1]} for i in ids if built[i][1]}
+        )
         out._tt_source = AnnSource(tt_index, lambda ctx: None, "two_tower", m.train)
         out.added = {**self.added, **{i: built[i] for i in ids}}
         return out

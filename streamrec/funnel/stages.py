@@ -137,8 +137,10 @@ class Candidates:
 SOURCE_NAMES: tuple[str, ...] = ("two_tower", "cf", "affinity", "trending")
 #: The co-visitation source, served when the bundle has one (bundles trained before it do not).
 COVISIT = "covisit"
+#: The new-arrivals source, served when the bundle was trained with it.
+NEW_ARRIVALS = "new_arrivals"
 #: Every retrieval source name a trained recommender can serve.
-TRAINED_SOURCES: tuple[str, ...] = (*SOURCE_NAMES, COVISIT)
+TRAINED_SOURCES: tuple[str, ...] = (*SOURCE_NAMES, COVISIT, NEW_ARRIVALS)
 #: The popularity stages' single source (the fallback level, and the model-free service).
 POPULARITY = "popularity"
 #: Every retrieval source name any stages serve.

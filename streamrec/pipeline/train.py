@@ -70,6 +70,7 @@ from streamrec.retrieval.affinity import AffinitySource
 from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import build_index, measure_recall
+from streamrec.retrieval.new_arrivals import NewArrivalsSource
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
 
 logger = logging.getLogger(__name__)
@@ -304,7 +305,12 @@ def fit_retrieval(
         if r.covisit.enabled
         else None
     )
-    return RetrievalModels(users, train, model, item_vectors, index, cf, affinity, trending, covisit)  # type: ignore[arg-type]
+    new_arrivals = (
+        NewArrivalsSource(table.published_at, r.new_arrivals, seen=train) if r.new_arrivals.enabled else None
+    )
+    return RetrievalModels(
+        users, train, model, item_vectors, index, cf, affinity, trending, covisit, new_arrivals  # type: ignore[arg-type]
+    )
 
 
 # --------------------------------------------------------------------------- ranker rows

@@ -38,6 +38,7 @@ class UserContext:
             from items (co-visitation); ``None`` means ``recent_items``.
         exclude: Items never to return that are no signal of taste (a request's ``exclude``
             ids: e.g. already shown); unlike ``recent_items`` no source learns from them.
+        now: Request time, epoch seconds, for sources that depend on it (new arrivals).
     """
 
     user_index: int = -1
@@ -45,6 +46,7 @@ class UserContext:
     query_vector: FloatArray | None = None
     history: IntArray | None = None
     exclude: IntArray | None = None
+    now: float | None = None
 
     @property
     def known(self) -> bool:

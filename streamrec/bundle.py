@@ -43,7 +43,7 @@ from streamrec.retrieval.cf import CFSource
 from streamrec.retrieval.config import RetrievalSettings
 from streamrec.retrieval.covisit import CovisitSource
 from streamrec.retrieval.index import load_index, save_index
-from streamrec.retrieval.new_arrivals import NewArrivalsConfig, NewArrivalsSource
+from streamrec.retrieval.new_arrivals import NewArrivalsSource
 from streamrec.retrieval.trending import TrendingConfig, TrendingSource
 
 #: role -> path inside the bundle (files and directories).
@@ -109,10 +109,10 @@ def save_bundle(
     (d / "settings.json").write_text(
         json.dumps(
             {
-                # A source left at its defaults (off) is not written: code from before it can
-                # still read the bundle (its settings refuse unknown keys).
+                # A source that is off is not written: code from before it can still read the
+                # bundle (its settings refuse unknown keys).
                 "retrieval": settings.model_dump(
-                    mode="json", exclude={"new_arrivals"} if settings.new_arrivals == NewArrivalsConfig() else None
+                    mode="json", exclude=None if settings.new_arrivals.enabled else {"new_arrivals"}
                 ),
                 "als": als_config.model_dump(mode="json"),
                 "ranker_layout": ranker_layout,

@@ -464,16 +464,13 @@ class Funnel:
         if not out.added:
             out._base = out
         out.reranker = ReRanker(out._bundle_metadata.with_changes(changes), self.reranker.config)
+        # New arrivals follow the publication times in force (the bundle's, with the catalogue's
+        # changes; rebuilt from them, so a replaced log also takes its changes back). Table and
+        # metadata rows are the same rows.
         arrivals = out.models.new_arrivals
-        moved = np.fromiter((i for i, f in changes.items() if "published_at" in f), dtype=np.int64)
-        if arrivals is not None and moved.size:  # publication times the catalogue set count here too
-            rows = out.table.index_of(moved)
-            rows = rows[rows >= 0]
-            pub = out.reranker.metadata.published_at[rows]
-            if not np.array_equal(arrivals.published_at[rows], pub):
-                times = arrivals.published_at.copy()
-                times[rows] = pub
-                out.models = replace(out.models, new_arrivals=arrivals.with_published(times))
+        pub = out.reranker.metadata.published_at
+        if arrivals is not None and not np.array_equal(arrivals.published_at, pub):
+            out.models = replace(out.models, new_arrivals=arrivals.with_published(pub))
         return out
 
     def with_engagement(

@@ -127,6 +127,12 @@ def test_publication_times_the_catalogue_sets_reach_the_source() -> None:
     assert (
         f.retrieve("new_arrivals", f.context(999, {}, now=now))[0].tolist() != items
     )  # the original unchanged
+    # The log replaced (no changes in force): the times go back to the bundle's.
+    reset = moved.with_catalogue({})
+    assert (
+        reset.retrieve("new_arrivals", reset.context(999, {}, now=now))[0].tolist()
+        == f.retrieve("new_arrivals", f.context(999, {}, now=now))[0].tolist()
+    )
     # A new item upserted without a publication time is published when the log first named it:
     # the re-ranker's freshness quota and this source both see that time.
     first_seen = "1970-01-02T00:00:00+00:00"  # t = 86,400 s

@@ -208,6 +208,32 @@ def _funnel(covisit: bool, merged_sources: list[str] | None = None) -> object:
     return Funnel(models, table, None, RetrievalSettings(merged_sources=merged_sources))
 
 
+def save_tiny_bundle(f: object, path: Path) -> dict[str, str]:
+    """Save a funnel's models as a bundle (a tiny untrained DCN-V2 with the funnel's layout); its roles."""
+    from streamrec.bundle import save_bundle
+    from streamrec.evaluation.baselines import ALSConfig
+    from streamrec.funnel.core import Funnel
+    from streamrec.models.dcn import DCNv2
+
+    assert isinstance(f, Funnel)
+    m, layout = f.models, f.features.layout
+    return save_bundle(
+        path,
+        users=m.users,
+        train=m.train,
+        two_tower=m.two_tower,
+        item_vectors=m.item_vectors,
+        tt_index=m.tt_index,
+        cf=m.cf,
+        covisit=m.covisit,
+        ranker=DCNv2(len(layout.dense), layout.cardinalities, embedding_dim=4, deep_hidden=(8,)).eval(),
+        table=f.table,
+        settings=f.settings,
+        als_config=ALSConfig(factors=2, iterations=2, num_threads=1),
+        ranker_layout={"dense": list(layout.dense), "sparse": list(layout.sparse), "cards": list(layout.cardinalities)},
+    )
+
+
 def test_the_funnel_retrieves_merges_and_grows_the_source() -> None:
     from streamrec.funnel.core import SOURCE_NAMES, Funnel
 
@@ -250,35 +276,13 @@ def test_a_funnel_without_the_source_keeps_the_four_sources_layout() -> None:
 def test_a_bundle_saves_the_source_and_serving_loads_it_with_the_rankers_layout(
     covisit: bool, tmp_path: Path
 ) -> None:
-    from streamrec.bundle import LoadedBundle, save_bundle
-    from streamrec.evaluation.baselines import ALSConfig
+    from streamrec.bundle import LoadedBundle
     from streamrec.funnel.core import SOURCE_NAMES, Funnel
-    from streamrec.models.dcn import DCNv2
     from streamrec.models.scoring import RankerScorer
 
     f = _funnel(covisit=covisit)
     assert isinstance(f, Funnel)
-    m, layout = f.models, f.features.layout
-    ranker = DCNv2(len(layout.dense), layout.cardinalities, embedding_dim=4, deep_hidden=(8,)).eval()
-    roles = save_bundle(
-        tmp_path / "b",
-        users=m.users,
-        train=m.train,
-        two_tower=m.two_tower,
-        item_vectors=m.item_vectors,
-        tt_index=m.tt_index,
-        cf=m.cf,
-        covisit=m.covisit,
-        ranker=ranker,
-        table=f.table,
-        settings=f.settings,
-        als_config=ALSConfig(factors=2, iterations=2, num_threads=1),
-        ranker_layout={
-            "dense": list(layout.dense),
-            "sparse": list(layout.sparse),
-            "cards": list(layout.cardinalities),
-        },
-    )
+    roles = save_tiny_bundle(f, tmp_path / "b")
     assert ("covisit" in roles) is covisit and (tmp_path / "b" / "covisit.npz").exists() is covisit
     b = LoadedBundle(tmp_path / "b")
     served = Funnel(b.retrieval_models(f.table, [], []), f.table, b.ranker, b.settings)

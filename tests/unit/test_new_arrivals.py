@@ -74,34 +74,13 @@ def test_the_funnel_serves_it_with_its_own_ranker_column_and_grows_it() -> None:
 
 
 def test_a_bundle_trained_with_it_serves_it(tmp_path: Path) -> None:
-    from streamrec.bundle import LoadedBundle, save_bundle
-    from streamrec.evaluation.baselines import ALSConfig
+    from streamrec.bundle import LoadedBundle
     from streamrec.funnel.core import Funnel
-    from streamrec.models.dcn import DCNv2
+    from tests.unit.test_covisit import save_tiny_bundle
 
     f = _with_source(window_days=2.0)
     assert isinstance(f, Funnel)
-    m, layout = f.models, f.features.layout
-    ranker = DCNv2(len(layout.dense), layout.cardinalities, embedding_dim=4, deep_hidden=(8,)).eval()
-    roles = save_bundle(
-        tmp_path / "b",
-        users=m.users,
-        train=m.train,
-        two_tower=m.two_tower,
-        item_vectors=m.item_vectors,
-        tt_index=m.tt_index,
-        cf=m.cf,
-        covisit=None,
-        ranker=ranker,
-        table=f.table,
-        settings=f.settings,
-        als_config=ALSConfig(factors=2, iterations=2, num_threads=1),
-        ranker_layout={
-            "dense": list(layout.dense),
-            "sparse": list(layout.sparse),
-            "cards": list(layout.cardinalities),
-        },
-    )
+    roles = save_tiny_bundle(f, tmp_path / "b")
     assert "new_arrivals" not in roles  # nothing stored: built from the item table
     b = LoadedBundle(tmp_path / "b")
     assert b.settings.new_arrivals.enabled and b.settings.new_arrivals.window_days == 2.0
@@ -158,34 +137,13 @@ def test_bundles_without_the_source_are_readable_by_code_from_before_it(tmp_path
     """Off (the default), the setting is not written; a bundle lacking it loads with the source off."""
     import json
 
-    from streamrec.bundle import LoadedBundle, save_bundle
-    from streamrec.evaluation.baselines import ALSConfig
+    from streamrec.bundle import LoadedBundle
     from streamrec.funnel.core import SOURCE_NAMES, Funnel
-    from streamrec.models.dcn import DCNv2
-    from tests.unit.test_covisit import _funnel
+    from tests.unit.test_covisit import _funnel, save_tiny_bundle
 
     f = _funnel(covisit=False)
     assert isinstance(f, Funnel)
-    m, layout = f.models, f.features.layout
-    save_bundle(
-        tmp_path / "b",
-        users=m.users,
-        train=m.train,
-        two_tower=m.two_tower,
-        item_vectors=m.item_vectors,
-        tt_index=m.tt_index,
-        cf=m.cf,
-        covisit=None,
-        ranker=DCNv2(len(layout.dense), layout.cardinalities, embedding_dim=4, deep_hidden=(8,)).eval(),
-        table=f.table,
-        settings=f.settings,
-        als_config=ALSConfig(factors=2, iterations=2, num_threads=1),
-        ranker_layout={
-            "dense": list(layout.dense),
-            "sparse": list(layout.sparse),
-            "cards": list(layout.cardinalities),
-        },
-    )
+    save_tiny_bundle(f, tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "settings.json").read_text())
     assert "new_arrivals" not in saved["retrieval"]
     b = LoadedBundle(tmp_path / "b")

@@ -244,7 +244,9 @@ class CatalogueView:
             for row in rows:
                 iid = int(row["item_id"])
                 fields = {k: row[k] for k in ITEM_FIELDS if k in row}
-                if iid not in items and "at" in row:  # when the log first named it
+                # When the log first described it: a flag or promotion for an id that does not
+                # exist yet (an operator blocking it in advance) does not date the item.
+                if "first_seen_at" not in items.get(iid, {}) and "at" in row and creates_item(fields):
                     fields["first_seen_at"] = row["at"]
                 if "flagged" in fields:  # who set the flag: a sync never clears an operator's
                     fields["flagged_by"] = str(row.get("source", "api"))
@@ -283,7 +285,7 @@ def new_item_rows(
 
     Only upserts that describe an item create one (:func:`creates_item`: a flag alone for an
     unknown id does not). An upsert that never set ``published_at`` is published when the log
-    first named it (else ``now``); missing categories are empty, promoted and flagged false.
+    first described it (else ``now``); missing categories are empty, promoted and flagged false.
 
     Args:
         items: The log's items (:attr:`CatalogueState.items`).

@@ -548,7 +548,7 @@ class Funnel:
         out.models, out.table = models, table
         out.features = self.features.with_table(table)
         # Their publication time as the table has it (an upsert without published_at: when the
-        # log first named it), so the freshness quota and new arrivals agree; the catalogue's
+        # log first described it), so the freshness quota and new arrivals agree; the catalogue's
         # own published_at, applied by with_catalogue, still wins.
         out._bundle_metadata = self._bundle_metadata.with_items(ids).with_changes(
             {i: {"published_at": built[i][1]} for i in ids if built[i][1]}

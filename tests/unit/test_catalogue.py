@@ -85,13 +85,14 @@ def test_a_view_applies_new_lines_only_and_a_new_view_reads_the_whole_log(tmp_pa
     log.append([{"item_id": 1, "flagged": True}, {"item_id": 2, "promoted": True}])
     assert view.stale() and view.refresh() and not view.stale()
     assert view.flagged == {1} and view.state.items[2]["promoted"] is True and view.state.lines == 2
-    assert "first_seen_at" in view.state.items[2]  # when the log first named it
+    assert "first_seen_at" not in view.state.items[2]  # a promotion alone does not describe an item
     assert view.state.items[1]["flagged_by"] == "api"
     before = view.state
     log.append([{"item_id": 1, "flagged": False, "categories": ["x"]}])
     assert view.refresh() and view.flagged == frozenset()
     item1 = {k: v for k, v in view.state.items[1].items() if k != "first_seen_at"}
     assert item1 == {"flagged": False, "flagged_by": "api", "categories": ["x"]}
+    assert "first_seen_at" in view.state.items[1]  # dated by the line that described it, not the flag
     assert view.state.generation > before.generation
     assert before.flagged == {1}  # copy-on-write: a reader's state never changes under it
     restarted = CatalogueView(tmp_path)  # a restarted replica: the whole log

@@ -112,7 +112,7 @@ def test_publication_times_the_catalogue_sets_reach_the_source() -> None:
         reset.retrieve("new_arrivals", reset.context(999, {}, now=now))[0].tolist()
         == f.retrieve("new_arrivals", f.context(999, {}, now=now))[0].tolist()
     )
-    # A new item upserted without a publication time is published when the log first named it:
+    # A new item upserted without a publication time is published when the log first described it:
     # the re-ranker's freshness quota and this source both see that time.
     first_seen = "1970-01-02T00:00:00+00:00"  # t = 86,400 s
     grown = f.with_catalogue({99: {"categories": ["drama"], "first_seen_at": first_seen}})

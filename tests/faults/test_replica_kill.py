@@ -181,8 +181,13 @@ def test_fused_gateway_replica_killed(kill_apps: FaultApps) -> None:
         "no request was resent: the kill met no request in flight, or the proxy lacks the callback"
     )
     # No 5xx: the requests the dead replica held were resent; at most a 503 that says when to
-    # come back (Serve's back-pressure), and every answer has k items.
-    assert all(o.status == 200 or (o.status == 503 and o.retry_after) for o in everything), [
+    # come back (Serve's back-pressure), and every answer has k items. A 500 only once the
+    # proxy's resend budget was spent (RESEND_BURST at once, then one a second: ADR-010): the
+    # router may send the whole burst to the victim (a CI run: 11 resent, the 12th a 500).
+    from streamrec.service.ingress_retry import RESEND_BURST
+
+    failed = [o for o in everything if not (o.status == 200 or (o.status == 503 and o.retry_after))]
+    assert not failed or (resent >= RESEND_BURST and {o.status for o in failed} == {500}), [
         (o.status, o.items) for o in burst
     ]
     assert all(o.items == 10 for o in everything if o.status == 200), summary(outcomes)

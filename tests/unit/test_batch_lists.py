@@ -34,7 +34,7 @@ def test_a_batch_list_leaves_out_seen_and_not_yet_published_items() -> None:
 
     from streamrec.funnel.offline import OfflineAnswer
     from streamrec.funnel.stages import Candidates, UserContext
-    from streamrec.pipeline.train import batch_top
+    from streamrec.pipeline.batch import batch_top
 
     now = 1_800_000_000.0
     # Rows 0..5 (ids 100..105); row 1 is scheduled for tomorrow, row 3 the user has seen.
